@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.gqa import method_names as gqa_methods
 
 
 class KvshrinkGroup(click.Group):
@@ -54,6 +55,83 @@ def convert_cli():
 def kvshrink_cli():
     """kvshrink: convert MHA checkpoints to GQA/MQA/MLA, uptrain them, and evaluate the result."""
 
+
+def common_options(command):
+    """Options every conversion takes."""
+    options = [
+        click.option("--check/--no-check", default=True, show_default=True,
+                     help="Compare source and output perplexity on the calibration text after converting."),
+        click.option("--calibration", metavar="FILE|CORPUS",
+                     help="Text for calibration and the check: a .txt/.jsonl file, or 'pydoc'/'kjv' "
+                          "(default: the train split of Python's pydoc topics, available offline)."),
+        click.option("--check-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
+                     help="Tokens of calibration text the perplexity check reads."),
+        click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
+        click.option("--out-shard-size", default="5GB", show_default=True,
+                     help="Largest output shard, e.g. 5GB or 500MB."),
+        click.option("--allow-pickle", is_flag=True,
+                     help="Read pickled .bin weights (torch.load with weights_only=True); refused otherwise."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return click.argument("source", metavar="SRC")(click.argument("out", type=click.Path(path_type=Path))(command))
+
+
+def _print_summary(report: dict, out: Path) -> None:
+    kv = report["kv_bytes_per_token"]
+    heads = report.get("target_heads")
+    click.echo(f"wrote {out} ({report['target_architecture']}, method {report['method']})")
+    if heads:
+        click.echo(f"  KV heads {report['source_heads']['kv']} -> {heads['kv']} (query heads {heads['query']})")
+    click.echo(
+        f"  KV cache per token: {kv['source']:,} -> {kv['target']:,} bytes "
+        f"({report['kv_fraction']:.1%} of the source, {kv['source'] / kv['target']:.2f}x smaller)"
+    )
+    layers = report["layers"]
+    if layers and "k_rel_error" in layers[0]:
+        worst_k = max(layer["k_rel_error"] for layer in layers)
+        worst_v = max(layer["v_rel_error"] for layer in layers)
+        click.echo(f"  worst layer relative error: K {worst_k:.3f}, V {worst_v:.3f}")
+    if "check" in report:
+        check = report["check"]
+        click.echo(
+            f"  perplexity on {check['tokens']} calibration tokens: source {check['source_perplexity']:.3f}, "
+            f"converted {check['converted_perplexity']:.3f}"
+        )
+    click.echo(f"  report: {out / 'kvshrink_report.json'} ({report['elapsed_seconds']:.1f} s)")
+
+
+def _gqa_command(name: str, fixed_groups: int | None, help_text: str):
+    @convert_cli.command(name, help=help_text)
+    @common_options
+    @click.option("--method", default="mean", show_default=True, type=click.Choice(gqa_methods()),
+                  help="How KV heads are merged.")
+    def command(source, out, method, check, calibration, check_tokens, overwrite, out_shard_size,
+                allow_pickle, groups=fixed_groups):
+        from kvshrink.convert.mha_to_gqa import mha_to_gqa
+
+        report = mha_to_gqa(
+            source, out, groups, method=method, check=check, calibration=calibration,
+            check_tokens=check_tokens, overwrite=overwrite, out_shard_size=out_shard_size,
+            allow_pickle=allow_pickle,
+        )
+        _print_summary(report, Path(out).resolve())
+
+    return command
+
+
+mha_to_gqa_command = click.option(
+    "--groups", "-g", type=int, required=True,
+    help="Number of KV heads in the output; must divide the source's KV heads.",
+)(_gqa_command(
+    "mha-to-gqa", None,
+    "Merge the KV heads of SRC (a model folder, hub id or .gguf file) into --groups heads; write OUT.\n\n"
+    "OUT loads with stock transformers as the source's own class with num_key_value_heads = groups.",
+))
+mha_to_mqa_command = _gqa_command(
+    "mha-to-mqa", 1,
+    "Merge all KV heads of SRC into one (multi-query attention); write OUT. Same as mha-to-gqa --groups 1.",
+)
 
 kvshrink_cli.add_command(convert_cli, name="convert")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,12 +27,19 @@ def check_output_dir(out: Path, overwrite: bool, source: Path | None = None) -> 
         raise KvshrinkError(f"output {out} exists and is not a folder: remove it or choose another path")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out`, on any error it is deleted."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging.chmod(0o777 & ~_current_umask())  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield staging
     except BaseException:

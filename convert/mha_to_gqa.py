@@ -1,0 +1,92 @@
+"""`convert mha-to-gqa` / `mha-to-mqa`: fewer KV heads, same architecture class."""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from kvshrink.convert import gqa
+from kvshrink.convert.attention import AttentionWeights, attention_tensors
+from kvshrink.convert.check import compare_perplexity
+from kvshrink.convert.corpora import calibration_text
+from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.rewrite import ConversionContext, LayerOutput, Rewrite, run_conversion
+
+
+def _validate_groups(groups: int, kv_heads: int) -> None:
+    if groups <= 0:
+        raise KvshrinkError(f"--groups must be a positive number of KV heads, got {groups}")
+    if groups > kv_heads:
+        raise KvshrinkError(
+            f"--groups {groups} is more than the source's {kv_heads} KV heads: merging can only reduce them; "
+            f"choose a divisor of {kv_heads}"
+        )
+    if kv_heads % groups:
+        divisors = [g for g in range(1, kv_heads + 1) if kv_heads % g == 0]
+        raise KvshrinkError(
+            f"--groups {groups} does not divide the source's {kv_heads} KV heads: choose one of "
+            f"{', '.join(map(str, divisors))}"
+        )
+
+
+def _plan(context: ConversionContext, groups: int, method: str) -> Rewrite:
+    counts = context.counts
+    _validate_groups(groups, counts.num_kv_heads)
+    merge = gqa.get_method(method)
+    identity = groups == counts.num_kv_heads
+
+    def convert_layer(layer: int, attention: AttentionWeights) -> LayerOutput:
+        if identity:
+            groups_of_heads = [[h] for h in range(groups)]
+            result = gqa.KvMerge(attention, groups_of_heads)
+        else:
+            result = merge(attention, groups, None)
+        report = {"groups": result.groups, **gqa.projection_errors(attention, result), **result.details}
+        return LayerOutput(attention_tensors(result.attention, context.spec, layer), report)
+
+    config = copy.deepcopy(context.checkpoint.config)
+    config["num_key_value_heads"] = groups
+    return Rewrite(
+        method=f"gqa/{method}",
+        config=config,
+        convert_layer=convert_layer,
+        summary={"target_heads": {"query": counts.num_heads, "kv": groups}},
+    )
+
+
+def mha_to_gqa(
+    source: str | Path,
+    out: str | Path,
+    groups: int,
+    *,
+    method: str = "mean",
+    check: bool = True,
+    calibration: str | Path | None = None,
+    check_tokens: int = 2048,
+    overwrite: bool = False,
+    out_shard_size: str | int = "5GB",
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Merge the KV heads of `source` into `groups` heads and write a checkpoint of the same class to `out`.
+
+    Returns the report also written to OUT/kvshrink_report.json. `groups` must divide the source's KV heads;
+    `groups` equal to them copies every tensor bit for bit.
+    """
+    gqa.get_method(method)
+    checker = None
+    if check:
+        text = calibration_text(calibration)
+        checker = partial(compare_perplexity, text=text, max_tokens=check_tokens, progress=progress)
+    return run_conversion(
+        source,
+        out,
+        partial(_plan, groups=groups, method=method),
+        overwrite=overwrite,
+        out_shard_size=out_shard_size,
+        allow_pickle=allow_pickle,
+        check=checker,
+        progress=progress,
+    )

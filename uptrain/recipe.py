@@ -1,0 +1,391 @@
+"""Uptraining recipes: plain YAML (plus `key=value` overrides) validated into typed dataclasses.
+
+Everything here runs before any model is loaded, so a mistyped key or a missing folder costs the user a
+second, not the minutes it takes to load a model. Validation errors are `KvshrinkError`s naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kvshrink.convert.corpora import CORPORA
+from kvshrink.convert.errors import KvshrinkError
+
+CONVERSION_REPORT = "kvshrink_report.json"
+DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One source of text; exactly one of `corpus`, `path` or `hf` is set."""
+
+    corpus: str | None = None  # built-in offline text: train split for training, held-out for validation
+    path: str | None = None  # a .txt/.jsonl/.parquet file, or a folder searched for them
+    hf: str | None = None  # a Hugging Face dataset name, read streaming (needs network and the `datasets` package)
+    config: str | None = None  # the HF dataset's configuration name
+    split: str = "train"  # the HF dataset's split
+    data_files: str | None = None  # passed to `datasets.load_dataset` (e.g. with hf: json)
+    text_field: str = "text"  # the column holding the text (.jsonl, .parquet, HF datasets)
+
+    def describe(self) -> str:
+        if self.corpus:
+            return f"corpus {self.corpus}"
+        if self.path:
+            return f"path {self.path}"
+        return f"hf {self.hf}" + (f"/{self.config}" if self.config else "") + f" [{self.split}]"
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Held-out text for validation perplexity (measured at the start, every eval_interval steps and at the end)."""
+
+    sources: list[DataSource] = field(default_factory=list)  # corpora contribute their held-out split
+    fraction: float = 0.0  # instead: hold out this share of the training blocks (local data only)
+    max_tokens: int = 32768  # cap on validation tokens, so evaluation stays cheap
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """AdamW; weight decay applies to matrices only (not to norms, biases or 1-d parameters)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # max global gradient norm; null disables clipping
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warmup, then cosine or linear decay to zero, or a constant rate."""
+
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class Loss:
+    """lm: next-token cross-entropy; distill: KL(teacher || student) at a temperature; mix: a weighted sum."""
+
+    kind: Literal["lm", "distill", "mix"] = "lm"
+    temperature: float = 1.0
+    distill_weight: float = 0.5  # mix only: loss = (1 - w) * lm + w * distill
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete uptraining run. Paths are relative to the working directory."""
+
+    model: str  # the converted checkpoint (any folder a stock transformers class loads)
+    output_dir: str  # final model, uptrain_report.json and checkpoints/ go here
+    teacher: str | None = None  # the source model, for distillation
+    max_steps: int | None = None  # the budget: exactly one of max_steps, max_tokens, pretraining_fraction
+    max_tokens: int | None = None
+    pretraining_fraction: float | None = None  # share of `pretraining_tokens` (the GQA paper used 0.05)
+    pretraining_tokens: int | None = None
+    data: list[DataSource] = field(default_factory=lambda: [DataSource(corpus="pydoc")])
+    validation: Validation = field(default_factory=Validation)
+    seq_len: int = 512
+    packing: bool = True  # concatenate documents (EOS between) into full blocks; false: pad each document's tail
+    micro_batch_size: int = 1  # sequences per process per forward pass
+    gradient_accumulation: int = 1
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    schedule: Schedule = field(default_factory=Schedule)
+    loss: Loss = field(default_factory=Loss)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: mixed precision (fp32 master weights), teacher in bf16
+    gradient_checkpointing: bool = False
+    trainable: Literal["all", "attention", "new"] = "all"  # new: the tensors kvshrink_report.json lists
+    eval_interval: int = 0  # steps between validations; 0: only at the start and the end
+    save_interval: int = 0  # steps between checkpoints; 0: only at the end
+    keep_last: int = 2  # checkpoints kept in output_dir/checkpoints
+    log_interval: int = 10  # steps between tracker entries
+    seed: int = 0
+    tracker: Literal["none", "csv", "tensorboard", "wandb"] = "none"
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+
+    def tokens_per_step(self, num_processes: int) -> int:
+        return self.seq_len * self.micro_batch_size * self.gradient_accumulation * num_processes
+
+    def total_steps(self, num_processes: int) -> int:
+        """Optimizer steps the budget allows (a token budget is rounded up to whole steps)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        tokens = self.max_tokens
+        if tokens is None:
+            tokens = int(self.pretraining_fraction * self.pretraining_tokens)
+        return max(1, math.ceil(tokens / self.tokens_per_step(num_processes)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply `key=value` overrides (dotted keys reach nested ones), validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise KvshrinkError(f"recipe {path} does not exist: pass the path of a YAML recipe (see recipes/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise KvshrinkError(f"recipe {path} is not valid YAML{line}: fix the syntax") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise KvshrinkError(f"recipe {path} must be a mapping of keys to values: write it as `key: value` lines")
+    for override in overrides:
+        apply_override(raw, override)
+    recipe = recipe_from_dict(raw)
+    check_recipe_inputs(recipe)
+    return recipe
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`null`, `3e-4`, `[1, 2]`, ...)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise KvshrinkError(f"override {override!r} is not key=value: write it like optimizer.lr=3e-4")
+    value = yaml.safe_load(text) if text else None
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, ".".join(parts[: depth + 1]))]
+            continue
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, (dict, list)):
+            raise KvshrinkError(
+                f"override {override!r}: {'.'.join(parts[: depth + 1])} is a value, not a section: "
+                "override it directly"
+            )
+        node = child
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], key)] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _list_index(items: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise KvshrinkError(f"override key {key}: {part!r} is not an index of a {len(items)}-item list: use 0..{len(items) - 1}")
+    return int(part)
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    """Validate a recipe mapping into a Recipe (types, unknown keys, and rules between keys)."""
+    recipe = _build(Recipe, raw, "")
+    _check_rules(recipe)
+    return recipe
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the recipe"
+    if not isinstance(raw, dict):
+        raise KvshrinkError(f"{where} must be a mapping of keys to values, got {raw!r}: write `key: value` lines")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            guess = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean {prefix}{guess[0]}?" if guess else f"known keys: {', '.join(fields)}"
+            raise KvshrinkError(f"unknown recipe key {prefix}{key}: {hint}")
+    values = {}
+    for name, spec in fields.items():
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise KvshrinkError(f"recipe key {prefix}{name} is missing: add `{name}: ...` to {where}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        choices = [arg for arg in args if arg is not type(None)]
+        return _coerce(choices[0], value, key)
+    if value is None:
+        raise KvshrinkError(f"recipe key {key} cannot be null: give it a value or leave the key out")
+    if origin is Literal:
+        if value not in args:
+            raise KvshrinkError(f"recipe key {key} is {value!r}: choose one of {', '.join(map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    if origin is list:
+        if not isinstance(value, list):
+            raise KvshrinkError(f"recipe key {key} must be a list, got {value!r}: write it as `- item` lines")
+        return [_coerce(args[0], item, f"{key}.{index}") for index, item in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise KvshrinkError(f"recipe key {key} must be a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(arg, item, f"{key}.{index}") for index, (arg, item) in enumerate(zip(args, value)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise KvshrinkError(f"recipe key {key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 6e9 is a float in YAML, and a fine token count
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise KvshrinkError(f"recipe key {key} must be a whole number, got {value!r}")
+        return value
+    if hint is float:
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+            return float(value) if not isinstance(value, bool) else _not_a_number(key, value)
+        except (TypeError, ValueError):
+            _not_a_number(key, value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise KvshrinkError(f"recipe key {key} must be text, got {value!r}")
+        return str(value)
+    raise TypeError(f"recipe field {key} has unsupported type {hint}")
+
+
+def _not_a_number(key: str, value: Any) -> float:
+    raise KvshrinkError(f"recipe key {key} must be a number, got {value!r}: write it like 3e-4 or 0.0003")
+
+
+def _check_rules(recipe: Recipe) -> None:
+    budgets = [k for k in ("max_steps", "max_tokens", "pretraining_fraction") if getattr(recipe, k) is not None]
+    if len(budgets) != 1:
+        raise KvshrinkError(
+            "the recipe needs exactly one budget, got "
+            + (", ".join(budgets) if budgets else "none")
+            + ": set one of max_steps, max_tokens, or pretraining_fraction (with pretraining_tokens)"
+        )
+    if recipe.pretraining_fraction is not None:
+        if recipe.pretraining_tokens is None:
+            raise KvshrinkError(
+                "pretraining_fraction needs pretraining_tokens: state the source model's pretraining token count"
+            )
+        if not 0 < recipe.pretraining_fraction <= 1:
+            raise KvshrinkError(f"pretraining_fraction is {recipe.pretraining_fraction}: use a value in (0, 1]")
+    positive = {
+        "max_steps": recipe.max_steps,
+        "max_tokens": recipe.max_tokens,
+        "pretraining_tokens": recipe.pretraining_tokens,
+        "seq_len": recipe.seq_len,
+        "micro_batch_size": recipe.micro_batch_size,
+        "gradient_accumulation": recipe.gradient_accumulation,
+        "keep_last": recipe.keep_last,
+        "log_interval": recipe.log_interval,
+        "optimizer.lr": recipe.optimizer.lr,
+        "loss.temperature": recipe.loss.temperature,
+        "validation.max_tokens": recipe.validation.max_tokens,
+    }
+    for key, value in positive.items():
+        if value is not None and not value > 0:
+            raise KvshrinkError(f"recipe key {key} is {value}: it must be greater than 0")
+    not_negative = {
+        "eval_interval": recipe.eval_interval,
+        "save_interval": recipe.save_interval,
+        "schedule.warmup_steps": recipe.schedule.warmup_steps,
+        "optimizer.weight_decay": recipe.optimizer.weight_decay,
+    }
+    for key, value in not_negative.items():
+        if value < 0:
+            raise KvshrinkError(f"recipe key {key} is {value}: it must be 0 or more")
+    if not 0 <= recipe.validation.fraction < 1:
+        raise KvshrinkError(f"validation.fraction is {recipe.validation.fraction}: use a value in [0, 1)")
+    if not 0 <= recipe.loss.distill_weight <= 1:
+        raise KvshrinkError(f"loss.distill_weight is {recipe.loss.distill_weight}: use a value in [0, 1]")
+    if recipe.loss.kind != "lm" and recipe.teacher is None:
+        raise KvshrinkError(
+            f"loss.kind is {recipe.loss.kind} but there is no teacher: set teacher=PATH, or loss.kind=lm"
+        )
+    if not recipe.data:
+        raise KvshrinkError("the recipe's data list is empty: add at least one source (e.g. `- corpus: pydoc`)")
+    for key, source in [(f"data.{i}", s) for i, s in enumerate(recipe.data)] + [
+        (f"validation.sources.{i}", s) for i, s in enumerate(recipe.validation.sources)
+    ]:
+        kinds = [k for k in ("corpus", "path", "hf") if getattr(source, k) is not None]
+        if len(kinds) != 1:
+            raise KvshrinkError(f"{key} must set exactly one of corpus, path, hf (it sets {kinds or 'none'})")
+        if source.corpus is not None and source.corpus not in CORPORA:
+            raise KvshrinkError(f"{key}.corpus is {source.corpus!r}: choose one of {', '.join(CORPORA)}")
+    if not recipe.validation.sources and recipe.validation.fraction == 0 and not any(s.corpus for s in recipe.data):
+        raise KvshrinkError(
+            "no validation text: set validation.sources (e.g. `- corpus: pydoc`) or validation.fraction (e.g. 0.02)"
+        )
+    if recipe.validation.fraction > 0 and any(s.hf for s in recipe.data):
+        raise KvshrinkError(
+            "validation.fraction cannot split a streamed HF dataset: set validation.sources to its validation split"
+        )
+
+
+def check_recipe_inputs(recipe: Recipe) -> None:
+    """Check the folders and files a recipe names, without loading any model."""
+    student = _model_config(recipe.model, "model")
+    if recipe.teacher is not None:
+        teacher = _model_config(recipe.teacher, "teacher")
+        if teacher.get("vocab_size") != student.get("vocab_size"):
+            raise KvshrinkError(
+                f"teacher vocabulary ({teacher.get('vocab_size')}) differs from the model's "
+                f"({student.get('vocab_size')}): distill from the model the conversion started from"
+            )
+    if recipe.trainable == "new":
+        new_parameter_names(recipe.model)
+    for source in list(recipe.data) + list(recipe.validation.sources):
+        if source.path is not None:
+            data_files(source.path)
+    output = Path(recipe.output_dir)
+    if output.exists() and not output.is_dir():
+        raise KvshrinkError(f"output_dir {output} is a file: choose a folder path")
+
+
+def _model_config(folder: str, key: str) -> dict[str, Any]:
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        raise KvshrinkError(
+            f"{key} {folder} is not a model folder (no config.json): pass a folder written by save_pretrained "
+            "(e.g. the output of `convert`)"
+        )
+    return json.loads(config.read_text(encoding="utf-8"))
+
+
+def new_parameter_names(model_dir: str | Path) -> list[str]:
+    """The tensor names the conversion created or changed, from the model folder's kvshrink_report.json."""
+    report = Path(model_dir) / CONVERSION_REPORT
+    if not report.is_file():
+        raise KvshrinkError(
+            f"trainable: new needs {report}, which the conversion writes: use a folder made by `convert`, "
+            "or set trainable to all or attention"
+        )
+    names = json.loads(report.read_text(encoding="utf-8")).get("new_parameters")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise KvshrinkError(
+            f"{report} has no list of \"new_parameters\": re-run the conversion with this kvshrink version, "
+            "or set trainable to all or attention"
+        )
+    return names
+
+
+def data_files(path: str | Path) -> list[Path]:
+    """A data file, or the .txt/.jsonl/.parquet files under a folder (sorted, so the order is reproducible)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise KvshrinkError(f"data file {path} is not {', '.join(DATA_SUFFIXES)}: convert it to one of those")
+        return [path]
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+        if not found:
+            raise KvshrinkError(f"data folder {path} holds no {', '.join(DATA_SUFFIXES)} files: add some or fix the path")
+        return found
+    raise KvshrinkError(f"data path {path} does not exist: fix the path in the recipe")
+
