@@ -239,8 +239,13 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise KvshrinkError(f"recipe key {key} must be true or false, got {value!r}")
         return value
     if hint is int:
+        if isinstance(value, str):  # YAML 1.1 reads 6e9 (no dot) as text; it is a fine token count
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, float) and value.is_integer():
-            value = int(value)  # 6e9 is a float in YAML, and a fine token count
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise KvshrinkError(f"recipe key {key} must be a whole number, got {value!r}")
         return value

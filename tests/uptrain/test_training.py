@@ -1,0 +1,159 @@
+"""The training loop on tiny models: objectives, what gets trained, stock-format output, failure on NaN."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kvshrink.convert.errors import KvshrinkError
+from kvshrink.uptrain import load_recipe, uptrain
+from kvshrink.uptrain.losses import distill_loss, lm_loss
+from kvshrink.uptrain.recipe import Loss
+from kvshrink.uptrain.trainable import select_trainable
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_lm_loss_matches_transformers(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    assert torch.allclose(lm_loss(out.logits, ids, mask), out.loss, atol=1e-6)
+
+
+def test_distill_loss_is_zero_for_identical_logits_and_positive_otherwise():
+    logits = torch.randn(2, 8, 50, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    assert distill_loss(logits, logits.clone(), mask, temperature=2.0).item() == 0.0
+    assert distill_loss(logits, logits.flip(-1), mask, temperature=2.0).item() > 0.1
+
+
+def test_loss_falls_on_a_repeated_batch(tmp_path, tiny_llama_dir, write_recipe):
+    text = tmp_path / "one_block.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    report = uptrain(load_recipe(write_recipe(
+        model=str(tiny_llama_dir), data=[{"path": str(text)}], validation={"sources": [{"path": str(text)}]},
+        micro_batch_size=1, max_steps=12, optimizer={"lr": 1e-2}, schedule={"kind": "constant"},
+    )))
+    assert report["loss_end"] < 0.5 * report["loss_start"]
+    assert report["val_perplexity_end"] < 0.5 * report["val_perplexity_start"]
+
+
+def test_distillation_from_itself_starts_at_zero(tiny_llama_dir, write_recipe):
+    """The teacher is the student, so the first step's KL objective is exactly zero."""
+    report = uptrain(load_recipe(write_recipe(
+        model=str(tiny_llama_dir), teacher=str(tiny_llama_dir), loss={"kind": "distill", "temperature": 2.0},
+        max_steps=1,
+    )))
+    assert report["loss_start"] == 0.0
+
+
+def test_learning_rate_schedules():
+    from kvshrink.uptrain.recipe import Schedule
+    from kvshrink.uptrain.trainer import lr_factor
+
+    cosine = [lr_factor(Schedule("cosine", warmup_steps=2), step, total_steps=6) for step in range(7)]
+    assert cosine == pytest.approx([0.0, 0.5, 1.0, 0.85355339, 0.5, 0.14644661, 0.0])
+    linear = [lr_factor(Schedule("linear", warmup_steps=0), step, total_steps=4) for step in range(5)]
+    assert linear == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert lr_factor(Schedule("constant", warmup_steps=4), 2, total_steps=10) == 0.5
+    assert lr_factor(Schedule("constant", warmup_steps=4), 9, total_steps=10) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("all", None),
+        ("attention", lambda name: ".self_attn." in name),
+        ("new", lambda name: name.endswith(("k_proj.weight", "v_proj.weight"))),
+    ],
+)
+def test_trainable_freezes_exactly_what_it_says(tiny_converted_dir, mode, expected):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_converted_dir)
+    trained = select_trainable(model, mode, tiny_converted_dir)
+    names = [name for name, _ in model.named_parameters()]
+    wanted = names if expected is None else [name for name in names if expected(name)]
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == wanted
+    assert set(wanted) <= set(trained)
+
+
+def test_trainable_new_follows_tied_weights(tiny_converted_dir, tmp_path):
+    """lm_head.weight is tied to the embedding: naming either trains the shared tensor."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "tied"
+    shutil.copytree(tiny_converted_dir, folder)
+    (folder / "kvshrink_report.json").write_text(json.dumps({"new_parameters": ["lm_head.weight"]}))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert select_trainable(model, "new", folder) == ["model.embed_tokens.weight", "lm_head.weight"]
+    assert model.model.embed_tokens.weight.requires_grad
+    (folder / "kvshrink_report.json").write_text(json.dumps({"new_parameters": ["model.layers.9.mlp.weight"]}))
+    with pytest.raises(KvshrinkError, match="lists 'model.layers.9.mlp.weight'"):
+        select_trainable(model, "new", folder)
+
+
+def test_frozen_weights_stay_bitwise_and_output_keeps_the_report(tiny_converted_dir, write_recipe):
+    recipe = load_recipe(write_recipe(model=str(tiny_converted_dir), trainable="new", max_steps=2))
+    uptrain(recipe)
+    output = Path(recipe.output_dir)
+    before, after = _weights(tiny_converted_dir), _weights(output)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in ("k", "v")}
+    assert (output / "kvshrink_report.json").read_text() == (tiny_converted_dir / "kvshrink_report.json").read_text()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_deepseek_dir"])
+def test_output_loads_in_the_stock_class(request, fixture, write_recipe, tiny_llama_teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    source = request.getfixturevalue(fixture)
+    teacher = {"teacher": str(tiny_llama_teacher_dir), "loss": {"kind": "mix", "distill_weight": 0.5}} \
+        if fixture == "tiny_llama_dir" else {}
+    recipe = load_recipe(write_recipe(model=str(source), tracker="csv", **teacher))
+    report = uptrain(recipe)
+    output = Path(recipe.output_dir)
+    original = AutoModelForCausalLM.from_pretrained(source)
+    trained = AutoModelForCausalLM.from_pretrained(output)
+    assert type(trained) is type(original)
+    assert json.loads((output / "config.json").read_text()) == json.loads((source / "config.json").read_text())
+    assert (output / "tokenizer.json").is_file()
+    saved = json.loads((output / "uptrain_report.json").read_text())
+    assert saved["steps"] == 4 and saved["tokens_seen"] == 4 * 2 * 32
+    assert saved["recipe"]["model"] == str(source) and saved == json.loads(json.dumps(report))
+    assert "train/loss" in (output / "metrics.csv").read_text()
+    ids = torch.arange(20)[None] % trained.config.vocab_size
+    assert not torch.equal(trained(ids).logits, original(ids).logits)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny_llama_dir, write_recipe):
+    recipe = load_recipe(write_recipe(
+        model=str(tiny_llama_dir), max_steps=30, save_interval=1, keep_last=30, optimizer={"lr": 1e30, "grad_clip": None},
+        schedule={"kind": "constant"},
+    ))
+    with pytest.raises(KvshrinkError, match=r"training loss became nan at step (\d+): lower optimizer.lr") as error:
+        uptrain(recipe)
+    step = int(error.value.args[0].split("at step ")[1].split(":")[0])
+    checkpoints = sorted((Path(recipe.output_dir) / "checkpoints").iterdir())
+    assert checkpoints[-1].name == f"step-{step - 1:08d}"
+    assert f"the last good checkpoint is {checkpoints[-1]}" in str(error.value)
+
+
+def test_an_existing_run_needs_resume(tiny_llama_dir, write_recipe):
+    recipe = load_recipe(write_recipe(model=str(tiny_llama_dir), max_steps=1))
+    uptrain(recipe)
+    with pytest.raises(KvshrinkError, match="already holds a run: pass --resume"):
+        uptrain(recipe)

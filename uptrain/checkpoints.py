@@ -1,0 +1,63 @@
+"""Checkpoints that appear whole or not at all: accelerate's save_state into a hidden folder, then a rename.
+
+A run killed at any moment leaves either complete `checkpoints/step-NNNNNNNN` folders or a hidden
+`.step-NNNNNNNN.partial` one, which resuming ignores and the next save replaces.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in output_dir, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def newest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = checkpoint_dirs(output_dir)
+    return found[-1] if found else None
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+
+
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str | Path, step: int, trainer_state: dict[str, Any], keep_last: int
+) -> Path:
+    """Save model, optimizer, scheduler and RNG states plus `trainer_state`; keep the newest `keep_last`.
+
+    Every process calls this (FSDP and DeepSpeed write shards from each rank); the main one renames and prunes.
+    """
+    final = Path(output_dir) / CHECKPOINTS / f"step-{step:08d}"
+    partial = final.with_name(f".{final.name}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        for old in checkpoint_dirs(output_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
