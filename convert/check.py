@@ -63,7 +63,7 @@ def compare_perplexity(
     source: Path, converted: Path, text: str, max_tokens: int = 2048, window: int = 512, progress: bool = True
 ) -> dict[str, Any]:
     """Perplexity of both models over the same token windows (one model in memory at a time)."""
-    windows = token_windows(load_tokenizer(converted), text, max_tokens, window)
+    windows = token_windows(load_tokenizer(source), text, max_tokens, window)
     result: dict[str, Any] = {"tokens": sum(w.numel() for w in windows), "window": window}
     for label, folder in (("source", source), ("converted", converted)):
         model = load_causal_lm(folder)

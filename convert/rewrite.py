@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from kvshrink.convert.attention import AttentionWeights, HeadCounts, read_attention
+from kvshrink.convert.check import load_tokenizer
 from kvshrink.convert.checkpoint import SourceCheckpoint, header_size_bound, open_source
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.families import FamilySpec, family_for
@@ -78,7 +79,7 @@ def _layer_of(spec: FamilySpec, counts: HeadCounts) -> dict[str, int]:
 def write_weights(
     context: ConversionContext, rewrite: Rewrite, out: Path, max_shard_bytes: int, progress: bool
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Stream every tensor into `out`; returns the per-layer reports and the names the method wrote."""
+    """Stream every tensor into `out`; returns the per-layer reports and the names the method created or changed."""
     checkpoint, spec, counts = context.checkpoint, context.spec, context.counts
     layer_of = _layer_of(spec, counts)
     missing = [
@@ -95,7 +96,7 @@ def write_weights(
     names = [name for name in checkpoint.names if not _STALE_BUFFERS.search(name)]
     writer = ShardedSafetensorsWriter(out, max_shard_bytes, header_reserve=2 * header_size_bound(names) + 65536)
     reports: list[dict[str, Any]] = []
-    written: list[str] = []
+    changed: list[str] = []
     done_layers: set[int] = set()
     for name in tqdm(names, desc="converting", unit="tensor", disable=not progress):
         layer = layer_of.get(name)
@@ -111,11 +112,13 @@ def write_weights(
         dtype = checkpoint.dtype(name)
         result = rewrite.convert_layer(layer, read_attention(checkpoint, spec, layer, counts))
         for out_name, tensor in result.tensors.items():
-            writer.add_tensor(out_name, tensor.to(dtype))
-            written.append(out_name)
+            tensor = tensor.to(dtype)
+            writer.add_tensor(out_name, tensor)
+            if out_name not in checkpoint or not torch.equal(checkpoint.tensor(out_name), tensor):
+                changed.append(out_name)
         reports.append({"layer": layer, **result.report})
     writer.finish()
-    return reports, written
+    return reports, changed
 
 
 def _versions() -> dict[str, str]:
@@ -151,9 +154,11 @@ def run_conversion(
     with open_source(source, allow_pickle=allow_pickle) as checkpoint:
         spec = family_for(checkpoint.config)
         context = ConversionContext(checkpoint, spec, HeadCounts.from_config(checkpoint.config), str(source))
+        if check is not None:
+            load_tokenizer(checkpoint.folder)  # fail before converting, not after
         rewrite = plan(context)
         with atomic_output_dir(out, overwrite) as staging:
-            layer_reports, written = write_weights(context, rewrite, staging, max_shard_bytes, progress)
+            layer_reports, new_parameters = write_weights(context, rewrite, staging, max_shard_bytes, progress)
             (staging / "config.json").write_text(json.dumps(rewrite.config, indent=2) + "\n")
             for side_file in checkpoint.side_files():
                 shutil.copy2(side_file, staging / side_file.name)
@@ -169,7 +174,7 @@ def run_conversion(
                     "target": kv_bytes_per_token(rewrite.config),
                 },
                 "layers": layer_reports,
-                "new_parameters": written,
+                "new_parameters": new_parameters,
                 "versions": _versions(),
             }
             report["kv_fraction"] = report["kv_bytes_per_token"]["target"] / report["kv_bytes_per_token"]["source"]

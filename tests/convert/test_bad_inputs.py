@@ -1,0 +1,170 @@
+"""Every bad input stops with one line naming the problem and the fix, a non-zero exit, and no OUT on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kvshrink.convert.cli import convert_cli, kvshrink_cli
+
+
+def run_convert(*args):
+    return CliRunner().invoke(convert_cli, [str(a) for a in args])
+
+
+def assert_refused(result, *fragments, out=None):
+    assert result.exit_code != 0, result.output
+    message = result.output.strip().splitlines()
+    assert len(message) == 1 and message[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in message[0], message[0]
+    if out is not None:
+        assert not out.exists()
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial")]
+
+
+@pytest.fixture
+def source(tiny_checkpoint):
+    return tiny_checkpoint("llama", num_heads=4, num_kv_heads=4)
+
+
+def test_missing_source(tmp_path):
+    out = tmp_path / "out"
+    assert_refused(run_convert("mha-to-mqa", tmp_path / "nowhere", out, "--no-check"), "does not exist", out=out)
+
+
+def test_source_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert_refused(run_convert("mha-to-mqa", tmp_path / "empty", out, "--no-check"), "has no config.json", out=out)
+
+
+def test_unsupported_model_type(source, tmp_path):
+    config = json.loads((source / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (source / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert_refused(run_convert("mha-to-mqa", source, out, "--no-check"), "'gpt2' is not supported", "llama", out=out)
+
+
+@pytest.mark.parametrize(
+    ("groups", "fragment"),
+    [("3", "does not divide the source's 4 KV heads: choose one of 1, 2, 4"), ("0", "positive"),
+     ("-2", "positive"), ("8", "more than the source's 4 KV heads")],
+)  # fmt: skip
+def test_bad_group_counts(source, tmp_path, groups, fragment):
+    out = tmp_path / "out"
+    assert_refused(run_convert("mha-to-gqa", "--groups", groups, source, out, "--no-check"), fragment, out=out)
+
+
+def test_existing_output_is_refused_unless_overwrite(source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(run_convert("mha-to-mqa", source, out, "--no-check"), "already exists", "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    result = run_convert("mha-to-mqa", source, out, "--no-check", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_output_inside_source(source):
+    out = source / "converted"
+    assert_refused(run_convert("mha-to-mqa", source, out, "--no-check"), "inside the source", out=out)
+
+
+def test_truncated_shard(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("llama", shard_size="40KB")
+    shard = sorted(source.glob("model-*.safetensors"))[-1]
+    with open(shard, "r+b") as handle:
+        handle.truncate(os.path.getsize(shard) - 100)
+    out = tmp_path / "out"
+    assert_refused(run_convert("mha-to-mqa", source, out, "--no-check"), shard.name, "truncated", out=out)
+
+
+def test_garbage_shard(source, tmp_path):
+    (source / "model.safetensors").write_bytes(b"\xff" * 64)
+    out = tmp_path / "out"
+    assert_refused(run_convert("mha-to-mqa", source, out, "--no-check"), "model.safetensors", "re-download", out=out)
+
+
+def test_index_naming_a_missing_tensor(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("llama", shard_size="40KB")
+    index_file = source / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = index["weight_map"]["model.layers.0.self_attn.k_proj.weight"]
+    index["weight_map"]["model.layers.0.self_attn.k_proj.weight"] = next(
+        name for name in set(index["weight_map"].values()) if name != shard
+    )
+    index_file.write_text(json.dumps(index))
+    out = tmp_path / "out"
+    assert_refused(
+        run_convert("mha-to-mqa", source, out, "--no-check"), "model.layers.0.self_attn.k_proj.weight", "lacks it",
+        out=out,
+    )  # fmt: skip
+
+
+def test_checkpoint_missing_an_attention_tensor(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_checkpoint("llama")
+    tensors = load_file(source / "model.safetensors")
+    del tensors["model.layers.1.self_attn.v_proj.weight"]
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert_refused(run_convert("mha-to-mqa", source, out, "--no-check"), "v_proj", "lacks", out=out)
+
+
+def test_pickle_is_refused_without_opt_in_and_read_safely_with_it(tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    safe = tiny_checkpoint("llama")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(safe / "config.json", pickled)
+    state = AutoModelForCausalLM.from_pretrained(safe).state_dict()
+    torch.save(state, pickled / "pytorch_model.bin")
+    out = tmp_path / "out"
+    assert_refused(run_convert("mha-to-mqa", pickled, out, "--no-check"), "--allow-pickle", out=out)
+    result = run_convert("mha-to-mqa", pickled, out, "--no-check", "--allow-pickle")
+    assert result.exit_code == 0, result.output
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_key_value_heads == 1
+
+
+def test_uncached_hub_id_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    out = tmp_path / "out"
+    assert_refused(
+        run_convert("mha-to-mqa", "kvshrink-test/not-cached-model", out, "--no-check"),
+        "not in the local Hugging Face cache", out=out,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("content", [b"not a gguf model at all", b""])
+def test_gguf_file_that_is_not_gguf(tmp_path, content):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(content)
+    out = tmp_path / "out"
+    assert_refused(run_convert("mha-to-mqa", fake, out, "--no-check"), "not a GGUF file", out=out)
+
+
+def test_bad_shard_size(source, tmp_path):
+    out = tmp_path / "out"
+    assert_refused(run_convert("mha-to-mqa", source, out, "--no-check", "--out-shard-size", "lots"), "5GB", out=out)
+
+
+def test_check_without_tokenizer_says_to_skip_it(source, tmp_path):
+    out = tmp_path / "out"
+    assert_refused(run_convert("mha-to-mqa", source, out), "--no-check", out=out)
+
+
+def test_umbrella_command_reaches_the_same_converter(source, tmp_path):
+    result = CliRunner().invoke(kvshrink_cli, ["convert", "mha-to-mqa", str(source), str(tmp_path / "o"), "--no-check"])
+    assert result.exit_code == 0, result.output
+    assert "KV heads 4 -> 1" in result.output

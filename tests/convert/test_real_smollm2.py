@@ -1,0 +1,46 @@
+"""The real SmolLM2-135M (9 query / 3 KV heads) through mha-to-mqa, and straight from its GGUF file."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaForCausalLM
+
+from kvshrink.convert.cli import convert_cli
+from kvshrink.convert.example import smollm2_gguf_path
+
+
+def test_mqa_output_loads_generates_and_caches_one_kv_head(smollm2_mqa_dir):
+    model = AutoModelForCausalLM.from_pretrained(smollm2_mqa_dir)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_mqa_dir)
+    assert isinstance(model, LlamaForCausalLM) and model.config.num_key_value_heads == 1
+    inputs = tokenizer("The quick brown fox", return_tensors="pt")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(**inputs, past_key_values=cache, use_cache=True)
+    assert cache.layers[0].keys.shape[1] == 1  # (batch, kv heads, tokens, head_dim)
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == inputs.input_ids.shape[1] + 5
+
+
+def test_mqa_report_is_complete(smollm2_mqa_dir):
+    report = json.loads((smollm2_mqa_dir / "kvshrink_report.json").read_text())
+    assert report["source_architecture"] == report["target_architecture"] == "LlamaForCausalLM"
+    assert report["source_heads"] == {"query": 9, "kv": 3} and report["target_heads"] == {"query": 9, "kv": 1}
+    assert report["kv_bytes_per_token"] == {"source": 30 * 2 * 3 * 64 * 4, "target": 30 * 2 * 1 * 64 * 4}
+    assert len(report["layers"]) == 30 and all(layer["groups"] == [[0, 1, 2]] for layer in report["layers"])
+    assert len(report["new_parameters"]) == 60
+    check = report["check"]
+    assert 5 < check["source_perplexity"] < 40 and check["converted_perplexity"] > check["source_perplexity"]
+    for copied in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        assert (smollm2_mqa_dir / copied).exists(), copied
+
+
+def test_gguf_file_converts_directly(tmp_path):
+    out = tmp_path / "from-gguf"
+    result = CliRunner().invoke(convert_cli, ["mha-to-gqa", "--groups", "3", str(smollm2_gguf_path()), str(out), "--no-check"])
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_key_value_heads == 3 and (out / "tokenizer.json").exists()
