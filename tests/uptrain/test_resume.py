@@ -1,0 +1,70 @@
+"""Exact resume: a run killed with SIGKILL and resumed ends with the same weights as an uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from kvshrink.uptrain import load_recipe, uptrain
+from kvshrink.uptrain.checkpoints import checkpoint_dirs
+from kvshrink.uptrain.data import build_data
+
+STEPS = 24
+
+
+def _run(recipe: Path, log: Path, *args: str) -> subprocess.Popen:
+    with log.open("w") as handle:  # a file, not a pipe: a full pipe would stall the child
+        return subprocess.Popen(
+            [sys.executable, "-m", "kvshrink.uptrain", str(recipe), *args],
+            stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"},
+        )
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, tiny_llama_dir, write_recipe):
+    keys = dict(model=str(tiny_llama_dir), max_steps=STEPS, save_interval=4, keep_last=2, micro_batch_size=2,
+                gradient_accumulation=2, schedule={"kind": "cosine", "warmup_steps": 5})
+    reference = load_recipe(write_recipe(**keys, output_dir=str(tmp_path / "reference")))
+    uptrain(reference)
+
+    recipe = write_recipe(**keys, output_dir=str(tmp_path / "killed"))
+    output = tmp_path / "killed"
+    log = tmp_path / "log.txt"
+    process = _run(recipe, log)
+    while not any(int(p.name.split("-")[1]) >= 8 for p in checkpoint_dirs(output)):
+        assert process.poll() is None, log.read_text()
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (output / "uptrain_report.json").exists(), "the run finished before it could be killed"
+    killed_at = checkpoint_dirs(output)[-1].name
+    assert len(checkpoint_dirs(output)) <= 2  # keep_last
+
+    resumed = _run(recipe, log, "--resume")
+    assert resumed.wait() == 0, log.read_text()
+    assert f"resuming from {output / 'checkpoints' / killed_at}" in log.read_text()
+    expected = load_file(Path(reference.output_dir) / "model.safetensors")
+    actual = load_file(output / "model.safetensors")
+    assert killed_at != f"step-{STEPS:08d}"
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_data_order_is_a_pure_function_of_position(tiny_llama_dir, write_recipe):
+    from transformers import AutoTokenizer
+
+    recipe = load_recipe(write_recipe(model=str(tiny_llama_dir), seq_len=256))
+    stream, _ = build_data(recipe, AutoTokenizer.from_pretrained(tiny_llama_dir))
+    count = len(stream.blocks)
+    whole = [ids for ids, _ in zip(stream.blocks_from(0), range(count + 10))]
+    later = [ids for ids, _ in zip(stream.blocks_from(count - 5), range(15))]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(whole[count - 5 :], later))
+    first_epoch = torch.stack([ids for ids, _ in whole[:count]])
+    assert sorted(first_epoch.tolist()) == sorted(stream.blocks.tokens.tolist())  # a permutation
+    assert not torch.equal(first_epoch, stream.blocks.tokens.long())  # shuffled
