@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from kvshrink.convert.attention import AttentionWeights, HeadCounts, read_attention
+from kvshrink.convert.attention import AttentionWeights, HeadCounts, attention_tensors, read_attention
 from kvshrink.convert.check import load_tokenizer
 from kvshrink.convert.checkpoint import SourceCheckpoint, header_size_bound, open_source
 from kvshrink.convert.errors import KvshrinkError
@@ -110,11 +110,16 @@ def write_weights(
             continue
         done_layers.add(layer)
         dtype = checkpoint.dtype(name)
-        result = rewrite.convert_layer(layer, read_attention(checkpoint, spec, layer, counts))
+        attention = read_attention(checkpoint, spec, layer, counts)
+        source_tensors = attention_tensors(attention, spec, layer)
+        result = rewrite.convert_layer(layer, attention)
         for out_name, tensor in result.tensors.items():
-            tensor = tensor.to(dtype)
-            writer.add_tensor(out_name, tensor)
-            if out_name not in checkpoint or not torch.equal(checkpoint.tensor(out_name), tensor):
+            unchanged = out_name in source_tensors and torch.equal(source_tensors[out_name], tensor)
+            if unchanged and checkpoint.pickled is None:
+                writer.add_copy(out_name, checkpoint.entries[out_name])
+            else:
+                writer.add_tensor(out_name, tensor.to(dtype))
+            if not unchanged:
                 changed.append(out_name)
         reports.append({"layer": layer, **result.report})
     writer.finish()
@@ -122,14 +127,14 @@ def write_weights(
 
 
 def _versions() -> dict[str, str]:
-    import transformers
+    from importlib.metadata import version
 
     from kvshrink.convert import __version__
 
     return {
         "kvshrink": __version__,
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": version("transformers"),
         "python": platform.python_version(),
     }
 
