@@ -68,7 +68,7 @@ def test_existing_output_is_refused_unless_overwrite(source, tmp_path):
     (out / "keep.txt").write_text("mine")
     assert_refused(run_convert("mha-to-mqa", source, out, "--no-check"), "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
-    result = run_convert("mha-to-mqa", source, out, "--no-check", "--overwrite")
+    result = run_convert("mha-to-mqa", source, out, "--no-check", "--overwrite", "--method", "mean")
     assert result.exit_code == 0, result.output
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
 
@@ -131,7 +131,7 @@ def test_pickle_is_refused_without_opt_in_and_read_safely_with_it(tiny_checkpoin
     torch.save(state, pickled / "pytorch_model.bin")
     out = tmp_path / "out"
     assert_refused(run_convert("mha-to-mqa", pickled, out, "--no-check"), "--allow-pickle", out=out)
-    result = run_convert("mha-to-mqa", pickled, out, "--no-check", "--allow-pickle")
+    result = run_convert("mha-to-mqa", pickled, out, "--no-check", "--allow-pickle", "--method", "mean")
     assert result.exit_code == 0, result.output
     assert AutoModelForCausalLM.from_pretrained(out).config.num_key_value_heads == 1
 
@@ -165,6 +165,6 @@ def test_check_without_tokenizer_says_to_skip_it(source, tmp_path):
 
 
 def test_umbrella_command_reaches_the_same_converter(source, tmp_path):
-    result = CliRunner().invoke(kvshrink_cli, ["convert", "mha-to-mqa", str(source), str(tmp_path / "o"), "--no-check"])
+    result = CliRunner().invoke(kvshrink_cli, ["convert", "mha-to-mqa", str(source), str(tmp_path / "o"), "--no-check", "--method", "mean"])
     assert result.exit_code == 0, result.output
     assert "KV heads 4 -> 1" in result.output
