@@ -4,13 +4,15 @@ Two kinds of task, each over both built-in domains (Python's pydoc topics and th
 
 - `kvshrink_<domain>_ppl` (loglikelihood_rolling): held-out documents of about `DOC_CHARS` characters;
   lm-eval reports word_perplexity, byte_perplexity and bits_per_byte.
-- `kvshrink_<domain>_lastword` (multiple_choice, 4 options, chance 25%): a held-out sentence (pydoc: with the
-  sentence before it) minus its final word; the options are that word and three distractors drawn from the
-  same task's pool of final words in proportion to their frequency, so a model that only knows which words
-  are common scores chance and only reading the context helps.
+- `kvshrink_<domain>_cloze` (multiple_choice, 4 options, chance 25%): pick the word that comes next.
+  kjv: a held-out verse minus its final word. pydoc: a word of 4+ letters inside a held-out prose sentence,
+  with the sentence before it as context. The options are the true word and three distractors drawn from the
+  same task's pool of answer words in proportion to their frequency, so a model that only knows which words
+  are common scores chance; only reading the context helps. `CLOZE_ITEMS` items, spread evenly over the
+  held-out part.
 
 lm-eval needs absolute `data_files` paths, so the suite is written to a cache folder named after a hash of
-its content (the held-out text differs between Python versions and `bible` packages); the paths stay valid
+its data (the held-out text differs between Python versions and `bible` packages); the paths stay valid
 after the run, and the folder is reused by later runs on the same machine.
 """
 
@@ -26,21 +28,23 @@ from pathlib import Path
 import yaml
 
 from kvshrink.convert.corpora import corpus_text
+from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.outdir import atomic_output_dir
 
 SUITE_VERSION = 1
 DOMAINS = ("pydoc", "kjv")
 DOC_CHARS = 2000
-PPL_DOCS = 48
-LASTWORD_ITEMS = 1000
-LASTWORD_CHOICES = 4
-LASTWORD_MIN_WORDS = 8
+PPL_DOCS = 32
+CLOZE_ITEMS = 1000
+CLOZE_CHOICES = 4
+CLOZE_MIN_WORDS = 8
 SEED = 1234
 
-OFFLINE_TASKS = tuple(f"kvshrink_{domain}_{kind}" for kind in ("ppl", "lastword") for domain in DOMAINS)
+OFFLINE_TASKS = tuple(f"kvshrink_{domain}_{kind}" for kind in ("ppl", "cloze") for domain in DOMAINS)
 OFFLINE_ALIAS = "offline"
 
-_FINAL_WORD = re.compile(r"^(?P<context>.*\S)\s+(?P<word>[A-Za-z]{3,})[.!?;:,]?$", re.DOTALL)
+_VERSE_FINAL_WORD = re.compile(r"^(?P<context>.*\S)\s+(?P<word>[A-Za-z]{3,})[.!?;:,]?$")
+_PROSE_WORD = re.compile(r"(?<=\s)[A-Za-z]{4,}(?=[\s.,;:!?]|$)")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
@@ -64,36 +68,52 @@ def _evenly_spaced(items: list, count: int) -> list:
     return [items[index * len(items) // count] for index in range(count)]
 
 
-def _kjv_passages(text: str) -> list[str]:
-    return [verse.strip() for verse in text.splitlines() if verse.strip()]
+def _kjv_targets(text: str) -> list[tuple[str, str]]:
+    """Each verse minus its final word, and that word."""
+    targets = []
+    for verse in text.splitlines():
+        match = _VERSE_FINAL_WORD.match(verse.strip())
+        if match and len(verse.split()) >= CLOZE_MIN_WORDS:
+            targets.append((match["context"], match["word"]))
+    return targets
 
 
-def _pydoc_passages(text: str) -> list[str]:
-    """Prose sentences, each with the sentence before it from the same paragraph; code and tables skipped."""
-    passages = []
+def _prose_paragraphs(text: str) -> list[str]:
+    """pydoc paragraphs that read as prose, joined into one line; code, tables and headings skipped."""
+    paragraphs = []
     for paragraph in re.split(r"\n\s*\n", text):
-        lines = paragraph.splitlines()
-        if not lines or any(line.startswith((" ", "\t", ">>>", "+", "|", "=")) for line in lines):
+        lines = [line.strip().removeprefix("* ") for line in paragraph.splitlines()]
+        joined = " ".join(lines)
+        code_marks = sum(joined.count(mark) for mark in "()[]{}=_<>|+")
+        if any(line.startswith((">>>", "...", "===", "---")) for line in lines) or code_marks > 0.02 * len(joined):
             continue
-        sentences = _SENTENCE_END.split(" ".join(line.strip() for line in lines))
-        passages.extend(" ".join(sentences[max(0, index - 1) : index + 1]) for index in range(len(sentences)))
-    return passages
+        paragraphs.append(joined)
+    return paragraphs
 
 
-def _lastword_items(passages: list[str]) -> list[dict]:
-    candidates = []
-    for passage in passages:
-        match = _FINAL_WORD.match(passage)
-        if match and len(passage.split()) >= LASTWORD_MIN_WORDS:
-            candidates.append((match["context"], match["word"]))
-    candidates = _evenly_spaced(candidates, LASTWORD_ITEMS)
-    pool = [word for _, word in candidates]
+def _pydoc_targets(text: str) -> list[tuple[str, str]]:
+    """Every word of 4+ letters, with the sentence before it and its own sentence up to the word."""
+    targets = []
+    for paragraph in _prose_paragraphs(text):
+        sentences = _SENTENCE_END.split(paragraph)
+        for index, sentence in enumerate(sentences):
+            previous = sentences[index - 1] + " " if index else ""
+            for match in _PROSE_WORD.finditer(sentence):
+                context = (previous + sentence[: match.start()]).rstrip()
+                if len(context.split()) >= CLOZE_MIN_WORDS:
+                    targets.append((context, match[0]))
+    return targets
+
+
+def _cloze_items(targets: list[tuple[str, str]]) -> list[dict]:
+    targets = _evenly_spaced(targets, CLOZE_ITEMS)
+    pool = [word for _, word in targets]
     rng = random.Random(SEED)
     items = []
-    for context, word in candidates:
+    for context, word in targets:
         options = {word.lower()}
         distractors = []
-        while len(distractors) < LASTWORD_CHOICES - 1:
+        while len(distractors) < CLOZE_CHOICES - 1:
             candidate = rng.choice(pool)
             if candidate.lower() not in options:
                 options.add(candidate.lower())
@@ -116,9 +136,9 @@ def _task_configs(data_dir: Path) -> dict[str, dict]:
             "doc_to_target": "{{text}}",
             "metric_list": [{"metric": name} for name in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
         }
-        configs[f"kvshrink_{domain}_lastword"] = {
+        configs[f"kvshrink_{domain}_cloze"] = {
             **common,
-            "dataset_kwargs": {"data_files": {"test": str(data_dir / f"{domain}_lastword.jsonl")}},
+            "dataset_kwargs": {"data_files": {"test": str(data_dir / f"{domain}_cloze.jsonl")}},
             "output_type": "multiple_choice",
             "doc_to_text": "context",
             "doc_to_choice": "choices",
@@ -131,8 +151,19 @@ def _task_configs(data_dir: Path) -> dict[str, dict]:
     return configs
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def _data_files() -> dict[str, str]:
+    """The suite's data, file name -> content; cheap to build, so it is rebuilt to know its hash."""
+    targets = {"pydoc": _pydoc_targets, "kjv": _kjv_targets}
+    files = {}
+    for domain in DOMAINS:
+        text = corpus_text(domain, "heldout")
+        files[f"{domain}_ppl.jsonl"] = _jsonl([{"text": doc} for doc in _evenly_spaced(_documents(text), PPL_DOCS)])
+        files[f"{domain}_cloze.jsonl"] = _jsonl(_cloze_items(targets[domain](text)))
+    return files
 
 
 def default_suite_cache() -> Path:
@@ -141,22 +172,27 @@ def default_suite_cache() -> Path:
 
 
 def build_offline_suite(cache_dir: Path | None = None) -> Path:
-    """Write the suite's data and task YAMLs (once per content hash) and return the folder for `include_path`."""
-    heldout = {domain: corpus_text(domain, "heldout") for domain in DOMAINS}
-    digest = hashlib.sha256(json.dumps([SUITE_VERSION, heldout], sort_keys=True).encode()).hexdigest()[:16]
+    """Write the suite's data and task YAMLs (once per content) and return the folder for lm-eval's include_path.
+
+    The folder is named after a hash of the data, so a change of corpus or of this generator gets a new one.
+    """
+    files = _data_files()
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
     suite_dir = (cache_dir or default_suite_cache()).resolve() / f"v{SUITE_VERSION}-{digest}"
     if (suite_dir / "suite.json").is_file():
         return suite_dir
-    passages = {"pydoc": _pydoc_passages, "kjv": _kjv_passages}
-    with atomic_output_dir(suite_dir, overwrite=True) as staging:
-        for domain, text in heldout.items():
-            documents = [{"text": document} for document in _evenly_spaced(_documents(text), PPL_DOCS)]
-            _write_jsonl(staging / f"{domain}_ppl.jsonl", documents)
-            _write_jsonl(staging / f"{domain}_lastword.jsonl", _lastword_items(passages[domain](text)))
-        # The YAMLs name the final folder, which exists once the staging folder is renamed into place.
-        for name, config in _task_configs(suite_dir).items():
-            (staging / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **config}, sort_keys=False))
-        (staging / "suite.json").write_text(json.dumps({"version": SUITE_VERSION, "hash": digest}) + "\n")
+    try:
+        with atomic_output_dir(suite_dir) as staging:
+            for name, content in files.items():
+                (staging / name).write_text(content, encoding="utf-8")
+            # The YAMLs name the final folder, which exists once the staging folder is renamed into place.
+            for name, config in _task_configs(suite_dir).items():
+                (staging / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **config}, sort_keys=False))
+            (staging / "suite.json").write_text(json.dumps({"version": SUITE_VERSION, "hash": digest}) + "\n")
+    except KvshrinkError:
+        if not (suite_dir / "suite.json").is_file():
+            raise
+        # Another run wrote the same suite meanwhile; its copy is identical.
     return suite_dir
 
 

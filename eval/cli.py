@@ -1,0 +1,89 @@
+"""`kvshrink eval ...`: run lm-eval on model folders, compare the results, measure the KV cache. Parsing only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from kvshrink.convert.cli import KvshrinkGroup
+from kvshrink.eval.offline_suite import OFFLINE_ALIAS, OFFLINE_TASKS
+
+
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise click.BadParameter(f"{value!r} is neither a positive integer nor 'auto'")
+
+
+def _int_list(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        numbers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 512,2048") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"{value!r} must list positive context lengths, e.g. 512,2048")
+    return numbers
+
+
+@click.group(cls=KvshrinkGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def eval_cli():
+    """Evaluate model folders with lm-evaluation-harness, compare them, and measure their KV cache."""
+
+
+@eval_cli.command("run")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--tasks",
+    required=True,
+    help=f"Comma-separated lm-eval task names; '{OFFLINE_ALIAS}' is kvshrink's offline suite "
+    f"({', '.join(OFFLINE_TASKS)}), which needs no download.",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the results (must not exist).")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many items per task (a quick look).")
+@click.option("--batch-size", default="8", show_default=True, callback=lambda _c, _p, v: _batch_size(v),
+              help="Items per forward pass, or 'auto'.")
+@click.option("--device", help="torch device, e.g. cpu or cuda:0  [default: cuda if available, else cpu]")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def run_command(models, tasks, out, limit, batch_size, device, overwrite):
+    """Score MODELS (Hugging Face folders; the first is the base) on lm-eval tasks; write results to OUT."""
+    from kvshrink.eval.compare import comparison_tables, render_table
+    from kvshrink.eval.run import run_eval
+
+    task_names = [task.strip() for task in tasks.split(",") if task.strip()]
+    run_eval(models, task_names, out, limit=limit, batch_size=batch_size, device=device, overwrite=overwrite)
+    _, tables = comparison_tables([out])
+    click.echo("\n\n".join(render_table(table) for table in tables))
+    click.echo(f"\nResults written to {out.resolve()}; compare runs with `kvshrink eval compare {out} ... --out DIR`")
+
+
+@eval_cli.command("compare")
+@click.argument("result_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for comparison.md, comparison.png and comparison.json (must not exist).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def compare_command(result_dirs, out, overwrite):
+    """Compare RESULT_DIRS written by `eval run` (the first model is the base): tables and a quality-vs-KV plot."""
+    from kvshrink.eval.compare import compare_results
+
+    comparison = compare_results(result_dirs, out, overwrite=overwrite)
+    click.echo(comparison.terminal_text())
+    click.echo(f"\nTable: {comparison.markdown_path}\nPlot:  {comparison.plot_path}")
+
+
+@eval_cli.command("kv")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--contexts", callback=lambda _c, _p, v: _int_list(v),
+              help="Comma-separated context lengths  [default: 512,2048 on cpu, 512,2048,8192 on a GPU]")
+@click.option("--decode-tokens", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Timed decode steps per context length.")
+@click.option("--device", help="torch device, e.g. cpu or cuda:0  [default: cuda if available, else cpu]")
+def kv_command(models, contexts, decode_tokens, device):
+    """Measure MODELS' KV cache bytes per token from the real cache, and decode speed, vs the first model."""
+    from kvshrink.eval.kv import kv_table, measure_kv
+
+    click.echo(kv_table(measure_kv(models, contexts, decode_tokens=decode_tokens, device=device)))

@@ -1,0 +1,116 @@
+"""`eval run`: score model folders with lm-evaluation-harness (standard tasks and kvshrink's offline suite).
+
+lm-eval does all the scoring; this module only resolves task names, loads each model once with stock
+transformers, hands it to lm-eval's HFLM with an explicit tokenizer (so nothing is fetched from the hub), and
+writes lm-eval's results JSON next to kvshrink's metadata for `eval compare`.
+
+Output layout (written whole or not at all):
+    OUT/run.json               {"models": [label, ...], "tasks": [...]} in the order given (first = base)
+    OUT/<label>/results.json   lm-eval's results, as `simple_evaluate` returns them (no per-sample logs)
+    OUT/<label>/kvshrink.json  model path, architecture, KV bytes per token, conversion/uptrain reports
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.outdir import atomic_output_dir, check_output_dir
+from kvshrink.eval.models import check_model_dirs, default_device, load_model, model_metadata
+from kvshrink.eval.offline_suite import OFFLINE_ALIAS, OFFLINE_TASKS, build_offline_suite, suite_hash
+
+RESULTS_FILE = "results.json"
+METADATA_FILE = "kvshrink.json"
+RUN_FILE = "run.json"
+
+
+def expand_tasks(tasks: Sequence[str]) -> list[str]:
+    """Task names in order, `offline` replaced by the whole offline suite, duplicates dropped."""
+    expanded = []
+    for task in tasks:
+        for name in OFFLINE_TASKS if task == OFFLINE_ALIAS else [task]:
+            if name not in expanded:
+                expanded.append(name)
+    if not expanded:
+        raise KvshrinkError(f"no task given: pass --tasks, e.g. --tasks {OFFLINE_ALIAS} or --tasks arc_easy,piqa")
+    return expanded
+
+
+def _check_known(tasks: list[str], known: list[str]) -> None:
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, known, n=5)
+            hint = f"did you mean {', '.join(close)}?" if close else "see `lm-eval ls tasks` for the full list"
+            raise KvshrinkError(
+                f"unknown task {task!r}: {hint} (or `{OFFLINE_ALIAS}` for kvshrink's offline suite)"
+            )
+
+
+def _stay_offline_for_local_tasks(tasks: list[str]) -> None:
+    """The offline suite reads local files only; without these the datasets library still tries the network."""
+    if all(task in OFFLINE_TASKS for task in tasks):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def run_eval(
+    models: Sequence[str | Path],
+    tasks: Sequence[str],
+    out: Path,
+    *,
+    limit: int | None = None,
+    batch_size: int | str = 8,
+    device: str | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Evaluate each model folder on `tasks` with lm-eval; return the per-model result folders under `out`.
+
+    `limit` caps the items per task (a quick look, not a comparable score); `batch_size` may be "auto".
+    """
+    folders = check_model_dirs(list(models))
+    task_names = expand_tasks(tasks)
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    if limit is not None and limit < 1:
+        raise KvshrinkError(f"--limit must be a positive number of items per task, got {limit}")
+    _stay_offline_for_local_tasks(task_names)
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable
+
+    suite_dir = build_offline_suite()
+    task_manager = TaskManager(include_path=str(suite_dir))
+    _check_known(task_names, task_manager.all_tasks)
+    device = device or default_device()
+
+    with atomic_output_dir(out, overwrite=overwrite) as staging:
+        for folder in tqdm(folders, desc="models", unit="model"):
+            model, tokenizer = load_model(folder, device)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=task_names, task_manager=task_manager, limit=limit, log_samples=False
+            )
+            del lm, model
+            target = staging / folder.label
+            target.mkdir()
+            (target / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+            metadata = {
+                **model_metadata(folder),
+                "tasks": task_names,
+                "limit": limit,
+                "device": device,
+                "offline_suite": suite_hash(suite_dir),
+            }
+            (target / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        (staging / RUN_FILE).write_text(
+            json.dumps({"models": [folder.label for folder in folders], "tasks": task_names}, indent=2) + "\n"
+        )
+    return [out.resolve() / folder.label for folder in folders]
