@@ -1,0 +1,345 @@
+"""`convert mha-to-mla`: MHA/GQA -> DeepSeek MLA that stock transformers loads as DeepseekV3ForCausalLM.
+
+The conversion runs in two passes over the attention weights. First, calibration: the source reads real text,
+and every layer yields its input second moment, its attention-distance gains and its rope basis; the slots of
+the shared rope key are then chosen once for the whole model (its frequencies are one table). Second, the
+streaming rewrite: each layer becomes DeepseekV3 attention (`mla.layer`); MLP, norms and embeddings are copied.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from kvshrink.convert.attention import AttentionWeights, HeadCounts, read_attention
+from kvshrink.convert.calibration import collect_statistics
+from kvshrink.convert.check import compare_perplexity, load_tokenizer
+from kvshrink.convert.corpora import calibration_text
+from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.mla import deepseek
+from kvshrink.convert.mla.complex_heads import augmented, to_complex
+from kvshrink.convert.mla.distance import distance_gains
+from kvshrink.convert.mla.layer import LayerCalibration, MlaShape, OutputFormat, convert_attention, rope_bias
+from kvshrink.convert.mla.lowrank import FACTORIZATIONS
+from kvshrink.convert.mla.rope import ROPE_METHODS, choose_slots, rope_basis
+from kvshrink.convert.rewrite import ConversionContext, LayerOutput, Rewrite, run_conversion
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+CALIBRATION_WINDOW = 512
+_LINEARIZATION_SAMPLE = 2048
+_SHAPE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class MlaOptions:
+    kv_rank: int | str | None
+    rope_dim: int | str | None
+    kv_budget: float | None
+    mla_shape: str | None
+    rope_method: str
+    factorization: str
+    distance_aware: bool
+    target: str
+    calibration: str | Path | None
+    calibration_tokens: int
+    progress: bool
+
+
+def _refuse_unsupported(context: ConversionContext) -> None:
+    config, spec = context.checkpoint.config, context.spec
+    if spec.has_head_norms:
+        raise KvshrinkError(
+            f"{spec.model_type} normalizes each query and key head (q_norm/k_norm) before RoPE; that RMSNorm is not "
+            "linear, so no DeepseekV3 attention reproduces it: mha-to-mla supports "
+            f"{', '.join(SUPPORTED_FAMILIES)}"
+        )
+    if spec.model_type not in SUPPORTED_FAMILIES:
+        raise KvshrinkError(
+            f"{spec.model_type} is not supported by mha-to-mla (DeepseekV3 has a plain gate/up/down MLP and "
+            f"full-width RoPE): supported families are {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    window = config.get("sliding_window")
+    window_used = config.get("use_sliding_window", spec.model_type == "mistral")
+    if window and window_used and int(window) < int(config.get("max_position_embeddings", 0)):
+        raise KvshrinkError(
+            f"the source attends within a sliding window of {window} tokens, which DeepseekV3 cannot: "
+            "convert a model with full attention (or set sliding_window to null if it was never used)"
+        )
+    if config.get("mlp_bias"):
+        raise KvshrinkError("the source's MLP has biases, which DeepseekV3's MLP lacks: convert a model without them")
+    first_attention = context.spec.tensor_name(0, "qkv_proj" if spec.fused_qkv else "q_proj")
+    if context.checkpoint.dtype(first_attention) == torch.float16:
+        raise KvshrinkError(
+            "the source is float16, which cannot hold the linearized latent (its tiny values are subnormal in "
+            "float16): save the source as bfloat16 or float32 first, e.g. "
+            "model.to(torch.bfloat16).save_pretrained(dir), and convert that"
+        )
+
+
+def resolve_shape(counts: HeadCounts, options: MlaOptions, serving: bool, latent_inputs: int) -> MlaShape:
+    """kv_lora_rank and qk_rope_head_dim from the user's options, checked against what the source allows."""
+    d, kv_heads = counts.head_dim, counts.num_kv_heads
+    all_rope = kv_heads * d
+    max_rope = d if serving else all_rope
+    given = [name for name, value in (("--kv-rank", options.kv_rank), ("--kv-budget", options.kv_budget),
+                                      ("--mla-shape", options.mla_shape)) if value is not None]  # fmt: skip
+    if len(given) != 1:
+        raise KvshrinkError(
+            "pass exactly one of --kv-rank, --kv-budget or --mla-shape" + (f" (got {' and '.join(given)})" if given else "")
+        )
+    rope_dim = options.rope_dim
+    if options.mla_shape is not None:
+        match = _SHAPE.match(options.mla_shape)
+        if not match:
+            raise KvshrinkError(f"--mla-shape {options.mla_shape!r} is not RANK+ROPE: use a form like 512+64")
+        if rope_dim is not None:
+            raise KvshrinkError("--mla-shape already sets the rope dim: drop --rope-dim")
+        kv_rank, rope_dim = int(match.group(1)), int(match.group(2))
+    else:
+        kv_rank = options.kv_rank
+    if rope_dim is None:
+        rope_dim = max(2, d // 2)
+    elif rope_dim == "all":
+        if serving and kv_heads > 1:
+            raise KvshrinkError(
+                f"--rope-dim all needs {all_rope} rope dims ({kv_heads} KV heads x {d}), but serving engines take "
+                f"at most one component per frequency ({d} dims): pass --rope-dim {d} or less, or --target "
+                "transformers for the exact form"
+            )
+        rope_dim = all_rope
+    rope_dim = int(rope_dim)
+    if rope_dim < 2 or rope_dim % 2:
+        raise KvshrinkError(f"--rope-dim {rope_dim} must be an even number >= 2 (rotary dims come in pairs)")
+    if rope_dim > max_rope:
+        where = "serving engines take one component per frequency" if serving else f"the source has {kv_heads} KV heads x {d}"
+        raise KvshrinkError(
+            f"--rope-dim {rope_dim} is more than the {max_rope} rotary dims available ({where}): pass at most {max_rope}"
+            + (", or --target transformers" if serving and kv_heads > 1 else "")
+        )
+    nope_dim = 0 if rope_dim == all_rope else d
+    full_rank = min(kv_heads * (nope_dim + d), latent_inputs)
+    source_values = 2 * kv_heads * d
+    if options.kv_budget is not None:
+        budget = float(options.kv_budget)
+        if not 0 < budget < 1:
+            raise KvshrinkError(f"--kv-budget {budget} must be a fraction of the source KV cache in (0, 1), e.g. 0.25")
+        kv_rank = round(budget * source_values) - rope_dim
+        if kv_rank < 1:
+            raise KvshrinkError(
+                f"--kv-budget {budget} leaves no latent: {round(budget * source_values)} values per token per layer "
+                f"are not more than --rope-dim {rope_dim}; raise the budget or lower --rope-dim"
+            )
+        kv_rank = min(kv_rank, full_rank)
+    elif kv_rank == "full":
+        kv_rank = full_rank
+    kv_rank = int(kv_rank)
+    if not 1 <= kv_rank <= full_rank:
+        raise KvshrinkError(
+            f"kv rank {kv_rank} is impossible here: the joint K/V latent has rank at most {full_rank} "
+            f"({kv_heads} KV heads x {nope_dim + d} K_nope+V dims, {latent_inputs} inputs); pass 1..{full_rank} or 'full'"
+        )
+    return MlaShape(kv_rank=kv_rank, rope_dim=rope_dim, nope_dim=nope_dim, head_dim=d)
+
+
+def _nonzero(tensor: torch.Tensor | None) -> bool:
+    return tensor is not None and bool(tensor.abs().max() > 0)
+
+
+def _input_norm_bound(context: ConversionContext, layer: int, sample: torch.Tensor) -> float:
+    """Largest possible ‖x̃‖ of the layer input: an RMSNorm output, ‖x‖ ≤ sqrt(n)·max|weight| (plus the 1 of x̃)."""
+    name = f"{context.spec.layer_prefix.format(layer=layer)}input_layernorm.weight"
+    if name in context.checkpoint:
+        largest = float(context.checkpoint.tensor(name).float().abs().max()) * math.sqrt(context.counts.hidden_size)
+    else:  # no visible norm weight: the calibration maximum with a wide margin
+        largest = 100 * float(sample[:, :-1].norm(dim=1).max())
+    return math.sqrt(largest**2 + 1)
+
+
+def _calibrate(context: ConversionContext, options: MlaOptions, inv_freq: torch.Tensor) -> list[LayerCalibration]:
+    counts = context.counts
+    try:
+        load_tokenizer(context.checkpoint.folder)
+    except KvshrinkError:
+        raise KvshrinkError(
+            f"{context.source} has no usable tokenizer, and mha-to-mla calibrates on text: add the tokenizer files"
+        ) from None
+    statistics = collect_statistics(
+        context.checkpoint.folder, context.spec, counts.num_layers, calibration_text(options.calibration),
+        options.calibration_tokens, CALIBRATION_WINDOW, options.progress,
+    )  # fmt: skip
+    calibrations = []
+    for layer in tqdm(range(counts.num_layers), desc="rope bases", unit="layer", disable=not options.progress):
+        attention = read_attention(context.checkpoint, context.spec, layer, counts)
+        inputs = statistics[layer].inputs
+        flat = statistics[layer].flat_inputs.double()
+        flat = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], dim=1)
+        moment = flat.T @ flat / flat.shape[0]
+        if options.distance_aware:
+            gains = distance_gains(attention, inputs, inv_freq)
+        else:
+            gains = torch.ones(counts.num_heads, counts.head_dim // 2, dtype=torch.complex128)
+        queries = to_complex(augmented(attention.q, attention.q_bias), counts.num_heads, counts.head_dim)
+        keys = to_complex(augmented(attention.k, attention.k_bias), counts.num_kv_heads, counts.head_dim)
+        basis = rope_basis(options.rope_method, queries, keys, moment, 1 - gains.abs() ** 2)
+        sample = flat[torch.linspace(0, flat.shape[0] - 1, min(_LINEARIZATION_SAMPLE, flat.shape[0])).long()]
+        calibrations.append(LayerCalibration(moment=moment, sample=sample, gains=gains, basis=basis))
+        statistics[layer] = None  # free the layer's raw inputs
+    return calibrations
+
+
+def _bias_tensor(context: ConversionContext, layer: int, part: str) -> str:
+    fused = context.spec.fused_qkv and part in ("q_proj", "k_proj", "v_proj")
+    return context.spec.tensor_name(layer, "qkv_proj" if fused else part, "bias")
+
+
+def _output_format(context: ConversionContext, serving: bool, layers: list[AttentionWeights], rope_biases) -> OutputFormat:
+    """Where the source's biases go: exact folds, or a refusal naming the tensor that cannot be carried."""
+    if serving:
+        for layer, attention in enumerate(layers):
+            for part, bias, why in (
+                ("q_proj", attention.q_bias, "a query bias changes each key's logit differently"),
+                ("v_proj", attention.v_bias, "a value bias needs an o_proj bias"),
+                ("o_proj", attention.o_bias, "an output bias needs an o_proj bias"),
+            ):
+                if _nonzero(bias):
+                    raise KvshrinkError(
+                        f"{_bias_tensor(context, layer, part)} is not zero and serving engines run DeepseekV3 "
+                        f"without attention biases ({why}): pass --target transformers"
+                    )
+            if bool(rope_biases[layer].abs().max() > 0):
+                raise KvshrinkError(
+                    f"{_bias_tensor(context, layer, 'k_proj')} has a component on rotary pairs that keep RoPE, which "
+                    "no bias-free serving layout carries: pass --target transformers"
+                )
+        return OutputFormat(interleave=True, latent_eps=deepseek.TRANSFORMERS_LATENT_EPS, attention_bias=False,
+                            query_latent=False, drop_key_bias=True)  # fmt: skip
+    has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in layers for p in ("q", "k", "v", "o"))
+    return OutputFormat(
+        interleave=True, latent_eps=deepseek.TRANSFORMERS_LATENT_EPS, attention_bias=has_bias,
+        query_latent=any(_nonzero(a.q_bias) for a in layers), drop_key_bias=False,
+    )  # fmt: skip
+
+
+def _plan(context: ConversionContext, options: MlaOptions) -> Rewrite:
+    _refuse_unsupported(context)
+    serving = deepseek.serving_target(options.target)
+    counts, config = context.counts, context.checkpoint.config
+    inv_freq, rope_type, theta = deepseek.source_rope(config, counts.head_dim)
+    if serving and rope_type != "default":
+        raise KvshrinkError(
+            f"the source's {rope_type} RoPE frequencies are not a geometric set, which is all serving engines' "
+            "default RoPE can hold: pass --target transformers"
+        )
+    layers = [read_attention(context.checkpoint, context.spec, layer, counts) for layer in range(counts.num_layers)]
+    has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in layers for p in ("k", "v"))
+    shape = resolve_shape(counts, options, serving, counts.hidden_size + (has_bias and not serving))
+    calibrations = _calibrate(context, options, inv_freq)
+    slots = choose_slots([c.basis for c in calibrations], shape.rope_dim // 2, geometric=serving)
+    rope_biases = [rope_bias(a, c.basis, slots) for a, c in zip(layers, calibrations)]
+    output = _output_format(context, serving, layers, rope_biases)
+    del layers
+    slot_frequencies = inv_freq[list(slots.frequency)]
+    max_positions = int(config.get("max_position_embeddings") or 4096)
+    if serving:
+        rope_theta = deepseek.geometric_theta(theta, slots.step, shape.rope_dim, counts.head_dim)
+        rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
+    else:
+        rope_parameters = deepseek.longrope_parameters(theta, slot_frequencies, max_positions)
+    source_eps = float(config.get("rms_norm_eps", 1e-6))
+    target_config = deepseek.deepseek_config(
+        config, kv_rank=shape.kv_rank, rope_dim=shape.rope_dim, nope_dim=shape.nope_dim, head_dim=counts.head_dim,
+        rope_parameters=rope_parameters, interleave=output.interleave, attention_bias=output.attention_bias,
+        q_lora_rank=counts.hidden_size + 1 if output.query_latent else None,
+        rms_norm_eps=output.latent_eps if serving else source_eps,
+    )  # fmt: skip
+    bounds = [_input_norm_bound(context, layer, c.sample) for layer, c in enumerate(calibrations)]
+
+    def convert_layer(layer: int, attention: AttentionWeights) -> LayerOutput:
+        tensors, report = convert_attention(
+            attention, calibrations[layer], slots, shape, output, options.factorization, bounds[layer]
+        )
+        prefix = f"{context.spec.layer_prefix.format(layer=layer)}self_attn."
+        return LayerOutput({prefix + name: tensor for name, tensor in tensors.items()}, report)
+
+    notes = []
+    if serving and source_eps != output.latent_eps:
+        notes.append(
+            f"rms_norm_eps set from {source_eps:g} to {output.latent_eps:g}: transformers runs the latent norm at "
+            "1e-6 and vLLM/SGLang at rms_norm_eps, so they must agree (the decoder norms barely notice)"
+        )
+    if not serving:
+        notes.append("longrope with exact per-pair frequencies: vLLM and SGLang rewrite it to deepseek_yarn, "
+                     "so this checkpoint is wrong there; use --target vllm to serve it")  # fmt: skip
+    summary = {
+        "target": options.target,
+        "valid_engines": deepseek.valid_engines(options.target),
+        "mla": {
+            "kv_lora_rank": shape.kv_rank, "qk_rope_head_dim": shape.rope_dim, "qk_nope_head_dim": shape.nope_dim,
+            "v_head_dim": counts.head_dim, "rope_method": options.rope_method,
+            "factorization": options.factorization, "distance_aware": options.distance_aware,
+            "kv_budget": options.kv_budget, "calibration_tokens": options.calibration_tokens,
+            "rope_slots": [{"source_frequency": j, "component": n, "inv_freq": float(f)}
+                           for j, n, f in zip(slots.frequency, slots.rank, slot_frequencies)],
+        },
+        "notes": notes,
+    }  # fmt: skip
+    method = f"mla/{options.rope_method}+{options.factorization}" + ("+distance" if options.distance_aware else "")
+    return Rewrite(method=method, config=target_config, convert_layer=convert_layer, summary=summary)
+
+
+def mha_to_mla(
+    source: str | Path,
+    out: str | Path,
+    *,
+    kv_rank: int | str | None = None,
+    rope_dim: int | str | None = None,
+    kv_budget: float | None = None,
+    mla_shape: str | None = None,
+    rope_method: str = "rotate",
+    factorization: str = "activation",
+    distance_aware: bool = True,
+    target: str = "vllm",
+    calibration: str | Path | None = None,
+    calibration_tokens: int = 8192,
+    check: bool = True,
+    check_tokens: int = 2048,
+    overwrite: bool = False,
+    out_shard_size: str | int = "5GB",
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Convert the attention of `source` to DeepSeek MLA and write a DeepseekV3ForCausalLM checkpoint to `out`.
+
+    Size: exactly one of `kv_rank` (int or 'full'), `kv_budget` (fraction of the source KV bytes; picks the rank
+    for the rope dim) or `mla_shape` ('512+64': rank + rope dim). `rope_dim` is an even int or 'all' (every
+    rotary pair of every KV head: with kv_rank='full' and target='transformers' the output reproduces the source).
+    `target` 'vllm' (alias 'sglang') writes a checkpoint valid in vLLM, SGLang and transformers; 'transformers'
+    keeps exact per-pair frequencies, valid in transformers only. Returns the report also written to
+    OUT/kvshrink_report.json.
+    """
+    if rope_method not in ROPE_METHODS:
+        raise KvshrinkError(f"unknown rope method {rope_method!r}: choose one of {', '.join(ROPE_METHODS)}")
+    if factorization not in FACTORIZATIONS:
+        raise KvshrinkError(f"unknown factorization {factorization!r}: choose one of {', '.join(FACTORIZATIONS)}")
+    deepseek.serving_target(target)
+    if calibration_tokens < 2:
+        raise KvshrinkError(f"--calibration-tokens {calibration_tokens} is too few: pass at least 512")
+    options = MlaOptions(
+        kv_rank=kv_rank, rope_dim=rope_dim, kv_budget=kv_budget, mla_shape=mla_shape, rope_method=rope_method,
+        factorization=factorization, distance_aware=distance_aware, target=target, calibration=calibration,
+        calibration_tokens=calibration_tokens, progress=progress,
+    )  # fmt: skip
+    checker = None
+    if check:
+        checker = partial(compare_perplexity, text=calibration_text(calibration), max_tokens=check_tokens, progress=progress)
+    return run_conversion(
+        source, out, partial(_plan, options=options), overwrite=overwrite, out_shard_size=out_shard_size,
+        allow_pickle=allow_pickle, check=checker, progress=progress,
+    )  # fmt: skip

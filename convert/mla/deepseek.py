@@ -1,0 +1,118 @@
+"""The target format: a dense DeepseekV3 config, its rope parameters, and what each serving engine accepts.
+
+Two targets (NOTES "serving engines differ"):
+- `vllm` (also right for SGLang): rope_type "default" with a rope_theta that makes the D/2 slot frequencies
+  θ'^(-2i/D) the kept source frequencies (a geometric set from 1), interleaved rope weights, no attention
+  biases, and rms_norm_eps set to the 1e-6 transformers hard-codes for the latent norm, so both engines run
+  the same linear latent norm. Valid in vLLM, SGLang and transformers.
+- `transformers`: rope_type "longrope" with short_factor == long_factor and factor 1.0, which gives every slot
+  an arbitrary exact frequency (attention_scaling 1). vLLM and SGLang rewrite any non-default rope type to
+  deepseek_yarn, so this form is silently wrong there: transformers only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvshrink.convert.errors import KvshrinkError
+
+TARGETS = ("vllm", "sglang", "transformers")
+TRANSFORMERS_LATENT_EPS = 1e-6  # DeepseekV3RMSNorm default; transformers builds kv_a_layernorm without config eps
+_CARRIED = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+    "pad_token_id", "hidden_act", "initializer_range", "attention_dropout", "use_cache", "dtype",
+)  # fmt: skip
+
+
+def serving_target(target: str) -> bool:
+    if target not in TARGETS:
+        raise KvshrinkError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+    return target != "transformers"
+
+
+def valid_engines(target: str) -> list[str]:
+    return ["transformers", "vllm", "sglang"] if serving_target(target) else ["transformers"]
+
+
+def source_rope(config: dict[str, Any], head_dim: int) -> tuple[torch.Tensor, str, float]:
+    """(inv_freq [head_dim/2] float64, rope type, rope_theta) of a source config, refusing what MLA cannot copy."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    parameters = config.get("rope_parameters") or {
+        "rope_type": (config.get("rope_scaling") or {}).get("rope_type", "default"),
+        "rope_theta": config.get("rope_theta", 10000.0),
+    }
+    rope_type, theta = parameters.get("rope_type", "default"), float(parameters.get("rope_theta", 10000.0))
+    if float(config.get("partial_rotary_factor") or parameters.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise KvshrinkError(
+            "the source applies RoPE to only part of each head (partial_rotary_factor < 1), which mha-to-mla "
+            "does not map yet: convert a model with full-width RoPE"
+        )
+    if rope_type == "default":
+        return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim), rope_type, theta
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise KvshrinkError(f"the source's rope_type {rope_type!r} is unknown to transformers: update transformers")
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](AutoConfig.for_model(**config), "cpu")
+    if attention_scaling != 1.0 or rope_type == "dynamic":
+        raise KvshrinkError(
+            f"the source's {rope_type} RoPE scales attention or changes with length, which one fixed table of "
+            "frequencies cannot copy: convert a model with default, linear or llama3 RoPE"
+        )
+    return inv_freq.double(), rope_type, theta
+
+
+def longrope_parameters(theta: float, frequencies: torch.Tensor, max_positions: int) -> dict[str, Any]:
+    """rope_parameters whose inv_freq is exactly `frequencies` [D/2] (transformers' longrope, factor 1)."""
+    slots = frequencies.numel()
+    base = theta ** (-torch.arange(0, 2 * slots, 2, dtype=torch.float64) / (2 * slots))
+    factors = (base / frequencies.double()).tolist()
+    return {
+        "rope_type": "longrope", "rope_theta": theta, "short_factor": factors, "long_factor": factors,
+        "factor": 1.0, "original_max_position_embeddings": max_positions,
+    }  # fmt: skip
+
+
+def geometric_theta(theta: float, step: int, rope_dim: int, head_dim: int) -> float:
+    """θ' with θ'^(-2i/D) = θ^(-2·i·step/head_dim): slot i carries source frequency i·step."""
+    return theta ** (step * rope_dim / head_dim)
+
+
+def deepseek_config(
+    source: dict[str, Any],
+    *,
+    kv_rank: int,
+    rope_dim: int,
+    nope_dim: int,
+    head_dim: int,
+    rope_parameters: dict[str, Any],
+    interleave: bool,
+    attention_bias: bool,
+    q_lora_rank: int | None,
+    rms_norm_eps: float,
+) -> dict[str, Any]:
+    """A complete dense DeepseekV3 config.json dict: the source's model-wide settings, MLA attention."""
+    from transformers import DeepseekV3Config
+
+    carried = {key: source[key] for key in _CARRIED if source.get(key) is not None}
+    carried["dtype"] = carried.get("dtype") or source.get("torch_dtype") or "float32"
+    config = DeepseekV3Config(
+        **carried,
+        num_key_value_heads=int(source["num_attention_heads"]),
+        kv_lora_rank=kv_rank,
+        q_lora_rank=q_lora_rank,
+        qk_rope_head_dim=rope_dim,
+        qk_nope_head_dim=nope_dim,
+        v_head_dim=head_dim,
+        first_k_dense_replace=int(source["num_hidden_layers"]),
+        rope_parameters=rope_parameters,
+        rope_interleave=interleave,
+        attention_bias=attention_bias,
+    ).to_dict()
+    config["rms_norm_eps"] = rms_norm_eps
+    config["architectures"] = ["DeepseekV3ForCausalLM"]
+    config.pop("transformers_version", None)
+    return config

@@ -1,0 +1,145 @@
+"""One layer's attention -> DeepseekV3 attention tensors.
+
+Score of query head h with its KV head g, per rotary pair j, is Re(q_hj · conj(z_gj) · e^{iω_jΔ}). In the layer's
+rope basis (see `rope`) z_gj = Σ_c conj(U_j[c, g]) z'_cj, so:
+- kept components go to the shared rope key as z'_cj, with U_j[c, g(h)]·q_hj as head h's rope query;
+- the rest stay per KV group as the residual Σ_{c not kept} conj(U_j[c, g]) z'_cj (head_dim no-RoPE key dims),
+  met by γ_hj·q_hj (γ = 1 without distance awareness);
+- the residual keys and the values of all groups share one latent (`lowrank`), read through the linearized
+  latent RMSNorm (`latent_norm`);
+- every query row is scaled by sqrt(target qk head dim / source head dim), the softmax-scale ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvshrink.convert.attention import AttentionWeights
+from kvshrink.convert.mla.complex_heads import augmented, energy, to_complex, to_interleaved, to_rotate_half
+from kvshrink.convert.mla.latent_norm import latent_scale, linearization_error
+from kvshrink.convert.mla.lowrank import joint_latent
+from kvshrink.convert.mla.rope import RopeBasis, RopeSlots
+
+
+@dataclass(frozen=True)
+class MlaShape:
+    kv_rank: int  # R: latent width (kv_lora_rank)
+    rope_dim: int  # D: shared rope key width (qk_rope_head_dim)
+    nope_dim: int  # qk_nope_head_dim: the source head_dim, or 0 when every rotary component keeps RoPE
+    head_dim: int  # source head_dim = v_head_dim
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """Model-wide choices of how the tensors are laid out."""
+
+    interleave: bool  # rope dims as (Re, Im) pairs (rope_interleave=True) or rotate-half
+    latent_eps: float  # the eps the latent RMSNorm runs with
+    attention_bias: bool  # kv_a_proj_with_mqa / o_proj (and q_a_proj) carry biases
+    query_latent: bool  # query through q_a_proj -> q_a_layernorm -> q_b_proj (the only place a q bias fits)
+    drop_key_bias: bool  # drop the no-RoPE key bias (shifts all logits of a query equally: exact)
+
+
+@dataclass
+class LayerCalibration:
+    """What calibration taught about one layer, kept between choosing the rope slots and writing the layer."""
+
+    moment: torch.Tensor  # E[x̃ x̃ᵀ], x̃ = [x; 1]: [n + 1, n + 1] float64
+    sample: torch.Tensor  # calibration inputs x̃ [tokens, n + 1] for measuring the norm linearization
+    gains: torch.Tensor  # γ [H, P] complex
+    basis: RopeBasis
+
+
+def rope_bias(attention: AttentionWeights, basis: RopeBasis, slots: RopeSlots) -> torch.Tensor:
+    """The bias the shared rope key would need (complex, one per slot); zero when the source has no k bias."""
+    if attention.k_bias is None:
+        return torch.zeros(len(slots.frequency), dtype=torch.complex128)
+    key_bias = to_complex(attention.k_bias[:, None].double(), attention.num_kv_heads, attention.head_dim)[..., 0]
+    rotated = torch.einsum("jcg,gj->cj", basis.mixing, key_bias)
+    return rotated[list(slots.rank), list(slots.frequency)]
+
+
+def _rope_rows(pairs: torch.Tensor, interleave: bool) -> torch.Tensor:
+    return to_interleaved(pairs) if interleave else to_rotate_half(pairs)
+
+
+def convert_attention(
+    attention: AttentionWeights,
+    calibration: LayerCalibration,
+    slots: RopeSlots,
+    shape: MlaShape,
+    output: OutputFormat,
+    factorization: str,
+    input_norm_bound: float,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors named relative to `self_attn.` (float32) and the layer's report entry."""
+    heads, kv_heads, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
+    hidden = attention.q.shape[1]
+    group = torch.arange(heads) // (heads // kv_heads)
+    moment, mixing = calibration.moment, calibration.basis.mixing
+    queries = to_complex(augmented(attention.q, attention.q_bias), heads, d)  # [H, P, n+1]
+    keys = to_complex(augmented(attention.k, attention.k_bias), kv_heads, d)  # [G, P, n+1]
+    values = augmented(attention.v, attention.v_bias).reshape(kv_heads, d, -1)
+    rotated = torch.einsum("jcg,gjn->cjn", mixing, keys)
+
+    frequency, rank = list(slots.frequency), list(slots.rank)
+    rope_key = rotated[rank, frequency]  # [S, n+1]
+    rope_query = mixing[frequency, rank][:, group].T[..., None] * queries[:, frequency]  # [H, S, n+1]
+    kept = torch.zeros(mixing.shape[:2], dtype=torch.bool)
+    kept[frequency, rank] = True
+    dropped = mixing.conj() * (~kept)[:, :, None].to(mixing.dtype)
+    residual_key = torch.einsum("jcg,cjn->gjn", dropped, rotated)  # [G, P, n+1]
+    if output.drop_key_bias:
+        residual_key[..., -1] = 0
+
+    scale = math.sqrt((shape.nope_dim + shape.rope_dim) / d)
+    query_parts = [_rope_rows(rope_query, output.interleave)]
+    latent_parts = [values]
+    if shape.nope_dim:
+        query_parts.insert(0, to_rotate_half(calibration.gains[:, :, None] * queries))
+        latent_parts.insert(0, to_rotate_half(residual_key))
+    query_rows = torch.cat(query_parts, dim=1).reshape(heads * (shape.nope_dim + shape.rope_dim), -1) * scale
+    targets = torch.cat(latent_parts, dim=1)  # [G, nope + d, n+1]
+    stacked = targets.reshape(-1, targets.shape[-1])
+    latent = joint_latent(stacked, shape.kv_rank, factorization, moment)
+    alpha = latent_scale(latent.down, output.latent_eps, input_norm_bound)
+    up = latent.up.reshape(kv_heads, -1, shape.kv_rank)[group].reshape(-1, shape.kv_rank)
+    rope_key_rows = _rope_rows(rope_key, output.interleave)
+    kv_a = torch.cat([latent.down * alpha, rope_key_rows])
+
+    tensors = {
+        "kv_a_proj_with_mqa.weight": kv_a[:, :hidden],
+        "kv_a_layernorm.weight": torch.ones(shape.kv_rank),
+        "kv_b_proj.weight": up * (math.sqrt(output.latent_eps) / alpha),
+        "o_proj.weight": attention.o,
+    }
+    if output.attention_bias:
+        tensors["kv_a_proj_with_mqa.bias"] = kv_a[:, hidden]
+        tensors["o_proj.bias"] = attention.o_bias if attention.o_bias is not None else torch.zeros(hidden)
+    if output.query_latent:
+        width = hidden + 1  # the latent is α·x̃: x plus one constant channel that carries the bias
+        query_alpha = latent_scale(torch.eye(width, dtype=torch.float64), output.latent_eps, input_norm_bound)
+        tensors["q_a_proj.weight"] = torch.eye(width, hidden) * query_alpha
+        tensors["q_a_proj.bias"] = torch.eye(width)[-1] * query_alpha
+        tensors["q_a_layernorm.weight"] = torch.ones(width)
+        tensors["q_b_proj.weight"] = query_rows * (math.sqrt(output.latent_eps) / query_alpha)
+    else:
+        tensors["q_proj.weight"] = query_rows[:, :hidden]
+
+    approximation = latent.up @ latent.down
+    error = energy(stacked - approximation, moment).reshape(kv_heads, -1).sum(0)
+    nope_rows = shape.nope_dim
+    key_energy = float(energy(keys, moment).sum())
+    value_energy = float(energy(values, moment).sum())
+    key_error = float(error[:nope_rows].sum()) if nope_rows else 0.0
+    report = {
+        "k_rel_error": math.sqrt(key_error / max(key_energy, 1e-300)),
+        "v_rel_error": math.sqrt(float(error[nope_rows:].sum()) / max(value_energy, 1e-300)),
+        "rope_energy_kept": float(calibration.basis.key_energy[frequency, rank].sum() / calibration.basis.key_energy.sum()),
+        "latent_norm_error": linearization_error(calibration.sample @ (latent.down * alpha).T, output.latent_eps),
+    }
+    return {name: tensor.float() for name, tensor in tensors.items()}, report
