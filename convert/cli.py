@@ -50,6 +50,7 @@ def convert_cli():
     lazy_commands={
         "eval": "kvshrink.eval.cli:eval_cli",
         "uptrain": "kvshrink.uptrain.cli:uptrain_cli",
+        "pipeline": "kvshrink.eval.pipeline:pipeline_cli",
     },
 )
 def kvshrink_cli():
@@ -132,6 +133,67 @@ mha_to_mqa_command = _gqa_command(
     "mha-to-mqa", 1,
     "Merge all KV heads of SRC into one (multi-query attention); write OUT. Same as mha-to-gqa --groups 1.",
 )
+
+def _size_or_word(text: str | None, word: str, option: str) -> int | str | None:
+    if text is None or text == word:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is neither a whole number nor '{word}'", param_hint=option) from None
+
+
+@convert_cli.command("mha-to-mla")
+@common_options
+@click.option("--kv-budget", type=float, metavar="F",
+              help="Target KV cache as a fraction of the source's, in (0, 1); picks --kv-rank for the rope dim.")
+@click.option("--kv-rank", metavar="R|full", help="Latent width (kv_lora_rank), or 'full' for an exact latent.")
+@click.option("--mla-shape", metavar="R+D",
+              help="Rank and rope dim at once, e.g. 512+64 (vLLM's fastest MLA kernels want R + D = 576).")
+@click.option("--rope-dim", metavar="D|all",
+              help="Width of the shared rope key (qk_rope_head_dim), even; 'all' keeps every rotary pair of every "
+                   "KV head (--target transformers). Default: head_dim / 2.")
+@click.option("--rope-method", type=click.Choice(["rotate", "partial"]), default="rotate", show_default=True,
+              help="rotate: RoRoPE, a complex unitary per frequency across KV heads concentrates key energy; "
+                   "partial: keep the best (head, frequency) pairs as they are (MHA2MLA).")
+@click.option("--factorization", type=click.Choice(["activation", "weight"]), default="activation",
+              show_default=True, help="Joint K/V latent from the calibration-whitened SVD, or the plain weight SVD.")
+@click.option("--distance-aware/--no-distance-aware", default=True, show_default=True,
+              help="Fold the source's average rotation over attended distances into pairs that lose RoPE, and "
+                   "spend rope dims where a constant cannot stand in (fitted at 512-token context).")
+@click.option("--target", type=click.Choice(["vllm", "sglang", "transformers"]), default="vllm", show_default=True,
+              help="vllm/sglang: default RoPE, interleaved, no biases - valid in vLLM, SGLang and transformers. "
+                   "transformers: exact per-pair frequencies (longrope), wrong in vLLM/SGLang.")
+@click.option("--calibration-tokens", type=click.IntRange(min=512), default=8192, show_default=True,
+              help="Tokens of calibration text the source reads (512-token windows).")
+def mha_to_mla_command(source, out, kv_budget, kv_rank, mla_shape, rope_dim, rope_method, factorization,
+                       distance_aware, target, calibration_tokens, check, calibration, check_tokens, overwrite,
+                       out_shard_size, allow_pickle):
+    """Convert SRC's attention to DeepSeek MLA (low-rank latent + one shared rope key); write OUT.
+
+    OUT loads with stock transformers as DeepseekV3ForCausalLM; its KV cache holds kv_lora_rank + rope dim
+    values per token per layer. Give the size by exactly one of --kv-budget, --kv-rank, --mla-shape.
+    DeepseekV3 has one kv_lora_rank and one rope width for all layers, so rank cannot vary per layer; which
+    rotary components fill the rope key is chosen per layer (their frequencies are shared). With --rope-dim all
+    --kv-rank full --target transformers the output reproduces the source's logits.
+    """
+    from kvshrink.convert.mha_to_mla import mha_to_mla
+
+    report = mha_to_mla(
+        source, out, kv_rank=_size_or_word(kv_rank, "full", "--kv-rank"),
+        rope_dim=_size_or_word(rope_dim, "all", "--rope-dim"),
+        kv_budget=kv_budget, mla_shape=mla_shape, rope_method=rope_method, factorization=factorization,
+        distance_aware=distance_aware, target=target, calibration=calibration,
+        calibration_tokens=calibration_tokens, check=check, check_tokens=check_tokens, overwrite=overwrite,
+        out_shard_size=out_shard_size, allow_pickle=allow_pickle,
+    )
+    _print_summary(report, Path(out).resolve())
+    shape = report["mla"]
+    click.echo(f"  MLA: kv_lora_rank {shape['kv_lora_rank']} + rope {shape['qk_rope_head_dim']}; "
+               f"valid in {', '.join(report['valid_engines'])}")
+    for note in report["notes"]:
+        click.echo(f"  note: {note}")
+
 
 kvshrink_cli.add_command(convert_cli, name="convert")
 

@@ -1,0 +1,262 @@
+"""`kvshrink pipeline`: convert -> optional uptrain -> eval -> compare -> report.md, all in one output folder.
+
+A pipeline file is plain YAML validated into the dataclasses below before any model is loaded. Each step writes
+its own folder atomically, so `--resume` can skip every step whose folder is already complete.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+import yaml
+
+from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.outdir import check_output_dir
+from kvshrink.convert.typed_yaml import build_dataclass
+from kvshrink.eval.models import ModelFolder, check_model_dirs
+
+EXAMPLE_PREFIX = "example:"
+Command = Literal["mha-to-gqa", "mha-to-mqa", "mha-to-mla"]
+
+
+@dataclass(frozen=True)
+class Conversion:
+    name: str  # folder name under models/ and the label in every table
+    command: Command
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the library function
+
+
+@dataclass(frozen=True)
+class Uptraining:
+    conversion: str  # the name of the conversion to train; the result is labelled "<name>-uptrained"
+    recipe: str  # a recipe YAML; its model, teacher and output_dir are set by the pipeline
+    overrides: list[str] = field(default_factory=list)  # extra `key=value` recipe overrides
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    tasks: list[str] = field(default_factory=lambda: ["offline"])
+    limit: int | None = None
+    batch_size: int = 8
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    source: str  # a model folder, hub id, .gguf file, or "example:smollm2"
+    output_dir: str
+    conversions: list[Conversion]
+    uptraining: list[Uptraining] = field(default_factory=list)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+
+
+def _converter(command: Command):
+    if command == "mha-to-mla":
+        from kvshrink.convert.mha_to_mla import mha_to_mla
+
+        return mha_to_mla
+    from kvshrink.convert.mha_to_gqa import mha_to_gqa
+
+    return mha_to_gqa
+
+
+def _check_options(conversion: Conversion) -> None:
+    parameters = inspect.signature(_converter(conversion.command)).parameters
+    settable = [name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY or name == "groups"]
+    for key in conversion.options:
+        if key not in settable:
+            guess = difflib.get_close_matches(key, settable, n=1)
+            hint = f"did you mean {guess[0]}?" if guess else f"options are {', '.join(settable)}"
+            raise KvshrinkError(f"conversion {conversion.name!r}: unknown option {key!r} for {conversion.command}: {hint}")
+    if conversion.command == "mha-to-gqa" and "groups" not in conversion.options:
+        raise KvshrinkError(f"conversion {conversion.name!r}: mha-to-gqa needs `groups: G` under options")
+    if conversion.command == "mha-to-mqa" and "groups" in conversion.options:
+        raise KvshrinkError(f"conversion {conversion.name!r}: mha-to-mqa takes no groups; use mha-to-gqa for G > 1")
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    """Read and validate a pipeline YAML file (names unique, references resolvable, options known)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KvshrinkError(f"pipeline file {path} does not exist: pass a YAML file such as recipes/pipeline-smollm2-cpu.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise KvshrinkError(f"{path} is not valid YAML ({str(error).splitlines()[0]}): fix the file") from None
+    pipeline = build_dataclass(Pipeline, raw, what="pipeline")
+    names = [c.name for c in pipeline.conversions]
+    if not names:
+        raise KvshrinkError(f"{path}: `conversions` is empty: list at least one conversion")
+    duplicates = {name for name in names if names.count(name) > 1} | ({"source"} & set(names))
+    if duplicates:
+        raise KvshrinkError(f"{path}: conversion names must be unique and not 'source': rename {', '.join(sorted(duplicates))}")
+    for conversion in pipeline.conversions:
+        _check_options(conversion)
+    for step in pipeline.uptraining:
+        if step.conversion not in names:
+            raise KvshrinkError(f"{path}: uptraining names conversion {step.conversion!r}, which is not listed: use one of {', '.join(names)}")
+        if not Path(step.recipe).is_file():
+            raise KvshrinkError(f"{path}: uptraining recipe {step.recipe} does not exist: fix the path")
+    if pipeline.source.startswith(EXAMPLE_PREFIX) and pipeline.source != f"{EXAMPLE_PREFIX}smollm2":
+        raise KvshrinkError(f"{path}: unknown example {pipeline.source!r}: the embedded example is example:smollm2")
+    return pipeline
+
+
+@dataclass
+class _Layout:
+    """Where each step of a pipeline writes, under its output folder."""
+
+    root: Path
+
+    @property
+    def source(self) -> Path:
+        return self.root / "models" / "source"
+
+    def model(self, name: str) -> Path:
+        return self.root / "models" / name
+
+    def uptrained(self, name: str) -> Path:
+        return self.root / "models" / f"{name}-uptrained"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def compare(self) -> Path:
+        return self.root / "compare"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+
+def _announce(step: str) -> None:
+    click.secho(f"==> {step}", bold=True, err=True)
+
+
+def _source_folder(source: str, layout: _Layout, resume: bool) -> Path:
+    """A Hugging Face folder for the source: given, or materialized from the example or a .gguf file."""
+    from kvshrink.convert.checkpoint import open_source
+    from kvshrink.convert.example import materialize_gguf, smollm2_gguf_path
+    from kvshrink.convert.outdir import atomic_output_dir
+
+    if Path(source).is_dir():
+        return Path(source).resolve()
+    if source.startswith(EXAMPLE_PREFIX) or Path(source).is_file():
+        if not (resume and layout.source.is_dir()):
+            _announce(f"materializing {source}")
+            gguf = smollm2_gguf_path() if source.startswith(EXAMPLE_PREFIX) else Path(source)
+            with atomic_output_dir(layout.source, overwrite=True) as staging:
+                materialize_gguf(gguf, staging)
+        return layout.source
+    with open_source(source) as checkpoint:  # a hub id: the cached snapshot folder stays after closing
+        return checkpoint.folder
+
+
+def _uptrain(step: Uptraining, model: Path, teacher: Path, out: Path, resume: bool) -> None:
+    from kvshrink.uptrain import load_recipe, uptrain
+
+    distills = (yaml.safe_load(Path(step.recipe).read_text()) or {}).get("teacher") is not None
+    overrides = [f"teacher={teacher}"] if distills else []
+    overrides += [*step.overrides, f"model={model}", f"output_dir={out}", f"resume={str(resume).lower()}"]
+    uptrain(load_recipe(step.recipe, overrides))
+
+
+def _models_table(models: list[ModelFolder]) -> str:
+    from kvshrink.convert.kvcache import kv_bytes_per_token
+
+    lines = [
+        "| model | method | KV bytes/token | KV reduction | check perplexity (source → converted) | uptrain val. perplexity (start → end) |",
+        "|---|---|---:|---:|---|---|",
+    ]
+    base_bytes = None
+    for model in models:
+        label, folder = model.label, model.path
+        kv = kv_bytes_per_token(model.config)
+        base_bytes = base_bytes or kv
+        conversion = _read_optional(folder / "kvshrink_report.json")
+        uptrained = _read_optional(folder / "uptrain_report.json")
+        check = conversion.get("check", {})
+        check_text = f"{check['source_perplexity']:.2f} → {check['converted_perplexity']:.2f}" if check else ""
+        up_text = ""
+        if uptrained:
+            up_text = f"{uptrained['val_perplexity_start']:.2f} → {uptrained['val_perplexity_end']:.2f}"
+        method = conversion.get("method", "source") + (" + uptrain" if uptrained else "")
+        lines.append(f"| {label} | {method} | {kv:,} | {base_bytes / kv:.2f}× | {check_text} | {up_text} |")
+    return "\n".join(lines)
+
+
+def _read_optional(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Run every step of `pipeline`; returns the path of the report.md it writes."""
+    from kvshrink.eval.compare import compare_results
+    from kvshrink.eval.run import run_eval
+
+    started = time.perf_counter()
+    layout = _Layout(Path(pipeline.output_dir).resolve())
+    if layout.root.exists() and not resume:
+        check_output_dir(layout.root, overwrite)
+        shutil.rmtree(layout.root)
+    source = _source_folder(pipeline.source, layout, resume)
+    models: list[Path] = [source]
+    for conversion in pipeline.conversions:
+        out = layout.model(conversion.name)
+        if not (resume and out.is_dir()):
+            _announce(f"converting {conversion.name} ({conversion.command})")
+            options = dict(conversion.options)
+            if conversion.command == "mha-to-mqa":
+                options["groups"] = 1
+            _converter(conversion.command)(source, out, overwrite=True, **options)
+        models.append(out)
+    for step in pipeline.uptraining:
+        out = layout.uptrained(step.conversion)
+        if not (resume and (out / "uptrain_report.json").is_file()):
+            _announce(f"uptraining {step.conversion} with {step.recipe}")
+            _uptrain(step, layout.model(step.conversion), source, out, resume and out.is_dir())
+        models.append(out)
+    evaluation = pipeline.evaluation
+    if not (resume and layout.eval.is_dir()):
+        _announce(f"evaluating {len(models)} models on {', '.join(evaluation.tasks)}")
+        run_eval(models, evaluation.tasks, layout.eval, limit=evaluation.limit,
+                 batch_size=evaluation.batch_size, device=evaluation.device, overwrite=True)  # fmt: skip
+    _announce("comparing")
+    labelled = check_model_dirs(models)
+    comparison = compare_results([layout.eval / model.label for model in labelled], layout.compare, overwrite=True)
+    report = (
+        f"# kvshrink pipeline report\n\nSource: `{pipeline.source}`. Output folder: `{layout.root}`. "
+        f"Wall time {time.perf_counter() - started:.0f} s.\n\n## Models\n\n{_models_table(labelled)}\n\n"
+        f"## Quality vs KV cache\n\n![quality vs KV cache](compare/comparison.png)\n\n"
+        + comparison.markdown_path.read_text().split("\n", 2)[2]
+    )
+    layout.report.write_text(report)
+    click.echo(comparison.terminal_text())
+    return layout.report
+
+
+@click.command("pipeline")
+@click.argument("pipeline_file", metavar="PIPELINE.yaml", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Delete the pipeline's output folder first if it exists.")
+@click.option("--resume", is_flag=True, help="Keep finished steps in the output folder and run only the rest.")
+def pipeline_cli(pipeline_file: Path, overwrite: bool, resume: bool):
+    """Convert, optionally uptrain, evaluate and compare in one go; writes report.md and a plot.
+
+    The output folder holds models/ (source, conversions, uptrained models), eval/ (lm-eval results),
+    compare/ (tables and comparison.png) and report.md.
+    """
+    if overwrite and resume:
+        raise KvshrinkError("--overwrite and --resume contradict each other: pass one of them")
+    pipeline = load_pipeline(pipeline_file)
+    report = run_pipeline(pipeline, overwrite=overwrite, resume=resume)
+    click.echo(f"\nreport: {report}")

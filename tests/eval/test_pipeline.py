@@ -1,0 +1,77 @@
+"""`kvshrink pipeline` on a tiny model: every step runs, the report lists every model, --resume skips done steps."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from kvshrink.convert.cli import kvshrink_cli
+
+
+def _write(path, content) -> str:
+    path.write_text(yaml.safe_dump(content))
+    return str(path)
+
+
+@pytest.fixture
+def pipeline_file(tmp_path, tiny_models):
+    recipe = _write(tmp_path / "recipe.yaml", {
+        "model": "set-by-pipeline", "output_dir": "set-by-pipeline", "teacher": "set-by-pipeline",
+        "max_steps": 2, "seq_len": 32, "micro_batch_size": 2, "loss": {"kind": "distill"},
+        "validation": {"sources": [{"corpus": "pydoc"}], "max_tokens": 256}, "trainable": "new",
+    })  # fmt: skip
+    return _write(tmp_path / "pipeline.yaml", {
+        "source": str(tiny_models["mha"]),
+        "output_dir": str(tmp_path / "run"),
+        "conversions": [
+            {"name": "gqa2", "command": "mha-to-gqa", "options": {"groups": 2, "check_tokens": 256,
+                                                                  "calibration_tokens": 512}},
+            {"name": "mqa-mean", "command": "mha-to-mqa", "options": {"method": "mean", "check": False}},
+        ],
+        "uptraining": [{"conversion": "mqa-mean", "recipe": recipe}],
+        "evaluation": {"tasks": ["kvshrink_kjv_cloze"], "limit": 8, "batch_size": 4},
+    })  # fmt: skip
+
+
+def test_pipeline_runs_every_step_and_resumes(pipeline_file, tmp_path):
+    result = CliRunner().invoke(kvshrink_cli, ["pipeline", pipeline_file])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    report = (run / "report.md").read_text()
+    for label in ("| mha |", "| gqa2 |", "| mqa-mean |", "| mqa-mean-uptrained |"):
+        assert label in report, report
+    assert "gqa/mean + uptrain" in report and "2.00×" in report and "4.00×" in report
+    assert (run / "compare" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(run / "report.md") in result.output
+
+    converted = run / "models" / "gqa2" / "model.safetensors"
+    stamp = converted.stat().st_mtime_ns
+    resumed = CliRunner().invoke(kvshrink_cli, ["pipeline", pipeline_file, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert converted.stat().st_mtime_ns == stamp and "converting" not in resumed.output
+
+    refused = CliRunner().invoke(kvshrink_cli, ["pipeline", pipeline_file])
+    assert refused.exit_code != 0 and "already exists" in refused.output and "--overwrite" in refused.output
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (lambda p: p.update(conversion=[]), "unknown pipeline key conversion: did you mean conversions?"),
+        (lambda p: p["conversions"][0]["options"].update(grups=2), "unknown option 'grups' for mha-to-gqa: did you mean groups?"),
+        (lambda p: p["conversions"][1].update(name="gqa2"), "must be unique"),
+        (lambda p: p["uptraining"][0].update(conversion="mla"), "names conversion 'mla', which is not listed"),
+        (lambda p: p["conversions"][0].update(command="mha-to-xyz"), "choose one of mha-to-gqa, mha-to-mqa, mha-to-mla"),
+        (lambda p: p["conversions"][0]["options"].pop("groups"), "needs `groups: G`"),
+        (lambda p: p.update(source="example:llama"), "unknown example"),
+    ],
+)  # fmt: skip
+def test_bad_pipeline_files_are_refused_before_any_work(pipeline_file, tmp_path, change, fragment):
+    content = yaml.safe_load(open(pipeline_file))
+    change(content)
+    bad = _write(tmp_path / "bad.yaml", content)
+    result = CliRunner().invoke(kvshrink_cli, ["pipeline", bad])
+    assert result.exit_code != 0
+    assert result.output.startswith("Error: ") and fragment in result.output, result.output
+    assert not (tmp_path / "run").exists()
