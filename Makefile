@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo readme clean
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 
 test: install
 	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/kvshrink pipeline recipes/pipeline-smollm2-cpu.yaml --overwrite
+
+readme: install
+	$(BIN)/python .ci/readme_cli.py
 
 clean:
 	rm -rf $(VENV) runs
