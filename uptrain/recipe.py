@@ -7,11 +7,8 @@ second, not the minutes it takes to load a model. Validation errors are `Kvshrin
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +17,7 @@ import yaml
 
 from kvshrink.convert.corpora import CORPORA
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.typed_yaml import build_dataclass
 
 CONVERSION_REPORT = "kvshrink_report.json"
 DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -186,83 +184,9 @@ def _list_index(items: list, part: str, key: str) -> int:
 
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     """Validate a recipe mapping into a Recipe (types, unknown keys, and rules between keys)."""
-    recipe = _build(Recipe, raw, "")
+    recipe = build_dataclass(Recipe, raw, "recipe")
     _check_rules(recipe)
     return recipe
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "the recipe"
-    if not isinstance(raw, dict):
-        raise KvshrinkError(f"{where} must be a mapping of keys to values, got {raw!r}: write `key: value` lines")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            guess = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"did you mean {prefix}{guess[0]}?" if guess else f"known keys: {', '.join(fields)}"
-            raise KvshrinkError(f"unknown recipe key {prefix}{key}: {hint}")
-    values = {}
-    for name, spec in fields.items():
-        if name in raw:
-            values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
-        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-            raise KvshrinkError(f"recipe key {prefix}{name} is missing: add `{name}: ...` to {where}")
-    return cls(**values)
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        choices = [arg for arg in args if arg is not type(None)]
-        return _coerce(choices[0], value, key)
-    if value is None:
-        raise KvshrinkError(f"recipe key {key} cannot be null: give it a value or leave the key out")
-    if origin is Literal:
-        if value not in args:
-            raise KvshrinkError(f"recipe key {key} is {value!r}: choose one of {', '.join(map(str, args))}")
-        return value
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"{key}.")
-    if origin is list:
-        if not isinstance(value, list):
-            raise KvshrinkError(f"recipe key {key} must be a list, got {value!r}: write it as `- item` lines")
-        return [_coerce(args[0], item, f"{key}.{index}") for index, item in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise KvshrinkError(f"recipe key {key} must be a list of {len(args)} numbers, got {value!r}")
-        return tuple(_coerce(arg, item, f"{key}.{index}") for index, (arg, item) in enumerate(zip(args, value)))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise KvshrinkError(f"recipe key {key} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, str):  # YAML 1.1 reads 6e9 (no dot) as text; it is a fine token count
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise KvshrinkError(f"recipe key {key} must be a whole number, got {value!r}")
-        return value
-    if hint is float:
-        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
-            return float(value) if not isinstance(value, bool) else _not_a_number(key, value)
-        except (TypeError, ValueError):
-            _not_a_number(key, value)
-    if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise KvshrinkError(f"recipe key {key} must be text, got {value!r}")
-        return str(value)
-    raise TypeError(f"recipe field {key} has unsupported type {hint}")
-
-
-def _not_a_number(key: str, value: Any) -> float:
-    raise KvshrinkError(f"recipe key {key} must be a number, got {value!r}: write it like 3e-4 or 0.0003")
 
 
 def _check_rules(recipe: Recipe) -> None:

@@ -49,6 +49,12 @@ def uptrain(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
         project_dir=str(output),
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
     )
+    if accelerator.gradient_accumulation_steps != recipe.gradient_accumulation:
+        raise KvshrinkError(
+            f"the accelerate setup asks for {accelerator.gradient_accumulation_steps} gradient accumulation steps "
+            f"but the recipe for {recipe.gradient_accumulation}: remove gradient_accumulation_steps from the "
+            "accelerate config or command line (the recipe decides)"
+        )
     set_seed(recipe.seed)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
