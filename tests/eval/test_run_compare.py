@@ -1,0 +1,97 @@
+"""`kvshrink eval run` and `eval compare` on tiny byte-level models: files written, tables right, errors clear."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from kvshrink.convert.cli import kvshrink_cli
+from kvshrink.convert.kvcache import kv_bytes_per_token
+from kvshrink.eval.offline_suite import OFFLINE_TASKS
+
+LIMIT = 3
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(kvshrink_cli, ["eval", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    result = invoke("run", tiny_models["mha"], tiny_models["gqa"], "--tasks", "offline", "--limit", LIMIT, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_run_writes_lm_eval_results_and_kvshrink_metadata(run_dir, tiny_models):
+    assert json.loads((run_dir / "run.json").read_text()) == {"models": ["mha", "gqa"], "tasks": list(OFFLINE_TASKS)}
+    for name in ("mha", "gqa"):
+        results = json.loads((run_dir / name / "results.json").read_text())
+        assert set(results["results"]) == set(OFFLINE_TASKS)
+        for task in OFFLINE_TASKS:
+            assert results["n-samples"][task]["effective"] == LIMIT
+            scores = results["results"][task]
+            if task.endswith("_cloze"):
+                assert 0 <= scores["acc,none"] <= 1 and scores["acc_stderr,none"] >= 0
+            else:
+                # A random byte model knows nothing: about one byte of 257 symbols per byte, ~8 bits.
+                assert 6 < scores["bits_per_byte,none"] < 10
+        metadata = json.loads((run_dir / name / "kvshrink.json").read_text())
+        config = json.loads((tiny_models[name] / "config.json").read_text())
+        assert metadata["model"] == str(tiny_models[name].resolve())
+        assert metadata["architecture"] == "LlamaForCausalLM"
+        assert metadata["kv_bytes_per_token"] == kv_bytes_per_token(config)
+        assert metadata["conversion_report"] is None and metadata["limit"] == LIMIT
+
+
+def test_compare_writes_markdown_tables_and_a_png_plot(run_dir, tmp_path):
+    result = invoke("compare", run_dir, "--out", tmp_path / "cmp")
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    for task in OFFLINE_TASKS:
+        assert f"### {task}" in markdown and task in result.output
+    base_row = next(line for line in markdown.splitlines() if line.startswith("| mha |"))
+    assert "+0.0000" in base_row and "100.0%" in base_row and "1.00×" in base_row
+    gqa_rows = [line for line in markdown.splitlines() if line.startswith("| gqa |")]
+    assert len(gqa_rows) == len(OFFLINE_TASKS) and all("2.00×" in row for row in gqa_rows)
+    png = (tmp_path / "cmp" / "comparison.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    import matplotlib.image
+
+    image = matplotlib.image.imread(tmp_path / "cmp" / "comparison.png")
+    assert image.shape[0] > 200 and image.shape[1] > 200 and image.std() > 0
+
+
+def test_compare_refuses_results_over_different_tasks(run_dir, tmp_path):
+    other = tmp_path / "gqa"
+    shutil.copytree(run_dir / "gqa", other)
+    results = json.loads((other / "results.json").read_text())
+    del results["results"]["kvshrink_kjv_cloze"]
+    (other / "results.json").write_text(json.dumps(results))
+    result = invoke("compare", run_dir / "mha", other, "--out", tmp_path / "cmp")
+    assert result.exit_code == 1
+    assert "different tasks" in result.output and "gqa lacks kvshrink_kjv_cloze" in result.output
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_unknown_task_names_close_matches(tiny_models, tmp_path):
+    result = invoke("run", tiny_models["mha"], "--tasks", "kvshrink_kjv_clozee,hellaswag", "--out", tmp_path / "o")
+    assert result.exit_code == 1
+    assert "unknown task 'kvshrink_kjv_clozee'" in result.output and "kvshrink_kjv_cloze" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_folder_is_named(tmp_path):
+    result = invoke("run", tmp_path / "nowhere", "--tasks", "offline", "--out", tmp_path / "o")
+    assert result.exit_code == 1
+    assert f"model folder {tmp_path / 'nowhere'} does not exist" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_compare_needs_eval_run_output(tmp_path):
+    result = invoke("compare", tmp_path, "--out", tmp_path / "cmp")
+    assert result.exit_code == 1 and "holds no results.json or run.json" in result.output

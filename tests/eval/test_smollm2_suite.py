@@ -1,0 +1,23 @@
+"""The offline accuracy tasks can tell a real model from chance (otherwise they could not show degradation)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvshrink.eval.offline_suite import CLOZE_CHOICES, OFFLINE_TASKS
+from kvshrink.eval.run import run_eval
+
+# A subset keeps the test fast; SmolLM2 scores ~0.85 against a chance of 0.25, so 60 items leave a wide margin.
+ITEMS = 60
+
+
+@pytest.mark.slow
+def test_smollm2_beats_chance_on_the_cloze_tasks_by_three_standard_errors(smollm2_dir, tmp_path):
+    cloze_tasks = [task for task in OFFLINE_TASKS if task.endswith("_cloze")]
+    (result_dir,) = run_eval([smollm2_dir], cloze_tasks, tmp_path / "run", limit=ITEMS, device="cpu")
+    results = json.loads((result_dir / "results.json").read_text())["results"]
+    for task in cloze_tasks:
+        accuracy, stderr = results[task]["acc,none"], results[task]["acc_stderr,none"]
+        assert accuracy - 1 / CLOZE_CHOICES > 3 * stderr, (task, accuracy, stderr)
