@@ -183,11 +183,13 @@ def _calibrate(context: ConversionContext, options: MlaOptions, inv_freq: torch.
         moment = flat.T @ flat / flat.shape[0]
         if options.distance_aware:
             gains = distance_gains(attention, inputs, inv_freq)
-        else:
+            position_loss = 1 - gains.abs() ** 2
+        else:  # a pair that loses RoPE is read as if at distance 0, and every pair's position signal counts fully
             gains = torch.ones(counts.num_heads, counts.head_dim // 2, dtype=torch.complex128)
+            position_loss = torch.ones(gains.shape, dtype=torch.float64)
         queries = to_complex(augmented(attention.q, attention.q_bias), counts.num_heads, counts.head_dim)
         keys = to_complex(augmented(attention.k, attention.k_bias), counts.num_kv_heads, counts.head_dim)
-        basis = rope_basis(options.rope_method, queries, keys, moment, 1 - gains.abs() ** 2)
+        basis = rope_basis(options.rope_method, queries, keys, moment, position_loss)
         sample = flat[torch.linspace(0, flat.shape[0] - 1, min(_LINEARIZATION_SAMPLE, flat.shape[0])).long()]
         calibrations.append(LayerCalibration(moment=moment, sample=sample, gains=gains, basis=basis))
         statistics[layer] = None  # free the layer's raw inputs

@@ -1,0 +1,67 @@
+"""SmolLM2 perplexity of MLA conversions: every method combination at 50% and 25% of the source KV cache.
+
+Calibration on the train split of pydoc topics (the default), perplexity on its held-out split, no training.
+Prints a markdown table. Takes ~1 min per row on 2 CPU cores.
+
+    python benchmarks/mla_quality.py [--model DIR] [--rows all|quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from kvshrink.convert.check import load_causal_lm, load_tokenizer, perplexity, token_windows  # noqa: E402
+from kvshrink.convert.corpora import corpus_text  # noqa: E402
+from kvshrink.convert.mha_to_mla import mha_to_mla  # noqa: E402
+
+EVAL_TOKENS = 8192
+# (rope method, factorization, distance aware, target, rope dim at 50%, rope dim at 25%)
+ROWS = [
+    ("partial", "weight", False, "transformers", 64, 32),
+    ("partial", "activation", False, "transformers", 64, 32),
+    ("rotate", "weight", False, "transformers", 64, 32),
+    ("rotate", "activation", False, "transformers", 64, 32),
+    ("partial", "activation", True, "transformers", 32, 32),
+    ("rotate", "activation", True, "transformers", 32, 32),
+    ("rotate", "activation", True, "transformers", 64, 16),
+    ("rotate", "activation", False, "vllm", 64, 32),
+    ("rotate", "activation", True, "vllm", 32, 32),
+    ("rotate", "activation", True, "vllm", 64, 16),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="/work/cache/smollm2")
+    parser.add_argument("--rows", default="all", help="'all' or comma-separated row numbers (1-based)")
+    args = parser.parse_args()
+    rows = ROWS if args.rows == "all" else [ROWS[int(i) - 1] for i in args.rows.split(",")]
+    windows = token_windows(load_tokenizer(Path(args.model)), corpus_text("pydoc", "heldout"), EVAL_TOKENS, 512)
+    source = perplexity(load_causal_lm(Path(args.model)), windows, progress=False)
+    print(f"source perplexity (pydoc held-out, {EVAL_TOKENS} tokens): {source:.2f}", flush=True)
+    print("| rope | factorization | distance-aware | target | KV | R+D | perplexity |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for rope, factorization, distance, target, rope_50, rope_25 in rows:
+        for budget, rope_dim in ((0.5, rope_50), (0.25, rope_25)):
+            with tempfile.TemporaryDirectory() as folder:
+                report = mha_to_mla(
+                    args.model, Path(folder) / "out", kv_budget=budget, rope_dim=rope_dim, rope_method=rope,
+                    factorization=factorization, distance_aware=distance, target=target, check=False, progress=False,
+                )  # fmt: skip
+                value = perplexity(load_causal_lm(Path(folder) / "out"), windows, progress=False)
+            shape = report["mla"]
+            print(
+                f"| {rope} | {factorization} | {'yes' if distance else 'no'} | {target} | {report['kv_fraction']:.0%} "
+                f"| {shape['kv_lora_rank']}+{shape['qk_rope_head_dim']} | {value:.1f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

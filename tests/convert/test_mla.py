@@ -1,0 +1,301 @@
+"""mha-to-mla on tiny stock checkpoints: exact where the maths allows, the layouts serving engines need, and errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, DynamicCache, PreTrainedTokenizerFast
+
+from kvshrink.convert.cli import convert_cli
+from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.mha_to_mla import mha_to_mla
+
+TOKENS = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(1))
+# Larger weights than the default init, so logits vary by several units and a wrong mapping shows.
+LOUD = dict(initializer_range=0.15, max_position_embeddings=512)
+QUICK = dict(check=False, progress=False, calibration_tokens=1024, overwrite=True)
+
+
+def _add_byte_tokenizer(folder):
+    """A 259-token byte-level tokenizer, so calibration can read text with a tiny vocabulary."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{char: i + 3 for i, char in enumerate(alphabet)}}
+    tokenizer = Tokenizer(models.BPE(vocab, [], unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_source(tiny_checkpoint):
+    def make(model_type="llama", num_heads=4, num_kv_heads=4, **kwargs):
+        return _add_byte_tokenizer(tiny_checkpoint(model_type, num_heads, num_kv_heads, **{**LOUD, **kwargs}))
+
+    return make
+
+
+def _load(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _logits(folder_or_model, tokens=TOKENS):
+    model = _load(folder_or_model) if not isinstance(folder_or_model, torch.nn.Module) else folder_or_model
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def _random_biases(model):
+    for layer in model.model.layers:
+        for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            projection.bias.normal_(0, 0.3)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kv_heads", "edit"),
+    [("llama", 4, None), ("llama", 2, None), ("mistral", 1, None), ("qwen2", 2, _random_biases)],
+    ids=["llama-mha", "llama-gqa", "mistral-mqa", "qwen2-biases"],
+)
+def test_lossless_configuration_reproduces_the_source(tiny_source, tmp_path, model_type, kv_heads, edit):
+    source = tiny_source(model_type, 4, kv_heads, edit=edit)
+    report = mha_to_mla(source, tmp_path / "out", rope_dim="all", kv_rank="full", target="transformers", **QUICK)
+    model = _load(tmp_path / "out")
+    assert isinstance(model, DeepseekV3ForCausalLM)
+    config = model.config
+    assert config.num_key_value_heads == config.num_attention_heads == 4
+    assert config.qk_rope_head_dim == kv_heads * 16 and config.qk_nope_head_dim == 0 and config.v_head_dim == 16
+    assert config.first_k_dense_replace == config.num_hidden_layers and config.rope_interleave
+    assert (config.q_lora_rank is not None) == (model_type == "qwen2")  # the q bias needs the q_a_proj path
+    expected = _logits(source)
+    assert expected.std() > 1
+    assert (_logits(model) - expected).abs().max() < 1e-3
+    assert report["valid_engines"] == ["transformers"] and any("longrope" in note for note in report["notes"])
+    assert all(layer["latent_norm_error"] < 1e-6 and layer["rope_energy_kept"] > 0.999 for layer in report["layers"])
+
+
+def test_longrope_frequencies_are_the_source_frequencies(tiny_source, tmp_path):
+    source = tiny_source("llama", 4, 2, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    report = mha_to_mla(source, tmp_path / "out", rope_dim="all", kv_rank="full", target="transformers", **QUICK)
+    model = _load(tmp_path / "out")
+    source_freq = _load(source).model.rotary_emb.inv_freq.double()
+    target_freq = model.model.rotary_emb.inv_freq.double()
+    assert model.model.rotary_emb.attention_scaling == 1.0
+    torch.testing.assert_close(target_freq.sort().values, source_freq.repeat(2).sort().values, rtol=1e-6, atol=0)
+    slots = report["mla"]["rope_slots"]
+    torch.testing.assert_close(target_freq, source_freq[[slot["source_frequency"] for slot in slots]], rtol=1e-6, atol=0)
+
+
+def _deinterleave(config, tensors):
+    """The same checkpoint with rope dims in rotate-half order (rope_interleave = False)."""
+    rope, nope, heads = config["qk_rope_head_dim"], config["qk_nope_head_dim"], config["num_attention_heads"]
+    order = torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)])
+    changed = dict(tensors)
+    for name, tensor in tensors.items():
+        if name.endswith("q_proj.weight"):
+            per_head = tensor.reshape(heads, nope + rope, -1).clone()
+            per_head[:, nope:] = per_head[:, nope:][:, order]
+            changed[name] = per_head.reshape(tensor.shape)
+        elif name.endswith("kv_a_proj_with_mqa.weight"):
+            rows = tensor.clone()
+            rows[-rope:] = tensor[-rope:][order]
+            changed[name] = rows
+    return {**config, "rope_interleave": False}, changed
+
+
+@pytest.mark.parametrize("target", ["transformers", "vllm"])
+def test_rope_interleave_layouts_are_equivalent(tiny_source, tmp_path, target):
+    source = tiny_source("llama", 4, 2)
+    mha_to_mla(source, tmp_path / "out", kv_budget=0.5, target=target, **QUICK)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    flipped_config, flipped = _deinterleave(config, tensors)
+    model = DeepseekV3ForCausalLM(DeepseekV3ForCausalLM.config_class(**flipped_config)).eval()
+    model.load_state_dict(flipped, strict=False)
+    model.tie_weights()
+    torch.testing.assert_close(_logits(model), _logits(tmp_path / "out"), rtol=0, atol=1e-4)
+
+
+def test_cache_holds_the_latent_and_rope_key_and_generate_and_reload_work(tiny_source, tmp_path):
+    source = tiny_source("llama", 4, 2)
+    report = mha_to_mla(source, tmp_path / "out", kv_rank=20, rope_dim=8, **QUICK)
+    model = _load(tmp_path / "out")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=TOKENS, past_key_values=cache, use_cache=True)
+    assert cache.layers[0].keys.shape == (2, 1, 40, 20) and cache.layers[0].values.shape == (2, 1, 40, 8)
+    assert report["kv_fraction"] == pytest.approx(28 / (2 * 2 * 16))
+    generated = model.generate(input_ids=TOKENS[:, :5], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (2, 9)
+    model.save_pretrained(tmp_path / "again")
+    torch.testing.assert_close(_logits(tmp_path / "again"), _logits(model), rtol=0, atol=0)
+
+
+def _vllm_reference_logits(folder, tokens):
+    """DeepSeek MLA as vLLM runs it, written from its rules, not from transformers' code: RoPE always interleaved
+    (GPT-J style pairs (2i, 2i+1)) with default frequencies rope_theta^(-2i/D), no attention biases, the latent
+    norm's eps = config.rms_norm_eps, scale (nope + rope)^-0.5. A checkpoint right in vLLM matches this."""
+    config = json.loads((folder / "config.json").read_text())
+    weights = load_file(folder / "model.safetensors")
+    assert config["rope_parameters"]["rope_type"] == "default"
+    assert not any(name.endswith(".bias") for name in weights)
+    eps, heads = config["rms_norm_eps"], config["num_attention_heads"]
+    rank, rope, nope, value = (config[k] for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"))
+    frequencies = config["rope_parameters"]["rope_theta"] ** (-torch.arange(0, rope, 2, dtype=torch.float64) / rope)
+    length = tokens.shape[1]
+    angle = torch.arange(length, dtype=torch.float64)[:, None] * frequencies
+    phase = torch.polar(torch.ones_like(angle), angle).to(torch.complex64)  # [T, D/2]
+
+    def norm(x, weight):
+        return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+    def rotate(x):  # [..., T, D] interleaved pairs as complex numbers times e^{iωp}
+        pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], rope // 2, 2).contiguous())
+        return torch.view_as_real(pairs * phase).flatten(-2)
+
+    hidden = weights["model.embed_tokens.weight"][tokens]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    for layer in range(config["num_hidden_layers"]):
+        w = {name.split(f"layers.{layer}.")[1]: t for name, t in weights.items() if f"layers.{layer}." in name}
+        x = norm(hidden, w["input_layernorm.weight"])
+        q = (x @ w["self_attn.q_proj.weight"].T).unflatten(-1, (heads, nope + rope)).transpose(1, 2)
+        latent, key_rope = (x @ w["self_attn.kv_a_proj_with_mqa.weight"].T).split([rank, rope], dim=-1)
+        kv = norm(latent, w["self_attn.kv_a_layernorm.weight"]) @ w["self_attn.kv_b_proj.weight"].T
+        key_nope, values = kv.unflatten(-1, (heads, nope + value)).transpose(1, 2).split([nope, value], dim=-1)
+        logits = (q[..., :nope] @ key_nope.transpose(-1, -2) + rotate(q[..., nope:]) @ rotate(key_rope)[:, None].transpose(-1, -2))
+        probs = (logits / math.sqrt(nope + rope)).masked_fill(~causal, float("-inf")).softmax(-1)
+        hidden = hidden + (probs @ values).transpose(1, 2).flatten(-2) @ w["self_attn.o_proj.weight"].T
+        x = norm(hidden, w["post_attention_layernorm.weight"])
+        gate, up = x @ w["mlp.gate_proj.weight"].T, x @ w["mlp.up_proj.weight"].T
+        hidden = hidden + (torch.nn.functional.silu(gate) * up) @ w["mlp.down_proj.weight"].T
+    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    return norm(hidden, weights["model.norm.weight"]) @ head.T
+
+
+@pytest.mark.parametrize(("kv_heads", "options"), [(2, dict(kv_budget=0.5)), (4, dict(kv_budget=0.25, rope_method="partial")), (1, dict(kv_rank="full", rope_dim=16))])
+def test_vllm_target_matches_an_independent_vllm_attention(tiny_source, tmp_path, kv_heads, options):
+    exact = kv_heads == 1  # MQA, rope = head_dim, full rank: exact in the serving layout too
+    source = tiny_source("llama", 4, kv_heads, rms_norm_eps=1e-6 if exact else 1e-5)
+    report = mha_to_mla(source, tmp_path / "out", target="vllm", **options, **QUICK)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["rope_interleave"] is True and config["attention_bias"] is False and config["rms_norm_eps"] == 1e-6
+    assert report["valid_engines"] == ["transformers", "vllm", "sglang"] and report["target"] == "vllm"
+    assert exact or any("rms_norm_eps set from 1e-05 to 1e-06" in note for note in report["notes"])
+    converted = _logits(tmp_path / "out")
+    torch.testing.assert_close(_vllm_reference_logits(tmp_path / "out", TOKENS), converted, rtol=0, atol=2e-4)
+    if exact:
+        assert (converted - _logits(source)).abs().max() < 1e-3
+
+
+def test_vllm_target_folds_no_rope_key_bias_and_refuses_what_it_cannot_carry(tiny_source, tmp_path):
+    def key_bias_on_slow_pairs(model):
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.bias.view(2, 16)[:, 7] = 0.5  # pair 7: the slowest frequency of head_dim 16
+
+    source = tiny_source("qwen2", 4, 2, edit=key_bias_on_slow_pairs)
+    mha_to_mla(source, tmp_path / "out", kv_rank=40, rope_dim=4, target="vllm", distance_aware=False, **QUICK)
+    assert not any(name.endswith(".bias") for name in load_file(tmp_path / "out" / "model.safetensors"))
+    torch.testing.assert_close(_vllm_reference_logits(tmp_path / "out", TOKENS), _logits(tmp_path / "out"), rtol=0, atol=2e-4)
+
+    source = tiny_source("qwen2", 4, 2, edit=_random_biases)
+    with pytest.raises(KvshrinkError, match=r"model\.layers\.0\.self_attn\.q_proj\.bias is not zero.*--target transformers"):
+        mha_to_mla(source, tmp_path / "refused", kv_budget=0.5, target="vllm", **QUICK)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_report_records_shape_budget_and_per_layer_errors(tiny_source, tmp_path):
+    source = tiny_source("llama", 4, 2)
+    report = mha_to_mla(source, tmp_path / "out", kv_budget=0.25, rope_dim=4, **QUICK)
+    saved = json.loads((tmp_path / "out" / "kvshrink_report.json").read_text())
+    assert saved == report and report["method"] == "mla/rotate+activation+distance"
+    assert report["mla"]["kv_lora_rank"] == 16 - 4 and report["kv_fraction"] == 0.25
+    assert len(report["layers"]) == 2 and len(report["mla"]["rope_slots"]) == 2
+    for layer in report["layers"]:
+        assert 0 < layer["k_rel_error"] < 1 and 0 < layer["v_rel_error"] < 1
+        assert 0 < layer["rope_energy_kept"] < 1 and layer["latent_norm_error"] < 1e-6
+    assert "model.layers.1.self_attn.kv_b_proj.weight" in report["new_parameters"]
+
+
+def test_methods_reach_their_own_objectives(tiny_source, tmp_path):
+    source = tiny_source("llama", 4, 4)
+    runs = {}
+    for rope_method in ("partial", "rotate"):
+        for factorization in ("weight", "activation"):
+            runs[rope_method, factorization] = mha_to_mla(
+                source, tmp_path / f"{rope_method}-{factorization}", kv_rank=24, rope_dim=8, rope_method=rope_method,
+                factorization=factorization, distance_aware=False, **QUICK,
+            )["layers"]  # fmt: skip
+    for layer in range(2):
+        # rotation concentrates key energy: the shared rope key keeps more of it than any choice of source pairs
+        assert runs["rotate", "activation"][layer]["rope_energy_kept"] > runs["partial", "activation"][layer]["rope_energy_kept"]
+        # the whitened factorization minimizes the K/V output error on calibration tokens
+        for rope_method in ("partial", "rotate"):
+            weight, activation = runs[rope_method, "weight"][layer], runs[rope_method, "activation"][layer]
+            assert activation["k_rel_error"] ** 2 + activation["v_rel_error"] ** 2 < weight["k_rel_error"] ** 2 + weight["v_rel_error"] ** 2
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(kv_rank=500, rope_dim=8), r"kv rank 500 is impossible here: the joint K/V latent has rank at most 64"),
+        (dict(kv_rank=8, rope_dim=7), r"--rope-dim 7 must be an even number"),
+        (dict(kv_rank=8, rope_dim=40, target="transformers"), r"--rope-dim 40 is more than the 32 rotary dims"),
+        (dict(kv_rank=8, rope_dim=20), r"--rope-dim 20 is more than the 16 rotary dims available \(serving engines"),
+        (dict(kv_rank=8, rope_dim="all"), r"--rope-dim all needs 32 rope dims .* --target transformers"),
+        (dict(kv_budget=1.0), r"--kv-budget 1.0 must be a fraction of the source KV cache in \(0, 1\)"),
+        (dict(kv_budget=0.0), r"--kv-budget 0.0 must be a fraction"),
+        (dict(kv_budget=0.05, rope_dim=8), r"leaves no latent"),
+        (dict(), r"pass exactly one of --kv-rank, --kv-budget or --mla-shape"),
+        (dict(kv_rank=8, kv_budget=0.5), r"pass exactly one of .* \(got --kv-rank and --kv-budget\)"),
+        (dict(mla_shape="512x64"), r"--mla-shape '512x64' is not RANK\+ROPE"),
+        (dict(mla_shape="512+16"), r"kv rank 512 is impossible here"),
+        (dict(kv_rank=8, rope_method="spin"), r"unknown rope method 'spin'"),
+        (dict(kv_rank=8, target="tgi"), r"unknown target 'tgi'"),
+    ],
+)
+def test_bad_shapes_are_refused_with_the_fix(tiny_source, tmp_path, options, message):
+    source = tiny_source("llama", 4, 2)
+    with pytest.raises(KvshrinkError, match=message):
+        mha_to_mla(source, tmp_path / "out", **{**QUICK, **options})
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_sources_are_refused(tiny_source, tiny_checkpoint, tmp_path):
+    fp16 = _add_byte_tokenizer(tiny_checkpoint("llama", 4, 2, dtype=torch.float16))
+    with pytest.raises(KvshrinkError, match=r"float16.*save the source as bfloat16 or float32"):
+        mha_to_mla(fp16, tmp_path / "out", kv_budget=0.5, **QUICK)
+    with pytest.raises(KvshrinkError, match=r"q_norm/k_norm.*not linear"):
+        mha_to_mla(tiny_source("qwen3", 4, 2), tmp_path / "out", kv_budget=0.5, **QUICK)
+    with pytest.raises(KvshrinkError, match=r"sliding window of 64 tokens"):
+        mha_to_mla(tiny_source("mistral", 4, 2, sliding_window=64), tmp_path / "out", kv_budget=0.5, **QUICK)
+    no_tokenizer = tiny_checkpoint("llama", 4, 2, seed=3)
+    with pytest.raises(KvshrinkError, match=r"no usable tokenizer.*calibrates on text"):
+        mha_to_mla(no_tokenizer, tmp_path / "out", kv_budget=0.5, **QUICK)
+
+
+def test_bfloat16_source_converts_to_bfloat16(tiny_source, tmp_path):
+    source = tiny_source("llama", 4, 2, dtype=torch.bfloat16)
+    mha_to_mla(source, tmp_path / "out", rope_dim="all", kv_rank="full", target="transformers", **QUICK)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    reference = _logits(source).float()
+    assert (_logits(model).float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_cli_converts_and_reports_errors_in_one_line(tiny_source, tmp_path):
+    source = tiny_source("llama", 4, 2)
+    runner = CliRunner()
+    result = runner.invoke(convert_cli, ["mha-to-mla", str(source), str(tmp_path / "out"), "--kv-budget", "0.5",
+                                         "--calibration-tokens", "1024", "--check-tokens", "512"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "DeepseekV3ForCausalLM" in result.output and "valid in transformers, vllm, sglang" in result.output
+    assert "(50.0% of the source" in result.output and "perplexity on" in result.output
+    result = runner.invoke(convert_cli, ["mha-to-mla", str(source), str(tmp_path / "bad"), "--kv-rank", "lots"])
+    assert result.exit_code == 2 and "neither a whole number nor 'full'" in result.output
+    result = runner.invoke(convert_cli, ["mha-to-mla", str(source), str(tmp_path / "bad"), "--kv-budget", "2"])
+    assert result.exit_code == 1 and result.output.startswith("Error: --kv-budget 2.0 must be a fraction")
