@@ -68,3 +68,24 @@ def test_data_order_is_a_pure_function_of_position(tiny_llama_dir, write_recipe)
     first_epoch = torch.stack([ids for ids, _ in whole[:count]])
     assert sorted(first_epoch.tolist()) == sorted(stream.blocks.tokens.tolist())  # a permutation
     assert not torch.equal(first_epoch, stream.blocks.tokens.long())  # shuffled
+
+
+def test_streamed_datasets_resume_at_the_same_block(tmp_path, tiny_llama_dir, write_recipe):
+    """An `hf:` source (here the packaged json builder on a local file, offline) is read in stream order, and
+    reading from position p gives the blocks an uninterrupted read had at p."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"document {i}: " + "words " * (i % 7 + 3)}) + "\n" for i in range(40)))
+    recipe = load_recipe(write_recipe(
+        model=str(tiny_llama_dir), seq_len=16,
+        data=[{"hf": "json", "data_files": str(rows), "split": "train"}], validation={"sources": [{"corpus": "pydoc"}]},
+    ))
+    stream, _ = build_data(recipe, AutoTokenizer.from_pretrained(tiny_llama_dir))
+    assert stream.blocks is None  # streamed, not held in memory
+    whole = [ids for ids, _ in zip(stream.blocks_from(0), range(60))]  # past the end: the stream starts over
+    later = [ids for ids, _ in zip(stream.blocks_from(25), range(35))]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(whole[25:], later))
+    assert len({tuple(ids[0].tolist()) for ids in whole}) > 10
