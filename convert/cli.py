@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.gqa import DEFAULT_METHOD as GQA_DEFAULT_METHOD
 from kvshrink.convert.gqa import method_names as gqa_methods
 
 
@@ -89,7 +90,12 @@ def _print_summary(report: dict, out: Path) -> None:
         f"({report['kv_fraction']:.1%} of the source, {kv['source'] / kv['target']:.2f}x smaller)"
     )
     layers = report["layers"]
-    if layers and "k_rel_error" in layers[0]:
+    if layers and "logit_rel_error" in layers[0]:
+        worst_logit = max(layer["logit_rel_error"] for layer in layers)
+        worst_value = max(layer["value_rel_error"] for layer in layers)
+        click.echo(f"  worst layer relative error on calibration inputs: logits {worst_logit:.3f}, "
+                   f"o_proj output {worst_value:.3f}")
+    elif layers and "k_rel_error" in layers[0]:
         worst_k = max(layer["k_rel_error"] for layer in layers)
         worst_v = max(layer["v_rel_error"] for layer in layers)
         click.echo(f"  worst layer relative error: K {worst_k:.3f}, V {worst_v:.3f}")
@@ -105,16 +111,20 @@ def _print_summary(report: dict, out: Path) -> None:
 def _gqa_command(name: str, fixed_groups: int | None, help_text: str):
     @convert_cli.command(name, help=help_text)
     @common_options
-    @click.option("--method", default="mean", show_default=True, type=click.Choice(gqa_methods()),
-                  help="How KV heads are merged.")
-    def command(source, out, method, check, calibration, check_tokens, overwrite, out_shard_size,
-                allow_pickle, groups=fixed_groups):
+    @click.option("--method", default=GQA_DEFAULT_METHOD, show_default=True, type=click.Choice(gqa_methods()),
+                  help="How KV heads are merged: 'mean' averages them (the GQA paper); 'grouped' first groups "
+                       "similar heads; 'aligned' also rotates heads onto each other; 'output-aware' fits the "
+                       "shared K/V to keep logits and o_proj outputs. All but 'mean' calibrate on text.")
+    @click.option("--calibration-tokens", type=click.IntRange(min=2), default=8192, show_default=True,
+                  help="Tokens of calibration text the source reads (512-token windows) for calibrated methods.")
+    def command(source, out, method, calibration_tokens, check, calibration, check_tokens, overwrite,
+                out_shard_size, allow_pickle, groups=fixed_groups):
         from kvshrink.convert.mha_to_gqa import mha_to_gqa
 
         report = mha_to_gqa(
             source, out, groups, method=method, check=check, calibration=calibration,
-            check_tokens=check_tokens, overwrite=overwrite, out_shard_size=out_shard_size,
-            allow_pickle=allow_pickle,
+            calibration_tokens=calibration_tokens, check_tokens=check_tokens, overwrite=overwrite,
+            out_shard_size=out_shard_size, allow_pickle=allow_pickle,
         )
         _print_summary(report, Path(out).resolve())
 

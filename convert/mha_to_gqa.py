@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from kvshrink.convert import gqa
 from kvshrink.convert.attention import AttentionWeights, attention_tensors
-from kvshrink.convert.check import compare_perplexity
+from kvshrink.convert.calibration import LayerStatistics, collect_statistics
+from kvshrink.convert.check import compare_perplexity, load_tokenizer
 from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.rewrite import ConversionContext, LayerOutput, Rewrite, run_conversion
@@ -31,18 +33,41 @@ def _validate_groups(groups: int, kv_heads: int) -> None:
         )
 
 
-def _plan(context: ConversionContext, groups: int, method: str) -> Rewrite:
+def _plan(
+    context: ConversionContext, groups: int, method: str, text: str | None, calibration_tokens: int, progress: bool
+) -> Rewrite:
     counts = context.counts
     _validate_groups(groups, counts.num_kv_heads)
     merge = gqa.get_method(method)
     identity = groups == counts.num_kv_heads
+    summary = {"target_heads": {"query": counts.num_heads, "kv": groups}}
+    stats: list[LayerStatistics | None] = [None] * counts.num_layers
+    if gqa.needs_calibration(method) and not identity:
+        started = time.perf_counter()
+        try:
+            load_tokenizer(context.checkpoint.folder)
+        except KvshrinkError:
+            raise KvshrinkError(
+                f"method {method!r} calibrates on text, but {context.source} has no usable tokenizer: "
+                "add its tokenizer files, or use --method mean"
+            ) from None
+        stats = list(
+            collect_statistics(
+                context.checkpoint.folder, context.spec, counts.num_layers, text, calibration_tokens, progress=progress
+            )
+        )
+        summary["calibration"] = {
+            "tokens": stats[0].inputs.shape[0] * stats[0].inputs.shape[1],
+            "seconds": round(time.perf_counter() - started, 2),
+        }
 
     def convert_layer(layer: int, attention: AttentionWeights) -> LayerOutput:
         if identity:
             groups_of_heads = [[h] for h in range(groups)]
             result = gqa.KvMerge(attention, groups_of_heads)
         else:
-            result = merge(attention, groups, None)
+            result = merge(attention, groups, stats[layer])
+            stats[layer] = None  # each layer's inputs are needed once; free them as the pass goes
         report = {"groups": result.groups, **gqa.projection_errors(attention, result), **result.details}
         return LayerOutput(attention_tensors(result.attention, context.spec, layer), report)
 
@@ -52,7 +77,7 @@ def _plan(context: ConversionContext, groups: int, method: str) -> Rewrite:
         method=f"gqa/{method}",
         config=config,
         convert_layer=convert_layer,
-        summary={"target_heads": {"query": counts.num_heads, "kv": groups}},
+        summary=summary,
     )
 
 
@@ -61,9 +86,10 @@ def mha_to_gqa(
     out: str | Path,
     groups: int,
     *,
-    method: str = "mean",
+    method: str = gqa.DEFAULT_METHOD,
     check: bool = True,
     calibration: str | Path | None = None,
+    calibration_tokens: int = 8192,
     check_tokens: int = 2048,
     overwrite: bool = False,
     out_shard_size: str | int = "5GB",
@@ -73,17 +99,22 @@ def mha_to_gqa(
     """Merge the KV heads of `source` into `groups` heads and write a checkpoint of the same class to `out`.
 
     Returns the report also written to OUT/kvshrink_report.json. `groups` must divide the source's KV heads;
-    `groups` equal to them copies every tensor bit for bit.
+    `groups` equal to them copies every tensor bit for bit. Methods that need calibration (every one but
+    "mean") first run the source on `calibration_tokens` tokens of the `calibration` text, in 512-token windows.
     """
-    gqa.get_method(method)
+    calibrated = gqa.needs_calibration(method)
+    if calibrated and calibration_tokens < 2:
+        raise KvshrinkError(f"--calibration-tokens must be at least 2, got {calibration_tokens}")
+    text = calibration_text(calibration) if check or calibrated else None
     checker = None
     if check:
-        text = calibration_text(calibration)
         checker = partial(compare_perplexity, text=text, max_tokens=check_tokens, progress=progress)
     return run_conversion(
         source,
         out,
-        partial(_plan, groups=groups, method=method),
+        partial(
+            _plan, groups=groups, method=method, text=text, calibration_tokens=calibration_tokens, progress=progress
+        ),
         overwrite=overwrite,
         out_shard_size=out_shard_size,
         allow_pickle=allow_pickle,

@@ -1,0 +1,107 @@
+"""Per-head views of attention weights shared by the calibrated merging methods.
+
+Weights and biases are handled together as "augmented" rows [W | b] acting on [x; 1], so one second moment of
+[x; 1] covers inputs with or without biases. A rotate-half head's rotary pair j (dims j and j + d/2) is viewed
+as one complex number; RoPE multiplies it by e^{i·θ_j·position}, so a complex gain on a pair commutes with RoPE.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvshrink.convert.attention import AttentionWeights
+from kvshrink.convert.calibration import LayerStatistics
+
+
+def input_moment(stats: LayerStatistics) -> torch.Tensor:
+    """E[[x; 1][x; 1]ᵀ] over the calibration tokens, float64 [hidden + 1, hidden + 1]."""
+    x = stats.flat_inputs.double()
+    moment = torch.empty(x.shape[1] + 1, x.shape[1] + 1, dtype=torch.float64)
+    moment[:-1, :-1] = x.T @ x / x.shape[0]
+    moment[:-1, -1] = moment[-1, :-1] = x.mean(dim=0)
+    moment[-1, -1] = 1.0
+    return moment
+
+
+def augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[W | b] in float64 (b = 0 when the projection has no bias)."""
+    column = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+    return torch.cat([weight, column[:, None]], dim=1).double()
+
+
+def split_augmented(rows: torch.Tensor, had_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Back from [W | b] to float32 (W, b); b is dropped when the source had none (it is then exactly 0)."""
+    return rows[:, :-1].float().contiguous(), rows[:, -1].float().contiguous() if had_bias else None
+
+
+def per_head(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[heads * d, cols] -> [heads, d, cols]."""
+    return rows.reshape(-1, head_dim, rows.shape[-1])
+
+
+def rotary_pairs(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[heads * d, cols] real -> [heads, d/2, cols] complex: pair j = row j + i·row (j + d/2) of each head."""
+    heads = per_head(rows, head_dim)
+    half = head_dim // 2
+    return torch.complex(heads[:, :half], heads[:, half:])
+
+
+def rows_from_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """Inverse of `rotary_pairs`: [heads, d/2, cols] complex -> [heads * d, cols] real."""
+    heads = torch.cat([pairs.real, pairs.imag], dim=1)
+    return heads.reshape(-1, heads.shape[-1])
+
+
+def permute_kv_heads(attention: AttentionWeights, order: list[int]) -> AttentionWeights:
+    """KV head p of the result is source KV head order[p], and its query heads (q rows, q bias, o columns) move
+    with it, so the stock pairing i // (H / KV) still holds: the model computes exactly the same function."""
+    d, ratio = attention.head_dim, attention.queries_per_kv_head
+    kv_rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in order])
+    q_rows = torch.cat([torch.arange(h * ratio * d, (h + 1) * ratio * d) for h in order])
+
+    def take(tensor: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+        return None if tensor is None else tensor[index]
+
+    return attention.with_kv(
+        q=attention.q[q_rows], q_bias=take(attention.q_bias, q_rows),
+        k=attention.k[kv_rows], k_bias=take(attention.k_bias, kv_rows),
+        v=attention.v[kv_rows], v_bias=take(attention.v_bias, kv_rows),
+        o=attention.o[:, q_rows],
+    )  # fmt: skip
+
+
+def consecutive_groups(num_kv_heads: int, groups: int) -> list[list[int]]:
+    """The stock grouping: runs of num_kv_heads / groups consecutive heads."""
+    size = num_kv_heads // groups
+    return [list(range(g * size, (g + 1) * size)) for g in range(groups)]
+
+
+def fold_key_gains(attention: AttentionWeights, gains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Query rows and bias that keep every logit when each key pair k̃_hj is replaced by k̃_hj / gains[h, j].
+
+    The logit of pair j is Re(q̃ conj(k̃) e^{iθ(m−n)}); multiplying q̃ by conj(gain) compensates exactly, at every
+    relative position, because a complex gain commutes with RoPE's rotation.
+    """
+    queries = rotary_pairs(augmented(attention.q, attention.q_bias), attention.head_dim)
+    per_query = gains.repeat_interleave(attention.queries_per_kv_head, dim=0)
+    return split_augmented(rows_from_pairs(queries * per_query.conj()[..., None]), attention.q_bias is not None)
+
+
+def rotate_keys(attention: AttentionWeights, gains: torch.Tensor) -> AttentionWeights:
+    """Divide each key pair k̃_hj by gains[h, j] (complex, [KV, d/2]) and compensate in the queries: same logits."""
+    keys = rotary_pairs(augmented(attention.k, attention.k_bias), attention.head_dim) / gains[..., None]
+    k, k_bias = split_augmented(rows_from_pairs(keys), attention.k_bias is not None)
+    q, q_bias = fold_key_gains(attention, gains)
+    return attention.with_kv(q=q, q_bias=q_bias, k=k, k_bias=k_bias)
+
+
+def rotate_values(attention: AttentionWeights, rotations: torch.Tensor) -> AttentionWeights:
+    """Rotate each KV head's values by an orthogonal [KV, d, d] matrix and absorb its transpose into the o_proj
+    columns of that head's query heads: o_proj · v is unchanged."""
+    d = attention.head_dim
+    values = rotations @ per_head(augmented(attention.v, attention.v_bias), d)
+    v, v_bias = split_augmented(values.reshape(-1, values.shape[-1]), attention.v_bias is not None)
+    per_query = rotations.repeat_interleave(attention.queries_per_kv_head, dim=0)  # [H, d, d]
+    outputs = attention.o.double().reshape(attention.o.shape[0], attention.num_heads, d).permute(1, 0, 2)
+    o = (outputs @ per_query.mT).permute(1, 0, 2).reshape(attention.o.shape[0], -1)
+    return attention.with_kv(v=v, v_bias=v_bias, o=o.float().contiguous())

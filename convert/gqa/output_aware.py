@@ -1,0 +1,107 @@
+"""Output-aware merge: the shared K and V that best preserve what the layer computes, in closed form.
+
+Heads are first regrouped by similarity (exact permutation). Then, per group:
+
+- Keys, per rotary pair j: one shared complex key row s_j and a complex gain c_hj per source head, folded into
+  that head's query rows as conj(c_hj). A complex gain commutes with RoPE, so each head's logits are exact
+  at every relative position whenever k̃_hj = c_hj s_j·x holds. s_j minimizes the logit error
+  Σ_i ‖Σ^½ (q̃_ij k̃_hjᴴ − q̃'_ij s_jᴴ) Σ^½‖² over the group's queries: the top eigenvector of the
+  query-energy-weighted key Gram matrix (a |group|×|group| Hermitian eigenproblem per pair).
+- Values: the shared d-dimensional value map S minimizing Σ_i E‖O_i v_h(x) − O'_i S x‖² over the group's
+  query heads — a rank-d reduced-rank regression, solved by an eigenproblem of size |group|·d — and the
+  least-squares refit O'_i = O_i V_h Σ Sᵀ of every query head's o_proj columns.
+
+Σ is the second moment of the layer's calibration inputs (with a constant 1 for biases). Per-head norms
+(q_norm/k_norm, Qwen3) make the key path nonlinear — a gain folded into the query rows would change the
+norm — so such layers fall back to mean-pooled keys; values are still merged output-aware.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvshrink.convert.attention import AttentionWeights
+from kvshrink.convert.calibration import LayerStatistics
+from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.gqa import KvMerge
+from kvshrink.convert.gqa.grouping import output_metrics, query_weights, similar_groups
+from kvshrink.convert.gqa.heads import (
+    augmented, fold_key_gains, input_moment, per_head, permute_kv_heads, rotary_pairs, rows_from_pairs, split_augmented,
+)  # fmt: skip
+from kvshrink.convert.gqa.mean import merge as mean_merge
+from kvshrink.convert.gqa.objectives import merge_errors
+
+NEEDS_CALIBRATION = True
+
+
+def _shared_keys(attention: AttentionWeights, groups: int, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared key pairs [groups, J, c] and per-source-head gains [KV, J] for consecutive groups of heads."""
+    keys = rotary_pairs(augmented(attention.k, attention.k_bias), attention.head_dim)
+    size = attention.num_kv_heads // groups
+    weights = query_weights(attention, moment).reshape(groups, size, -1)  # [G, n, J]
+    grouped = keys.reshape(groups, size, *keys.shape[1:])  # [G, n, J, c]
+    sigma = moment.to(torch.complex128)
+    roots = weights.sqrt().to(torch.complex128)
+    weighted = grouped * roots[..., None]
+    gram = torch.einsum("ganc,cd,gbnd->gnab", weighted, sigma, weighted.conj())  # [G, J, n, n]
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    top, vector = eigenvalues[..., -1].clamp_min(0), vectors[..., -1]  # [G, J], [G, J, n]
+    coefficients = vector.conj() * roots.permute(0, 2, 1) / top.sqrt().clamp_min(1e-30)[..., None]
+    shared = torch.einsum("gja,gajc->gjc", coefficients, grouped)
+    gains = torch.einsum("gajc,cd,gjd->gaj", grouped, sigma, shared.conj())
+    # Keep the shared key at the heads' (query-weighted) scale: the softmax does not care, bf16 does.
+    scale = ((weights * gains.abs() ** 2).sum(1) / weights.sum(1).clamp_min(1e-30)).sqrt()  # [G, J]
+    usable = top > 1e-30 * eigenvalues.abs().amax(dim=-1).clamp_min(1e-300)
+    scale = torch.where(usable, scale, torch.zeros_like(scale))
+    shared = shared * scale[..., None]
+    gains = torch.where(usable[:, None], gains / scale.clamp_min(1e-30)[:, None], torch.ones_like(gains))
+    return shared, gains.reshape(attention.num_kv_heads, -1)
+
+
+def _shared_values(attention: AttentionWeights, groups: int, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared value rows [groups * d, c] and the refit o_proj [hidden, H * d] for consecutive groups of heads."""
+    d, size = attention.head_dim, attention.num_kv_heads // groups
+    values = per_head(augmented(attention.v, attention.v_bias), d)  # [KV, d, c]
+    eigenvalues, vectors = torch.linalg.eigh(output_metrics(attention))
+    roots = vectors @ torch.diag_embed(eigenvalues.clamp_min(0).sqrt()) @ vectors.mT
+    stacked = (roots @ values).reshape(groups, size * d, -1)  # Z: [G, n*d, c]
+    energy, basis = torch.linalg.eigh(stacked @ moment @ stacked.mT)
+    energy, basis = energy[:, -d:], basis[:, :, -d:]
+    usable = energy > 1e-12 * energy.amax(dim=-1, keepdim=True).clamp_min(1e-300)
+    inverse_roots = torch.where(usable, energy.clamp_min(1e-300).rsqrt(), torch.zeros_like(energy))
+    shared = inverse_roots[..., None] * (basis.mT @ stacked)  # S: [G, d, c], whitened-orthonormal rows
+    # Back to the source's value scale, so the new o_proj columns stay in range.
+    value_scale = (torch.einsum("hdc,ce,hde->", values, moment, values) / (attention.num_kv_heads * d)).sqrt()
+    shared = shared * value_scale
+    outputs = attention.o.double().reshape(attention.o.shape[0], attention.num_heads, d).permute(1, 0, 2)
+    source_value = values.repeat_interleave(attention.queries_per_kv_head, dim=0)  # [H, d, c]
+    group_of_query = torch.arange(attention.num_heads) // (attention.num_heads // groups)
+    refit = outputs @ source_value @ moment @ shared[group_of_query].mT / value_scale**2  # [H, hidden, d]
+    return shared.reshape(groups * d, -1), refit.permute(1, 0, 2).reshape(attention.o.shape[0], -1)
+
+
+def merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | None) -> KvMerge:
+    """Regroup the KV heads by similarity, then merge each group into the K and V that best keep its logits
+    and o_proj output on the calibration inputs in `stats`."""
+    if stats is None:
+        raise KvshrinkError("the output-aware merge needs calibration statistics: pass stats from collect_statistics")
+    moment = input_moment(stats)
+    head_groups = similar_groups(attention, groups, moment)
+    permuted = permute_kv_heads(attention, [h for members in head_groups for h in members])
+    if permuted.q_norm is None and permuted.k_norm is None:
+        shared, gains = _shared_keys(permuted, groups, moment)
+        k, k_bias = split_augmented(rows_from_pairs(shared), permuted.k_bias is not None)
+        q, q_bias = fold_key_gains(permuted, gains)
+        key_merge = "rope-exact complex gains, query-weighted least squares"
+    else:
+        pooled = mean_merge(permuted, groups).attention
+        k, k_bias, q, q_bias = pooled.k, pooled.k_bias, permuted.q, permuted.q_bias
+        key_merge = "mean (per-head q/k norms: a gain folded into queries would not be exact)"
+    values, o = _shared_values(permuted, groups, moment)
+    v, v_bias = split_augmented(values, permuted.v_bias is not None)
+    merged = permuted.with_kv(
+        q=q, q_bias=q_bias, k=k, k_bias=k_bias, v=v, v_bias=v_bias, o=o.float().contiguous(), num_kv_heads=groups
+    )
+    result = KvMerge(merged, head_groups, {"key_merge": key_merge})
+    result.details.update(merge_errors(attention, result, moment))
+    return result

@@ -1,0 +1,342 @@
+"""GQA/MQA merging methods: the exact transformations, each method's objective, the pipeline and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import build_tiny_model
+
+from kvshrink.convert.attention import AttentionWeights
+from kvshrink.convert.calibration import LayerStatistics
+from kvshrink.convert.cli import convert_cli
+from kvshrink.convert.gqa import DEFAULT_METHOD, KvMerge, get_method, method_names, needs_calibration
+from kvshrink.convert.gqa.grouping import similar_groups
+from kvshrink.convert.gqa.heads import (
+    augmented, input_moment, permute_kv_heads, rotary_pairs, rotate_keys, rotate_values,
+)  # fmt: skip
+from kvshrink.convert.gqa.objectives import merge_errors
+
+CALIBRATED = [name for name in method_names() if needs_calibration(name)]
+TOKENS = torch.randint(3, 300, (2, 48), generator=torch.Generator().manual_seed(1))
+
+
+def layer_attention(model, layer: int) -> AttentionWeights:
+    attention, config = model.model.layers[layer].self_attn, model.config
+
+    def tensor(module, name="weight"):
+        value = getattr(module, name, None) if module is not None else None
+        return None if value is None else value.detach().clone().float()
+
+    return AttentionWeights(
+        q=tensor(attention.q_proj), k=tensor(attention.k_proj), v=tensor(attention.v_proj), o=tensor(attention.o_proj),
+        num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+        q_bias=tensor(attention.q_proj, "bias"), k_bias=tensor(attention.k_proj, "bias"),
+        v_bias=tensor(attention.v_proj, "bias"), o_bias=tensor(attention.o_proj, "bias"),
+        q_norm=tensor(getattr(attention, "q_norm", None)), k_norm=tensor(getattr(attention, "k_norm", None)),
+    )  # fmt: skip
+
+
+def with_attention(model, attentions: list[AttentionWeights]):
+    """A stock model of the same class whose attention layers hold `attentions` (KV heads may be fewer)."""
+    config = copy.deepcopy(model.config)
+    config.num_key_value_heads = attentions[0].num_kv_heads
+    rebuilt = type(model)(config).eval()
+    state = {k: v for k, v in model.state_dict().items() if ".k_proj." not in k and ".v_proj." not in k}
+    rebuilt.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for layer, attention in zip(rebuilt.model.layers, attentions):
+            module = layer.self_attn
+            for part in ("q", "k", "v", "o"):
+                projection = getattr(module, f"{part}_proj")
+                projection.weight.copy_(getattr(attention, part))
+                if projection.bias is not None:
+                    projection.bias.copy_(getattr(attention, f"{part}_bias"))
+    return rebuilt
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=TOKENS).logits
+
+
+def calibration_stats(model) -> list[LayerStatistics]:
+    """Every layer's attention inputs on random tokens, as collect_statistics records them."""
+    captured: list[torch.Tensor] = []
+    handles = [
+        layer.self_attn.q_proj.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+        for layer in model.model.layers
+    ]
+    tokens = torch.randint(3, 300, (4, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model(input_ids=tokens)
+    for handle in handles:
+        handle.remove()
+    return [LayerStatistics(inputs) for inputs in captured]
+
+
+FAMILIES = ["llama", "qwen2", "qwen3"]  # plain; q/k/v biases; per-head q_norm/k_norm
+
+
+def tiny(model_type="llama"):
+    """8 query heads on 4 KV heads of 16 dims (8 rotary pairs each)."""
+    return build_tiny_model(model_type, 8, 4, head_dim=16)
+
+
+def tie_heads(model, groups: list[list[int]], noise: float = 0.0, twist: bool = False) -> None:
+    """Make the KV heads of each group copies of its first head — optionally rotated exactly (the model's function
+    changes, but an aligning method can undo it) and perturbed by `noise` times the weights' spread."""
+    generator = torch.Generator().manual_seed(3)
+    d = model.config.head_dim
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            for projection in (attention.k_proj, attention.v_proj):
+                for members in groups:
+                    first = projection.weight[members[0] * d : (members[0] + 1) * d].clone()
+                    for head in members[1:]:
+                        rows = first.clone()
+                        if twist and projection is attention.k_proj:
+                            angles = torch.rand(d // 2, generator=generator) * 6.283
+                            pairs = torch.complex(rows[: d // 2], rows[d // 2 :]) * torch.polar(torch.ones(d // 2), angles)[:, None]
+                            rows = torch.cat([pairs.real, pairs.imag])
+                        elif twist:
+                            rows = torch.linalg.qr(torch.randn(d, d, generator=generator))[0] @ rows
+                        noisy = rows + noise * rows.std() * torch.randn(rows.shape, generator=generator)
+                        projection.weight[head * d : (head + 1) * d] = noisy
+                    if projection.bias is not None:
+                        for head in members[1:]:
+                            projection.bias[head * d : (head + 1) * d] = projection.bias[members[0] * d : (members[0] + 1) * d]
+
+
+# ---------------------------------------------------------------- exact transformations
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_permuting_kv_heads_with_their_queries_keeps_every_logit(model_type):
+    model = tiny(model_type)
+    permuted = [permute_kv_heads(layer_attention(model, i), [2, 0, 3, 1]) for i in range(2)]
+    assert not torch.equal(permuted[0].q, layer_attention(model, 0).q)
+    torch.testing.assert_close(logits(with_attention(model, permuted)), logits(model), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_complex_key_gains_and_value_rotations_keep_every_logit(model_type):
+    model = tiny(model_type)
+    generator = torch.Generator().manual_seed(4)
+    rotated = []
+    for i in range(2):
+        attention = layer_attention(model, i)
+        gains = torch.polar(0.5 + torch.rand(4, 8, generator=generator), torch.rand(4, 8, generator=generator) * 6.283)
+        rotations = torch.linalg.qr(torch.randn(4, 16, 16, generator=generator, dtype=torch.float64))[0]
+        rotated.append(rotate_values(rotate_keys(attention, gains.to(torch.complex128)), rotations))
+    assert not torch.allclose(rotated[0].k, layer_attention(model, 0).k)
+    torch.testing.assert_close(logits(with_attention(model, rotated)), logits(model), atol=2e-5, rtol=1e-5)
+
+
+def test_value_rotations_keep_every_logit_with_per_head_norms():
+    model = tiny("qwen3")
+    rotations = torch.linalg.qr(torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64))[0]
+    rotated = [rotate_values(layer_attention(model, i), rotations) for i in range(2)]
+    torch.testing.assert_close(logits(with_attention(model, rotated)), logits(model), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [2, 1])
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("method", method_names())
+def test_identical_heads_merge_losslessly(method, model_type, groups):
+    model = tiny(model_type)
+    # Heads 0 and 2 (and 1 and 3) are copies: the stock grouping (0,1),(2,3) would lose, grouping must not.
+    tie_heads(model, [[0, 1, 2, 3]] if groups == 1 else ([[0, 1], [2, 3]] if method == "mean" else [[0, 2], [1, 3]]))
+    stats = calibration_stats(model)
+    merged = [get_method(method)(layer_attention(model, i), groups, stats[i]) for i in range(2)]
+    assert merged[0].attention.num_kv_heads == groups
+    torch.testing.assert_close(logits(with_attention(model, [m.attention for m in merged])), logits(model), atol=5e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- objectives
+
+
+def test_objectives_match_their_definition_on_the_calibration_tokens():
+    model = tiny("qwen2")
+    stats = calibration_stats(model)[0]
+    source = layer_attention(model, 0)
+    merge = get_method("mean")(source, 2, stats)
+    x = torch.cat([stats.flat_inputs.double(), torch.ones(stats.flat_inputs.shape[0], 1, dtype=torch.float64)], dim=1)
+    d, order = 16, torch.arange(8)
+    # Logits: every pair of tokens (m, n), every query head and rotary pair, as complex bilinear forms.
+    forms = []
+    for attention in (source, merge.attention):
+        queries = rotary_pairs(augmented(attention.q, attention.q_bias), d)  # [H, J, c]
+        keys = rotary_pairs(augmented(attention.k, attention.k_bias), d)[order // attention.queries_per_kv_head]
+        forms.append(torch.einsum("hjc,mc,hjd,nd->hjmn", queries, x.to(queries.dtype), keys.conj(), x.to(keys.dtype)))
+    logit = float((forms[0] - forms[1]).abs().pow(2).sum() / forms[0].abs().pow(2).sum())
+    # Values: each query head's o_proj output of its KV head's value, per token.
+    outputs = []
+    for attention in (source, merge.attention):
+        values = (x @ augmented(attention.v, attention.v_bias).T).reshape(-1, attention.num_kv_heads, d)
+        per_query = values.repeat_interleave(attention.queries_per_kv_head, dim=1)  # [tokens, H, d]
+        o = attention.o.double().reshape(-1, 8, d)
+        outputs.append(torch.einsum("thd,ohd->tho", per_query, o))
+    value = float((outputs[0] - outputs[1]).pow(2).sum() / outputs[0].pow(2).sum())
+    errors = merge_errors(source, merge, input_moment(stats))
+    assert errors["logit_rel_error"] == pytest.approx(logit, rel=1e-6)
+    assert errors["value_rel_error"] == pytest.approx(value, rel=1e-6)
+
+
+def structured(twist: bool) -> tuple[AttentionWeights, LayerStatistics]:
+    """Heads 0/2 and 1/3 are noisy copies of each other (rotated copies if `twist`); heads 0/1 are unrelated."""
+    model = tiny("llama")
+    tie_heads(model, [[0, 2], [1, 3]], noise=0.2, twist=twist)
+    return layer_attention(model, 1), calibration_stats(model)[1]
+
+
+@pytest.fixture(scope="module")
+def noisy_copies():
+    return structured(twist=False)
+
+
+@pytest.fixture(scope="module")
+def rotated_copies():
+    return structured(twist=True)
+
+
+def errors_of_every_method(attention, stats, groups):
+    moment = input_moment(stats)
+    return {name: merge_errors(attention, get_method(name)(attention, groups, stats), moment) for name in method_names()}
+
+
+def assert_output_aware_is_best(errors):
+    """output-aware is the least-squares optimum over a family that contains every other method's result."""
+    for name, other in errors.items():
+        assert errors["output-aware"]["logit_rel_error"] <= other["logit_rel_error"] + 1e-9, name
+        assert errors["output-aware"]["value_rel_error"] <= other["value_rel_error"] + 1e-9, name
+
+
+@pytest.mark.parametrize("copies", ["noisy_copies", "rotated_copies"])
+def test_grouping_finds_the_heads_that_belong_together(copies, request):
+    attention, stats = request.getfixturevalue(copies)
+    assert similar_groups(attention, 2, input_moment(stats)) == [[0, 2], [1, 3]]
+
+
+def test_grouping_beats_the_stock_grouping(noisy_copies):
+    errors = errors_of_every_method(*noisy_copies, groups=2)
+    for objective in ("logit_rel_error", "value_rel_error"):
+        assert errors["grouped"][objective] < 0.5 * errors["mean"][objective]
+    assert_output_aware_is_best(errors)
+
+
+@pytest.mark.parametrize("groups", [2, 1])
+def test_alignment_beats_averaging_unaligned_heads(rotated_copies, groups):
+    errors = errors_of_every_method(*rotated_copies, groups=groups)
+    for objective in ("logit_rel_error", "value_rel_error"):
+        assert errors["aligned"][objective] < 0.7 * errors["grouped"][objective]
+        assert errors["aligned"][objective] < 0.7 * errors["mean"][objective]
+    assert_output_aware_is_best(errors)
+
+
+@pytest.mark.parametrize("method", CALIBRATED)
+def test_calibrated_methods_refuse_to_run_without_statistics(method):
+    attention = layer_attention(tiny(), 0)
+    with pytest.raises(Exception, match="calibration statistics"):
+        get_method(method)(attention, 2, None)
+
+
+def test_output_aware_says_when_per_head_norms_force_mean_keys():
+    model = tiny("qwen3")
+    merge: KvMerge = get_method("output-aware")(layer_attention(model, 0), 2, calibration_stats(model)[0])
+    assert merge.details["key_merge"].startswith("mean")
+    assert merge.details["value_rel_error"] < 1
+
+
+# ---------------------------------------------------------------- pipeline and CLI
+
+
+@pytest.fixture
+def tokenized_checkpoint(tiny_checkpoint):
+    """Factory: a tiny checkpoint folder plus a small byte-level BPE tokenizer, so calibration can read text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kvshrink.convert.corpora import corpus_text
+
+    def make(**kwargs):
+        folder = tiny_checkpoint(**kwargs)
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        tokenizer.train_from_iterator([corpus_text("pydoc", "train")[:20000]], trainer)
+        PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(folder)
+        return folder
+
+    return make
+
+
+def test_help_lists_every_method_and_the_default():
+    for command in ("mha-to-gqa", "mha-to-mqa"):
+        result = CliRunner().invoke(convert_cli, [command, "--help"])
+        assert result.exit_code == 0
+        for name in method_names():
+            assert name in result.output
+        assert f"default: {DEFAULT_METHOD}" in " ".join(result.output.split())
+        assert "--calibration-tokens" in result.output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [(["--method", "median"], "Invalid value for '--method'"), (["--calibration-tokens", "1"], "--calibration-tokens")],
+)
+def test_cli_rejects_bad_method_options(tiny_checkpoint, tmp_path, arguments, message):
+    result = CliRunner().invoke(convert_cli, ["mha-to-gqa", str(tiny_checkpoint()), str(tmp_path / "out"), "-g", "2", *arguments])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibrated_method_without_a_tokenizer_says_what_to_do(tiny_checkpoint, tmp_path):
+    result = CliRunner().invoke(
+        convert_cli, ["mha-to-gqa", str(tiny_checkpoint()), str(tmp_path / "out"), "-g", "2", "--no-check"]
+    )
+    assert result.exit_code == 1
+    assert "tokenizer" in result.output and "--method mean" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_method_converts_and_reports_its_errors(tokenized_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source = tokenized_checkpoint(model_type="qwen2", edit=lambda m: tie_heads(m, [[0, 2], [1, 3]]))
+    out = tmp_path / "gqa"
+    result = CliRunner().invoke(
+        convert_cli, ["mha-to-gqa", str(source), str(out), "-g", "2", "--calibration-tokens", "256", "--check-tokens", "64"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "kvshrink_report.json").read_text())
+    assert report["method"] == f"gqa/{DEFAULT_METHOD}"
+    assert report["calibration"]["tokens"] == 256
+    for layer in report["layers"]:
+        assert layer["groups"] == [[0, 2], [1, 3]]
+        assert layer["logit_rel_error"] < 1e-6 and layer["value_rel_error"] < 1e-6
+    check = report["check"]
+    assert check["converted_perplexity"] == pytest.approx(check["source_perplexity"], rel=1e-4)
+    converted = AutoModelForCausalLM.from_pretrained(out)
+    assert converted.config.num_key_value_heads == 2
+    torch.testing.assert_close(logits(converted), logits(AutoModelForCausalLM.from_pretrained(source)), atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_default_method_keeps_smollm2_usable_as_mqa(smollm2_dir, tmp_path):
+    from kvshrink.convert.mha_to_gqa import mha_to_gqa
+
+    report = mha_to_gqa(smollm2_dir, tmp_path / "mqa", 1, calibration_tokens=2048, check_tokens=1024, progress=False)
+    assert report["method"] == f"gqa/{DEFAULT_METHOD}"
+    assert report["kv_fraction"] == pytest.approx(1 / 3)
+    # Mean-pooling SmolLM2's 3 KV heads multiplies perplexity by about 1000; a good merge stays within 20x.
+    assert report["check"]["converted_perplexity"] < 20 * report["check"]["source_perplexity"]
