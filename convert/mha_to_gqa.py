@@ -34,7 +34,13 @@ def _validate_groups(groups: int, kv_heads: int) -> None:
 
 
 def _plan(
-    context: ConversionContext, groups: int, method: str, text: str | None, calibration_tokens: int, progress: bool
+    context: ConversionContext,
+    groups: int,
+    method: str,
+    text: str | None,
+    calibration_tokens: int,
+    check: bool,
+    progress: bool,
 ) -> Rewrite:
     counts = context.counts
     _validate_groups(groups, counts.num_kv_heads)
@@ -42,19 +48,20 @@ def _plan(
     identity = groups == counts.num_kv_heads
     summary = {"target_heads": {"query": counts.num_heads, "kv": groups}}
     stats: list[LayerStatistics | None] = [None] * counts.num_layers
-    if gqa.needs_calibration(method) and not identity:
+    calibrate = gqa.needs_calibration(method) and not identity
+
+    def collect() -> None:
+        """Run the source on the calibration text; done at the first layer, after every input check has passed."""
         started = time.perf_counter()
         try:
             load_tokenizer(context.checkpoint.folder)
         except KvshrinkError:
             raise KvshrinkError(
                 f"method {method!r} calibrates on text, but {context.source} has no usable tokenizer: "
-                "add its tokenizer files, or use --method mean"
+                f"add its tokenizer files, or pass --method mean{'' if not check else ' --no-check'}"
             ) from None
-        stats = list(
-            collect_statistics(
-                context.checkpoint.folder, context.spec, counts.num_layers, text, calibration_tokens, progress=progress
-            )
+        stats[:] = collect_statistics(
+            context.checkpoint.folder, context.spec, counts.num_layers, text, calibration_tokens, progress=progress
         )
         summary["calibration"] = {
             "tokens": stats[0].inputs.shape[0] * stats[0].inputs.shape[1],
@@ -66,6 +73,8 @@ def _plan(
             groups_of_heads = [[h] for h in range(groups)]
             result = gqa.KvMerge(attention, groups_of_heads)
         else:
+            if calibrate and "calibration" not in summary:
+                collect()
             result = merge(attention, groups, stats[layer])
             stats[layer] = None  # each layer's inputs are needed once; free them as the pass goes
         report = {"groups": result.groups, **gqa.projection_errors(attention, result), **result.details}
@@ -113,7 +122,13 @@ def mha_to_gqa(
         source,
         out,
         partial(
-            _plan, groups=groups, method=method, text=text, calibration_tokens=calibration_tokens, progress=progress
+            _plan,
+            groups=groups,
+            method=method,
+            text=text,
+            calibration_tokens=calibration_tokens,
+            check=check,
+            progress=progress,
         ),
         overwrite=overwrite,
         out_shard_size=out_shard_size,
