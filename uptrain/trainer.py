@@ -84,18 +84,24 @@ def uptrain(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     accelerator.init_trackers("kvshrink-uptrain", config=_flat(recipe.to_dict()))
 
+    per_step = recipe.micro_batch_size * recipe.gradient_accumulation * accelerator.num_processes
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
         state = read_trainer_state(checkpoint)
+        if state["sequences_per_step"] != per_step:
+            raise KvshrinkError(
+                f"{checkpoint} was trained with {state['sequences_per_step']} sequences per step, this run would "
+                f"use {per_step}: resume with the same micro_batch_size x gradient_accumulation x processes"
+            )
+        accelerator.load_state(str(checkpoint))
         accelerator.print(f"resuming from {checkpoint} (step {state['step']} of {total_steps})")
     else:
         if resume:
             accelerator.print(f"no checkpoint in {output / 'checkpoints'}: starting from step 0")
-        state = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "wall_seconds": 0.0, "loss_start": None}
+        state = {"step": 0, "sequences_per_step": per_step, "tokens_seen": 0, "train_seconds": 0.0,
+                 "wall_seconds": 0.0, "loss_start": None}
         state["val_perplexity_start"] = validation_perplexity(accelerator, model, validation, recipe.micro_batch_size)
         accelerator.log({"val/perplexity": state["val_perplexity_start"]}, step=0)
 
-    per_step = recipe.micro_batch_size * recipe.gradient_accumulation * accelerator.num_processes
     blocks = stream.blocks_from(state["step"] * per_step)
     progress = tqdm(
         total=total_steps, initial=state["step"], unit="step", disable=not accelerator.is_local_main_process

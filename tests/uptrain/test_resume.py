@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from kvshrink.convert.errors import KvshrinkError
 from kvshrink.uptrain import load_recipe, uptrain
 from kvshrink.uptrain.checkpoints import checkpoint_dirs
 from kvshrink.uptrain.data import build_data
@@ -89,3 +91,11 @@ def test_streamed_datasets_resume_at_the_same_block(tmp_path, tiny_llama_dir, wr
     later = [ids for ids, _ in zip(stream.blocks_from(25), range(35))]
     assert all(torch.equal(a[0], b[0]) for a, b in zip(whole[25:], later))
     assert len({tuple(ids[0].tolist()) for ids in whole}) > 10
+
+
+def test_resume_refuses_a_different_global_batch(tiny_llama_dir, write_recipe):
+    recipe = load_recipe(write_recipe(model=str(tiny_llama_dir), max_steps=1))
+    uptrain(recipe)
+    changed = load_recipe(write_recipe(model=str(tiny_llama_dir), max_steps=2, micro_batch_size=3))
+    with pytest.raises(KvshrinkError, match="trained with 2 sequences per step, this run would use 3"):
+        uptrain(changed, resume=True)
