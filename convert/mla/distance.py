@@ -29,10 +29,9 @@ def distance_gains(attention: AttentionWeights, inputs: torch.Tensor, inv_freq: 
     windows, length, _ = inputs.shape
     positions = torch.arange(length, dtype=torch.float64)
     angles = positions[:, None] * inv_freq.double()[None, :]  # [T, P]
-    cos, sin = angles.cos().float()[:, None], angles.sin().float()[:, None]
-    distance = (positions[:, None] - positions[None, :]).clamp_min(0).long()
+    cos, sin = angles.cos().float(), angles.sin().float()
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    histogram = torch.zeros(heads, length, dtype=torch.float64)
+    gains = torch.zeros(heads, inv_freq.numel(), dtype=torch.complex128)
 
     def project(x, weight, bias, count):
         out = x @ weight.T + (bias if bias is not None else 0)
@@ -40,12 +39,12 @@ def distance_gains(attention: AttentionWeights, inputs: torch.Tensor, inv_freq: 
 
     for window in range(windows):
         x = inputs[window].float()
-        queries = _rotate_half(project(x, attention.q, attention.q_bias, heads), cos, sin)
-        keys = _rotate_half(project(x, attention.k, attention.k_bias, kv_heads), cos, sin)
+        queries = _rotate_half(project(x, attention.q, attention.q_bias, heads), cos[:, None], sin[:, None])
+        keys = _rotate_half(project(x, attention.k, attention.k_bias, kv_heads), cos[:, None], sin[:, None])
         keys = keys.repeat_interleave(heads // kv_heads, dim=1)
         logits = torch.einsum("thd,shd->hts", queries, keys) / math.sqrt(d)
-        probs = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        histogram.scatter_add_(1, distance.flatten().expand(heads, -1), probs.reshape(heads, -1).double())
-    histogram /= windows * length
-    phases = torch.polar(torch.ones_like(angles), angles)  # e^{iω_j Δ} for Δ = 0..T-1: [T, P]
-    return histogram.to(torch.complex128) @ phases
+        probs = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # [H, T(query m), T(key n)]
+        # Σ_n p(m, n) e^{iω(m - n)} = e^{iωm} · (Σ_n p(m, n) cos ωn - i Σ_n p(m, n) sin ωn)
+        real, imag = probs @ cos, probs @ sin  # [H, T, P]
+        gains += torch.complex(cos * real + sin * imag, sin * real - cos * imag).sum(dim=1).to(torch.complex128)
+    return gains / (windows * length)

@@ -299,3 +299,34 @@ def test_cli_converts_and_reports_errors_in_one_line(tiny_source, tmp_path):
     assert result.exit_code == 2 and "neither a whole number nor 'full'" in result.output
     result = runner.invoke(convert_cli, ["mha-to-mla", str(source), str(tmp_path / "bad"), "--kv-budget", "2"])
     assert result.exit_code == 1 and result.output.startswith("Error: --kv-budget 2.0 must be a fraction")
+
+
+def test_distance_gains_are_the_mean_rotation_under_the_source_attention():
+    from kvshrink.convert.attention import AttentionWeights
+    from kvshrink.convert.mla.distance import distance_gains
+
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads, d, hidden, length = 4, 2, 8, 16, 30
+    attention = AttentionWeights(
+        q=torch.randn(heads * d, hidden, generator=generator), k=torch.randn(kv_heads * d, hidden, generator=generator),
+        v=torch.randn(kv_heads * d, hidden), o=torch.randn(hidden, heads * d), num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=d,
+    )  # fmt: skip
+    inputs = torch.randn(2, length, hidden, generator=generator)
+    inv_freq = 100.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    expected = torch.zeros(heads, d // 2, dtype=torch.complex128)
+    positions = torch.arange(length, dtype=torch.float64)
+    for window in inputs:  # literally: softmax of RoPE'd q·k, then E[e^{iω(m - n)}] over the attention
+        def rope(x):
+            pairs = torch.complex(x[..., : d // 2], x[..., d // 2 :]).to(torch.complex128)
+            return pairs * torch.exp(1j * positions[:, None, None] * inv_freq)
+
+        q = rope((window @ attention.q.T).reshape(length, heads, d))
+        k = rope((window @ attention.k.T).reshape(length, kv_heads, d)).repeat_interleave(2, dim=1)
+        scores = torch.einsum("mhj,nhj->hmn", q, k.conj()).real / math.sqrt(d)
+        probs = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+        delta = positions[:, None] - positions[None, :]
+        expected += torch.einsum("hmn,mnj->hj", probs.to(torch.complex128), torch.exp(1j * delta[..., None] * inv_freq))
+    gains = distance_gains(attention, inputs, inv_freq)
+    torch.testing.assert_close(gains, expected / (2 * length), rtol=0, atol=1e-5)
+    assert (gains.abs() <= 1 + 1e-6).all() and gains[:, -1].abs().min() > gains[:, 0].abs().max()
