@@ -44,7 +44,7 @@ def eval_cli():
     f"({', '.join(OFFLINE_TASKS)}), which needs no download.",
 )
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the results (must not exist).")
-@click.option("--limit", type=click.IntRange(min=1), help="At most this many items per task (a quick look).")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N items of each task (faster, wider error bars).")
 @click.option("--batch-size", default="8", show_default=True, callback=lambda _c, _p, v: _batch_size(v),
               help="Items per forward pass, or 'auto'.")
 @click.option("--device", help="torch device, e.g. cpu or cuda:0  [default: cuda if available, else cpu]")

@@ -19,6 +19,7 @@ from typing import Any
 
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.outdir import atomic_output_dir, check_output_dir
+from kvshrink.eval.offline_suite import OFFLINE_TASKS
 from kvshrink.eval.run import METADATA_FILE, RESULTS_FILE, RUN_FILE
 
 # Which metric a task is compared on when it reports several: accuracy first, then text-modelling metrics.
@@ -115,6 +116,13 @@ def _check_same_tasks(models: list[EvaluatedModel]) -> list[str]:
             )
             raise KvshrinkError(
                 f"the results cover different tasks ({differences}): evaluate every model with the same --tasks"
+            )
+    if any(task in OFFLINE_TASKS for task in tasks):
+        suites = {model.label: model.metadata.get("offline_suite") for model in models}
+        if len(set(suites.values())) > 1:
+            raise KvshrinkError(
+                f"the offline suite's data differ between the results ({suites}): "
+                "evaluate every model on the same machine set-up, or rerun `kvshrink eval run` for all of them"
             )
     return tasks
 
@@ -240,7 +248,8 @@ def compare_results(result_dirs: Sequence[str | Path], out: Path, *, overwrite: 
             f"# kvshrink evaluation\n\nBase: {models[0].label}. Scores from lm-evaluation-harness; "
             "± is lm-eval's standard error; retention is relative to the base (below 100% = worse).\n\n"
         )
-        (staging / "comparison.md").write_text(intro + "\n\n".join(render_table(t, markdown=True) for t in tables) + "\n")
+        markdown = "\n\n".join(render_table(table, markdown=True) for table in tables)
+        (staging / "comparison.md").write_text(intro + markdown + "\n")
         _plot(tables, staging / "comparison.png")
         (staging / "comparison.json").write_text(json.dumps([asdict(table) for table in tables], indent=2) + "\n")
     out = out.resolve()

@@ -100,7 +100,7 @@ def measure_kv(
     measurements = []
     with tqdm(total=len(folders) * len(contexts), desc="kv cache", unit="run") as progress:
         for folder in folders:
-            model, _ = load_model(folder, device)
+            model = load_model(folder, device)
             for context in contexts:
                 measurements.append(_measure_one(model, folder, context, decode_tokens, device))
                 progress.update()

@@ -48,17 +48,22 @@ def default_device() -> str:
 
 
 def load_model(folder: ModelFolder, device: str):
-    """Model (checkpoint dtype, eval mode, on `device`) and tokenizer, stock classes only, no remote code."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The model in its checkpoint dtype, in eval mode, on `device`; stock classes only, no remote code."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder.path, dtype="auto", trust_remote_code=False)
+    return model.to(device).eval()
+
+
+def load_tokenizer(folder: ModelFolder):
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder.path, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(folder.path, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise KvshrinkError(
             f"cannot load a tokenizer from {folder.path} ({error}): copy the source model's tokenizer files there"
         ) from None
-    model = AutoModelForCausalLM.from_pretrained(folder.path, dtype="auto", trust_remote_code=False)
-    return model.to(device).eval(), tokenizer
 
 
 def model_metadata(folder: ModelFolder) -> dict[str, Any]:

@@ -13,6 +13,7 @@ Output layout (written whole or not at all):
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.outdir import atomic_output_dir, check_output_dir
-from kvshrink.eval.models import check_model_dirs, default_device, load_model, model_metadata
+from kvshrink.eval.models import check_model_dirs, default_device, load_model, load_tokenizer, model_metadata
 from kvshrink.eval.offline_suite import OFFLINE_ALIAS, OFFLINE_TASKS, build_offline_suite, suite_hash
 
 RESULTS_FILE = "results.json"
@@ -52,6 +53,14 @@ def _check_known(tasks: list[str], known: list[str]) -> None:
             )
 
 
+@functools.cache
+def _task_manager(include_path: str):
+    """lm-eval's index of its ~15k task files takes seconds to build; one per process is enough."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
 def _stay_offline_for_local_tasks(tasks: list[str]) -> None:
     """The offline suite reads local files only; without these the datasets library still tries the network."""
     if all(task in OFFLINE_TASKS for task in tasks):
@@ -71,7 +80,8 @@ def run_eval(
 ) -> list[Path]:
     """Evaluate each model folder on `tasks` with lm-eval; return the per-model result folders under `out`.
 
-    `limit` caps the items per task (a quick look, not a comparable score); `batch_size` may be "auto".
+    `limit` keeps the first N items of each task (faster, wider standard errors; use the same N for every
+    model you compare); `batch_size` may be "auto".
     """
     folders = check_model_dirs(list(models))
     task_names = expand_tasks(tasks)
@@ -83,22 +93,21 @@ def run_eval(
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
     suite_dir = build_offline_suite()
-    task_manager = TaskManager(include_path=str(suite_dir))
+    task_manager = _task_manager(str(suite_dir))
     _check_known(task_names, task_manager.all_tasks)
     device = device or default_device()
 
     with atomic_output_dir(out, overwrite=overwrite) as staging:
         for folder in tqdm(folders, desc="models", unit="model"):
-            model, tokenizer = load_model(folder, device)
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            model = load_model(folder, device)
+            lm = HFLM(pretrained=model, tokenizer=load_tokenizer(folder), batch_size=batch_size)
             results = lm_eval.simple_evaluate(
                 model=lm, tasks=task_names, task_manager=task_manager, limit=limit, log_samples=False
             )
-            del lm, model
+            del lm, model  # free one model before loading the next
             target = staging / folder.label
             target.mkdir()
             (target / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=handle_non_serializable))

@@ -78,6 +78,16 @@ def test_compare_refuses_results_over_different_tasks(run_dir, tmp_path):
     assert not (tmp_path / "cmp").exists()
 
 
+def test_compare_refuses_results_scored_on_different_offline_data(run_dir, tmp_path):
+    other = tmp_path / "gqa"
+    shutil.copytree(run_dir / "gqa", other)
+    metadata = json.loads((other / "kvshrink.json").read_text())
+    metadata["offline_suite"] = "0" * 16
+    (other / "kvshrink.json").write_text(json.dumps(metadata))
+    result = invoke("compare", run_dir / "mha", other, "--out", tmp_path / "cmp")
+    assert result.exit_code == 1 and "offline suite's data differ" in result.output
+
+
 def test_unknown_task_names_close_matches(tiny_models, tmp_path):
     result = invoke("run", tiny_models["mha"], "--tasks", "kvshrink_kjv_clozee,hellaswag", "--out", tmp_path / "o")
     assert result.exit_code == 1
