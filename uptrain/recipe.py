@@ -103,6 +103,7 @@ class Recipe:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: mixed precision (fp32 master weights), teacher in bf16
     gradient_checkpointing: bool = False
     trainable: Literal["all", "attention", "new"] = "all"  # new: the tensors kvshrink_report.json lists
+    freeze: list[str] = field(default_factory=list)  # glob patterns of parameter names kept frozen anyway
     eval_interval: int = 0  # steps between validations; 0: only at the start and the end
     save_interval: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 2  # checkpoints kept in output_dir/checkpoints

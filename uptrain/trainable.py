@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 from typing import Literal
 
@@ -12,9 +13,13 @@ from kvshrink.uptrain.recipe import new_parameter_names
 
 
 def select_trainable(
-    model: torch.nn.Module, mode: Literal["all", "attention", "new"], model_dir: str | Path
+    model: torch.nn.Module,
+    mode: Literal["all", "attention", "new"],
+    model_dir: str | Path,
+    freeze: list[str] | tuple[str, ...] = (),
 ) -> list[str]:
-    """Set requires_grad on `model` for `mode`; return the trained parameter names (tied names included).
+    """Set requires_grad on `model` for `mode`, minus the parameters whose names match a `freeze` glob
+    pattern; return the trained parameter names (tied names included).
 
     attention: every parameter inside a module whose class name ends in "Attention" (stock transformers
     names them LlamaAttention, DeepseekV3Attention, ...). new: the tensors kvshrink_report.json lists; a
@@ -44,6 +49,14 @@ def select_trainable(
                 f"{type(model).__name__} does not have: use the report written with this model, or trainable: all"
             )
         chosen = {id(by_name[name]) for name in listed}
+    for pattern in freeze:
+        matched = {id(p) for name, p in named if fnmatch.fnmatchcase(name, pattern)}
+        if not matched:
+            raise KvshrinkError(
+                f"freeze pattern {pattern!r} matches no parameter of {type(model).__name__}: "
+                f"patterns are globs over names like {named[0][0]!r}"
+            )
+        chosen -= matched
     for _, parameter in named:
         parameter.requires_grad_(id(parameter) in chosen)
     return [name for name, p in named if id(p) in chosen]

@@ -63,7 +63,7 @@ def uptrain(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
     with accelerator.main_process_first():
         stream, validation = build_data(recipe, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=torch.float32)
-    trained_names = select_trainable(model, recipe.trainable, recipe.model)
+    trained_names = select_trainable(model, recipe.trainable, recipe.model, recipe.freeze)
     if recipe.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher = None

@@ -89,6 +89,18 @@ def test_trainable_freezes_exactly_what_it_says(tiny_converted_dir, mode, expect
     assert set(wanted) <= set(trained)
 
 
+def test_freeze_patterns_subtract_from_trainable(tiny_deepseek_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_deepseek_dir)
+    trained = select_trainable(model, "attention", tiny_deepseek_dir, ["*.kv_a_proj_with_mqa.*", "*.o_proj.weight"])
+    assert trained == [n for n in dict(model.named_parameters()) if ".self_attn." in n
+                       and ".kv_a_proj_with_mqa." not in n and not n.endswith("o_proj.weight")]
+    assert "model.layers.1.self_attn.kv_b_proj.weight" in trained
+    with pytest.raises(KvshrinkError, match="freeze pattern '\\*.kv_proj.\\*' matches no parameter"):
+        select_trainable(model, "all", tiny_deepseek_dir, ["*.kv_proj.*"])
+
+
 def test_trainable_new_follows_tied_weights(tiny_converted_dir, tmp_path):
     """lm_head.weight is tied to the embedding: naming either trains the shared tensor."""
     import shutil
