@@ -33,6 +33,11 @@ def _validate_groups(groups: int, kv_heads: int) -> None:
         )
 
 
+def _rotary_fraction(config: dict[str, Any]) -> float:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return float(config.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
+
+
 def _plan(
     context: ConversionContext,
     groups: int,
@@ -46,6 +51,12 @@ def _plan(
     _validate_groups(groups, counts.num_kv_heads)
     merge = gqa.get_method(method)
     identity = groups == counts.num_kv_heads
+    rotary_fraction = _rotary_fraction(context.checkpoint.config)
+    if gqa.folds_key_gains(method) and rotary_fraction != 1.0 and not identity:
+        raise KvshrinkError(
+            f"method {method!r} folds key rotations into the queries, which is exact only when RoPE covers the whole "
+            f"head, but this model rotates {rotary_fraction:g} of it (partial_rotary_factor): use --method grouped or mean"
+        )
     summary = {"target_heads": {"query": counts.num_heads, "kv": groups}}
     stats: list[LayerStatistics | None] = [None] * counts.num_layers
     calibrate = gqa.needs_calibration(method) and not identity

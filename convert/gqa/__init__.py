@@ -2,7 +2,9 @@
 
     merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | None) -> KvMerge
 
-and a flag NEEDS_CALIBRATION: whether `stats` (the layer's calibration inputs) must be given.
+and flags NEEDS_CALIBRATION (whether `stats`, the layer's calibration inputs, must be given) and
+FOLDS_KEY_GAINS (whether it moves per-rotary-pair gains from keys into queries, which is exact only when RoPE
+rotates every pair (j, j + d/2) of the head).
 The output must keep the stock pairing: query head i attends with KV head i // (H / groups).
 """
 
@@ -65,6 +67,12 @@ def needs_calibration(name: str) -> bool:
     """Whether the method reads calibration statistics (so the source must run on calibration text first)."""
     get_method(name)
     return _modules()[name].NEEDS_CALIBRATION
+
+
+def folds_key_gains(name: str) -> bool:
+    """Whether the method relies on RoPE covering the whole head (it folds key-pair gains into the queries)."""
+    get_method(name)
+    return _modules()[name].FOLDS_KEY_GAINS
 
 
 # The best measured on SmolLM2 held-out perplexity at MQA (see README, "GQA/MQA methods").

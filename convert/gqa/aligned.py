@@ -27,6 +27,7 @@ from kvshrink.convert.gqa.mean import merge as mean_merge
 from kvshrink.convert.gqa.objectives import merge_errors
 
 NEEDS_CALIBRATION = True
+FOLDS_KEY_GAINS = True
 _PROCRUSTES_ROUNDS = 5
 
 

@@ -17,6 +17,7 @@ from kvshrink.convert.gqa.mean import merge as mean_merge
 from kvshrink.convert.gqa.objectives import merge_errors
 
 NEEDS_CALIBRATION = True
+FOLDS_KEY_GAINS = False
 
 
 def merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | None) -> KvMerge:

@@ -9,6 +9,7 @@ from kvshrink.convert.calibration import LayerStatistics
 from kvshrink.convert.gqa import KvMerge
 
 NEEDS_CALIBRATION = False
+FOLDS_KEY_GAINS = False
 
 
 def _mean_heads(rows: torch.Tensor | None, source_heads: int, groups: int) -> torch.Tensor | None:

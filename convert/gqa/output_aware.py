@@ -32,6 +32,7 @@ from kvshrink.convert.gqa.mean import merge as mean_merge
 from kvshrink.convert.gqa.objectives import merge_errors
 
 NEEDS_CALIBRATION = True
+FOLDS_KEY_GAINS = True
 
 
 def _shared_keys(attention: AttentionWeights, groups: int, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -340,3 +340,14 @@ def test_default_method_keeps_smollm2_usable_as_mqa(smollm2_dir, tmp_path):
     assert report["kv_fraction"] == pytest.approx(1 / 3)
     # Mean-pooling SmolLM2's 3 KV heads multiplies perplexity by about 1000; a good merge stays within 20x.
     assert report["check"]["converted_perplexity"] < 20 * report["check"]["source_perplexity"]
+
+
+@pytest.mark.parametrize("method", ["output-aware", "aligned"])
+def test_methods_that_fold_key_rotations_refuse_partial_rope(tiny_checkpoint, tmp_path, method):
+    source = tiny_checkpoint(model_type="phi3", partial_rotary_factor=0.5)
+    result = CliRunner().invoke(
+        convert_cli, ["mha-to-gqa", str(source), str(tmp_path / "out"), "-g", "2", "--method", method, "--no-check"]
+    )
+    assert result.exit_code == 1
+    assert "partial_rotary_factor" in result.output and "--method grouped or mean" in result.output
+    assert not (tmp_path / "out").exists()
