@@ -174,6 +174,11 @@ def _task_table(task: str, models: list[EvaluatedModel]) -> TaskTable:
                 items=samples.get("effective"),
             )
         )
+    if len({row.items for row in rows}) > 1:
+        counts = ", ".join(f"{row.model}: {row.items}" for row in rows)
+        raise KvshrinkError(
+            f"{task} was scored on different numbers of items ({counts}): evaluate every model with the same --limit"
+        )
     return TaskTable(task, metric, higher_is_better, rows)
 
 

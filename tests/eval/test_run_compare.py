@@ -78,6 +78,18 @@ def test_compare_refuses_results_over_different_tasks(run_dir, tmp_path):
     assert not (tmp_path / "cmp").exists()
 
 
+def test_compare_refuses_results_over_different_numbers_of_items(run_dir, tmp_path):
+    other = tmp_path / "gqa"
+    shutil.copytree(run_dir / "gqa", other)
+    results = json.loads((other / "results.json").read_text())
+    results["n-samples"]["kvshrink_kjv_cloze"]["effective"] = LIMIT + 1
+    (other / "results.json").write_text(json.dumps(results))
+    result = invoke("compare", run_dir / "mha", other, "--out", tmp_path / "cmp")
+    assert result.exit_code == 1
+    expected = f"kvshrink_kjv_cloze was scored on different numbers of items (mha: {LIMIT}, gqa: {LIMIT + 1})"
+    assert expected in result.output
+
+
 def test_compare_refuses_results_scored_on_different_offline_data(run_dir, tmp_path):
     other = tmp_path / "gqa"
     shutil.copytree(run_dir / "gqa", other)
