@@ -8,12 +8,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kvshrink.convert import gqa
 from kvshrink.convert.attention import AttentionWeights, attention_tensors
 from kvshrink.convert.calibration import LayerStatistics, collect_statistics
 from kvshrink.convert.check import compare_perplexity, load_tokenizer
 from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.gqa.attended import RotaryLayerStatistics
 from kvshrink.convert.rewrite import ConversionContext, LayerOutput, Rewrite, run_conversion
 
 
@@ -36,6 +39,23 @@ def _validate_groups(groups: int, kv_heads: int) -> None:
 def _rotary_fraction(config: dict[str, Any]) -> float:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     return float(config.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
+
+
+def _rotary_frequencies(config: dict[str, Any], head_dim: int) -> tuple[torch.Tensor, float] | None:
+    """(inv_freq, attention scaling) of the source's RoPE at its trained length, or None if transformers cannot
+    say (methods then weigh tokens without the source's attention pattern)."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim), 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        return None
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](AutoConfig.for_model(**config), "cpu")
+    return inv_freq.double(), float(scaling)
 
 
 def _plan(
@@ -71,9 +91,11 @@ def _plan(
                 f"method {method!r} calibrates on text, but {context.source} has no usable tokenizer: "
                 f"add its tokenizer files, or pass --method mean{'' if not check else ' --no-check'}"
             ) from None
-        stats[:] = collect_statistics(
+        collected = collect_statistics(
             context.checkpoint.folder, context.spec, counts.num_layers, text, calibration_tokens, progress=progress
         )
+        rope = _rotary_frequencies(context.checkpoint.config, counts.head_dim)
+        stats[:] = collected if rope is None else [RotaryLayerStatistics(s.inputs, *rope) for s in collected]
         summary["calibration"] = {
             "tokens": stats[0].inputs.shape[0] * stats[0].inputs.shape[1],
             "seconds": round(time.perf_counter() - started, 2),

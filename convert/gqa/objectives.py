@@ -29,8 +29,13 @@ def _quadratic(left: torch.Tensor, moment: torch.Tensor, right: torch.Tensor) ->
     return torch.einsum("...c,cd,...d->...", left.conj(), moment, right)
 
 
-def merge_errors(source: AttentionWeights, merge: KvMerge, moment: torch.Tensor) -> dict[str, float]:
-    """Relative logit and value-output errors of `merge` against `source` under the input moment Σ."""
+def merge_errors(
+    source: AttentionWeights, merge: KvMerge, moment: torch.Tensor, query_moments: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Relative logit and value-output errors of `merge` against `source` under the input moment Σ.
+
+    With `query_moments` [H, c, c] (per source query head, see `attended`), values are weighed by what each
+    head's attention averages instead of by single tokens."""
     merged, d = merge.attention, source.head_dim
     order = _source_query_order(merge, source.queries_per_kv_head)
     new_kv_of_query = torch.arange(source.num_heads) // merged.queries_per_kv_head
@@ -51,8 +56,9 @@ def merge_errors(source: AttentionWeights, merge: KvMerge, moment: torch.Tensor)
     o_new = merged.o.double().reshape(merged.o.shape[0], merged.num_heads, d).permute(1, 0, 2)
     outputs = torch.cat([o_src, -o_new], dim=2)  # [heads, hidden, 2d]
     values = torch.cat([v_src, v_new], dim=1)  # [heads, 2d, cols]
-    error = torch.einsum("hab,hba->h", outputs.mT @ outputs, values @ moment @ values.mT).sum()
-    source_values = torch.einsum("hab,hba->h", o_src.mT @ o_src, v_src @ moment @ v_src.mT).sum()
+    metric = moment if query_moments is None else query_moments[order]
+    error = torch.einsum("hab,hba->h", outputs.mT @ outputs, values @ metric @ values.mT).sum()
+    source_values = torch.einsum("hab,hba->h", o_src.mT @ o_src, v_src @ metric @ v_src.mT).sum()
     return {
         "logit_rel_error": float(logit_error.clamp_min(0)),
         "value_rel_error": float(error.clamp_min(0) / source_values),

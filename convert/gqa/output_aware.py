@@ -7,9 +7,12 @@ Heads are first regrouped by similarity (exact permutation). Then, per group:
   at every relative position whenever k̃_hj = c_hj s_j·x holds. s_j minimizes the logit error
   Σ_i ‖Σ^½ (q̃_ij k̃_hjᴴ − q̃'_ij s_jᴴ) Σ^½‖² over the group's queries: the top eigenvector of the
   query-energy-weighted key Gram matrix (a |group|×|group| Hermitian eigenproblem per pair).
-- Values: the shared d-dimensional value map S minimizing Σ_i E‖O_i v_h(x) − O'_i S x‖² over the group's
+- Values: the shared d-dimensional value map S minimizing Σ_i E‖O_i V_h z_i − O'_i S z_i‖² over the group's
   query heads — a rank-d reduced-rank regression, solved by an eigenproblem of size |group|·d — and the
-  least-squares refit O'_i = O_i V_h Σ Sᵀ of every query head's o_proj columns.
+  least-squares refit of every query head's o_proj columns. z_i is what head i's attention averages (its
+  attention-weighted inputs, recomputed with the source's RoPE when the statistics carry it, see `attended`);
+  without RoPE information single tokens stand in for it. On SmolLM2 the attended form cuts MQA held-out
+  perplexity by about a quarter.
 
 Σ is the second moment of the layer's calibration inputs (with a constant 1 for biases). Per-head norms
 (q_norm/k_norm, Qwen3) make the key path nonlinear — a gain folded into the query rows would change the
@@ -24,6 +27,7 @@ from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.calibration import LayerStatistics
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.gqa import KvMerge
+from kvshrink.convert.gqa.attended import RotaryLayerStatistics, attended_moments
 from kvshrink.convert.gqa.grouping import output_metrics, query_weights, similar_groups
 from kvshrink.convert.gqa.heads import (
     augmented, fold_key_gains, input_moment, per_head, permute_kv_heads, rotary_pairs, rows_from_pairs, split_augmented,
@@ -59,25 +63,38 @@ def _shared_keys(attention: AttentionWeights, groups: int, moment: torch.Tensor)
     return shared, gains.reshape(attention.num_kv_heads, -1)
 
 
-def _shared_values(attention: AttentionWeights, groups: int, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shared value rows [groups * d, c] and the refit o_proj [hidden, H * d] for consecutive groups of heads."""
+def _shared_values(
+    attention: AttentionWeights, groups: int, moment: torch.Tensor, query_moments: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared value rows [groups * d, c] and the refit o_proj [hidden, H * d] for consecutive groups of heads.
+
+    `query_moments` [H, c, c], when given, is what each query head's values are averaged over (see `attended`):
+    the shared subspace then follows their mean over the group, and each head's o_proj is refit under its own.
+    """
     d, size = attention.head_dim, attention.num_kv_heads // groups
     values = per_head(augmented(attention.v, attention.v_bias), d)  # [KV, d, c]
     eigenvalues, vectors = torch.linalg.eigh(output_metrics(attention))
     roots = vectors @ torch.diag_embed(eigenvalues.clamp_min(0).sqrt()) @ vectors.mT
     stacked = (roots @ values).reshape(groups, size * d, -1)  # Z: [G, n*d, c]
-    energy, basis = torch.linalg.eigh(stacked @ moment @ stacked.mT)
+    group_of_query = torch.arange(attention.num_heads) // (attention.num_heads // groups)
+    if query_moments is None:
+        group_moments = moment.expand(groups, -1, -1)
+    else:
+        group_moments = torch.stack([query_moments[group_of_query == g].mean(dim=0) for g in range(groups)])
+    energy, basis = torch.linalg.eigh(stacked @ group_moments @ stacked.mT)
     energy, basis = energy[:, -d:], basis[:, :, -d:]
     usable = energy > 1e-12 * energy.amax(dim=-1, keepdim=True).clamp_min(1e-300)
     inverse_roots = torch.where(usable, energy.clamp_min(1e-300).rsqrt(), torch.zeros_like(energy))
-    shared = inverse_roots[..., None] * (basis.mT @ stacked)  # S: [G, d, c], whitened-orthonormal rows
+    shared = inverse_roots[..., None] * (basis.mT @ stacked)  # S: [G, d, c], orthonormal rows under the moment
     # Back to the source's value scale, so the new o_proj columns stay in range.
     value_scale = (torch.einsum("hdc,ce,hde->", values, moment, values) / (attention.num_kv_heads * d)).sqrt()
     shared = shared * value_scale
     outputs = attention.o.double().reshape(attention.o.shape[0], attention.num_heads, d).permute(1, 0, 2)
     source_value = values.repeat_interleave(attention.queries_per_kv_head, dim=0)  # [H, d, c]
-    group_of_query = torch.arange(attention.num_heads) // (attention.num_heads // groups)
-    refit = outputs @ source_value @ moment @ shared[group_of_query].mT / value_scale**2  # [H, hidden, d]
+    per_query = shared[group_of_query]  # [H, d, c]
+    metric = moment.expand(attention.num_heads, -1, -1) if query_moments is None else query_moments
+    gram = per_query @ metric @ per_query.mT  # [H, d, d]
+    refit = outputs @ source_value @ metric @ per_query.mT @ torch.linalg.pinv(gram, hermitian=True)
     return shared.reshape(groups * d, -1), refit.permute(1, 0, 2).reshape(attention.o.shape[0], -1)
 
 
@@ -98,11 +115,20 @@ def merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | Non
         pooled = mean_merge(permuted, groups).attention
         k, k_bias, q, q_bias = pooled.k, pooled.k_bias, permuted.q, permuted.q_bias
         key_merge = "mean (per-head q/k norms: a gain folded into queries would not be exact)"
-    values, o = _shared_values(permuted, groups, moment)
+    source_moments = attended_moments(attention, stats) if isinstance(stats, RotaryLayerStatistics) else None
+    query_moments = None
+    if source_moments is not None:
+        order = torch.tensor([h * permuted.queries_per_kv_head + t for members in head_groups for h in members
+                              for t in range(permuted.queries_per_kv_head)])  # fmt: skip
+        query_moments = source_moments[order]
+    values, o = _shared_values(permuted, groups, moment, query_moments)
     v, v_bias = split_augmented(values, permuted.v_bias is not None)
     merged = permuted.with_kv(
         q=q, q_bias=q_bias, k=k, k_bias=k_bias, v=v, v_bias=v_bias, o=o.float().contiguous(), num_kv_heads=groups
     )
     result = KvMerge(merged, head_groups, {"key_merge": key_merge})
     result.details.update(merge_errors(attention, result, moment))
+    if source_moments is not None:
+        attended_error = merge_errors(attention, result, moment, source_moments)
+        result.details["attended_value_rel_error"] = attended_error["value_rel_error"]
     return result

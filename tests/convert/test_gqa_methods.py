@@ -14,6 +14,7 @@ from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.calibration import LayerStatistics
 from kvshrink.convert.cli import convert_cli
 from kvshrink.convert.gqa import DEFAULT_METHOD, KvMerge, get_method, method_names, needs_calibration
+from kvshrink.convert.gqa.attended import RotaryLayerStatistics, attended_moments
 from kvshrink.convert.gqa.grouping import similar_groups
 from kvshrink.convert.gqa.heads import (
     augmented, input_moment, permute_kv_heads, rotary_pairs, rotate_keys, rotate_values,
@@ -236,6 +237,38 @@ def test_alignment_beats_averaging_unaligned_heads(rotated_copies, groups):
         assert errors["aligned"][objective] < 0.7 * errors["grouped"][objective]
         assert errors["aligned"][objective] < 0.7 * errors["mean"][objective]
     assert_output_aware_is_best(errors)
+
+
+def rotary_stats(model) -> list[RotaryLayerStatistics]:
+    inv_freq = model.model.rotary_emb.inv_freq.double()
+    return [RotaryLayerStatistics(s.inputs, inv_freq) for s in calibration_stats(model)]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_attended_moments_follow_the_stock_attention(model_type):
+    model = build_tiny_model(model_type, 8, 4, head_dim=16, attn_implementation="eager")
+    stats = rotary_stats(model)
+    tokens = torch.randint(3, 300, (4, 64), generator=torch.Generator().manual_seed(2))  # the tokens stats saw
+    with torch.no_grad():
+        probabilities = model(input_ids=tokens, output_attentions=True).attentions[1]  # [windows, H, T, T]
+    x = torch.cat([stats[1].inputs, torch.ones(*stats[1].inputs.shape[:2], 1)], dim=-1)
+    attended = probabilities @ x[:, None]  # [windows, H, T, c]
+    expected = torch.einsum("whtc,wthe->hce", attended, attended.transpose(1, 2)) / (4 * 64)
+    torch.testing.assert_close(attended_moments(layer_attention(model, 1), stats[1]).float(), expected, atol=1e-5, rtol=2e-3)
+
+
+def test_output_aware_fits_values_to_what_attention_averages():
+    model = tiny("llama")
+    tie_heads(model, [[0, 2], [1, 3]], noise=0.2, twist=True)
+    attention, stats = layer_attention(model, 1), rotary_stats(model)[1]
+    per_token = get_method("output-aware")(attention, 1, LayerStatistics(stats.inputs))
+    attended = get_method("output-aware")(attention, 1, stats)
+    moments = attended_moments(attention, stats)
+    assert attended.details["attended_value_rel_error"] == pytest.approx(
+        merge_errors(attention, attended, input_moment(stats), moments)["value_rel_error"]
+    )
+    before = merge_errors(attention, per_token, input_moment(stats), moments)["value_rel_error"]
+    assert attended.details["attended_value_rel_error"] < 0.9 * before
 
 
 @pytest.mark.parametrize("method", CALIBRATED)
