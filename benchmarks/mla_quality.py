@@ -33,6 +33,9 @@ ROWS = [
     ("rotate", "activation", False, "vllm", 64, 32),
     ("rotate", "activation", True, "vllm", 32, 32),
     ("rotate", "activation", True, "vllm", 64, 16),
+    ("rotate", "output", True, "transformers", 32, 32),
+    ("rotate", "output", True, "vllm", 32, 32),
+    ("rotate", "output", False, "transformers", 64, 32),
 ]
 
 

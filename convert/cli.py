@@ -166,8 +166,10 @@ def _size_or_word(text: str | None, word: str, option: str) -> int | str | None:
 @click.option("--rope-method", type=click.Choice(["rotate", "partial"]), default="rotate", show_default=True,
               help="rotate: RoRoPE, a complex unitary per frequency across KV heads concentrates key energy; "
                    "partial: keep the best (head, frequency) pairs as they are (MHA2MLA).")
-@click.option("--factorization", type=click.Choice(["activation", "weight"]), default="activation",
-              show_default=True, help="Joint K/V latent from the calibration-whitened SVD, or the plain weight SVD.")
+@click.option("--factorization", type=click.Choice(["activation", "output", "weight"]), default="activation",
+              show_default=True,
+              help="Joint K/V latent: SVD whitened by the calibration inputs (activation), also weighted by the "
+                   "queries and o_proj that read K and V (output), or the plain weight SVD (weight).")
 @click.option("--distance-aware/--no-distance-aware", default=True, show_default=True,
               help="Fold the source's average rotation over attended distances into pairs that lose RoPE, and "
                    "spend rope dims where a constant cannot stand in (fitted at 512-token context).")

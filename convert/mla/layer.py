@@ -67,6 +67,30 @@ def _rope_rows(pairs: torch.Tensor, interleave: bool) -> torch.Tensor:
     return to_interleaved(pairs) if interleave else to_rotate_half(pairs)
 
 
+def _output_metric(
+    nope_queries: torch.Tensor | None, o: torch.Tensor, targets: torch.Tensor, moment: torch.Tensor, group: torch.Tensor
+) -> torch.Tensor:
+    """Block-diagonal weight of the stacked [K_nope; V] rows of every KV group: the second moment of the queries
+    that read each key row (scaled by the softmax's 1/head_dim), o_proj's Gram matrix for each value row. Keys and
+    values are then balanced to carry equal weighted energy."""
+    kv_heads, rows, _ = targets.shape
+    d = o.shape[1] // len(group)
+    value_readers = o.double().reshape(o.shape[0], len(group), d).transpose(0, 1)  # [H, n, d]
+    blocks = torch.zeros(kv_heads, rows, rows, dtype=torch.float64)
+    nope = rows - d
+    for head, kv_head in enumerate(group.tolist()):
+        blocks[kv_head, nope:, nope:] += value_readers[head].T @ value_readers[head]
+        if nope_queries is not None:
+            blocks[kv_head, :nope, :nope] += nope_queries[head] @ moment @ nope_queries[head].T / d
+    covariance = targets @ moment @ targets.transpose(1, 2)  # [G, rows, rows]
+    if nope:
+        key_weight = sum(float((blocks[g, :nope, :nope] * covariance[g, :nope, :nope]).sum()) for g in range(kv_heads))
+        value_weight = sum(float((blocks[g, nope:, nope:] * covariance[g, nope:, nope:]).sum()) for g in range(kv_heads))
+        blocks[:, :nope, :nope] /= max(key_weight, 1e-300)
+        blocks[:, nope:, nope:] /= max(value_weight, 1e-300)
+    return torch.block_diag(*blocks)
+
+
 def convert_attention(
     attention: AttentionWeights,
     calibration: LayerCalibration,
@@ -105,7 +129,10 @@ def convert_attention(
     query_rows = torch.cat(query_parts, dim=1).reshape(heads * (shape.nope_dim + shape.rope_dim), -1) * scale
     targets = torch.cat(latent_parts, dim=1)  # [G, nope + d, n+1]
     stacked = targets.reshape(-1, targets.shape[-1])
-    latent = joint_latent(stacked, shape.kv_rank, factorization, moment)
+    metric = None
+    if factorization == "output":
+        metric = _output_metric(query_parts[0] if shape.nope_dim else None, attention.o, targets, moment, group)
+    latent = joint_latent(stacked, shape.kv_rank, factorization, moment, metric)
     alpha = latent_scale(latent.down, output.latent_eps, input_norm_bound)
     up = latent.up.reshape(kv_heads, -1, shape.kv_rank)[group].reshape(-1, shape.kv_rank)
     rope_key_rows = _rope_rows(rope_key, output.interleave)

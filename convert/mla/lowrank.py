@@ -14,7 +14,7 @@ import torch
 
 from kvshrink.convert.errors import KvshrinkError
 
-FACTORIZATIONS = ("weight", "activation")
+FACTORIZATIONS = ("weight", "activation", "output")
 
 
 @dataclass
@@ -23,8 +23,21 @@ class JointLatent:
     up: torch.Tensor  # [rows, R] every head's K_nope and V rows from the latent
 
 
-def joint_latent(targets: torch.Tensor, rank: int, factorization: str, moment: torch.Tensor) -> JointLatent:
-    """Best rank-`rank` factorization of `targets` [rows, n] under `factorization` ('weight' or 'activation')."""
+def joint_latent(
+    targets: torch.Tensor, rank: int, factorization: str, moment: torch.Tensor, output_metric: torch.Tensor | None = None
+) -> JointLatent:
+    """Best rank-`rank` factorization of `targets` [rows, n] under `factorization`.
+
+    'output' also weighs each output row by how much the model reads it (`output_metric` [rows, rows], positive
+    definite): for keys the queries' second moment, for values o_proj's Gram matrix, so the latent spends its
+    rank on the directions that change attention logits and the layer output, not on raw K/V energy.
+    """
+    if factorization == "output":
+        values, vectors = torch.linalg.eigh(output_metric)
+        values = values.clamp_min(values.max() * 1e-8)
+        root, inverse_root = (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
+        whitened = joint_latent(root @ targets, rank, "activation", moment)
+        return JointLatent(down=whitened.down, up=inverse_root @ whitened.up)
     if factorization == "activation":
         covariance = targets @ moment @ targets.T
     elif factorization == "weight":

@@ -330,3 +330,10 @@ def test_distance_gains_are_the_mean_rotation_under_the_source_attention():
     gains = distance_gains(attention, inputs, inv_freq)
     torch.testing.assert_close(gains, expected / (2 * length), rtol=0, atol=1e-5)
     assert (gains.abs() <= 1 + 1e-6).all() and gains[:, -1].abs().min() > gains[:, 0].abs().max()
+
+
+def test_output_weighted_factorization_is_exact_at_full_rank(tiny_source, tmp_path):
+    source = tiny_source("llama", 4, 2)
+    mha_to_mla(source, tmp_path / "out", rope_dim="all", kv_rank="full", target="transformers",
+               factorization="output", **QUICK)  # fmt: skip
+    assert (_logits(tmp_path / "out") - _logits(source)).abs().max() < 1e-3
