@@ -91,11 +91,12 @@ def markdown(results: list[dict], source: float, tokens: int) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        calibration = "—" if r["calibration_seconds"] is None else f"{r['calibration_seconds']:.0f}"
+        calibration = "n/r" if r["calibration_seconds"] is None else f"{r['calibration_seconds']:.0f}"
         lines.append(
             f"| {r['family']} | {r['method']} | {r['kv_fraction']:.0%} | {r['perplexity']:,.1f} | "
             f"{r['perplexity'] / source:,.1f} | {r['convert_seconds']:.0f} | {calibration} |"
         )
+    lines += ["", "n/r: the conversion reports no separate calibration time (mean-pooling calibrates nothing)."]
     return "\n".join(lines) + "\n"
 
 
