@@ -13,8 +13,8 @@ from kvshrink.convert.check import perplexity, token_windows
 from kvshrink.convert.cli import convert_cli
 from kvshrink.convert.corpora import corpus_text
 
-# Measured: source 11.4 and this conversion 24.3 on these held-out tokens (README, "MLA conversion").
-HELDOUT_PERPLEXITY_BOUND = 32.0
+# Measured 20.4 for this conversion on these 2048 held-out tokens (the source: about 11.4); a 27% margin.
+HELDOUT_PERPLEXITY_BOUND = 26.0
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def test_smollm2_mla_halves_the_cache_and_keeps_quality(smollm2_mla_dir, smollm2
     assert isinstance(model, DeepseekV3ForCausalLM)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_mla_dir)
     windows = token_windows(tokenizer, corpus_text("pydoc", "heldout"), 2048, 512)
-    assert perplexity(model, windows, progress=False) < HELDOUT_PERPLEXITY_BOUND
+    heldout = perplexity(model, windows, progress=False)
+    assert heldout < HELDOUT_PERPLEXITY_BOUND, f"held-out perplexity {heldout:.2f} (source {check['source_perplexity']})"
 
 
 def test_smollm2_mla_caches_latent_and_rope_key_and_generates(smollm2_mla_dir):
