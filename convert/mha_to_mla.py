@@ -263,10 +263,17 @@ def _plan(context: ConversionContext, options: MlaOptions) -> Rewrite:
     )  # fmt: skip
     bounds = [_input_norm_bound(context, layer, c.sample) for layer, c in enumerate(calibrations)]
 
+    free_slots = choose_slots([c.basis for c in calibrations], shape.rope_dim // 2, geometric=False)
+
     def convert_layer(layer: int, attention: AttentionWeights) -> LayerOutput:
         tensors, report = convert_attention(
             attention, calibrations[layer], slots, shape, output, options.factorization, bounds[layer]
         )
+        if serving:  # the share of the rope-selection score default RoPE's geometric frequencies give up
+            scores = calibrations[layer].basis.scores
+            kept = {name: float(scores[list(chosen.frequency), list(chosen.rank)].sum() / scores.sum())
+                    for name, chosen in (("free", free_slots), ("serving", slots))}  # fmt: skip
+            report["serving_rope_score_cost"] = kept["free"] - kept["serving"]
         prefix = f"{context.spec.layer_prefix.format(layer=layer)}self_attn."
         return LayerOutput({prefix + name: tensor for name, tensor in tensors.items()}, report)
 
@@ -322,8 +329,9 @@ def mha_to_mla(
     Size: exactly one of `kv_rank` (int or 'full'), `kv_budget` (fraction of the source KV bytes; picks the rank
     for the rope dim) or `mla_shape` ('512+64': rank + rope dim). `rope_dim` is an even int or 'all' (every
     rotary pair of every KV head: with kv_rank='full' and target='transformers' the output reproduces the source).
-    `target` 'vllm' (alias 'sglang') writes a checkpoint valid in vLLM, SGLang and transformers; 'transformers'
-    keeps exact per-pair frequencies, valid in transformers only. Returns the report also written to
+    `rope_method` 'rotate' or 'partial', `factorization` 'activation', 'output' or 'weight', `distance_aware`:
+    see `kvshrink.convert.mla`. `target` 'vllm' (alias 'sglang') writes a checkpoint valid in vLLM, SGLang and
+    transformers; 'transformers' keeps exact per-pair frequencies, valid in transformers only. Returns the report also written to
     OUT/kvshrink_report.json.
     """
     if rope_method not in ROPE_METHODS:
@@ -331,8 +339,11 @@ def mha_to_mla(
     if factorization not in FACTORIZATIONS:
         raise KvshrinkError(f"unknown factorization {factorization!r}: choose one of {', '.join(FACTORIZATIONS)}")
     deepseek.serving_target(target)
-    if calibration_tokens < 2:
-        raise KvshrinkError(f"--calibration-tokens {calibration_tokens} is too few: pass at least 512")
+    if calibration_tokens < CALIBRATION_WINDOW:
+        raise KvshrinkError(
+            f"--calibration-tokens {calibration_tokens} is less than one {CALIBRATION_WINDOW}-token window: pass at "
+            f"least {CALIBRATION_WINDOW}"
+        )
     options = MlaOptions(
         kv_rank=kv_rank, rope_dim=rope_dim, kv_budget=kv_budget, mla_shape=mla_shape, rope_method=rope_method,
         factorization=factorization, distance_aware=distance_aware, target=target, calibration=calibration,

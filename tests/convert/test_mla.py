@@ -186,6 +186,7 @@ def test_vllm_target_matches_an_independent_vllm_attention(tiny_source, tmp_path
     assert config["rope_interleave"] is True and config["attention_bias"] is False and config["rms_norm_eps"] == 1e-6
     assert report["valid_engines"] == ["transformers", "vllm", "sglang"] and report["target"] == "vllm"
     assert exact or any("rms_norm_eps set from 1e-05 to 1e-06" in note for note in report["notes"])
+    assert sum(layer["serving_rope_score_cost"] for layer in report["layers"]) >= -1e-9  # the free choice is optimal
     converted = _logits(tmp_path / "out")
     torch.testing.assert_close(_vllm_reference_logits(tmp_path / "out", TOKENS), converted, rtol=0, atol=2e-4)
     if exact:
