@@ -3,6 +3,7 @@
 Head i's output at query m is O_i V_h z_i(m), so E‖(O_i V_h − O'_i S) z_i‖² is exactly the error a value merge
 adds to the layer output while the attention pattern stays the source's. Per-token inputs weigh directions the
 softmax averages away as much as the ones it keeps (the attention sink, recent tokens); z does not.
+Keys are weighed the same way: a logit error matters in proportion to the attention its key receives.
 The source's attention is recomputed from the calibration inputs with its RoPE frequencies.
 """
 
@@ -36,8 +37,9 @@ def _rms_normed(heads: torch.Tensor, weight: torch.Tensor | None) -> torch.Tenso
 
 
 @torch.no_grad()
-def attended_moments(attention: AttentionWeights, stats: RotaryLayerStatistics) -> torch.Tensor:
-    """E[z_i z_iᵀ] for every query head i: [H, hidden + 1, hidden + 1] float64."""
+def attended_moments(attention: AttentionWeights, stats: RotaryLayerStatistics) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query head i, [H, hidden + 1, hidden + 1] float64 each: E[z_i z_iᵀ] (what its values are averaged
+    over) and E_m Σ_n a_i(m, n) x_n x_nᵀ (its keys, weighted by the attention they receive)."""
     heads, kv_heads, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
     inputs = stats.inputs[:_MAX_WINDOWS]
     windows, length, _ = inputs.shape
@@ -45,6 +47,7 @@ def attended_moments(attention: AttentionWeights, stats: RotaryLayerStatistics) 
     rotation = (torch.polar(torch.ones_like(angles), angles) * stats.attention_scaling).to(torch.complex64)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     moments = torch.zeros(heads, inputs.shape[-1] + 1, inputs.shape[-1] + 1, dtype=torch.float64)
+    key_moments = torch.zeros_like(moments)
     q_rows, k_rows = augmented(attention.q, attention.q_bias).float(), augmented(attention.k, attention.k_bias).float()
     half = d // 2
     for window in inputs:
@@ -57,4 +60,6 @@ def attended_moments(attention: AttentionWeights, stats: RotaryLayerStatistics) 
         weights = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # [H, T, T]
         attended = weights @ x  # [H, T, c]
         moments += (attended.mT @ attended).double()
-    return moments / (windows * length)
+        received = weights.sum(dim=1)  # [H, T]: attention each key position receives
+        key_moments += ((x.T * received[:, None]) @ x).double()
+    return moments / (windows * length), key_moments / (windows * length)

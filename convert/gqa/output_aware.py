@@ -5,8 +5,9 @@ Heads are first regrouped by similarity (exact permutation). Then, per group:
 - Keys, per rotary pair j: one shared complex key row s_j and a complex gain c_hj per source head, folded into
   that head's query rows as conj(c_hj). A complex gain commutes with RoPE, so each head's logits are exact
   at every relative position whenever k̃_hj = c_hj s_j·x holds. s_j minimizes the logit error
-  Σ_i ‖Σ^½ (q̃_ij k̃_hjᴴ − q̃'_ij s_jᴴ) Σ^½‖² over the group's queries: the top eigenvector of the
-  query-energy-weighted key Gram matrix (a |group|×|group| Hermitian eigenproblem per pair).
+  Σ_i ‖Σ^½ (q̃_ij k̃_hjᴴ − q̃'_ij s_jᴴ) Σ_k^½‖² over the group's queries: the top eigenvector of the
+  query-energy-weighted key Gram matrix (a |group|×|group| Hermitian eigenproblem per pair). Σ_k weighs key
+  tokens by the attention they receive in the source (see `attended`), or equals Σ without RoPE information.
 - Values: the shared d-dimensional value map S minimizing Σ_i E‖O_i V_h z_i − O'_i S z_i‖² over the group's
   query heads — a rank-d reduced-rank regression, solved by an eigenproblem of size |group|·d — and the
   least-squares refit of every query head's o_proj columns. z_i is what head i's attention averages (its
@@ -39,21 +40,25 @@ NEEDS_CALIBRATION = True
 FOLDS_KEY_GAINS = True
 
 
-def _shared_keys(attention: AttentionWeights, groups: int, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shared key pairs [groups, J, c] and per-source-head gains [KV, J] for consecutive groups of heads."""
+def _shared_keys(
+    attention: AttentionWeights, groups: int, moment: torch.Tensor, key_moments: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared key pairs [groups, J, c] and per-source-head gains [KV, J] for consecutive groups of heads.
+
+    Queries are weighed by the input moment, keys by `key_moments` [G, c, c] (one per group)."""
     keys = rotary_pairs(augmented(attention.k, attention.k_bias), attention.head_dim)
     size = attention.num_kv_heads // groups
     weights = query_weights(attention, moment).reshape(groups, size, -1)  # [G, n, J]
     grouped = keys.reshape(groups, size, *keys.shape[1:])  # [G, n, J, c]
-    sigma = moment.to(torch.complex128)
+    sigma = key_moments.to(torch.complex128)
     roots = weights.sqrt().to(torch.complex128)
     weighted = grouped * roots[..., None]
-    gram = torch.einsum("ganc,cd,gbnd->gnab", weighted, sigma, weighted.conj())  # [G, J, n, n]
+    gram = torch.einsum("ganc,gcd,gbnd->gnab", weighted, sigma, weighted.conj())  # [G, J, n, n]
     eigenvalues, vectors = torch.linalg.eigh(gram)
     top, vector = eigenvalues[..., -1].clamp_min(0), vectors[..., -1]  # [G, J], [G, J, n]
     coefficients = vector.conj() * roots.permute(0, 2, 1) / top.sqrt().clamp_min(1e-30)[..., None]
     shared = torch.einsum("gja,gajc->gjc", coefficients, grouped)
-    gains = torch.einsum("gajc,cd,gjd->gaj", grouped, sigma, shared.conj())
+    gains = torch.einsum("gajc,gcd,gjd->gaj", grouped, sigma, shared.conj())
     # Keep the shared key at the heads' (query-weighted) scale: the softmax does not care, bf16 does.
     scale = ((weights * gains.abs() ** 2).sum(1) / weights.sum(1).clamp_min(1e-30)).sqrt()  # [G, J]
     usable = top > 1e-30 * eigenvalues.abs().amax(dim=-1).clamp_min(1e-300)
@@ -106,8 +111,18 @@ def merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | Non
     moment = input_moment(stats)
     head_groups = similar_groups(attention, groups, moment)
     permuted = permute_kv_heads(attention, [h for members in head_groups for h in members])
+    value_moments = key_moments = source_moments = None
+    if isinstance(stats, RotaryLayerStatistics):
+        source_moments = attended_moments(attention, stats)
+        order = torch.tensor([h * permuted.queries_per_kv_head + t for members in head_groups for h in members
+                              for t in range(permuted.queries_per_kv_head)])  # fmt: skip
+        value_moments, key_moments = (moments[order] for moments in source_moments)
     if permuted.q_norm is None and permuted.k_norm is None:
-        shared, gains = _shared_keys(permuted, groups, moment)
+        if key_moments is None:
+            group_key_moments = moment.expand(groups, -1, -1)
+        else:
+            group_key_moments = key_moments.reshape(groups, -1, *key_moments.shape[1:]).mean(dim=1)
+        shared, gains = _shared_keys(permuted, groups, moment, group_key_moments)
         k, k_bias = split_augmented(rows_from_pairs(shared), permuted.k_bias is not None)
         q, q_bias = fold_key_gains(permuted, gains)
         key_merge = "rope-exact complex gains, query-weighted least squares"
@@ -115,13 +130,7 @@ def merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | Non
         pooled = mean_merge(permuted, groups).attention
         k, k_bias, q, q_bias = pooled.k, pooled.k_bias, permuted.q, permuted.q_bias
         key_merge = "mean (per-head q/k norms: a gain folded into queries would not be exact)"
-    source_moments = attended_moments(attention, stats) if isinstance(stats, RotaryLayerStatistics) else None
-    query_moments = None
-    if source_moments is not None:
-        order = torch.tensor([h * permuted.queries_per_kv_head + t for members in head_groups for h in members
-                              for t in range(permuted.queries_per_kv_head)])  # fmt: skip
-        query_moments = source_moments[order]
-    values, o = _shared_values(permuted, groups, moment, query_moments)
+    values, o = _shared_values(permuted, groups, moment, value_moments)
     v, v_bias = split_augmented(values, permuted.v_bias is not None)
     merged = permuted.with_kv(
         q=q, q_bias=q_bias, k=k, k_bias=k_bias, v=v, v_bias=v_bias, o=o.float().contiguous(), num_kv_heads=groups
@@ -129,6 +138,6 @@ def merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | Non
     result = KvMerge(merged, head_groups, {"key_merge": key_merge})
     result.details.update(merge_errors(attention, result, moment))
     if source_moments is not None:
-        attended_error = merge_errors(attention, result, moment, source_moments)
+        attended_error = merge_errors(attention, result, moment, source_moments[0])
         result.details["attended_value_rel_error"] = attended_error["value_rel_error"]
     return result

@@ -253,8 +253,11 @@ def test_attended_moments_follow_the_stock_attention(model_type):
         probabilities = model(input_ids=tokens, output_attentions=True).attentions[1]  # [windows, H, T, T]
     x = torch.cat([stats[1].inputs, torch.ones(*stats[1].inputs.shape[:2], 1)], dim=-1)
     attended = probabilities @ x[:, None]  # [windows, H, T, c]
-    expected = torch.einsum("whtc,wthe->hce", attended, attended.transpose(1, 2)) / (4 * 64)
-    torch.testing.assert_close(attended_moments(layer_attention(model, 1), stats[1]).float(), expected, atol=1e-5, rtol=2e-3)
+    expected_values = torch.einsum("whtc,whte->hce", attended, attended) / (4 * 64)
+    expected_keys = torch.einsum("whmn,wnc,wne->hce", probabilities, x, x) / (4 * 64)
+    values, keys = attended_moments(layer_attention(model, 1), stats[1])
+    torch.testing.assert_close(values.float(), expected_values, atol=1e-5, rtol=2e-3)
+    torch.testing.assert_close(keys.float(), expected_keys, atol=1e-5, rtol=2e-3)
 
 
 def test_output_aware_fits_values_to_what_attention_averages():
@@ -263,7 +266,7 @@ def test_output_aware_fits_values_to_what_attention_averages():
     attention, stats = layer_attention(model, 1), rotary_stats(model)[1]
     per_token = get_method("output-aware")(attention, 1, LayerStatistics(stats.inputs))
     attended = get_method("output-aware")(attention, 1, stats)
-    moments = attended_moments(attention, stats)
+    moments = attended_moments(attention, stats)[0]
     assert attended.details["attended_value_rel_error"] == pytest.approx(
         merge_errors(attention, attended, input_moment(stats), moments)["value_rel_error"]
     )
