@@ -97,7 +97,7 @@ def main() -> None:
         shutil.rmtree(workdir / "copy")
         convert = shutil.which("convert", path=str(Path(os.sys.executable).parent)) or "convert"
         convert_seconds, peak_rss = timed(
-            [convert, "mha-to-gqa", "--groups", str(args.groups), "--no-check", str(source), str(workdir / "gqa")]
+            [convert, "mha-to-gqa", "--groups", str(args.groups), "--method", "mean", "--no-check", str(source), str(workdir / "gqa")]
         )
         print(f"shape {args.shape}: {size / 1e9:.2f} GB of bf16 shards, groups {args.groups}")
         print(f"plain copy          {copy_seconds:8.1f} s")
