@@ -66,7 +66,10 @@ def compare_perplexity(
     windows = token_windows(load_tokenizer(source), text, max_tokens, window)
     result: dict[str, Any] = {"tokens": sum(w.numel() for w in windows), "window": window}
     for label, folder in (("source", source), ("converted", converted)):
-        model = load_causal_lm(folder)
-        result[f"{label}_perplexity"] = round(perplexity(model, windows, f"check {label}", progress), 4)
-        del model
+        result[f"{label}_perplexity"] = folder_perplexity(folder, windows, f"check {label}", progress)
     return result
+
+
+def folder_perplexity(folder: Path, windows: list[torch.Tensor], desc: str = "perplexity", progress: bool = True) -> float:
+    """Perplexity of the model in `folder` (loaded for this call only), rounded for reports."""
+    return round(perplexity(load_causal_lm(folder), windows, desc, progress), 4)

@@ -205,6 +205,12 @@ def mha_to_mla_command(source, out, kv_budget, kv_rank, mla_shape, rope_dim, rop
                f"valid in {', '.join(report['valid_engines'])}")
     for note in report["notes"]:
         click.echo(f"  note: {note}")
+    other = report.get("check", {}).get("other_target")
+    if other and "refused" in other:
+        click.echo(f"  --target {other['target']} is impossible for this source: {other['refused']}")
+    elif other:
+        click.echo(f"  --target {other['target']} would give perplexity {other['perplexity']:.3f}: the serving "
+                   f"constraint costs {report['check']['serving_perplexity_cost']:+.3f} perplexity")
 
 
 kvshrink_cli.add_command(convert_cli, name="convert")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from kvshrink.convert.attention import AttentionWeights, HeadCounts, read_attention
 from kvshrink.convert.calibration import collect_statistics
-from kvshrink.convert.check import compare_perplexity, load_tokenizer
+from kvshrink.convert.check import compare_perplexity, folder_perplexity, load_tokenizer, token_windows
 from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.mla import deepseek
@@ -229,7 +230,19 @@ def _output_format(context: ConversionContext, serving: bool, layers: list[Atten
     )  # fmt: skip
 
 
-def _plan(context: ConversionContext, options: MlaOptions) -> Rewrite:
+class _CalibrationMemo:
+    """One source's calibration, shared by the conversions to both targets (nothing in it depends on the target)."""
+
+    def __init__(self) -> None:
+        self.layers: list[LayerCalibration] | None = None
+
+    def get(self, context: ConversionContext, options: MlaOptions, inv_freq: torch.Tensor) -> list[LayerCalibration]:
+        if self.layers is None:
+            self.layers = _calibrate(context, options, inv_freq)
+        return self.layers
+
+
+def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMemo) -> Rewrite:
     _refuse_unsupported(context)
     serving = deepseek.serving_target(options.target)
     counts, config = context.counts, context.checkpoint.config
@@ -242,7 +255,7 @@ def _plan(context: ConversionContext, options: MlaOptions) -> Rewrite:
     layers = [read_attention(context.checkpoint, context.spec, layer, counts) for layer in range(counts.num_layers)]
     has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in layers for p in ("k", "v"))
     shape = resolve_shape(counts, options, serving, counts.hidden_size + (has_bias and not serving))
-    calibrations = _calibrate(context, options, inv_freq)
+    calibrations = memo.get(context, options, inv_freq)
     slots = choose_slots([c.basis for c in calibrations], shape.rope_dim // 2, geometric=serving)
     rope_biases = [rope_bias(a, c.basis, slots) for a, c in zip(layers, calibrations)]
     output = _output_format(context, serving, layers, rope_biases)
@@ -303,6 +316,43 @@ def _plan(context: ConversionContext, options: MlaOptions) -> Rewrite:
     return Rewrite(method=method, config=target_config, convert_layer=convert_layer, summary=summary)
 
 
+OTHER_TARGET = {"vllm": "transformers", "sglang": "transformers", "transformers": "vllm"}
+
+
+def _check_both_targets(
+    source: Path, converted: Path, *, options: MlaOptions, memo: _CalibrationMemo, text: str, check_tokens: int,
+    allow_pickle: bool,
+) -> dict[str, Any]:
+    """Source vs converted perplexity, plus the other target's: what the serving constraint costs (or saves).
+
+    The other target is converted from the same calibration into a scratch folder inside the staging output, so
+    it is gone on success, on error and on Ctrl-C alike; when that target refuses this source, the reason is
+    recorded instead.
+    """
+    result = compare_perplexity(source, converted, text=text, max_tokens=check_tokens, progress=options.progress)
+    other = OTHER_TARGET[options.target]
+    entry: dict[str, Any] = {"target": other, "valid_engines": deepseek.valid_engines(other)}
+    with tempfile.TemporaryDirectory(prefix=".other-target-", dir=converted) as scratch:
+        other_out = Path(scratch) / "model"
+        try:
+            run_conversion(
+                source, other_out, partial(_plan, options=replace(options, target=other), memo=memo),
+                allow_pickle=allow_pickle, progress=options.progress,
+            )  # fmt: skip
+        except KvshrinkError as refusal:
+            entry["refused"] = str(refusal)
+        else:
+            windows = token_windows(load_tokenizer(source), text, check_tokens, result["window"])
+            entry["perplexity"] = folder_perplexity(other_out, windows, f"check {other}", options.progress)
+            if other == "transformers":
+                serving, exact = result["converted_perplexity"], entry["perplexity"]
+            else:
+                serving, exact = entry["perplexity"], result["converted_perplexity"]
+            result["serving_perplexity_cost"] = round(serving - exact, 4)
+    result["other_target"] = entry
+    return result
+
+
 def mha_to_mla(
     source: str | Path,
     out: str | Path,
@@ -331,8 +381,9 @@ def mha_to_mla(
     rotary pair of every KV head: with kv_rank='full' and target='transformers' the output reproduces the source).
     `rope_method` 'rotate' or 'partial', `factorization` 'activation', 'output' or 'weight', `distance_aware`:
     see `kvshrink.convert.mla`. `target` 'vllm' (alias 'sglang') writes a checkpoint valid in vLLM, SGLang and
-    transformers; 'transformers' keeps exact per-pair frequencies, valid in transformers only. Returns the report also written to
-    OUT/kvshrink_report.json.
+    transformers; 'transformers' keeps exact per-pair frequencies, valid in transformers only. `check` scores the
+    source, the output and the other target (built from the same calibration in a scratch folder, then deleted)
+    on `check_tokens` calibration tokens. Returns the report also written to OUT/kvshrink_report.json.
     """
     if rope_method not in ROPE_METHODS:
         raise KvshrinkError(f"unknown rope method {rope_method!r}: choose one of {', '.join(ROPE_METHODS)}")
@@ -349,10 +400,14 @@ def mha_to_mla(
         factorization=factorization, distance_aware=distance_aware, target=target, calibration=calibration,
         calibration_tokens=calibration_tokens, progress=progress,
     )  # fmt: skip
+    memo = _CalibrationMemo()
     checker = None
     if check:
-        checker = partial(compare_perplexity, text=calibration_text(calibration), max_tokens=check_tokens, progress=progress)
+        checker = partial(
+            _check_both_targets, options=options, memo=memo, text=calibration_text(calibration),
+            check_tokens=check_tokens, allow_pickle=allow_pickle,
+        )  # fmt: skip
     return run_conversion(
-        source, out, partial(_plan, options=options), overwrite=overwrite, out_shard_size=out_shard_size,
+        source, out, partial(_plan, options=options, memo=memo), overwrite=overwrite, out_shard_size=out_shard_size,
         allow_pickle=allow_pickle, check=checker, progress=progress,
     )  # fmt: skip

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, DynamicCac
 
 from kvshrink.convert.cli import convert_cli
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert import mha_to_mla as mha_to_mla_module
 from kvshrink.convert.mha_to_mla import mha_to_mla
 
 TOKENS = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -209,6 +210,37 @@ def test_vllm_target_folds_no_rope_key_bias_and_refuses_what_it_cannot_carry(tin
     assert not (tmp_path / "refused").exists()
 
 
+def test_check_scores_both_targets_from_one_calibration_and_leaves_nothing_behind(tiny_source, tmp_path, monkeypatch):
+    source = tiny_source("mistral", 4, 1, rms_norm_eps=1e-6)  # MQA: both targets are exact at full rank
+    calibrations = []
+    calibrate = mha_to_mla_module._calibrate
+    monkeypatch.setattr(mha_to_mla_module, "_calibrate", lambda *args: calibrations.append(1) or calibrate(*args))
+    checked = dict(QUICK, check=True, check_tokens=512)
+    report = mha_to_mla(source, tmp_path / "out", rope_dim="all", kv_rank="full", target="transformers", **checked)
+    check = report["check"]
+    assert len(calibrations) == 1
+    assert check["other_target"]["target"] == "vllm" and check["other_target"]["valid_engines"][1:] == ["vllm", "sglang"]
+    assert check["converted_perplexity"] == pytest.approx(check["source_perplexity"], rel=1e-4)
+    assert check["other_target"]["perplexity"] == pytest.approx(check["source_perplexity"], rel=1e-4)
+    assert check["serving_perplexity_cost"] == pytest.approx(check["other_target"]["perplexity"] - check["converted_perplexity"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "tiny-0"]
+    assert not any(path.name.startswith(".") for path in (tmp_path / "out").iterdir())
+
+    gqa = tiny_source("llama", 4, 2)  # every rotary pair of 2 KV heads: more than one component per frequency
+    report = mha_to_mla(gqa, tmp_path / "gqa", rope_dim="all", kv_rank="full", target="transformers", **checked)
+    assert "rope dims" in report["check"]["other_target"]["refused"] and "serving_perplexity_cost" not in report["check"]
+    report = mha_to_mla(gqa, tmp_path / "gqa-vllm", kv_budget=0.5, **checked)
+    assert report["check"]["other_target"]["target"] == "transformers" and report["check"]["other_target"]["perplexity"] > 1
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mha_to_mla_module, "folder_perplexity", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mha_to_mla(source, tmp_path / "interrupted", kv_budget=0.5, **checked)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["gqa", "gqa-vllm", "out", "tiny-0", "tiny-1"]
+
+
 def test_report_records_shape_budget_and_per_layer_errors(tiny_source, tmp_path):
     source = tiny_source("llama", 4, 2)
     report = mha_to_mla(source, tmp_path / "out", kv_budget=0.25, rope_dim=4, **QUICK)
@@ -296,6 +328,7 @@ def test_cli_converts_and_reports_errors_in_one_line(tiny_source, tmp_path):
     assert result.exit_code == 0, result.output
     assert "DeepseekV3ForCausalLM" in result.output and "valid in transformers, vllm, sglang" in result.output
     assert "(50.0% of the source" in result.output and "perplexity on" in result.output
+    assert "--target transformers would give perplexity" in result.output and "serving constraint costs" in result.output
     result = runner.invoke(convert_cli, ["mha-to-mla", str(source), str(tmp_path / "bad"), "--kv-rank", "lots"])
     assert result.exit_code == 2 and "neither a whole number nor 'full'" in result.output
     result = runner.invoke(convert_cli, ["mha-to-mla", str(source), str(tmp_path / "bad"), "--kv-budget", "2"])

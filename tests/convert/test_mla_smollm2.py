@@ -36,6 +36,7 @@ def test_smollm2_mla_halves_the_cache_and_keeps_quality(smollm2_mla_dir, smollm2
     assert all(layer["latent_norm_error"] < 1e-6 for layer in report["layers"])
     check = report["check"]
     assert check["converted_perplexity"] < 3 * check["source_perplexity"]
+    assert check["other_target"]["target"] == "transformers" and check["other_target"]["perplexity"] < 3 * check["source_perplexity"]
     model = AutoModelForCausalLM.from_pretrained(smollm2_mla_dir)
     assert isinstance(model, DeepseekV3ForCausalLM)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_mla_dir)
