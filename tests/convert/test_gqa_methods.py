@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_tiny_model
+from tiny_checkpoints import build_tiny_model
 
 from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.calibration import LayerStatistics

@@ -38,7 +38,7 @@ def test_run_writes_lm_eval_results_and_kvshrink_metadata(run_dir, tiny_models):
             if task.endswith("_cloze"):
                 assert 0 <= scores["acc,none"] <= 1 and scores["acc_stderr,none"] >= 0
             else:
-                # A random byte model knows nothing: about one byte of 257 symbols per byte, ~8 bits.
+                # A random byte model knows nothing: about one token of 300 per byte, ~8 bits.
                 assert 6 < scores["bits_per_byte,none"] < 10
         metadata = json.loads((run_dir / name / "kvshrink.json").read_text())
         config = json.loads((tiny_models[name] / "config.json").read_text())

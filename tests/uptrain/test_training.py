@@ -40,7 +40,7 @@ def test_distill_loss_is_zero_for_identical_logits_and_positive_otherwise():
 
 def test_loss_falls_on_a_repeated_batch(tmp_path, tiny_llama_dir, write_recipe):
     text = tmp_path / "one_block.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    text.write_text("The quick brown fox jumps over the lazy dog.")  # one 32-token block of bytes
     report = uptrain(load_recipe(write_recipe(
         model=str(tiny_llama_dir), data=[{"path": str(text)}], validation={"sources": [{"path": str(text)}]},
         micro_batch_size=1, max_steps=12, optimizer={"lr": 1e-2}, schedule={"kind": "constant"},
