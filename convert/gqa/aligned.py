@@ -17,12 +17,9 @@ import torch
 
 from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.calibration import LayerStatistics
-from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.gqa import KvMerge
-from kvshrink.convert.gqa.grouping import similar_groups
-from kvshrink.convert.gqa.heads import (
-    augmented, input_moment, per_head, permute_kv_heads, rotary_pairs, rotate_keys, rotate_values,
-)  # fmt: skip
+from kvshrink.convert.gqa.grouping import regroup_similar_heads
+from kvshrink.convert.gqa.heads import augmented, per_head, rotary_pairs, rotate_keys, rotate_values
 from kvshrink.convert.gqa.mean import merge as mean_merge
 from kvshrink.convert.gqa.objectives import merge_errors
 
@@ -58,11 +55,7 @@ def _value_rotations(attention: AttentionWeights, groups: int, moment: torch.Ten
 
 def merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | None) -> KvMerge:
     """Regroup by similarity, rotate each head onto its group (exactly), then mean-pool each group's K and V."""
-    if stats is None:
-        raise KvshrinkError("Procrustes alignment needs calibration statistics: pass stats from collect_statistics")
-    moment = input_moment(stats)
-    head_groups = similar_groups(attention, groups, moment)
-    aligned = permute_kv_heads(attention, [h for members in head_groups for h in members])
+    aligned, head_groups, moment = regroup_similar_heads(attention, groups, stats, "Procrustes alignment")
     aligned = rotate_values(aligned, _value_rotations(aligned, groups, moment))
     if aligned.q_norm is None and aligned.k_norm is None:
         aligned = rotate_keys(aligned, _key_phases(aligned, groups, moment))

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.calibration import LayerStatistics
-from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.gqa import KvMerge
-from kvshrink.convert.gqa.grouping import similar_groups
-from kvshrink.convert.gqa.heads import input_moment, permute_kv_heads
+from kvshrink.convert.gqa.grouping import regroup_similar_heads
 from kvshrink.convert.gqa.mean import merge as mean_merge
 from kvshrink.convert.gqa.objectives import merge_errors
 
@@ -22,11 +20,7 @@ FOLDS_KEY_GAINS = False
 
 def merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | None) -> KvMerge:
     """Mean-pool the KV heads of each group of similar heads found on the calibration inputs in `stats`."""
-    if stats is None:
-        raise KvshrinkError("grouping by similarity needs calibration statistics: pass stats from collect_statistics")
-    moment = input_moment(stats)
-    head_groups = similar_groups(attention, groups, moment)
-    permuted = permute_kv_heads(attention, [h for members in head_groups for h in members])
+    permuted, head_groups, moment = regroup_similar_heads(attention, groups, stats, "grouping by similarity")
     result = KvMerge(mean_merge(permuted, groups).attention, head_groups)
     result.details.update(merge_errors(attention, result, moment))
     return result

@@ -15,7 +15,11 @@ from collections.abc import Callable
 import torch
 
 from kvshrink.convert.attention import AttentionWeights
-from kvshrink.convert.gqa.heads import augmented, consecutive_groups, per_head, rotary_pairs
+from kvshrink.convert.calibration import LayerStatistics
+from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.gqa.heads import (
+    augmented, consecutive_groups, input_moment, per_head, permute_kv_heads, rotary_pairs,
+)  # fmt: skip
 
 # Partitions beyond this count are searched by pairwise swaps from the stock grouping instead of exhaustively.
 _EXHAUSTIVE_LIMIT = 2000
@@ -106,6 +110,18 @@ def similar_groups(attention: AttentionWeights, groups: int, moment: torch.Tenso
         if not improved:
             break
     return sorted(list(g) for g in partition)
+
+
+def regroup_similar_heads(
+    attention: AttentionWeights, groups: int, stats: LayerStatistics | None, method: str
+) -> tuple[AttentionWeights, list[list[int]], torch.Tensor]:
+    """(layer with each group's KV heads made consecutive, the groups of source heads, input moment): the first
+    step of the calibrated methods. `method` names the caller in the error raised when `stats` is missing."""
+    if stats is None:
+        raise KvshrinkError(f"{method} needs calibration statistics: pass stats from collect_statistics")
+    moment = input_moment(stats)
+    head_groups = similar_groups(attention, groups, moment)
+    return permute_kv_heads(attention, [h for members in head_groups for h in members]), head_groups, moment
 
 
 def _cached(function: Callable[[tuple[int, ...]], float]) -> Callable[[tuple[int, ...]], float]:

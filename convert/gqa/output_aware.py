@@ -26,12 +26,11 @@ import torch
 
 from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.calibration import LayerStatistics
-from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.gqa import KvMerge
 from kvshrink.convert.gqa.attended import RotaryLayerStatistics, attended_moments
-from kvshrink.convert.gqa.grouping import output_metrics, query_weights, similar_groups
+from kvshrink.convert.gqa.grouping import output_metrics, query_weights, regroup_similar_heads
 from kvshrink.convert.gqa.heads import (
-    augmented, fold_key_gains, input_moment, per_head, permute_kv_heads, rotary_pairs, rows_from_pairs, split_augmented,
+    augmented, fold_key_gains, per_head, rotary_pairs, rows_from_pairs, split_augmented,
 )  # fmt: skip
 from kvshrink.convert.gqa.mean import merge as mean_merge
 from kvshrink.convert.gqa.objectives import merge_errors
@@ -106,11 +105,7 @@ def _shared_values(
 def merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | None) -> KvMerge:
     """Regroup the KV heads by similarity, then merge each group into the K and V that best keep its logits
     and o_proj output on the calibration inputs in `stats`."""
-    if stats is None:
-        raise KvshrinkError("the output-aware merge needs calibration statistics: pass stats from collect_statistics")
-    moment = input_moment(stats)
-    head_groups = similar_groups(attention, groups, moment)
-    permuted = permute_kv_heads(attention, [h for members in head_groups for h in members])
+    permuted, head_groups, moment = regroup_similar_heads(attention, groups, stats, "the output-aware merge")
     value_moments = key_moments = source_moments = None
     if isinstance(stats, RotaryLayerStatistics):
         source_moments = attended_moments(attention, stats)
