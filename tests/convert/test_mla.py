@@ -92,6 +92,23 @@ def test_longrope_frequencies_are_the_source_frequencies(tiny_source, tmp_path):
     torch.testing.assert_close(target_freq, source_freq[[slot["source_frequency"] for slot in slots]], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("rope_dim", [4, 8, 16])
+def test_vllm_rope_theta_runs_each_slot_at_the_source_frequency_the_report_names(tiny_source, tmp_path, rope_dim):
+    source = tiny_source("llama", 4, 2, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    report = mha_to_mla(source, tmp_path / "out", kv_budget=0.5, rope_dim=rope_dim, distance_aware=False, **QUICK)
+    model = _load(tmp_path / "out")
+    assert model.config.rope_parameters["rope_type"] == "default" and model.model.rotary_emb.attention_scaling == 1.0
+    target_freq = model.model.rotary_emb.inv_freq.double()
+    source_freq = _load(source).model.rotary_emb.inv_freq.double()
+    slots = report["mla"]["rope_slots"]
+    chosen = [slot["source_frequency"] for slot in slots]
+    torch.testing.assert_close(target_freq, torch.tensor([slot["inv_freq"] for slot in slots], dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(target_freq, source_freq[chosen], rtol=1e-6, atol=0)
+    step = chosen[1] - chosen[0] if len(chosen) > 1 else 1
+    assert chosen == list(range(0, step * len(chosen), step))  # geometric from frequency 1, one component each
+    assert rope_dim < 16 or chosen == list(range(8))
+
+
 def _deinterleave(config, tensors):
     """The same checkpoint with rope dims in rotate-half order (rope_interleave = False)."""
     rope, nope, heads = config["qk_rope_head_dim"], config["qk_nope_head_dim"], config["num_attention_heads"]
