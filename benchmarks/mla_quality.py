@@ -41,8 +41,8 @@ ROWS = [
 
 def _reuse_calibration() -> None:
     """Every row calibrates on the same text: run the source and measure its attention distances once."""
-    statistics, gains = {}, {}
-    collect, measure = conversion.collect_statistics, conversion.distance_gains
+    statistics, distances = {}, {}
+    collect, measure = conversion.collect_statistics, conversion.attention_distances
 
     def collect_once(*args):
         if not statistics:
@@ -51,11 +51,11 @@ def _reuse_calibration() -> None:
 
     def measure_once(attention, inputs, inv_freq):
         key = (id(inputs), attention.q.sum().item())
-        if key not in gains:
-            gains[key] = measure(attention, inputs, inv_freq)
-        return gains[key]
+        if key not in distances:
+            distances[key] = measure(attention, inputs, inv_freq)
+        return distances[key]
 
-    conversion.collect_statistics, conversion.distance_gains = collect_once, measure_once
+    conversion.collect_statistics, conversion.attention_distances = collect_once, measure_once
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.mla import deepseek
 from kvshrink.convert.mla.complex_heads import augmented, to_complex
-from kvshrink.convert.mla.distance import distance_gains
+from kvshrink.convert.mla.distance import attention_distances, rotation_gains
 from kvshrink.convert.mla.layer import LayerCalibration, MlaShape, OutputFormat, convert_attention, rope_bias
 from kvshrink.convert.mla.lowrank import FACTORIZATIONS
 from kvshrink.convert.mla.rope import ROPE_METHODS, choose_slots, rope_basis
@@ -182,8 +182,10 @@ def _calibrate(context: ConversionContext, options: MlaOptions, inv_freq: torch.
         flat = statistics[layer].flat_inputs.double()
         flat = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], dim=1)
         moment = flat.T @ flat / flat.shape[0]
+        distances = None
         if options.distance_aware:
-            gains = distance_gains(attention, inputs, inv_freq)
+            distances = attention_distances(attention, inputs, inv_freq)
+            gains = rotation_gains(distances, inv_freq)
             position_loss = 1 - gains.abs() ** 2
         else:  # a pair that loses RoPE is read as if at distance 0, and every pair's position signal counts fully
             gains = torch.ones(counts.num_heads, counts.head_dim // 2, dtype=torch.complex128)
@@ -192,7 +194,7 @@ def _calibrate(context: ConversionContext, options: MlaOptions, inv_freq: torch.
         keys = to_complex(augmented(attention.k, attention.k_bias), counts.num_kv_heads, counts.head_dim)
         basis = rope_basis(options.rope_method, queries, keys, moment, position_loss)
         sample = flat[torch.linspace(0, flat.shape[0] - 1, min(_LINEARIZATION_SAMPLE, flat.shape[0])).long()]
-        calibrations.append(LayerCalibration(moment=moment, sample=sample, gains=gains, basis=basis))
+        calibrations.append(LayerCalibration(moment=moment, sample=sample, gains=gains, distances=distances, basis=basis))
         statistics[layer] = None  # free the layer's raw inputs
     return calibrations
 
@@ -280,7 +282,7 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
 
     def convert_layer(layer: int, attention: AttentionWeights) -> LayerOutput:
         tensors, report = convert_attention(
-            attention, calibrations[layer], slots, shape, output, options.factorization, bounds[layer]
+            attention, calibrations[layer], slots, shape, output, options.factorization, bounds[layer], inv_freq
         )
         if serving:  # the share of the rope-selection score default RoPE's geometric frequencies give up
             scores = calibrations[layer].basis.scores

@@ -4,7 +4,8 @@ Score of query head h with its KV head g, per rotary pair j, is Re(q_hj · conj(
 rope basis (see `rope`) z_gj = Σ_c conj(U_j[c, g]) z'_cj, so:
 - kept components go to the shared rope key as z'_cj, with U_j[c, g(h)]·q_hj as head h's rope query;
 - the rest stay per KV group as the residual Σ_{c not kept} conj(U_j[c, g]) z'_cj (head_dim no-RoPE key dims),
-  met by γ_hj·q_hj (γ = 1 without distance awareness);
+  met by γ_hj·q_hj (γ = 1 without distance awareness); with distance awareness, the part of a dropped
+  component that a kept slot's key explains rides on that slot instead (`fold`);
 - the residual keys and the values of all groups share one latent (`lowrank`), read through the linearized
   latent RMSNorm (`latent_norm`);
 - every query row is scaled by sqrt(target qk head dim / source head dim), the softmax-scale ratio.
@@ -20,6 +21,8 @@ import torch
 
 from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.mla.complex_heads import augmented, energy, to_complex, to_interleaved, to_rotate_half
+from kvshrink.convert.mla.distance import rotation_gains
+from kvshrink.convert.mla.fold import fold_into_slots
 from kvshrink.convert.mla.latent_norm import latent_scale, linearization_error
 from kvshrink.convert.mla.lowrank import joint_latent
 from kvshrink.convert.mla.rope import RopeBasis, RopeSlots
@@ -51,6 +54,7 @@ class LayerCalibration:
     moment: torch.Tensor  # E[x̃ x̃ᵀ], x̃ = [x; 1]: [n + 1, n + 1] float64
     sample: torch.Tensor  # calibration inputs x̃ [tokens, n + 1] for measuring the norm linearization
     gains: torch.Tensor  # γ [H, P] complex
+    distances: torch.Tensor | None  # the source's attention per distance [H, T]; None when distance is ignored
     basis: RopeBasis
 
 
@@ -99,6 +103,7 @@ def convert_attention(
     output: OutputFormat,
     factorization: str,
     input_norm_bound: float,
+    inv_freq: torch.Tensor,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors named relative to `self_attn.` (float32) and the layer's report entry."""
     heads, kv_heads, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
@@ -115,6 +120,11 @@ def convert_attention(
     rope_query = mixing[frequency, rank][:, group].T[..., None] * queries[:, frequency]  # [H, S, n+1]
     kept = torch.zeros(mixing.shape[:2], dtype=torch.bool)
     kept[frequency, rank] = True
+    folded = 0
+    if calibration.distances is not None:  # every slot turns at its source frequency inv_freq[frequency[s]]
+        drift = rotation_gains(calibration.distances, inv_freq[:, None] - inv_freq[frequency][None, :])
+        fold = fold_into_slots(rotated, mixing, queries, kept, (frequency, rank), moment, calibration.gains, drift)
+        rotated, rope_query, folded = fold.residual, rope_query + fold.slot_queries, fold.count
     dropped = mixing.conj() * (~kept)[:, :, None].to(mixing.dtype)
     residual_key = torch.einsum("jcg,cjn->gjn", dropped, rotated)  # [G, P, n+1]
     if output.drop_key_bias:
@@ -167,6 +177,7 @@ def convert_attention(
         "k_rel_error": math.sqrt(key_error / max(key_energy, 1e-300)),
         "v_rel_error": math.sqrt(float(error[nope_rows:].sum()) / max(value_energy, 1e-300)),
         "rope_energy_kept": float(calibration.basis.key_energy[frequency, rank].sum() / calibration.basis.key_energy.sum()),
+        "folded_components": folded,
         "latent_norm_error": linearization_error(calibration.sample @ (latent.down * alpha).T, output.latent_eps),
     }
     return {name: tensor.float() for name, tensor in tensors.items()}, report

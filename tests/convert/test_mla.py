@@ -258,6 +258,22 @@ def test_check_scores_both_targets_from_one_calibration_and_leaves_nothing_behin
     assert sorted(path.name for path in tmp_path.iterdir()) == ["gqa", "gqa-vllm", "out", "tiny-0", "tiny-1"]
 
 
+def test_dropped_components_that_a_slot_key_explains_ride_on_that_slot(tiny_source, tmp_path):
+    def duplicate_kv_head(model):  # KV head 1 = 2 x KV head 0: one component per frequency is all RoPE needs
+        for layer in model.model.layers:
+            keys = layer.self_attn.k_proj.weight.data.view(2, 16, -1)
+            keys[1] = 2 * keys[0]
+
+    source = tiny_source("llama", 4, 2, rms_norm_eps=1e-6, edit=duplicate_kv_head)
+    exact = dict(rope_method="partial", rope_dim=16, kv_rank="full", target="vllm", **QUICK)
+    report = mha_to_mla(source, tmp_path / "folded", **exact)
+    assert all(layer["folded_components"] == 8 for layer in report["layers"])  # the other head, at every frequency
+    assert (_logits(tmp_path / "folded") - _logits(source)).abs().max() < 1e-3
+    report = mha_to_mla(source, tmp_path / "unfolded", **exact, distance_aware=False)
+    assert all(layer["folded_components"] == 0 for layer in report["layers"])
+    assert (_logits(tmp_path / "unfolded") - _logits(source)).abs().max() > 0.1
+
+
 def test_report_records_shape_budget_and_per_layer_errors(tiny_source, tmp_path):
     source = tiny_source("llama", 4, 2)
     report = mha_to_mla(source, tmp_path / "out", kv_budget=0.25, rope_dim=4, **QUICK)
@@ -354,7 +370,7 @@ def test_cli_converts_and_reports_errors_in_one_line(tiny_source, tmp_path):
 
 def test_distance_gains_are_the_mean_rotation_under_the_source_attention():
     from kvshrink.convert.attention import AttentionWeights
-    from kvshrink.convert.mla.distance import distance_gains
+    from kvshrink.convert.mla.distance import attention_distances, rotation_gains
 
     generator = torch.Generator().manual_seed(0)
     heads, kv_heads, d, hidden, length = 4, 2, 8, 16, 30
@@ -378,7 +394,9 @@ def test_distance_gains_are_the_mean_rotation_under_the_source_attention():
         probs = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
         delta = positions[:, None] - positions[None, :]
         expected += torch.einsum("hmn,mnj->hj", probs.to(torch.complex128), torch.exp(1j * delta[..., None] * inv_freq))
-    gains = distance_gains(attention, inputs, inv_freq)
+    distances = attention_distances(attention, inputs, inv_freq)
+    torch.testing.assert_close(distances.sum(dim=1), torch.ones(heads, dtype=torch.float64))
+    gains = rotation_gains(distances, inv_freq)
     torch.testing.assert_close(gains, expected / (2 * length), rtol=0, atol=1e-5)
     assert (gains.abs() <= 1 + 1e-6).all() and gains[:, -1].abs().min() > gains[:, 0].abs().max()
 
