@@ -36,6 +36,8 @@ ROWS = [
     ("rotate", "output", True, "transformers", 32, 32),
     ("rotate", "output", True, "vllm", 32, 32),
     ("rotate", "output", False, "transformers", 64, 32),
+    ("rotate", "activation", True, "transformers", 16, 16),
+    ("rotate", "activation", True, "vllm", 16, 16),
 ]
 
 

@@ -171,8 +171,9 @@ def _size_or_word(text: str | None, word: str, option: str) -> int | str | None:
               help="Joint K/V latent: SVD whitened by the calibration inputs (activation), also weighted by the "
                    "queries and o_proj that read K and V (output), or the plain weight SVD (weight).")
 @click.option("--distance-aware/--no-distance-aware", default=True, show_default=True,
-              help="Fold the source's average rotation over attended distances into pairs that lose RoPE, and "
-                   "spend rope dims where a constant cannot stand in (fitted at 512-token context).")
+              help="Fold the source's average rotation over attended distances into pairs that lose RoPE, let "
+                   "the part of a dropped pair that a kept one explains ride on its rope slot, and spend rope dims "
+                   "where a constant cannot stand in (fitted at 512-token context).")
 @click.option("--target", type=click.Choice(["vllm", "sglang", "transformers"]), default="vllm", show_default=True,
               help="vllm/sglang: default RoPE, interleaved, no biases - valid in vLLM, SGLang and transformers. "
                    "transformers: exact per-pair frequencies (longrope), wrong in vLLM/SGLang.")
