@@ -1,7 +1,7 @@
 """`convert mha-to-mla`: MHA/GQA -> DeepSeek MLA that stock transformers loads as DeepseekV3ForCausalLM.
 
 The conversion runs in two passes over the attention weights. First, calibration: the source reads real text,
-and every layer yields its input second moment, its attention-distance gains and its rope basis; the slots of
+and every layer yields its input second moment, its attention over distances and its rope basis; the slots of
 the shared rope key are then chosen once for the whole model (its frequencies are one table). Second, the
 streaming rewrite: each layer becomes DeepseekV3 attention (`mla.layer`); MLP, norms and embeddings are copied.
 """

@@ -3,7 +3,9 @@
     complex_heads  rotary pairs as complex numbers (the algebra every other piece speaks)
     rope           which key components keep RoPE: per-frequency bases (`partial`, `rotate`), scores, and the
                    model-wide frequency slots of the shared rope key
-    distance       the source's attention over distances -> the best constant for a pair that loses RoPE
+    distance       the source's attention over distances -> the best constant for a pair that loses RoPE, and the
+                   best gain for one that turns at a nearby slot's frequency
+    fold           the part of a dropped component that a kept slot's key explains rides on that slot
     lowrank        the joint [K_nope; V] latent (`weight`, `activation` or `output` factorization)
     latent_norm    making DeepseekV3's latent RMSNorm an exact linear map
     layer          one layer's attention -> DeepseekV3 attention tensors, with its report entry

@@ -46,9 +46,9 @@ def fold_into_slots(
     group = torch.arange(heads) // (heads // mixing.shape[2])
     frequency, rank = slot_index
     slot_keys = rotated[rank, frequency]  # [S, n]
-    moment_c = moment.to(torch.complex128)
     slot_energy = energy(slot_keys, moment).clamp_min(1e-300)
-    beta = torch.einsum("cja,ab,sb->cjs", rotated, moment_c, slot_keys.conj()) / slot_energy  # z' ≈ β z_s
+    slot_reads = moment.to(torch.complex128) @ slot_keys.conj().T  # [n, S]: E[z' conj(z_s)] = z' · slot_reads
+    beta = (rotated @ slot_reads) / slot_energy  # [C, P, S]: z' ≈ β z_s
     query_weight = mixing[:, :, group].abs() ** 2 * energy(queries, moment).T[:, None, :]  # [P, C, H]
     kept_gain = drift_gains.abs() ** 2 - constant_gains.abs()[:, :, None] ** 2  # [H, P, S]
     benefit = torch.einsum("jch,hjs->cjs", query_weight, kept_gain) * beta.abs() ** 2 * slot_energy
