@@ -134,7 +134,11 @@ def _task_configs(data_dir: Path) -> dict[str, dict]:
             "output_type": "loglikelihood_rolling",
             "doc_to_text": "",
             "doc_to_target": "{{text}}",
-            "metric_list": [{"metric": name} for name in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
+            "metric_list": [
+                {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
+            ],
         }
         configs[f"kvshrink_{domain}_cloze"] = {
             **common,

@@ -291,29 +291,6 @@ def test_output_aware_says_when_per_head_norms_force_mean_keys():
 # ---------------------------------------------------------------- pipeline and CLI
 
 
-@pytest.fixture
-def tokenized_checkpoint(tiny_checkpoint):
-    """Factory: a tiny checkpoint folder plus a small byte-level BPE tokenizer, so calibration can read text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from kvshrink.convert.corpora import corpus_text
-
-    def make(**kwargs):
-        folder = tiny_checkpoint(**kwargs)
-        tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        )
-        tokenizer.train_from_iterator([corpus_text("pydoc", "train")[:20000]], trainer)
-        PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(folder)
-        return folder
-
-    return make
-
-
 def test_help_lists_every_method_and_the_default():
     for command in ("mha-to-gqa", "mha-to-mqa"):
         result = CliRunner().invoke(convert_cli, [command, "--help"])
@@ -345,10 +322,10 @@ def test_calibrated_method_without_a_tokenizer_says_what_to_do(tiny_checkpoint, 
     assert not (tmp_path / "out").exists()
 
 
-def test_default_method_converts_and_reports_its_errors(tokenized_checkpoint, tmp_path):
+def test_default_method_converts_and_reports_its_errors(tiny_checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    source = tokenized_checkpoint(model_type="qwen2", edit=lambda m: tie_heads(m, [[0, 2], [1, 3]]))
+    source = tiny_checkpoint("qwen2", tokenizer=True, edit=lambda m: tie_heads(m, [[0, 2], [1, 3]]))
     out = tmp_path / "gqa"
     result = CliRunner().invoke(
         convert_cli, ["mha-to-gqa", str(source), str(out), "-g", "2", "--calibration-tokens", "256", "--check-tokens", "64"]

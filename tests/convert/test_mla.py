@@ -9,8 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, DynamicCache, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, DynamicCache
 
 from kvshrink.convert.cli import convert_cli
 from kvshrink.convert.errors import KvshrinkError
@@ -23,21 +22,10 @@ LOUD = dict(initializer_range=0.15, max_position_embeddings=512)
 QUICK = dict(check=False, progress=False, calibration_tokens=1024, overwrite=True)
 
 
-def _add_byte_tokenizer(folder):
-    """A 259-token byte-level tokenizer, so calibration can read text with a tiny vocabulary."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{char: i + 3 for i, char in enumerate(alphabet)}}
-    tokenizer = Tokenizer(models.BPE(vocab, [], unk_token="<pad>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
 def tiny_source(tiny_checkpoint):
     def make(model_type="llama", num_heads=4, num_kv_heads=4, **kwargs):
-        return _add_byte_tokenizer(tiny_checkpoint(model_type, num_heads, num_kv_heads, **{**LOUD, **kwargs}))
+        return tiny_checkpoint(model_type, num_heads, num_kv_heads, tokenizer=True, **{**LOUD, **kwargs})
 
     return make
 
@@ -332,7 +320,7 @@ def test_bad_shapes_are_refused_with_the_fix(tiny_source, tmp_path, options, mes
 
 
 def test_unsupported_sources_are_refused(tiny_source, tiny_checkpoint, tmp_path):
-    fp16 = _add_byte_tokenizer(tiny_checkpoint("llama", 4, 2, dtype=torch.float16))
+    fp16 = tiny_checkpoint("llama", 4, 2, dtype=torch.float16, tokenizer=True)
     with pytest.raises(KvshrinkError, match=r"float16.*save the source as bfloat16 or float32"):
         mha_to_mla(fp16, tmp_path / "out", kv_budget=0.5, **QUICK)
     with pytest.raises(KvshrinkError, match=r"q_norm/k_norm.*not linear"):

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from kvshrink.uptrain import load_recipe, uptrain
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="needs the accelerate launcher")
 def test_two_processes_match_one_process_with_accumulation(tmp_path, tiny_llama_dir, write_recipe):
     keys = dict(model=str(tiny_llama_dir), max_steps=3, micro_batch_size=2, optimizer={"lr": 1e-2})
     single = load_recipe(write_recipe(**keys, gradient_accumulation=2, output_dir=str(tmp_path / "single")))
@@ -24,7 +22,7 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, tiny_llama_
     recipe = write_recipe(**keys, gradient_accumulation=1, output_dir=str(tmp_path / "ddp"))
     launched = subprocess.run(
         # `--cpu` alone would need mpirun; torchrun's launcher plus ACCELERATE_USE_CPU gives gloo processes
-        [shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kvshrink.uptrain", str(recipe)],
         capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
         timeout=300,
