@@ -62,7 +62,7 @@ def _reuse_calibration() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="/work/cache/smollm2")
+    parser.add_argument("--model", default="runs/smollm2", help="SmolLM2 folder (kvshrink example smollm2 runs/smollm2)")
     parser.add_argument("--rows", default="all", help="'all' or comma-separated row numbers (1-based)")
     args = parser.parse_args()
     _reuse_calibration()

@@ -5,10 +5,15 @@ only real GQA budget); MLA's default and its published baseline (MHA2MLA: partia
 25%. Every conversion calibrates on the train split of pydoc topics (the converters' default) and is scored on
 the held-out split, which calibration never sees, in 512-token windows. Conversion time includes calibration.
 
+With `--uptrain-steps N`, the default and the published baseline of each family and budget are then distilled
+from the source for N steps with the shipped CPU recipe of their family (recipes/smollm2-{mqa,mla}-cpu.yaml, same
+data, seed and settings for both) and scored again on the same held-out windows.
+
 Writes OUT/quality.md (markdown table), OUT/quality.png (plot) and OUT/quality.json; prints rows as they finish.
-About 3-6 minutes per conversion on 2 busy CPU cores.
+About 3-6 minutes per conversion on 2 busy CPU cores, plus about 8 s per uptraining step.
 
     python benchmarks/quality.py [--model DIR] [--out DIR] [--families gqa,mla] [--eval-tokens N]
+                                 [--uptrain-steps N [--compared-only]]
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class Row:
     family: str
     method: str
     convert: Callable[..., dict]  # convert(source, out) -> the conversion's report
+    recipe: str | None = None  # the uptraining recipe of the rows compared after training (default and baseline)
 
 
 def gqa_rows() -> list[Row]:
@@ -44,7 +50,8 @@ def gqa_rows() -> list[Row]:
     names = [DEFAULT_METHOD, "mean"] + [name for name in method_names() if name not in ("mean", DEFAULT_METHOD)]
     return [
         Row("GQA", name + (" (default)" if name == DEFAULT_METHOD else " (GQA paper)" if name == "mean" else ""),
-            partial(mha_to_gqa, groups=1, method=name, check=False, progress=False))
+            partial(mha_to_gqa, groups=1, method=name, check=False, progress=False),
+            GQA_RECIPE if name in (DEFAULT_METHOD, "mean") else None)
         for name in names
     ]  # fmt: skip
 
@@ -58,43 +65,63 @@ def mla_rows() -> list[Row]:
             mha_to_mla, kv_budget=budget, rope_dim=64 if budget == 0.5 else 32, rope_method="partial",
             factorization="weight", distance_aware=False, target="transformers", check=False, progress=False,
         )  # fmt: skip
-        rows.append(Row("MLA", "partial RoPE + weight SVD (MHA2MLA)", baseline))
-        rows.append(Row("MLA", "default", partial(mha_to_mla, kv_budget=budget, check=False, progress=False)))
+        rows.append(Row("MLA", "partial RoPE + weight SVD (MHA2MLA)", baseline, MLA_RECIPE))
+        rows.append(Row("MLA", "default", partial(mha_to_mla, kv_budget=budget, check=False, progress=False), MLA_RECIPE))
     return rows
 
 
 FAMILIES = {"gqa": gqa_rows, "mla": mla_rows}
+REPOSITORY = Path(__file__).resolve().parent.parent
+GQA_RECIPE = str(REPOSITORY / "recipes" / "smollm2-mqa-cpu.yaml")
+MLA_RECIPE = str(REPOSITORY / "recipes" / "smollm2-mla-cpu.yaml")
 
 
-def measure(row: Row, model: Path, windows) -> dict:
+def uptrained_perplexity(recipe: str, steps: int, converted: Path, source: Path, windows) -> float:
+    from kvshrink.uptrain import load_recipe, uptrain
+
+    trained = converted.parent / "uptrained"
+    overrides = [f"model={converted}", f"teacher={source}", f"output_dir={trained}", f"max_steps={steps}",
+                 "eval_interval=0", "save_interval=0", "tracker=none"]  # fmt: skip
+    uptrain(load_recipe(recipe, overrides))
+    return perplexity(load_causal_lm(trained), windows, progress=False)
+
+
+def measure(row: Row, model: Path, windows, uptrain_steps: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
+        converted = Path(scratch) / "out"
         started = time.perf_counter()
-        report = row.convert(model, Path(scratch) / "out")
+        report = row.convert(model, converted)
         seconds = time.perf_counter() - started
-        value = perplexity(load_causal_lm(Path(scratch) / "out"), windows, progress=False)
+        value = perplexity(load_causal_lm(converted), windows, progress=False)
+        trained = None
+        if uptrain_steps and row.recipe:
+            trained = uptrained_perplexity(row.recipe, uptrain_steps, converted, model, windows)
     return {
         "family": row.family,
         "method": row.method,
         "kv_fraction": report["kv_fraction"],
         "perplexity": value,
+        "uptrained_perplexity": trained,
         "convert_seconds": round(seconds, 1),
         "calibration_seconds": (report.get("calibration") or {}).get("seconds"),
     }
 
 
-def markdown(results: list[dict], source: float, tokens: int) -> str:
+def markdown(results: list[dict], source: float, tokens: int, uptrain_steps: int) -> str:
+    trained = f"after {uptrain_steps} uptraining steps" if uptrain_steps else "after uptraining (not run)"
     lines = [
-        f"SmolLM2-135M, perplexity on {tokens} held-out tokens of pydoc topics (512-token windows), no training. "
+        f"SmolLM2-135M, perplexity on {tokens} held-out tokens of pydoc topics (512-token windows). "
         f"Source: {source:.2f}.",
         "",
-        "| family | method | KV cache | perplexity | × source | convert s | of which calibration s |",
-        "|---|---|---|---|---|---|---|",
+        f"| family | method | KV cache | perplexity, no training | × source | {trained} | convert s | of which calibration s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         calibration = "n/r" if r["calibration_seconds"] is None else f"{r['calibration_seconds']:.0f}"
+        uptrained = "" if r["uptrained_perplexity"] is None else f"{r['uptrained_perplexity']:,.1f}"
         lines.append(
             f"| {r['family']} | {r['method']} | {r['kv_fraction']:.0%} | {r['perplexity']:,.1f} | "
-            f"{r['perplexity'] / source:,.1f} | {r['convert_seconds']:.0f} | {calibration} |"
+            f"{r['perplexity'] / source:,.1f} | {uptrained} | {r['convert_seconds']:.0f} | {calibration} |"
         )
     lines += ["", "n/r: the conversion reports no separate calibration time (mean-pooling calibrates nothing)."]
     return "\n".join(lines) + "\n"
@@ -111,13 +138,17 @@ def plot(results: list[dict], source: float, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(8, 0.55 * len(results) + 1.5))
     bars = axes.barh(range(len(results)), [r["perplexity"] for r in results], color=colors)
     axes.bar_label(bars, labels=[f"{r['perplexity']:,.0f}" for r in results], padding=3, fontsize=8)
+    trained = [(i, r["uptrained_perplexity"]) for i, r in enumerate(results) if r["uptrained_perplexity"] is not None]
+    if trained:
+        axes.scatter([p for _, p in trained], [i for i, _ in trained], marker="D", color="black", zorder=3,
+                     label="after uptraining")  # fmt: skip
     axes.axvline(source, color="black", linestyle="--", label=f"source {source:.1f}")
     axes.set_xscale("log")
     axes.set_xlim(right=max(r["perplexity"] for r in results) * 5)
     axes.set_yticks(range(len(results)), labels, fontsize=8)
     axes.invert_yaxis()
     axes.set_xlabel("held-out perplexity (log scale, lower is better)")
-    axes.set_title("SmolLM2-135M after conversion, before training")
+    axes.set_title("SmolLM2-135M after conversion" + (" (bars) and after uptraining (diamonds)" if trained else ""))
     axes.legend(loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -126,12 +157,15 @@ def plot(results: list[dict], source: float, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("/work/cache/smollm2"), help="SmolLM2 folder")
+    parser.add_argument("--model", type=Path, default=Path("runs/smollm2"), help="SmolLM2 folder (kvshrink example smollm2 runs/smollm2)")
     parser.add_argument("--out", type=Path, default=Path("runs/quality"), help="folder for quality.md/png/json")
     parser.add_argument("--families", default="gqa,mla", help="comma-separated: gqa, mla")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per model")
+    parser.add_argument("--uptrain-steps", type=int, default=0, help="also score default and baseline after N steps")
+    parser.add_argument("--compared-only", action="store_true", help="only the default and baseline rows")
     args = parser.parse_args()
     rows = [row for family in args.families.split(",") for row in FAMILIES[family.strip()]()]
+    rows = [row for row in rows if row.recipe or not args.compared_only]
     args.out.mkdir(parents=True, exist_ok=True)
     windows = token_windows(load_tokenizer(args.model), corpus_text("pydoc", "heldout"), args.eval_tokens, 512)
     tokens = sum(w.numel() for w in windows)
@@ -139,12 +173,12 @@ def main() -> None:
     print(f"source perplexity: {source:.2f} ({tokens} held-out tokens)", flush=True)
     results = []
     for row in rows:
-        results.append(measure(row, args.model, windows))
+        results.append(measure(row, args.model, windows, args.uptrain_steps))
         print(json.dumps(results[-1]), flush=True)
         (args.out / "quality.json").write_text(json.dumps({"source": source, "tokens": tokens, "rows": results}, indent=2))
-        (args.out / "quality.md").write_text(markdown(results, source, tokens))
+        (args.out / "quality.md").write_text(markdown(results, source, tokens, args.uptrain_steps))
         plot(results, source, args.out / "quality.png")
-    print(markdown(results, source, tokens))
+    print(markdown(results, source, tokens, args.uptrain_steps))
 
 
 if __name__ == "__main__":
