@@ -56,11 +56,11 @@ def gqa_rows() -> list[Row]:
     ]  # fmt: skip
 
 
-def mla_rows() -> list[Row]:
+def mla_rows(budgets: list[float]) -> list[Row]:
     from kvshrink.convert.mha_to_mla import mha_to_mla
 
     rows = []
-    for budget in (0.5, 0.25):
+    for budget in budgets:
         baseline = partial(
             mha_to_mla, kv_budget=budget, rope_dim=64 if budget == 0.5 else 32, rope_method="partial",
             factorization="weight", distance_aware=False, target="transformers", check=False, progress=False,
@@ -70,7 +70,6 @@ def mla_rows() -> list[Row]:
     return rows
 
 
-FAMILIES = {"gqa": gqa_rows, "mla": mla_rows}
 REPOSITORY = Path(__file__).resolve().parent.parent
 GQA_RECIPE = str(REPOSITORY / "recipes" / "smollm2-mqa-cpu.yaml")
 MLA_RECIPE = str(REPOSITORY / "recipes" / "smollm2-mla-cpu.yaml")
@@ -163,8 +162,10 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per model")
     parser.add_argument("--uptrain-steps", type=int, default=0, help="also score default and baseline after N steps")
     parser.add_argument("--compared-only", action="store_true", help="only the default and baseline rows")
+    parser.add_argument("--mla-budgets", default="0.5,0.25", help="comma-separated KV fractions of the MLA rows")
     args = parser.parse_args()
-    rows = [row for family in args.families.split(",") for row in FAMILIES[family.strip()]()]
+    families = {"gqa": gqa_rows, "mla": partial(mla_rows, [float(b) for b in args.mla_budgets.split(",")])}
+    rows = [row for family in args.families.split(",") for row in families[family.strip()]()]
     rows = [row for row in rows if row.recipe or not args.compared_only]
     args.out.mkdir(parents=True, exist_ok=True)
     windows = token_windows(load_tokenizer(args.model), corpus_text("pydoc", "heldout"), args.eval_tokens, 512)
