@@ -122,7 +122,8 @@ def markdown(results: list[dict], source: float, tokens: int, uptrain_steps: int
             f"| {r['family']} | {r['method']} | {r['kv_fraction']:.0%} | {r['perplexity']:,.1f} | "
             f"{r['perplexity'] / source:,.1f} | {uptrained} | {r['convert_seconds']:.0f} | {calibration} |"
         )
-    lines += ["", "n/r: the conversion reports no separate calibration time (mean-pooling calibrates nothing)."]
+    lines += ["", "n/r: the conversion's report has no separate calibration time (mean-pooling calibrates nothing; the MLA "
+              "converter reports only its total)."]
     return "\n".join(lines) + "\n"
 
 
@@ -147,7 +148,7 @@ def plot(results: list[dict], source: float, path: Path) -> None:
     axes.set_yticks(range(len(results)), labels, fontsize=8)
     axes.invert_yaxis()
     axes.set_xlabel("held-out perplexity (log scale, lower is better)")
-    axes.set_title("SmolLM2-135M after conversion" + (" (bars) and after uptraining (diamonds)" if trained else ""))
+    axes.set_title("SmolLM2-135M converted" + (" (bars) and uptrained (diamonds)" if trained else ", no training"))
     axes.legend(loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
