@@ -38,6 +38,7 @@ ROWS = [
     ("rotate", "output", False, "transformers", 64, 32),
     ("rotate", "activation", True, "transformers", 16, 16),
     ("rotate", "activation", True, "vllm", 16, 16),
+    ("rotate", "balanced", True, "vllm", 32, 32),
 ]
 
 

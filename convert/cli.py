@@ -166,10 +166,11 @@ def _size_or_word(text: str | None, word: str, option: str) -> int | str | None:
 @click.option("--rope-method", type=click.Choice(["rotate", "partial"]), default="rotate", show_default=True,
               help="rotate: RoRoPE, a complex unitary per frequency across KV heads concentrates key energy; "
                    "partial: keep the best (head, frequency) pairs as they are (MHA2MLA).")
-@click.option("--factorization", type=click.Choice(["activation", "output", "weight"]), default="activation",
-              show_default=True,
-              help="Joint K/V latent: SVD whitened by the calibration inputs (activation), also weighted by the "
-                   "queries and o_proj that read K and V (output), or the plain weight SVD (weight).")
+@click.option("--factorization", type=click.Choice(["balanced", "activation", "output", "weight"]),
+              default="balanced", show_default=True,
+              help="Joint K/V latent: SVD whitened by the calibration inputs with keys and values scaled to equal "
+                   "energy (balanced), without that scaling (activation), weighted by the queries and o_proj "
+                   "that read K and V (output), or the plain weight SVD (weight).")
 @click.option("--distance-aware/--no-distance-aware", default=True, show_default=True,
               help="Fold the source's average rotation over attended distances into pairs that lose RoPE, let "
                    "the part of a dropped pair that a kept one explains ride on its rope slot, and spend rope dims "

@@ -364,7 +364,7 @@ def mha_to_mla(
     kv_budget: float | None = None,
     mla_shape: str | None = None,
     rope_method: str = "rotate",
-    factorization: str = "activation",
+    factorization: str = "balanced",
     distance_aware: bool = True,
     target: str = "vllm",
     calibration: str | Path | None = None,
@@ -381,9 +381,9 @@ def mha_to_mla(
     Size: exactly one of `kv_rank` (int or 'full'), `kv_budget` (fraction of the source KV bytes; picks the rank
     for the rope dim) or `mla_shape` ('512+64': rank + rope dim). `rope_dim` is an even int or 'all' (every
     rotary pair of every KV head: with kv_rank='full' and target='transformers' the output reproduces the source).
-    `rope_method` 'rotate' or 'partial', `factorization` 'activation', 'output' or 'weight', `distance_aware`:
-    see `kvshrink.convert.mla`. `target` 'vllm' (alias 'sglang') writes a checkpoint valid in vLLM, SGLang and
-    transformers; 'transformers' keeps exact per-pair frequencies, valid in transformers only. `check` scores the
+    `rope_method` 'rotate' or 'partial', `factorization` 'balanced', 'activation', 'output' or 'weight',
+    `distance_aware`: see `kvshrink.convert.mla`. `target` 'vllm' (alias 'sglang') writes a checkpoint valid in
+    vLLM, SGLang and transformers; 'transformers' keeps exact per-pair frequencies, valid in transformers only. `check` scores the
     source, the output and the other target (built from the same calibration in a scratch folder, then deleted)
     on `check_tokens` calibration tokens. Returns the report also written to OUT/kvshrink_report.json.
     """

@@ -142,7 +142,8 @@ def convert_attention(
     metric = None
     if factorization == "output":
         metric = _output_metric(query_parts[0] if shape.nope_dim else None, attention.o, targets, moment, group)
-    latent = joint_latent(stacked, shape.kv_rank, factorization, moment, metric)
+    key_rows = (torch.arange(targets.shape[1]) < shape.nope_dim).repeat(kv_heads)
+    latent = joint_latent(stacked, shape.kv_rank, factorization, moment, metric, key_rows)
     alpha = latent_scale(latent.down, output.latent_eps, input_norm_bound)
     up = latent.up.reshape(kv_heads, -1, shape.kv_rank)[group].reshape(-1, shape.kv_rank)
     rope_key_rows = _rope_rows(rope_key, output.interleave)

@@ -3,7 +3,9 @@
 Given the stacked rows M = [K_nope; V] (all KV heads), choose an R-dim subspace of the outputs and project onto
 it: up = U_R, down = U_Rᵀ M. `weight` takes U_R from the SVD of M itself (MHA2MLA's joint SVD); `activation`
 takes it from the output covariance M S Mᵀ under the calibration second moment S, which minimizes the actual
-K/V output error on calibration tokens (whitened SVD, as in CARE/TransMLA).
+K/V output error on calibration tokens (whitened SVD, as in CARE). `balanced` first scales the key rows so that
+keys and values carry equal energy on the calibration tokens (TransMLA's K/V balancing): a source's keys can hold
+hundreds of times the values' energy, and an unbalanced SVD then spends nearly all its rank on keys.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from kvshrink.convert.errors import KvshrinkError
 
-FACTORIZATIONS = ("weight", "activation", "output")
+FACTORIZATIONS = ("weight", "activation", "balanced", "output")
 
 
 @dataclass
@@ -24,14 +26,27 @@ class JointLatent:
 
 
 def joint_latent(
-    targets: torch.Tensor, rank: int, factorization: str, moment: torch.Tensor, output_metric: torch.Tensor | None = None
+    targets: torch.Tensor,
+    rank: int,
+    factorization: str,
+    moment: torch.Tensor,
+    output_metric: torch.Tensor | None = None,
+    key_rows: torch.Tensor | None = None,
 ) -> JointLatent:
     """Best rank-`rank` factorization of `targets` [rows, n] under `factorization`.
 
     'output' also weighs each output row by how much the model reads it (`output_metric` [rows, rows], positive
     definite): for keys the queries' second moment, for values o_proj's Gram matrix, so the latent spends its
     rank on the directions that change attention logits and the layer output, not on raw K/V energy.
+    'balanced' needs `key_rows` (a boolean mask of the rows that are keys).
     """
+    if factorization == "balanced":
+        energy = ((targets @ moment) * targets).sum(dim=1)
+        key_energy, value_energy = energy[key_rows].sum(), energy[~key_rows].sum()
+        if key_energy <= 0 or value_energy <= 0:  # nothing to balance (no keys in the latent, or silent ones)
+            return joint_latent(targets, rank, "activation", moment)
+        output_metric = torch.diag(torch.where(key_rows, value_energy / key_energy, 1.0).to(targets.dtype))
+        factorization = "output"
     if factorization == "output":
         values, vectors = torch.linalg.eigh(output_metric)
         values = values.clamp_min(values.max() * 1e-8)

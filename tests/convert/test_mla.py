@@ -266,7 +266,7 @@ def test_report_records_shape_budget_and_per_layer_errors(tiny_source, tmp_path)
     source = tiny_source("llama", 4, 2)
     report = mha_to_mla(source, tmp_path / "out", kv_budget=0.25, rope_dim=4, **QUICK)
     saved = json.loads((tmp_path / "out" / "kvshrink_report.json").read_text())
-    assert saved == report and report["method"] == "mla/rotate+activation+distance"
+    assert saved == report and report["method"] == "mla/rotate+balanced+distance"
     assert report["mla"]["kv_lora_rank"] == 16 - 4 and report["kv_fraction"] == 0.25
     assert len(report["layers"]) == 2 and len(report["mla"]["rope_slots"]) == 2
     for layer in report["layers"]:
@@ -389,8 +389,26 @@ def test_distance_gains_are_the_mean_rotation_under_the_source_attention():
     assert (gains.abs() <= 1 + 1e-6).all() and gains[:, -1].abs().min() > gains[:, 0].abs().max()
 
 
-def test_output_weighted_factorization_is_exact_at_full_rank(tiny_source, tmp_path):
+@pytest.mark.parametrize("factorization", ["output", "balanced"])
+def test_weighted_factorizations_are_exact_at_full_rank(tiny_source, tmp_path, factorization):
     source = tiny_source("llama", 4, 2)
     mha_to_mla(source, tmp_path / "out", rope_dim="all", kv_rank="full", target="transformers",
-               factorization="output", **QUICK)  # fmt: skip
+               factorization=factorization, **QUICK)  # fmt: skip
     assert (_logits(tmp_path / "out") - _logits(source)).abs().max() < 1e-3
+
+
+def test_balanced_factorization_keeps_values_that_loud_keys_would_crowd_out():
+    from kvshrink.convert.mla.lowrank import joint_latent
+
+    generator = torch.Generator().manual_seed(0)
+    keys = 30 * torch.randn(8, 32, generator=generator, dtype=torch.float64)
+    values = torch.randn(8, 32, generator=generator, dtype=torch.float64)
+    targets, moment = torch.cat([keys, values]), torch.eye(32, dtype=torch.float64)
+    key_rows = torch.arange(16) < 8
+
+    def value_error(factorization):
+        latent = joint_latent(targets, 8, factorization, moment, key_rows=key_rows)
+        return float(((latent.up @ latent.down)[~key_rows] - values).norm() / values.norm())
+
+    assert value_error("activation") > 0.85  # the rank all goes to the keys, 900 times louder
+    assert value_error("balanced") < 0.6 * value_error("activation")
