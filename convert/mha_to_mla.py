@@ -383,9 +383,9 @@ def mha_to_mla(
     rotary pair of every KV head: with kv_rank='full' and target='transformers' the output reproduces the source).
     `rope_method` 'rotate' or 'partial', `factorization` 'balanced', 'activation', 'output' or 'weight',
     `distance_aware`: see `kvshrink.convert.mla`. `target` 'vllm' (alias 'sglang') writes a checkpoint valid in
-    vLLM, SGLang and transformers; 'transformers' keeps exact per-pair frequencies, valid in transformers only. `check` scores the
-    source, the output and the other target (built from the same calibration in a scratch folder, then deleted)
-    on `check_tokens` calibration tokens. Returns the report also written to OUT/kvshrink_report.json.
+    vLLM, SGLang and transformers; 'transformers' keeps exact per-pair frequencies, valid in transformers only.
+    `check` scores the source, the output and the other target (built from the same calibration in a scratch
+    folder, then deleted) on `check_tokens` calibration tokens. Returns the report also written to OUT/kvshrink_report.json.
     """
     if rope_method not in ROPE_METHODS:
         raise KvshrinkError(f"unknown rope method {rope_method!r}: choose one of {', '.join(ROPE_METHODS)}")

@@ -45,8 +45,8 @@ def joint_latent(
         key_energy, value_energy = energy[key_rows].sum(), energy[~key_rows].sum()
         if key_energy <= 0 or value_energy <= 0:  # nothing to balance (no keys in the latent, or silent ones)
             return joint_latent(targets, rank, "activation", moment)
-        output_metric = torch.diag(torch.where(key_rows, value_energy / key_energy, 1.0).to(targets.dtype))
-        factorization = "output"
+        key_weights = torch.where(key_rows, value_energy / key_energy, 1.0).to(targets.dtype)
+        return joint_latent(targets, rank, "output", moment, torch.diag(key_weights))
     if factorization == "output":
         values, vectors = torch.linalg.eigh(output_metric)
         values = values.clamp_min(values.max() * 1e-8)
