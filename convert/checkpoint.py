@@ -51,9 +51,11 @@ class SourceCheckpoint:
         return name in (self.pickled if self.pickled is not None else self.entries)
 
     def tensor(self, name: str) -> torch.Tensor:
-        if self.pickled is not None:
-            return self.pickled[name]
-        return read_tensor(self.entries[name])
+        """One tensor, refused when it holds NaN or inf: a conversion must not turn corrupt values into a model."""
+        tensor = self.pickled[name] if self.pickled is not None else read_tensor(self.entries[name])
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise KvshrinkError(f"tensor {name} in {self.folder} holds NaN or inf values: the checkpoint is corrupt, re-download or repair it")
+        return tensor
 
     def dtype(self, name: str) -> torch.dtype:
         if self.pickled is not None:

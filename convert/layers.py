@@ -1,0 +1,202 @@
+"""A checkpoint run one decoder layer at a time, every piece in its stock transformers class.
+
+The stock causal-LM class of a config is built on the meta device: module classes and names, no weights. Each
+piece (embeddings, one decoder layer, the final norm, the LM head) is materialized from the checkpoint's tensors
+only when it runs, then dropped, so memory is one layer plus the hidden states of the windows, whatever the depth.
+The hidden states pass from layer to layer in float32, one [1, tokens, hidden] tensor per window. Nothing here
+computes attention: the stock decoder layer, rotary embedding and causal mask do, exactly as the whole model's
+forward would.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvshrink.convert.errors import KvshrinkError
+
+# LM-head rows turned into logits at once: bounds the [tokens, rows] logits of the chunked loss.
+VOCAB_CHUNK = 8192
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' (CUDA when present), 'cpu' or 'cuda' as a torch device; 'cuda' without CUDA is refused."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise KvshrinkError(f"unknown device {device!r}: choose auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KvshrinkError("--device cuda was asked for, but torch sees no CUDA device: pass --device cpu or auto")
+    return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+class StockModel:
+    """A config's stock transformers causal LM whose weights are read tensor by tensor when a piece runs.
+
+    `read(name)` returns a checkpoint tensor by its full name, `names` holds every name it can read.
+    """
+
+    def __init__(self, config: dict[str, Any], read: Callable[[str], torch.Tensor], names: set[str], device: torch.device):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.config = AutoConfig.for_model(**config)
+        self.config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+        self.read, self.names, self.device = read, names, device
+        self.decoder = self.skeleton.get_decoder()
+        self._path = {id(module): path for path, module in self.skeleton.named_modules()}
+
+    def path(self, module: nn.Module) -> str:
+        return self._path[id(module)]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A weight by its full name; a tied LM head reads the input embeddings."""
+        if name not in self.names and name == f"{self.path(self.skeleton.get_output_embeddings())}.weight":
+            name = f"{self.path(self.skeleton.get_input_embeddings())}.weight"
+        if name not in self.names:
+            raise KvshrinkError(f"the checkpoint lacks {name}, which its stock class needs: re-download it")
+        return self.read(name)
+
+    def materialize(self, module: nn.Module) -> nn.Module:
+        """A real, float32, eval-mode copy of a meta submodule with its weights read from the checkpoint."""
+        path = self.path(module)
+        state = {key: self.tensor(f"{path}.{key}") for key in module.state_dict()}
+        real = copy.deepcopy(module).to_empty(device=self.device)
+        real.load_state_dict(state)
+        return real.float().eval()
+
+    def layer(self, index: int) -> nn.Module:
+        return self.materialize(self.decoder.layers[index])
+
+    def rotary_embedding(self) -> nn.Module:
+        """Built anew on the device: its frequency table is a non-persistent buffer computed from the config."""
+        with torch.device(self.device):
+            return type(self.decoder.rotary_emb)(config=self.config).float()
+
+    def attention_kind(self, index: int) -> str:
+        """'full_attention' or 'sliding_attention', as the stock model's forward picks the layer's mask."""
+        layer_types = getattr(self.config, "layer_types", None)
+        if layer_types:
+            return layer_types[index]
+        return "sliding_attention" if getattr(self.config, "sliding_window", None) is not None else "full_attention"
+
+
+@dataclass
+class _Window:
+    hidden: torch.Tensor  # [1, T, hidden] float32 on the device
+    ids: torch.Tensor  # [1, T] on the device
+
+
+class LayerStream:
+    """Hidden states of token windows, at the input of one decoder layer of a StockModel at a time.
+
+    `run(layer)` passes them through the stock layer `layer` (the source's, or a converted one) and returns the
+    inputs its attention received (what the attention's first projection reads) when `capture` names it.
+    """
+
+    def __init__(self, model: StockModel, windows: list[torch.Tensor]):
+        self.model = model
+        self.rotary = model.rotary_embedding()
+        embeddings = model.materialize(model.skeleton.get_input_embeddings())
+        with torch.no_grad():
+            self.windows = [
+                _Window(embeddings(w[None].to(model.device)).float(), w[None].to(model.device)) for w in windows
+            ]
+        self._masks: dict[tuple[str, int], Any] = {}
+
+    def _mask(self, kind: str, hidden: torch.Tensor):
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        key = (kind, hidden.shape[1])
+        if key not in self._masks:
+            build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            self._masks[key] = build(
+                config=self.model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
+                position_ids=torch.arange(hidden.shape[1], device=hidden.device)[None],
+            )  # fmt: skip
+        return self._masks[key]
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module, index: int, capture: str | None = None) -> list[torch.Tensor]:
+        """Advance every window through `layer` (the stock layer at position `index`); return what the submodule
+        named `capture` received as input, one [T, hidden] float32 tensor per window (empty when None)."""
+        captured: list[torch.Tensor] = []
+        handle = None
+        if capture is not None:
+            handle = layer.get_submodule(capture).register_forward_pre_hook(
+                lambda module, args: captured.append(args[0][0].detach().float())
+            )
+        try:
+            for window in self.windows:
+                positions = torch.arange(window.hidden.shape[1], device=window.hidden.device)[None]
+                output = layer(
+                    window.hidden, attention_mask=self._mask(self.model.attention_kind(index), window.hidden),
+                    position_ids=positions, position_embeddings=self.rotary(window.hidden, positions),
+                )  # fmt: skip
+                window.hidden = (output[0] if isinstance(output, tuple) else output).float()
+        finally:
+            if handle is not None:
+                handle.remove()
+        return captured
+
+    @torch.no_grad()
+    def negative_log_likelihood(self) -> tuple[float, int]:
+        """(summed next-token loss, predicted tokens) of the windows' final hidden states: the final norm, then the
+        LM head applied VOCAB_CHUNK rows at a time with a running log-sum-exp (no full logits in memory)."""
+        norm = self.model.materialize(self.model.decoder.norm)
+        head = self.model.skeleton.get_output_embeddings()
+        weight = self.model.tensor(f"{self.model.path(head)}.weight")
+        bias_name = f"{self.model.path(head)}.bias"
+        bias = self.model.tensor(bias_name) if head.bias is not None else None
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        total, count = 0.0, 0
+        for window in self.windows:
+            states = norm(window.hidden)[0, :-1]
+            targets = window.ids[0, 1:]
+            running = torch.full((states.shape[0],), -math.inf, device=states.device)
+            target_logit = torch.zeros(states.shape[0], device=states.device)
+            for start in range(0, weight.shape[0], VOCAB_CHUNK):
+                rows = weight[start : start + VOCAB_CHUNK].to(states.device, torch.float32)
+                logits = states @ rows.T
+                if bias is not None:
+                    logits = logits + bias[start : start + VOCAB_CHUNK].to(states.device, torch.float32)
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                running = torch.logaddexp(running, logits.logsumexp(dim=-1))
+                inside = (targets >= start) & (targets < start + rows.shape[0])
+                target_logit[inside] = logits[inside, targets[inside] - start]
+            total += float((running - target_logit).sum())
+            count += targets.numel()
+        return total, count
+
+
+def stock_model(checkpoint, device: torch.device, overrides: Mapping[str, torch.Tensor] | None = None,
+                config: dict[str, Any] | None = None) -> StockModel:  # fmt: skip
+    """The StockModel of a SourceCheckpoint; `overrides` (full names) take precedence over its tensors, and
+    `config` replaces its config (a converted layer read against the source's untouched tensors)."""
+    overrides = overrides or {}
+
+    def read(name: str) -> torch.Tensor:
+        return overrides[name] if name in overrides else checkpoint.tensor(name)
+
+    return StockModel(config or checkpoint.config, read, set(checkpoint.names) | set(overrides), device)
+
+
+def stream_perplexity(model: StockModel, windows: list[torch.Tensor], progress_desc: str | None = None) -> float:
+    """exp(mean next-token loss) over all predicted tokens of `windows`, one layer in memory at a time."""
+    from tqdm import tqdm
+
+    stream = LayerStream(model, windows)
+    for index in tqdm(range(model.num_layers), desc=progress_desc, unit="layer", disable=progress_desc is None, leave=False):
+        stream.run(model.layer(index), index)
+    total, count = stream.negative_log_likelihood()
+    return math.exp(total / count)
