@@ -1,7 +1,8 @@
 """SmolLM2 perplexity of MLA conversions: every method combination at 50% and 25% of the source KV cache.
 
 Calibration on the train split of pydoc topics (the default), perplexity on its held-out split, no training.
-Prints a markdown table. Takes ~1 min per row on 2 CPU cores.
+Prints a markdown table. Each row calibrates anew (a conversion streams its calibration layer by layer); about
+2 minutes per row on 2 CPU cores.
 
     python benchmarks/mla_quality.py [--model DIR] [--rows all|quick]
 """
@@ -19,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import kvshrink.convert.mha_to_mla as conversion  # noqa: E402
 from kvshrink.convert.check import load_causal_lm, load_tokenizer, perplexity, token_windows  # noqa: E402
 from kvshrink.convert.corpora import corpus_text  # noqa: E402
+from kvshrink.convert.options import MlaOptions  # noqa: E402
 
 EVAL_TOKENS = 4096
 # (rope method, factorization, distance aware, target, rope dim at 50%, rope dim at 25%)
@@ -42,31 +44,11 @@ ROWS = [
 ]
 
 
-def _reuse_calibration() -> None:
-    """Every row calibrates on the same text: run the source and measure its attention distances once."""
-    statistics, distances = {}, {}
-    collect, measure = conversion.collect_statistics, conversion.attention_distances
-
-    def collect_once(*args):
-        if not statistics:
-            statistics["all"] = collect(*args)
-        return list(statistics["all"])
-
-    def measure_once(attention, inputs, inv_freq):
-        key = (id(inputs), attention.q.sum().item())
-        if key not in distances:
-            distances[key] = measure(attention, inputs, inv_freq)
-        return distances[key]
-
-    conversion.collect_statistics, conversion.attention_distances = collect_once, measure_once
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="runs/smollm2", help="SmolLM2 folder (kvshrink example smollm2 runs/smollm2)")
     parser.add_argument("--rows", default="all", help="'all' or comma-separated row numbers (1-based)")
     args = parser.parse_args()
-    _reuse_calibration()
     rows = ROWS if args.rows == "all" else [ROWS[int(i) - 1] for i in args.rows.split(",")]
     windows = token_windows(load_tokenizer(Path(args.model)), corpus_text("pydoc", "heldout"), EVAL_TOKENS, 512)
     source = perplexity(load_causal_lm(Path(args.model)), windows, progress=False)
@@ -76,10 +58,11 @@ def main() -> None:
     for rope, factorization, distance, target, rope_50, rope_25 in rows:
         for budget, rope_dim in ((0.5, rope_50), (0.25, rope_25)):
             with tempfile.TemporaryDirectory() as folder:
-                report = conversion.mha_to_mla(
-                    args.model, Path(folder) / "out", kv_budget=budget, rope_dim=rope_dim, rope_method=rope,
-                    factorization=factorization, distance_aware=distance, target=target, check=False, progress=False,
+                options = MlaOptions(
+                    kv_budget=budget, rope_dim=rope_dim, rope_method=rope, factorization=factorization,
+                    distance_aware=distance, target=target, check=False, progress=False,
                 )  # fmt: skip
+                report = conversion.mha_to_mla(args.model, Path(folder) / "out", options)
                 value = perplexity(load_causal_lm(Path(folder) / "out"), windows, progress=False)
             shape = report["mla"]
             print(

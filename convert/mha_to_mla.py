@@ -1,9 +1,13 @@
 """`convert mha-to-mla`: MHA/GQA -> DeepSeek MLA that stock transformers loads as DeepseekV3ForCausalLM.
 
-The conversion runs in two passes over the attention weights. First, calibration: the source reads real text,
-and every layer yields its input second moment, its attention over distances and its rope basis; the slots of
-the shared rope key are then chosen once for the whole model (its frequencies are one table). Second, the
-streaming rewrite: each layer becomes DeepseekV3 attention (`mla.layer`); MLP, norms and embeddings are copied.
+One visible sequence, one decoder layer in memory at a time:
+open the source -> refuse what DeepseekV3 cannot hold -> calibrate, pass 1: the source reads calibration text
+layer by layer and each layer leaves only a small summary (its rope basis, its attention over distances, its
+biases) -> plan: the shared rope key's slots are chosen once from all summaries (their frequencies are one table),
+then the shape, layout and config of the target (and of the other target, scored by the check) -> convert and
+write, pass 2: each layer's calibration statistics, its DeepseekV3 attention (`mla.layer`) for each target, the
+windows advanced (through the converted layer with error feedback) -> check (every model streamed) -> report.
+MLP, norms and embeddings are copied byte for byte.
 """
 
 from __future__ import annotations
@@ -11,49 +15,35 @@ from __future__ import annotations
 import math
 import re
 import tempfile
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from kvshrink.convert.attention import AttentionWeights, HeadCounts, read_attention
-from kvshrink.convert.calibration import collect_statistics
-from kvshrink.convert.check import compare_perplexity, folder_perplexity, load_tokenizer, token_windows
+from kvshrink.convert.attention import AttentionBiases, AttentionWeights, HeadCounts, read_attention, read_biases
+from kvshrink.convert.calibration import CALIBRATION_WINDOW, Calibration, LayerStatistics, calibration_windows
+from kvshrink.convert.check import compare_perplexity
 from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.mla import deepseek
 from kvshrink.convert.mla.complex_heads import augmented, to_complex
 from kvshrink.convert.mla.distance import attention_distances, rotation_gains
 from kvshrink.convert.mla.layer import LayerCalibration, MlaShape, OutputFormat, convert_attention, rope_bias
-from kvshrink.convert.mla.lowrank import FACTORIZATIONS
-from kvshrink.convert.mla.rope import ROPE_METHODS, choose_slots, rope_basis
-from kvshrink.convert.rewrite import ConversionContext, LayerOutput, Rewrite, run_conversion
+from kvshrink.convert.mla.rope import RopeBasis, RopeSlots, choose_slots, rope_basis
+from kvshrink.convert.options import MlaOptions
+from kvshrink.convert.rewrite import (
+    Conversion, LayerWriter, finish, open_conversion, require_free_space, write_metadata,
+)  # fmt: skip
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
-CALIBRATION_WINDOW = 512
 _LINEARIZATION_SAMPLE = 2048
 _SHAPE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*$")
+OTHER_TARGET = {"vllm": "transformers", "sglang": "transformers", "transformers": "vllm"}
 
 
-@dataclass(frozen=True)
-class MlaOptions:
-    kv_rank: int | str | None
-    rope_dim: int | str | None
-    kv_budget: float | None
-    mla_shape: str | None
-    rope_method: str
-    factorization: str
-    distance_aware: bool
-    target: str
-    calibration: str | Path | None
-    calibration_tokens: int
-    progress: bool
-
-
-def _refuse_unsupported(context: ConversionContext) -> None:
+def _refuse_unsupported(context: Conversion) -> None:
     config, spec = context.checkpoint.config, context.spec
     if spec.has_head_norms:
         raise KvshrinkError(
@@ -153,7 +143,7 @@ def _nonzero(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and bool(tensor.abs().max() > 0)
 
 
-def _input_norm_bound(context: ConversionContext, layer: int, sample: torch.Tensor) -> float:
+def _input_norm_bound(context: Conversion, layer: int, sample: torch.Tensor) -> float:
     """Largest possible ‖x̃‖ of the layer input: an RMSNorm output, ‖x‖ ≤ sqrt(n)·max|weight| (plus the 1 of x̃)."""
     name = f"{context.spec.layer_prefix.format(layer=layer)}input_layernorm.weight"
     if name in context.checkpoint:
@@ -163,48 +153,66 @@ def _input_norm_bound(context: ConversionContext, layer: int, sample: torch.Tens
     return math.sqrt(largest**2 + 1)
 
 
-def _calibrate(context: ConversionContext, options: MlaOptions, inv_freq: torch.Tensor) -> list[LayerCalibration]:
-    counts = context.counts
-    try:
-        load_tokenizer(context.checkpoint.folder)
-    except KvshrinkError:
-        raise KvshrinkError(
-            f"{context.source} has no usable tokenizer, and mha-to-mla calibrates on text: add the tokenizer files"
-        ) from None
-    statistics = collect_statistics(
-        context.checkpoint.folder, context.spec, counts.num_layers, calibration_text(options.calibration),
-        options.calibration_tokens, CALIBRATION_WINDOW, options.progress,
-    )  # fmt: skip
-    calibrations = []
-    for layer in tqdm(range(counts.num_layers), desc="rope bases", unit="layer", disable=not options.progress):
-        attention = read_attention(context.checkpoint, context.spec, layer, counts)
-        inputs = statistics[layer].inputs
-        flat = statistics[layer].flat_inputs.double()
-        flat = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], dim=1)
-        moment = flat.T @ flat / flat.shape[0]
-        distances = None
-        if options.distance_aware:
-            distances = attention_distances(attention, inputs, inv_freq)
-            gains = rotation_gains(distances, inv_freq)
-            position_loss = 1 - gains.abs() ** 2
-        else:  # a pair that loses RoPE is read as if at distance 0, and every pair's position signal counts fully
-            gains = torch.ones(counts.num_heads, counts.head_dim // 2, dtype=torch.complex128)
-            position_loss = torch.ones(gains.shape, dtype=torch.float64)
-        queries = to_complex(augmented(attention.q, attention.q_bias), counts.num_heads, counts.head_dim)
-        keys = to_complex(augmented(attention.k, attention.k_bias), counts.num_kv_heads, counts.head_dim)
-        basis = rope_basis(options.rope_method, queries, keys, moment, position_loss)
-        sample = flat[torch.linspace(0, flat.shape[0] - 1, min(_LINEARIZATION_SAMPLE, flat.shape[0])).long()]
-        calibrations.append(LayerCalibration(moment=moment, sample=sample, gains=gains, distances=distances, basis=basis))
-        statistics[layer] = None  # free the layer's raw inputs
-    return calibrations
+@dataclass
+class RopeSummary:
+    """What pass 1 keeps of a layer: enough to choose the model's rope slots."""
+
+    basis: RopeBasis
+    gains: torch.Tensor  # γ [H, P] complex
+    distances: torch.Tensor | None  # the source's attention per distance [H, T]; None when distance is ignored
 
 
-def _bias_tensor(context: ConversionContext, layer: int, part: str) -> str:
+def _augmented_inputs(statistics: LayerStatistics) -> torch.Tensor:
+    """x̃ = [x; 1] of every calibration token, float64 [tokens, n + 1]."""
+    flat = statistics.flat_inputs.double()
+    return torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], dim=1)
+
+
+def _summarize_layer(attention: AttentionWeights, statistics: LayerStatistics, options: MlaOptions,
+                     inv_freq: torch.Tensor) -> RopeSummary:  # fmt: skip
+    heads, kv_heads, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
+    flat = _augmented_inputs(statistics)
+    moment = flat.T @ flat / flat.shape[0]
+    distances = None
+    if options.distance_aware:
+        distances = attention_distances(attention, statistics.inputs, inv_freq)
+        gains = rotation_gains(distances, inv_freq)
+        position_loss = 1 - gains.abs() ** 2
+    else:  # a pair that loses RoPE is read as if at distance 0, and every pair's position signal counts fully
+        gains = torch.ones(heads, d // 2, dtype=torch.complex128)
+        position_loss = torch.ones(gains.shape, dtype=torch.float64)
+    queries = to_complex(augmented(attention.q, attention.q_bias), heads, d)
+    keys = to_complex(augmented(attention.k, attention.k_bias), kv_heads, d)
+    return RopeSummary(rope_basis(options.rope_method, queries, keys, moment, position_loss), gains, distances)
+
+
+def _summarize(conversion: Conversion, options: MlaOptions, windows: list[torch.Tensor],
+               inv_freq: torch.Tensor) -> list[RopeSummary]:  # fmt: skip
+    """Pass 1: the source reads the calibration windows one layer at a time; each layer leaves its summary."""
+    calibration = Calibration(conversion.source_model(), conversion.spec, windows)
+    summaries = []
+    for layer in tqdm(range(conversion.counts.num_layers), desc="calibrating", unit="layer", disable=not options.progress):
+        attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
+        source_layer, statistics = calibration.statistics(layer)
+        summaries.append(_summarize_layer(attention, statistics, options, inv_freq))
+        calibration.advance(layer, source_layer)
+    return summaries
+
+
+def _layer_calibration(statistics: LayerStatistics, summary: RopeSummary) -> LayerCalibration:
+    """Pass 2: the layer's input moment and a sample of its inputs, with what pass 1 decided."""
+    flat = _augmented_inputs(statistics)
+    sample = flat[torch.linspace(0, flat.shape[0] - 1, min(_LINEARIZATION_SAMPLE, flat.shape[0])).long()]
+    return LayerCalibration(moment=flat.T @ flat / flat.shape[0], sample=sample, gains=summary.gains,
+                            distances=summary.distances, basis=summary.basis)  # fmt: skip
+
+
+def _bias_tensor(context: Conversion, layer: int, part: str) -> str:
     fused = context.spec.fused_qkv and part in ("q_proj", "k_proj", "v_proj")
     return context.spec.tensor_name(layer, "qkv_proj" if fused else part, "bias")
 
 
-def _output_format(context: ConversionContext, serving: bool, layers: list[AttentionWeights], rope_biases) -> OutputFormat:
+def _output_format(context: Conversion, serving: bool, layers: list[AttentionBiases], rope_biases) -> OutputFormat:
     """Where the source's biases go: exact folds, or a refusal naming the tensor that cannot be carried."""
     if serving:
         for layer, attention in enumerate(layers):
@@ -232,36 +240,53 @@ def _output_format(context: ConversionContext, serving: bool, layers: list[Atten
     )  # fmt: skip
 
 
-class _CalibrationMemo:
-    """One source's calibration, shared by the conversions to both targets (nothing in it depends on the target)."""
+@dataclass
+class MlaPlan:
+    """One target's layout: everything model-wide, decided before any layer is written."""
 
-    def __init__(self) -> None:
-        self.layers: list[LayerCalibration] | None = None
+    target: str
+    shape: MlaShape
+    output: OutputFormat
+    slots: RopeSlots
+    free_slots: RopeSlots  # the slots without the serving constraint, to report what it costs
+    config: dict[str, Any]
+    summary: dict[str, Any]
 
-    def get(self, context: ConversionContext, options: MlaOptions, inv_freq: torch.Tensor) -> list[LayerCalibration]:
-        if self.layers is None:
-            self.layers = _calibrate(context, options, inv_freq)
-        return self.layers
+    @property
+    def serving(self) -> bool:
+        return deepseek.serving_target(self.target)
 
 
-def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMemo) -> Rewrite:
-    _refuse_unsupported(context)
-    serving = deepseek.serving_target(options.target)
-    counts, config = context.counts, context.checkpoint.config
-    inv_freq, rope_type, theta = deepseek.source_rope(config, counts.head_dim)
+def _biases(conversion: Conversion) -> list[AttentionBiases]:
+    counts = conversion.counts
+    return [read_biases(conversion.checkpoint, conversion.spec, layer, counts) for layer in range(counts.num_layers)]
+
+
+def _shape(conversion: Conversion, options: MlaOptions, target: str, biases: list[AttentionBiases]) -> MlaShape:
+    """The target's shape, or the refusal of a rope type or size it cannot hold (decided before any calibration)."""
+    serving = deepseek.serving_target(target)
+    counts = conversion.counts
+    rope_type = deepseek.source_rope(conversion.checkpoint.config, counts.head_dim)[1]
     if serving and rope_type != "default":
         raise KvshrinkError(
             f"the source's {rope_type} RoPE frequencies are not a geometric set, which is all serving engines' "
             "default RoPE can hold: pass --target transformers"
         )
-    layers = [read_attention(context.checkpoint, context.spec, layer, counts) for layer in range(counts.num_layers)]
-    has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in layers for p in ("k", "v"))
-    shape = resolve_shape(counts, options, serving, counts.hidden_size + (has_bias and not serving))
-    calibrations = memo.get(context, options, inv_freq)
-    slots = choose_slots([c.basis for c in calibrations], shape.rope_dim // 2, geometric=serving)
-    rope_biases = [rope_bias(a, c.basis, slots) for a, c in zip(layers, calibrations)]
-    output = _output_format(context, serving, layers, rope_biases)
-    del layers
+    has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in biases for p in ("k", "v"))
+    return resolve_shape(counts, options, serving, counts.hidden_size + (has_bias and not serving))
+
+
+def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: list[RopeSummary]) -> MlaPlan:
+    serving = deepseek.serving_target(target)
+    counts, config = conversion.counts, conversion.checkpoint.config
+    inv_freq, _, theta = deepseek.source_rope(config, counts.head_dim)
+    layers = _biases(conversion)
+    shape = _shape(conversion, options, target, layers)
+    bases = [summary.basis for summary in summaries]
+    slots = choose_slots(bases, shape.rope_dim // 2, geometric=serving)
+    rope_biases = [rope_bias(a.k_bias, basis, slots, counts.num_kv_heads, counts.head_dim)
+                   for a, basis in zip(layers, bases)]  # fmt: skip
+    output = _output_format(conversion, serving, layers, rope_biases)
     slot_frequencies = inv_freq[list(slots.frequency)]
     max_positions = int(config.get("max_position_embeddings") or 4096)
     if serving:
@@ -276,21 +301,7 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
         q_lora_rank=counts.hidden_size + 1 if output.query_latent else None,
         rms_norm_eps=output.latent_eps if serving else source_eps,
     )  # fmt: skip
-    bounds = [_input_norm_bound(context, layer, c.sample) for layer, c in enumerate(calibrations)]
-
-    free_slots = choose_slots([c.basis for c in calibrations], shape.rope_dim // 2, geometric=False)
-
-    def convert_layer(layer: int, attention: AttentionWeights) -> LayerOutput:
-        tensors, report = convert_attention(
-            attention, calibrations[layer], slots, shape, output, options.factorization, bounds[layer], inv_freq
-        )
-        if serving:  # the share of the rope-selection score default RoPE's geometric frequencies give up
-            scores = calibrations[layer].basis.scores
-            kept = {name: float(scores[list(chosen.frequency), list(chosen.rank)].sum() / scores.sum())
-                    for name, chosen in (("free", free_slots), ("serving", slots))}  # fmt: skip
-            report["serving_rope_score_cost"] = kept["free"] - kept["serving"]
-        prefix = f"{context.spec.layer_prefix.format(layer=layer)}self_attn."
-        return LayerOutput({prefix + name: tensor for name, tensor in tensors.items()}, report)
+    free_slots = choose_slots(bases, shape.rope_dim // 2, geometric=False)
 
     notes = []
     if serving and source_eps != output.latent_eps:
@@ -302,8 +313,8 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
         notes.append("longrope with exact per-pair frequencies: vLLM and SGLang rewrite it to deepseek_yarn, "
                      "so this checkpoint is wrong there; use --target vllm to serve it")  # fmt: skip
     summary = {
-        "target": options.target,
-        "valid_engines": deepseek.valid_engines(options.target),
+        "target": target,
+        "valid_engines": deepseek.valid_engines(target),
         "mla": {
             "kv_lora_rank": shape.kv_rank, "qk_rope_head_dim": shape.rope_dim, "qk_nope_head_dim": shape.nope_dim,
             "v_head_dim": counts.head_dim, "rope_method": options.rope_method,
@@ -314,102 +325,128 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
         },
         "notes": notes,
     }  # fmt: skip
-    method = f"mla/{options.rope_method}+{options.factorization}" + ("+distance" if options.distance_aware else "")
-    return Rewrite(method=method, config=target_config, convert_layer=convert_layer, summary=summary)
+    return MlaPlan(target, shape, output, slots, free_slots, target_config, summary)
 
 
-OTHER_TARGET = {"vllm": "transformers", "sglang": "transformers", "transformers": "vllm"}
+def _convert_layer(conversion: Conversion, plan: MlaPlan, options: MlaOptions, layer: int, attention: AttentionWeights,
+                   calibration: LayerCalibration) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
+    """One layer's DeepseekV3 attention tensors (full output names) and report entry under `plan`."""
+    inv_freq = deepseek.source_rope(conversion.checkpoint.config, conversion.counts.head_dim)[0]
+    bound = _input_norm_bound(conversion, layer, calibration.sample)
+    tensors, report = convert_attention(
+        attention, calibration, plan.slots, plan.shape, plan.output, options.factorization, bound, inv_freq
+    )
+    if plan.serving:  # the share of the rope-selection score default RoPE's geometric frequencies give up
+        scores = calibration.basis.scores
+        kept = {name: float(scores[list(chosen.frequency), list(chosen.rank)].sum() / scores.sum())
+                for name, chosen in (("free", plan.free_slots), ("serving", plan.slots))}  # fmt: skip
+        report["serving_rope_score_cost"] = kept["free"] - kept["serving"]
+    prefix = f"{conversion.spec.layer_prefix.format(layer=layer)}self_attn."
+    return {prefix + name: tensor for name, tensor in tensors.items()}, {"layer": layer, **report}
 
 
-def _check_both_targets(
-    source: Path, converted: Path, *, options: MlaOptions, memo: _CalibrationMemo, text: str, check_tokens: int,
-    allow_pickle: bool,
-) -> dict[str, Any]:
-    """Source vs converted perplexity, plus the other target's: what the serving constraint costs (or saves).
+def _convert_layers(conversion: Conversion, options: MlaOptions, plans: dict[Path, MlaPlan], windows: list[torch.Tensor],
+                    summaries: list[RopeSummary]) -> dict[Path, tuple[list[dict[str, Any]], list[str]]]:  # fmt: skip
+    """Pass 2: convert each layer for every plan (folder -> plan) and write it there; the calibration windows
+    follow the first plan's converted layers with error feedback. Returns each folder's layer reports and new
+    parameter names."""
+    calibration = Calibration(conversion.source_model(), conversion.spec, windows)
+    writers = {folder: LayerWriter(conversion, folder) for folder in plans}
+    main_folder, main_plan = next(iter(plans.items()))
+    target = conversion.target_model(main_plan.config)
+    for folder, plan in plans.items():
+        require_free_space(conversion, conversion.target_model(plan.config) if folder != main_folder else target)
+    reports: dict[Path, list[dict[str, Any]]] = {folder: [] for folder in plans}
+    for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
+        attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
+        source_layer, statistics = calibration.statistics(layer)
+        layer_calibration = _layer_calibration(statistics, summaries[layer])
+        del statistics
+        for folder, plan in plans.items():
+            tensors, report = _convert_layer(conversion, plan, options, layer, attention, layer_calibration)
+            writers[folder].write_layer(layer, tensors)
+            reports[folder].append(report)
+            if folder == main_folder and options.error_feedback:
+                calibration.advance(layer, target.layer(layer, tensors), target)
+        if not options.error_feedback:
+            calibration.advance(layer, source_layer)
+    return {folder: (reports[folder], writers[folder].finish(conversion.counts.num_layers)) for folder in plans}
 
-    The other target is converted from the same calibration into a scratch folder inside the staging output, so
-    it is gone on success, on error and on Ctrl-C alike; when that target refuses this source, the reason is
-    recorded instead.
-    """
-    result = compare_perplexity(source, converted, text=text, max_tokens=check_tokens, progress=options.progress)
-    other = OTHER_TARGET[options.target]
-    entry: dict[str, Any] = {"target": other, "valid_engines": deepseek.valid_engines(other)}
-    with tempfile.TemporaryDirectory(prefix=".other-target-", dir=converted) as scratch:
-        other_out = Path(scratch) / "model"
-        try:
-            run_conversion(
-                source, other_out, partial(_plan, options=replace(options, target=other), memo=memo),
-                allow_pickle=allow_pickle, progress=options.progress,
-            )  # fmt: skip
-        except KvshrinkError as refusal:
-            entry["refused"] = str(refusal)
-        else:
-            windows = token_windows(load_tokenizer(source), text, check_tokens, result["window"])
-            entry["perplexity"] = folder_perplexity(other_out, windows, f"check {other}", options.progress)
-            if other == "transformers":
-                serving, exact = result["converted_perplexity"], entry["perplexity"]
-            else:
-                serving, exact = entry["perplexity"], result["converted_perplexity"]
-            result["serving_perplexity_cost"] = round(serving - exact, 4)
+
+def _method(options: MlaOptions) -> str:
+    return f"mla/{options.rope_method}+{options.factorization}" + ("+distance" if options.distance_aware else "")
+
+
+def _other_target(conversion: Conversion, options: MlaOptions, summaries: list[RopeSummary]) -> MlaPlan | str:
+    """The other target's plan, which the check scores too (what the serving constraint costs), or the reason
+    that target refuses this source."""
+    try:
+        return _plan(conversion, options, OTHER_TARGET[options.target], summaries)
+    except KvshrinkError as refusal:
+        return str(refusal)
+
+
+def _check(conversion: Conversion, options: MlaOptions, other: MlaPlan | str, other_folder: Path) -> dict[str, Any]:
+    """Source vs converted perplexity, plus the other target's (built from the same calibration in a scratch
+    folder inside the staging output, so it is gone on success, on error and on Ctrl-C alike)."""
+    folders = {"source": conversion.checkpoint.folder, "converted": conversion.staging}
+    if isinstance(other, MlaPlan):
+        folders["other"] = other_folder
+    result = compare_perplexity(conversion.checkpoint.folder, folders, calibration_text(options.calibration),
+                                options.check_tokens, conversion.device, progress=options.progress)  # fmt: skip
+    other_target = OTHER_TARGET[options.target]
+    entry: dict[str, Any] = {"target": other_target, "valid_engines": deepseek.valid_engines(other_target)}
+    if isinstance(other, str):
+        entry["refused"] = other
+    else:
+        entry["perplexity"] = result.pop("other_perplexity")
+        serving, exact = result["converted_perplexity"], entry["perplexity"]
+        if other.serving:
+            serving, exact = exact, serving
+        result["serving_perplexity_cost"] = round(serving - exact, 4)
     result["other_target"] = entry
     return result
 
 
-def mha_to_mla(
-    source: str | Path,
-    out: str | Path,
-    *,
-    kv_rank: int | str | None = None,
-    rope_dim: int | str | None = None,
-    kv_budget: float | None = None,
-    mla_shape: str | None = None,
-    rope_method: str = "rotate",
-    factorization: str = "balanced",
-    distance_aware: bool = True,
-    target: str = "vllm",
-    calibration: str | Path | None = None,
-    calibration_tokens: int = 8192,
-    check: bool = True,
-    check_tokens: int = 2048,
-    overwrite: bool = False,
-    out_shard_size: str | int = "5GB",
-    allow_pickle: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
+def _refuse_options(options: MlaOptions) -> None:
+    deepseek.serving_target(options.target)
+    if options.calibration_tokens < CALIBRATION_WINDOW:
+        raise KvshrinkError(
+            f"--calibration-tokens {options.calibration_tokens} is less than one {CALIBRATION_WINDOW}-token window: "
+            f"pass at least {CALIBRATION_WINDOW}"
+        )
+
+
+def mha_to_mla(source: str | Path, out: str | Path, options: MlaOptions) -> dict[str, Any]:
     """Convert the attention of `source` to DeepSeek MLA and write a DeepseekV3ForCausalLM checkpoint to `out`.
 
     Size: exactly one of `kv_rank` (int or 'full'), `kv_budget` (fraction of the source KV bytes; picks the rank
     for the rope dim) or `mla_shape` ('512+64': rank + rope dim). `rope_dim` is an even int or 'all' (every
     rotary pair of every KV head: with kv_rank='full' and target='transformers' the output reproduces the source).
-    `rope_method` 'rotate' or 'partial', `factorization` 'balanced', 'activation', 'output' or 'weight',
-    `distance_aware`: see `kvshrink.convert.mla`. `target` 'vllm' (alias 'sglang') writes a checkpoint valid in
-    vLLM, SGLang and transformers; 'transformers' keeps exact per-pair frequencies, valid in transformers only.
-    `check` scores the source, the output and the other target (built from the same calibration in a scratch
-    folder, then deleted) on `check_tokens` calibration tokens. Returns the report also written to OUT/kvshrink_report.json.
+    `target` 'vllm' (alias 'sglang') writes a checkpoint valid in vLLM, SGLang and transformers; 'transformers'
+    keeps exact per-pair frequencies, valid in transformers only. `check` scores the source, the output and the
+    other target (built from the same calibration in a scratch folder, then deleted). See `MlaOptions` for the
+    rest. Returns the report also written to OUT/kvshrink_report.json.
     """
-    if rope_method not in ROPE_METHODS:
-        raise KvshrinkError(f"unknown rope method {rope_method!r}: choose one of {', '.join(ROPE_METHODS)}")
-    if factorization not in FACTORIZATIONS:
-        raise KvshrinkError(f"unknown factorization {factorization!r}: choose one of {', '.join(FACTORIZATIONS)}")
-    deepseek.serving_target(target)
-    if calibration_tokens < CALIBRATION_WINDOW:
-        raise KvshrinkError(
-            f"--calibration-tokens {calibration_tokens} is less than one {CALIBRATION_WINDOW}-token window: pass at "
-            f"least {CALIBRATION_WINDOW}"
-        )
-    options = MlaOptions(
-        kv_rank=kv_rank, rope_dim=rope_dim, kv_budget=kv_budget, mla_shape=mla_shape, rope_method=rope_method,
-        factorization=factorization, distance_aware=distance_aware, target=target, calibration=calibration,
-        calibration_tokens=calibration_tokens, progress=progress,
-    )  # fmt: skip
-    memo = _CalibrationMemo()
-    checker = None
-    if check:
-        checker = partial(
-            _check_both_targets, options=options, memo=memo, text=calibration_text(calibration),
-            check_tokens=check_tokens, allow_pickle=allow_pickle,
-        )  # fmt: skip
-    return run_conversion(
-        source, out, partial(_plan, options=options, memo=memo), overwrite=overwrite, out_shard_size=out_shard_size,
-        allow_pickle=allow_pickle, check=checker, progress=progress,
-    )  # fmt: skip
+    _refuse_options(options)
+    with open_conversion(source, out, options) as conversion:
+        _refuse_unsupported(conversion)
+        inv_freq = deepseek.source_rope(conversion.checkpoint.config, conversion.counts.head_dim)[0]
+        _shape(conversion, options, options.target, _biases(conversion))
+        conversion.require_tokenizer("mha-to-mla calibrates on text", "")
+        windows = calibration_windows(conversion.checkpoint.folder, calibration_text(options.calibration),
+                                      options.calibration_tokens)  # fmt: skip
+        summaries = _summarize(conversion, options, windows, inv_freq)
+        plan = _plan(conversion, options, options.target, summaries)
+        other = _other_target(conversion, options, summaries) if options.check else None
+        with tempfile.TemporaryDirectory(prefix=".other-target-", dir=conversion.staging) as scratch:
+            plans = {conversion.staging: plan}
+            if isinstance(other, MlaPlan):
+                plans[Path(scratch)] = other
+            written = _convert_layers(conversion, options, plans, windows, summaries)
+            for folder, folder_plan in plans.items():
+                write_metadata(conversion, folder_plan.config, folder)
+            check = _check(conversion, options, other, Path(scratch)) if options.check else None
+        layers, new_parameters = written[conversion.staging]
+        return finish(conversion, method=_method(options), config=plan.config, summary=plan.summary, layers=layers,
+                      new_parameters=new_parameters, check=check)  # fmt: skip

@@ -58,11 +58,11 @@ class LayerCalibration:
     basis: RopeBasis
 
 
-def rope_bias(attention: AttentionWeights, basis: RopeBasis, slots: RopeSlots) -> torch.Tensor:
+def rope_bias(k_bias: torch.Tensor | None, basis: RopeBasis, slots: RopeSlots, kv_heads: int, head_dim: int) -> torch.Tensor:
     """The bias the shared rope key would need (complex, one per slot); zero when the source has no k bias."""
-    if attention.k_bias is None:
+    if k_bias is None:
         return torch.zeros(len(slots.frequency), dtype=torch.complex128)
-    key_bias = to_complex(attention.k_bias[:, None].double(), attention.num_kv_heads, attention.head_dim)[..., 0]
+    key_bias = to_complex(k_bias[:, None].double(), kv_heads, head_dim)[..., 0]
     rotated = torch.einsum("jcg,gj->cj", basis.mixing, key_bias)
     return rotated[list(slots.rank), list(slots.frequency)]
 
@@ -175,8 +175,8 @@ def convert_attention(
     value_energy = float(energy(values, moment).sum())
     key_error = float(error[:nope_rows].sum()) if nope_rows else 0.0
     report = {
-        "k_rel_error": math.sqrt(key_error / max(key_energy, 1e-300)),
-        "v_rel_error": math.sqrt(float(error[nope_rows:].sum()) / max(value_energy, 1e-300)),
+        "k_rel_error": math.sqrt(max(key_error, 0.0) / max(key_energy, 1e-300)),
+        "v_rel_error": math.sqrt(max(float(error[nope_rows:].sum()), 0.0) / max(value_energy, 1e-300)),
         "rope_energy_kept": float(calibration.basis.key_energy[frequency, rank].sum() / calibration.basis.key_energy.sum()),
         "folded_components": folded,
         "latent_norm_error": linearization_error(calibration.sample @ (latent.down * alpha).T, output.latent_eps),

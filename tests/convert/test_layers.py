@@ -9,7 +9,7 @@ import torch
 from kvshrink.convert.check import load_causal_lm, perplexity
 from kvshrink.convert.checkpoint import open_source
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.layers import stock_model, stream_perplexity
+from kvshrink.convert.layers import StockModel, stream_perplexity
 
 FAMILIES = [
     ("llama", 4, 2, {}),
@@ -31,7 +31,7 @@ def _windows() -> list[torch.Tensor]:
 def test_streamed_perplexity_equals_the_whole_model(tiny_checkpoint, model_type, heads, kv_heads, overrides):
     folder = tiny_checkpoint(model_type, heads, kv_heads, dtype=torch.bfloat16, **overrides)
     with open_source(folder) as checkpoint:
-        streamed = stream_perplexity(stock_model(checkpoint, torch.device("cpu")), _windows())
+        streamed = stream_perplexity(StockModel.of_checkpoint(checkpoint, torch.device("cpu")), _windows())
     whole = perplexity(load_causal_lm(folder, "cpu"), _windows(), progress=False)
     assert streamed == pytest.approx(whole, rel=1e-5)
 
@@ -42,4 +42,4 @@ def test_a_tensor_holding_nan_is_refused_by_name(tiny_checkpoint):
 
     folder = tiny_checkpoint("llama", 4, 2, edit=corrupt)
     with open_source(folder) as checkpoint, pytest.raises(KvshrinkError, match=r"model\.layers\.1\.mlp\.up_proj\.weight .*NaN or inf"):
-        stream_perplexity(stock_model(checkpoint, torch.device("cpu")), _windows())
+        stream_perplexity(StockModel.of_checkpoint(checkpoint, torch.device("cpu")), _windows())
