@@ -59,13 +59,13 @@ class Calibration:
     def tokens(self) -> int:
         return sum(window.ids.numel() for window in self.stream.windows)
 
-    def statistics(self, layer: int) -> tuple[nn.Module, LayerStatistics]:
-        """The source's stock layer `layer` and what its attention receives from the windows standing before it."""
-        module = self.model.layer(layer)
-        inputs = self.stream.inputs_of(module, layer, self.projection)
-        return module, LayerStatistics(torch.stack(inputs).cpu())
+    def statistics(self, layer: int) -> LayerStatistics:
+        """What the attention of the source's layer `layer` receives from the windows standing before it (the
+        layer runs only up to its attention's first projection, and is dropped)."""
+        inputs = self.stream.inputs_of(self.model.layer(layer), layer, self.projection)
+        return LayerStatistics(torch.stack(inputs).cpu())
 
-    def advance(self, layer: int, module: nn.Module, owner: StockModel | None = None) -> None:
-        """Move the windows past layer `layer` through `module`: the source's layer, or the converted one (then
-        `owner` is the converted model, whose rotary embedding and masks it runs with)."""
-        self.stream.run(module, layer, owner)
+    def advance(self, layer: int, converted: nn.Module | None = None, owner: StockModel | None = None) -> None:
+        """Move the windows past layer `layer`: through the source's layer, or through the `converted` one (error
+        feedback; `owner` is then the converted model, whose rotary embedding and masks it runs with)."""
+        self.stream.run(converted if converted is not None else self.model.layer(layer), layer, owner)

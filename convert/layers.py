@@ -63,6 +63,13 @@ class StockModel:
     def num_layers(self) -> int:
         return int(self.config.num_hidden_layers)
 
+    def missing_tensors(self) -> list[str]:
+        """Names the stock class needs that the checkpoint lacks (a tied LM head reads the input embeddings)."""
+        tied = f"{self.path(self.skeleton.get_output_embeddings())}.weight"
+        embeddings = f"{self.path(self.skeleton.get_input_embeddings())}.weight"
+        return [name for name in self.skeleton.state_dict()
+                if name not in self.names and not (name == tied and embeddings in self.names)]  # fmt: skip
+
     def tensor(self, name: str) -> torch.Tensor:
         """A weight by its full name; a tied LM head reads the input embeddings."""
         if name not in self.names and name == f"{self.path(self.skeleton.get_output_embeddings())}.weight":

@@ -118,18 +118,15 @@ def _convert_layers(
     reports = []
     for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
-        statistics = None
-        if calibration is not None:
-            source_layer, statistics = calibration.statistics(layer)
-            statistics = _with_rope(conversion, statistics)
+        statistics = _with_rope(conversion, calibration.statistics(layer)) if calibration is not None else None
         result = _merge(attention, options, statistics)
+        del statistics
         tensors = attention_tensors(result.attention, conversion.spec, layer)
         writer.write_layer(layer, tensors)
-        if calibration is not None:
-            if options.error_feedback:
-                calibration.advance(layer, target.layer(layer, tensors), target)
-            else:
-                calibration.advance(layer, source_layer)
+        if calibration is not None and options.error_feedback:
+            calibration.advance(layer, target.layer(layer, tensors), target)
+        elif calibration is not None:
+            calibration.advance(layer)
         reports.append({"layer": layer, "groups": result.groups, **gqa.projection_errors(attention, result),
                         **result.details})  # fmt: skip
     return reports, writer.finish(conversion.counts.num_layers)

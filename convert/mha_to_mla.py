@@ -193,9 +193,8 @@ def _summarize(conversion: Conversion, options: MlaOptions, windows: list[torch.
     summaries = []
     for layer in tqdm(range(conversion.counts.num_layers), desc="calibrating", unit="layer", disable=not options.progress):
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
-        source_layer, statistics = calibration.statistics(layer)
-        summaries.append(_summarize_layer(attention, statistics, options, inv_freq))
-        calibration.advance(layer, source_layer)
+        summaries.append(_summarize_layer(attention, calibration.statistics(layer), options, inv_freq))
+        calibration.advance(layer)
     return summaries
 
 
@@ -359,9 +358,7 @@ def _convert_layers(conversion: Conversion, options: MlaOptions, plans: dict[Pat
     reports: dict[Path, list[dict[str, Any]]] = {folder: [] for folder in plans}
     for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
-        source_layer, statistics = calibration.statistics(layer)
-        layer_calibration = _layer_calibration(statistics, summaries[layer])
-        del statistics
+        layer_calibration = _layer_calibration(calibration.statistics(layer), summaries[layer])
         for folder, plan in plans.items():
             tensors, report = _convert_layer(conversion, plan, options, layer, attention, layer_calibration)
             writers[folder].write_layer(layer, tensors)
@@ -369,7 +366,7 @@ def _convert_layers(conversion: Conversion, options: MlaOptions, plans: dict[Pat
             if folder == main_folder and options.error_feedback:
                 calibration.advance(layer, target.layer(layer, tensors), target)
         if not options.error_feedback:
-            calibration.advance(layer, source_layer)
+            calibration.advance(layer)
     return {folder: (reports[folder], writers[folder].finish(conversion.counts.num_layers)) for folder in plans}
 
 

@@ -84,7 +84,9 @@ class Conversion:
             ) from None
 
 
-def _missing_attention(checkpoint: SourceCheckpoint, spec: FamilySpec, counts: HeadCounts) -> None:
+def _refuse_missing_tensors(conversion: Conversion) -> None:
+    """Every tensor the attention spec and the stock class need is there, before anything is written."""
+    spec, counts, checkpoint = conversion.spec, conversion.counts, conversion.checkpoint
     missing = [
         spec.tensor_name(layer, part)
         for layer in range(counts.num_layers)
@@ -95,6 +97,13 @@ def _missing_attention(checkpoint: SourceCheckpoint, spec: FamilySpec, counts: H
         raise KvshrinkError(
             f"the checkpoint lacks {missing[0]} (and {len(missing) - 1} more attention tensors) that the "
             f"{spec.model_type} spec expects: re-download it, or check that model_type matches the weights"
+        )
+    missing = conversion.source_model().missing_tensors()
+    if missing:
+        raise KvshrinkError(
+            f"the checkpoint lacks {missing[0]} (and {len(missing) - 1} more) that its stock class "
+            f"{(checkpoint.config.get('architectures') or [spec.model_type])[0]} needs: the download is incomplete, "
+            "re-download it"
         )
 
 
@@ -112,9 +121,10 @@ def open_conversion(source: str | Path, out: str | Path, options: ConvertOptions
         with open_source(source, allow_pickle=options.allow_pickle) as checkpoint:
             spec = family_for(checkpoint.config)
             counts = HeadCounts.from_config(checkpoint.config)
-            _missing_attention(checkpoint, spec, counts)
             with atomic_output_dir(out, options.overwrite) as staging:
-                yield Conversion(str(source), checkpoint, spec, counts, staging, device, options, started)
+                conversion = Conversion(str(source), checkpoint, spec, counts, staging, device, options, started)
+                _refuse_missing_tensors(conversion)
+                yield conversion
     except OSError as error:
         where = error.filename or out
         raise KvshrinkError(

@@ -46,3 +46,13 @@ def test_gguf_file_converts_directly(tmp_path):
     assert result.exit_code == 0, result.output
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_key_value_heads == 3 and (out / "tokenizer.json").exists()
+
+
+def test_streamed_check_equals_the_whole_model_on_smollm2(smollm2_dir):
+    from kvshrink.convert.check import folder_perplexity, load_causal_lm, load_tokenizer, perplexity, token_windows
+    from kvshrink.convert.corpora import calibration_text
+
+    windows = token_windows(load_tokenizer(smollm2_dir), calibration_text(None), 1024, 512)
+    streamed = folder_perplexity(smollm2_dir, windows, torch.device("cpu"))
+    whole = perplexity(load_causal_lm(smollm2_dir, "cpu"), windows, progress=False)
+    assert abs(streamed - whole) / whole < 1e-5
