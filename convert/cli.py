@@ -156,13 +156,15 @@ def _size_or_word(text: str | None, word: str, option: str) -> int | str | None:
 @convert_cli.command("mha-to-mla")
 @common_options
 @click.option("--kv-budget", type=float, metavar="F",
-              help="Target KV cache as a fraction of the source's, in (0, 1); picks --kv-rank for the rope dim.")
+              help="Target KV cache as a fraction of the source's, in (0, 1). Under --target vllm: the largest "
+                   "shape vLLM runs within it; otherwise the rank that fills it for the rope dim.")
 @click.option("--kv-rank", metavar="R|full", help="Latent width (kv_lora_rank), or 'full' for an exact latent.")
 @click.option("--mla-shape", metavar="R+D",
-              help="Rank and rope dim at once, e.g. 512+64 (vLLM's fastest MLA kernels want R + D = 576).")
+              help="Rank and rope dim at once, e.g. 512+64. vLLM runs 512+64 and 256+64 only.")
 @click.option("--rope-dim", metavar="D|all",
               help="Width of the shared rope key (qk_rope_head_dim), even; 'all' keeps every rotary pair of every "
-                   "KV head (--target transformers). Default: head_dim / 2.")
+                   "KV head (--target transformers). Default: 64 (at most head_dim) for vllm/sglang, head_dim / 2 "
+                   "for transformers.")
 @click.option("--rope-method", type=click.Choice(["rotate", "partial"]), default="rotate", show_default=True,
               help="rotate: RoRoPE, a complex unitary per frequency across KV heads concentrates key energy; "
                    "partial: keep the best (head, frequency) pairs as they are (MHA2MLA).")
@@ -176,8 +178,9 @@ def _size_or_word(text: str | None, word: str, option: str) -> int | str | None:
                    "the part of a dropped pair that a kept one explains ride on its rope slot, and spend rope dims "
                    "where a constant cannot stand in (fitted at 512-token context).")
 @click.option("--target", type=click.Choice(["vllm", "sglang", "transformers"]), default="vllm", show_default=True,
-              help="vllm/sglang: default RoPE, interleaved, no biases - valid in vLLM, SGLang and transformers. "
-                   "transformers: exact per-pair frequencies (longrope), wrong in vLLM/SGLang.")
+              help="vllm: only what vLLM runs (512+64 or 256+64, default RoPE, interleaved, no biases), also valid in "
+                   "SGLang and transformers. sglang: the same layout at any shape. transformers: any shape, exact "
+                   "per-pair frequencies (longrope), wrong in vLLM/SGLang.")
 @click.option("--calibration-tokens", type=click.IntRange(min=512), default=8192, show_default=True,
               help="Tokens of calibration text the source reads (512-token windows).")
 def mha_to_mla_command(source, out, kv_budget, kv_rank, mla_shape, rope_dim, rope_method, factorization,
@@ -205,6 +208,8 @@ def mha_to_mla_command(source, out, kv_budget, kv_rank, mla_shape, rope_dim, rop
     shape = report["mla"]
     click.echo(f"  MLA: kv_lora_rank {shape['kv_lora_rank']} + rope {shape['qk_rope_head_dim']}; "
                f"valid in {', '.join(report['valid_engines'])}")
+    for engine, reason in report["excluded_engines"].items():
+        click.echo(f"  not valid in {engine}: {reason}")
     for note in report["notes"]:
         click.echo(f"  note: {note}")
     other = report.get("check", {}).get("other_target")

@@ -8,8 +8,8 @@ streaming rewrite: each layer becomes DeepseekV3 attention (`mla.layer`); MLP, n
 
 from __future__ import annotations
 
+import json
 import math
-import re
 import tempfile
 from dataclasses import dataclass, replace
 from functools import partial
@@ -23,19 +23,20 @@ from kvshrink.convert.attention import AttentionWeights, HeadCounts, read_attent
 from kvshrink.convert.calibration import collect_statistics
 from kvshrink.convert.check import compare_perplexity, folder_perplexity, load_tokenizer, token_windows
 from kvshrink.convert.corpora import calibration_text
+from kvshrink.convert import engines
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.mla import deepseek
 from kvshrink.convert.mla.complex_heads import augmented, to_complex
 from kvshrink.convert.mla.distance import attention_distances, rotation_gains
-from kvshrink.convert.mla.layer import LayerCalibration, MlaShape, OutputFormat, convert_attention, rope_bias
+from kvshrink.convert.mla.layer import LayerCalibration, OutputFormat, convert_attention, rope_bias
 from kvshrink.convert.mla.lowrank import FACTORIZATIONS
 from kvshrink.convert.mla.rope import ROPE_METHODS, choose_slots, rope_basis
+from kvshrink.convert.mla.shapes import SizeRequest, resolve_shape
 from kvshrink.convert.rewrite import ConversionContext, LayerOutput, Rewrite, run_conversion
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 CALIBRATION_WINDOW = 512
 _LINEARIZATION_SAMPLE = 2048
-_SHAPE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*$")
 
 
 @dataclass(frozen=True)
@@ -82,71 +83,6 @@ def _refuse_unsupported(context: ConversionContext) -> None:
             "float16): save the source as bfloat16 or float32 first, e.g. "
             "model.to(torch.bfloat16).save_pretrained(dir), and convert that"
         )
-
-
-def resolve_shape(counts: HeadCounts, options: MlaOptions, serving: bool, latent_inputs: int) -> MlaShape:
-    """kv_lora_rank and qk_rope_head_dim from the user's options, checked against what the source allows."""
-    d, kv_heads = counts.head_dim, counts.num_kv_heads
-    all_rope = kv_heads * d
-    max_rope = d if serving else all_rope
-    given = [name for name, value in (("--kv-rank", options.kv_rank), ("--kv-budget", options.kv_budget),
-                                      ("--mla-shape", options.mla_shape)) if value is not None]  # fmt: skip
-    if len(given) != 1:
-        raise KvshrinkError(
-            "pass exactly one of --kv-rank, --kv-budget or --mla-shape" + (f" (got {' and '.join(given)})" if given else "")
-        )
-    rope_dim = options.rope_dim
-    if options.mla_shape is not None:
-        match = _SHAPE.match(options.mla_shape)
-        if not match:
-            raise KvshrinkError(f"--mla-shape {options.mla_shape!r} is not RANK+ROPE: use a form like 512+64")
-        if rope_dim is not None:
-            raise KvshrinkError("--mla-shape already sets the rope dim: drop --rope-dim")
-        kv_rank, rope_dim = int(match.group(1)), int(match.group(2))
-    else:
-        kv_rank = options.kv_rank
-    if rope_dim is None:
-        rope_dim = max(2, d // 2)
-    elif rope_dim == "all":
-        if serving and kv_heads > 1:
-            raise KvshrinkError(
-                f"--rope-dim all needs {all_rope} rope dims ({kv_heads} KV heads x {d}), but serving engines take "
-                f"at most one component per frequency ({d} dims): pass --rope-dim {d} or less, or --target "
-                "transformers for the exact form"
-            )
-        rope_dim = all_rope
-    rope_dim = int(rope_dim)
-    if rope_dim < 2 or rope_dim % 2:
-        raise KvshrinkError(f"--rope-dim {rope_dim} must be an even number >= 2 (rotary dims come in pairs)")
-    if rope_dim > max_rope:
-        where = "serving engines take one component per frequency" if serving else f"the source has {kv_heads} KV heads x {d}"
-        raise KvshrinkError(
-            f"--rope-dim {rope_dim} is more than the {max_rope} rotary dims available ({where}): pass at most {max_rope}"
-            + (", or --target transformers" if serving and kv_heads > 1 else "")
-        )
-    nope_dim = 0 if rope_dim == all_rope else d
-    full_rank = min(kv_heads * (nope_dim + d), latent_inputs)
-    source_values = 2 * kv_heads * d
-    if options.kv_budget is not None:
-        budget = float(options.kv_budget)
-        if not 0 < budget < 1:
-            raise KvshrinkError(f"--kv-budget {budget} must be a fraction of the source KV cache in (0, 1), e.g. 0.25")
-        kv_rank = round(budget * source_values) - rope_dim
-        if kv_rank < 1:
-            raise KvshrinkError(
-                f"--kv-budget {budget} leaves no latent: {round(budget * source_values)} values per token per layer "
-                f"are not more than --rope-dim {rope_dim}; raise the budget or lower --rope-dim"
-            )
-        kv_rank = min(kv_rank, full_rank)
-    elif kv_rank == "full":
-        kv_rank = full_rank
-    kv_rank = int(kv_rank)
-    if not 1 <= kv_rank <= full_rank:
-        raise KvshrinkError(
-            f"kv rank {kv_rank} is impossible here: the joint K/V latent has rank at most {full_rank} "
-            f"({kv_heads} KV heads x {nope_dim + d} K_nope+V dims, {latent_inputs} inputs); pass 1..{full_rank} or 'full'"
-        )
-    return MlaShape(kv_rank=kv_rank, rope_dim=rope_dim, nope_dim=nope_dim, head_dim=d)
 
 
 def _nonzero(tensor: torch.Tensor | None) -> bool:
@@ -246,7 +182,7 @@ class _CalibrationMemo:
 
 def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMemo) -> Rewrite:
     _refuse_unsupported(context)
-    serving = deepseek.serving_target(options.target)
+    serving = engines.target_rules(options.target) is not None
     counts, config = context.counts, context.checkpoint.config
     inv_freq, rope_type, theta = deepseek.source_rope(config, counts.head_dim)
     if serving and rope_type != "default":
@@ -256,7 +192,10 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
         )
     layers = [read_attention(context.checkpoint, context.spec, layer, counts) for layer in range(counts.num_layers)]
     has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in layers for p in ("k", "v"))
-    shape = resolve_shape(counts, options, serving, counts.hidden_size + (has_bias and not serving))
+    size = SizeRequest(kv_rank=options.kv_rank, rope_dim=options.rope_dim, kv_budget=options.kv_budget,
+                       mla_shape=options.mla_shape)  # fmt: skip
+    rules = engines.target_rules(options.target)
+    shape = resolve_shape(counts, size, rules, counts.hidden_size + (has_bias and not serving))
     calibrations = memo.get(context, options, inv_freq)
     slots = choose_slots([c.basis for c in calibrations], shape.rope_dim // 2, geometric=serving)
     rope_biases = [rope_bias(a, c.basis, slots) for a, c in zip(layers, calibrations)]
@@ -301,9 +240,17 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
     if not serving:
         notes.append("longrope with exact per-pair frequencies: vLLM and SGLang rewrite it to deepseek_yarn, "
                      "so this checkpoint is wrong there; use --target vllm to serve it")  # fmt: skip
+    valid, excluded = engines.valid_engines(target_config)
+    if rules is not None and rules.name in excluded:  # the shape and layout rules above should make this impossible
+        raise KvshrinkError(f"--target {rules.name} would write a checkpoint it cannot run ({excluded[rules.name]}): "
+                            "pass --target transformers")  # fmt: skip
+    if options.kv_budget is not None and rules is not None and rules.shapes is not None:
+        notes.append(f"--kv-budget {options.kv_budget} snapped to {shape.kv_rank}+{shape.rope_dim}, the largest "
+                     f"shape {rules.name} runs within it")  # fmt: skip
     summary = {
         "target": options.target,
-        "valid_engines": deepseek.valid_engines(options.target),
+        "valid_engines": valid,
+        "excluded_engines": excluded,
         "mla": {
             "kv_lora_rank": shape.kv_rank, "qk_rope_head_dim": shape.rope_dim, "qk_nope_head_dim": shape.nope_dim,
             "v_head_dim": counts.head_dim, "rope_method": options.rope_method,
@@ -333,17 +280,23 @@ def _check_both_targets(
     """
     result = compare_perplexity(source, converted, text=text, max_tokens=check_tokens, progress=options.progress)
     other = OTHER_TARGET[options.target]
-    entry: dict[str, Any] = {"target": other, "valid_engines": deepseek.valid_engines(other)}
+    entry: dict[str, Any] = {"target": other}
+    other_options = replace(options, target=other)
+    if other == "transformers":  # the same shape, so the difference is the serving layout alone
+        written = json.loads((converted / "config.json").read_text())
+        other_options = replace(other_options, kv_rank=None, kv_budget=None, rope_dim=None,
+                                mla_shape=f"{written['kv_lora_rank']}+{written['qk_rope_head_dim']}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix=".other-target-", dir=converted) as scratch:
         other_out = Path(scratch) / "model"
         try:
-            run_conversion(
-                source, other_out, partial(_plan, options=replace(options, target=other), memo=memo),
+            other_report = run_conversion(
+                source, other_out, partial(_plan, options=other_options, memo=memo),
                 allow_pickle=allow_pickle, progress=options.progress,
             )  # fmt: skip
         except KvshrinkError as refusal:
             entry["refused"] = str(refusal)
         else:
+            entry["valid_engines"] = other_report["valid_engines"]
             windows = token_windows(load_tokenizer(source), text, check_tokens, result["window"])
             entry["perplexity"] = folder_perplexity(other_out, windows, f"check {other}", options.progress)
             if other == "transformers":
@@ -391,7 +344,7 @@ def mha_to_mla(
         raise KvshrinkError(f"unknown rope method {rope_method!r}: choose one of {', '.join(ROPE_METHODS)}")
     if factorization not in FACTORIZATIONS:
         raise KvshrinkError(f"unknown factorization {factorization!r}: choose one of {', '.join(FACTORIZATIONS)}")
-    deepseek.serving_target(target)
+    engines.target_rules(target)
     if calibration_tokens < CALIBRATION_WINDOW:
         raise KvshrinkError(
             f"--calibration-tokens {calibration_tokens} is less than one {CALIBRATION_WINDOW}-token window: pass at "

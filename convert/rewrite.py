@@ -26,6 +26,7 @@ from kvshrink.convert.checkpoint import SourceCheckpoint, header_size_bound, ope
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.families import FamilySpec, family_for
 from kvshrink.convert.kvcache import kv_bytes_per_token
+from kvshrink.convert.model_card import write_model_card
 from kvshrink.convert.outdir import atomic_output_dir, check_output_dir
 from kvshrink.convert.safetensors_io import ShardedSafetensorsWriter
 
@@ -187,4 +188,5 @@ def run_conversion(
                 report["check"] = check(checkpoint.folder, staging)
             report["elapsed_seconds"] = round(time.perf_counter() - started, 2)
             (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+            write_model_card(report, staging, str(out))
     return report

@@ -20,20 +20,15 @@ from typing import Any
 import torch
 
 from kvshrink.convert.attention import AttentionWeights
-from kvshrink.convert.mla.complex_heads import augmented, energy, to_complex, to_interleaved, to_rotate_half
+from kvshrink.convert.mla.complex_heads import (
+    augmented, factored_energy, moment_factor, to_complex, to_interleaved, to_rotate_half,
+)  # fmt: skip
 from kvshrink.convert.mla.distance import rotation_gains
 from kvshrink.convert.mla.fold import fold_into_slots
 from kvshrink.convert.mla.latent_norm import latent_scale, linearization_error
 from kvshrink.convert.mla.lowrank import joint_latent
 from kvshrink.convert.mla.rope import RopeBasis, RopeSlots
-
-
-@dataclass(frozen=True)
-class MlaShape:
-    kv_rank: int  # R: latent width (kv_lora_rank)
-    rope_dim: int  # D: shared rope key width (qk_rope_head_dim)
-    nope_dim: int  # qk_nope_head_dim: the source head_dim, or 0 when every rotary component keeps RoPE
-    head_dim: int  # source head_dim = v_head_dim
+from kvshrink.convert.mla.shapes import MlaShape
 
 
 @dataclass(frozen=True)
@@ -168,11 +163,13 @@ def convert_attention(
     else:
         tensors["q_proj.weight"] = query_rows[:, :hidden]
 
-    approximation = latent.up @ latent.down
-    error = energy(stacked - approximation, moment).reshape(kv_heads, -1).sum(0)
+    # Errors from residual rows through a factor of the moment: sums of squares, so a near-exact latent (rank
+    # close to full) reports a tiny error rather than a negative one from rounding.
+    factor = moment_factor(moment)
+    error = factored_energy(stacked - latent.up @ latent.down, factor).reshape(kv_heads, -1).sum(0)
     nope_rows = shape.nope_dim
-    key_energy = float(energy(keys, moment).sum())
-    value_energy = float(energy(values, moment).sum())
+    key_energy = float(factored_energy(keys, factor).sum())
+    value_energy = float(factored_energy(values, factor).sum())
     key_error = float(error[:nope_rows].sum()) if nope_rows else 0.0
     report = {
         "k_rel_error": math.sqrt(key_error / max(key_energy, 1e-300)),
