@@ -181,11 +181,14 @@ def _size_or_word(text: str | None, word: str, option: str) -> int | str | None:
               help="vllm: only what vLLM runs (512+64 or 256+64, default RoPE, interleaved, no biases), also valid in "
                    "SGLang and transformers. sglang: the same layout at any shape. transformers: any shape, exact "
                    "per-pair frequencies (longrope), wrong in vLLM/SGLang.")
+@click.option("--exact-biases", is_flag=True,
+              help="Refuse query/value/rope-key biases the serving layout cannot hold exactly, instead of refitting "
+                   "them into the weights on the calibration text (approximate; the report gives each layer's error).")
 @click.option("--calibration-tokens", type=click.IntRange(min=512), default=8192, show_default=True,
               help="Tokens of calibration text the source reads (512-token windows).")
 def mha_to_mla_command(source, out, kv_budget, kv_rank, mla_shape, rope_dim, rope_method, factorization,
-                       distance_aware, target, calibration_tokens, check, calibration, check_tokens, overwrite,
-                       out_shard_size, allow_pickle):
+                       distance_aware, target, exact_biases, calibration_tokens, check, calibration, check_tokens,
+                       overwrite, out_shard_size, allow_pickle):
     """Convert SRC's attention to DeepSeek MLA (low-rank latent + one shared rope key); write OUT.
 
     OUT loads with stock transformers as DeepseekV3ForCausalLM; its KV cache holds kv_lora_rank + rope dim
@@ -200,7 +203,7 @@ def mha_to_mla_command(source, out, kv_budget, kv_rank, mla_shape, rope_dim, rop
         source, out, kv_rank=_size_or_word(kv_rank, "full", "--kv-rank"),
         rope_dim=_size_or_word(rope_dim, "all", "--rope-dim"),
         kv_budget=kv_budget, mla_shape=mla_shape, rope_method=rope_method, factorization=factorization,
-        distance_aware=distance_aware, target=target, calibration=calibration,
+        distance_aware=distance_aware, target=target, exact_biases=exact_biases, calibration=calibration,
         calibration_tokens=calibration_tokens, check=check, check_tokens=check_tokens, overwrite=overwrite,
         out_shard_size=out_shard_size, allow_pickle=allow_pickle,
     )

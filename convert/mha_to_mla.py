@@ -49,6 +49,7 @@ class MlaOptions:
     factorization: str
     distance_aware: bool
     target: str
+    exact_biases: bool
     calibration: str | Path | None
     calibration_tokens: int
     progress: bool
@@ -140,8 +141,11 @@ def _bias_tensor(context: ConversionContext, layer: int, part: str) -> str:
     return context.spec.tensor_name(layer, "qkv_proj" if fused else part, "bias")
 
 
-def _output_format(context: ConversionContext, serving: bool, layers: list[AttentionWeights], rope_biases) -> OutputFormat:
-    """Where the source's biases go: exact folds, or a refusal naming the tensor that cannot be carried."""
+def _output_format(
+    context: ConversionContext, serving: bool, layers: list[AttentionWeights], rope_biases, exact_biases: bool
+) -> OutputFormat:
+    """Where the source's biases go: exact folds, a refit into the weights (serving layout), or a refusal naming the
+    tensor that cannot be carried."""
     if serving:
         for layer, attention in enumerate(layers):
             for part, bias, why in (
@@ -149,18 +153,22 @@ def _output_format(context: ConversionContext, serving: bool, layers: list[Atten
                 ("v_proj", attention.v_bias, "a value bias needs an o_proj bias"),
                 ("o_proj", attention.o_bias, "an output bias needs an o_proj bias"),
             ):
-                if _nonzero(bias):
+                if _nonzero(bias) and (exact_biases or part == "o_proj"):
                     raise KvshrinkError(
                         f"{_bias_tensor(context, layer, part)} is not zero and serving engines run DeepseekV3 "
                         f"without attention biases ({why}): pass --target transformers"
+                        + ("" if part == "o_proj" else ", or drop --exact-biases to refit it into the weights")
                     )
-            if bool(rope_biases[layer].abs().max() > 0):
+            if exact_biases and bool(rope_biases[layer].abs().max() > 0):
                 raise KvshrinkError(
                     f"{_bias_tensor(context, layer, 'k_proj')} has a component on rotary pairs that keep RoPE, which "
-                    "no bias-free serving layout carries: pass --target transformers"
+                    "no bias-free serving layout carries: pass --target transformers, or drop --exact-biases to "
+                    "refit it into the weights"
                 )
+        refit = any(_nonzero(a.q_bias) or _nonzero(a.v_bias) for a in layers) or any(
+            bool(b.abs().max() > 0) for b in rope_biases)  # fmt: skip
         return OutputFormat(interleave=True, latent_eps=deepseek.TRANSFORMERS_LATENT_EPS, attention_bias=False,
-                            query_latent=False, drop_key_bias=True)  # fmt: skip
+                            query_latent=False, drop_key_bias=True, refit_biases=refit)  # fmt: skip
     has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in layers for p in ("q", "k", "v", "o"))
     return OutputFormat(
         interleave=True, latent_eps=deepseek.TRANSFORMERS_LATENT_EPS, attention_bias=has_bias,
@@ -199,7 +207,7 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
     calibrations = memo.get(context, options, inv_freq)
     slots = choose_slots([c.basis for c in calibrations], shape.rope_dim // 2, geometric=serving)
     rope_biases = [rope_bias(a, c.basis, slots) for a, c in zip(layers, calibrations)]
-    output = _output_format(context, serving, layers, rope_biases)
+    output = _output_format(context, serving, layers, rope_biases, options.exact_biases)
     del layers
     slot_frequencies = inv_freq[list(slots.frequency)]
     max_positions = int(config.get("max_position_embeddings") or 4096)
@@ -232,6 +240,10 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
         return LayerOutput({prefix + name: tensor for name, tensor in tensors.items()}, report)
 
     notes = []
+    if output.refit_biases:
+        notes.append("approximate: serving engines run no attention biases, so the source's query, value and rope-key "
+                     "biases were refit into the weights on the calibration text (each layer's bias_refit_error); "
+                     "--exact-biases refuses instead")  # fmt: skip
     if serving and source_eps != output.latent_eps:
         notes.append(
             f"rms_norm_eps set from {source_eps:g} to {output.latent_eps:g}: transformers runs the latent norm at "
@@ -320,6 +332,7 @@ def mha_to_mla(
     factorization: str = "balanced",
     distance_aware: bool = True,
     target: str = "vllm",
+    exact_biases: bool = False,
     calibration: str | Path | None = None,
     calibration_tokens: int = 8192,
     check: bool = True,
@@ -335,7 +348,8 @@ def mha_to_mla(
     for the rope dim) or `mla_shape` ('512+64': rank + rope dim). `rope_dim` is an even int or 'all' (every
     rotary pair of every KV head: with kv_rank='full' and target='transformers' the output reproduces the source).
     `rope_method` 'rotate' or 'partial', `factorization` 'balanced', 'activation', 'output' or 'weight',
-    `distance_aware`: see `kvshrink.convert.mla`. `target` 'vllm' (alias 'sglang') writes a checkpoint valid in
+    `distance_aware`: see `kvshrink.convert.mla`. `exact_biases` refuses a source whose query, value or rope-key
+    biases the serving layout could only approximate (by default they are refit into the weights). `target` 'vllm' (alias 'sglang') writes a checkpoint valid in
     vLLM, SGLang and transformers; 'transformers' keeps exact per-pair frequencies, valid in transformers only.
     `check` scores the source, the output and the other target (built from the same calibration in a scratch
     folder, then deleted) on `check_tokens` calibration tokens. Returns the report also written to OUT/kvshrink_report.json.
@@ -352,7 +366,8 @@ def mha_to_mla(
         )
     options = MlaOptions(
         kv_rank=kv_rank, rope_dim=rope_dim, kv_budget=kv_budget, mla_shape=mla_shape, rope_method=rope_method,
-        factorization=factorization, distance_aware=distance_aware, target=target, calibration=calibration,
+        factorization=factorization, distance_aware=distance_aware, target=target, exact_biases=exact_biases,
+        calibration=calibration,
         calibration_tokens=calibration_tokens, progress=progress,
     )  # fmt: skip
     memo = _CalibrationMemo()

@@ -14,6 +14,7 @@ from kvshrink.convert import engines
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.mha_to_gqa import mha_to_gqa
 from kvshrink.convert.mha_to_mla import mha_to_mla
+from kvshrink.convert.mla.biases import refit_without_bias
 from kvshrink.convert.mla.complex_heads import energy, factored_energy, moment_factor
 
 QUICK = dict(check=False, progress=False, calibration_tokens=1024, overwrite=True)
@@ -210,3 +211,45 @@ def test_absorbed_form_matches_transformers_layer(servable_source, tmp_path, dty
     # the latent the cache holds is tiny, so RMSNorm stays linear; bfloat16 has the range to hold it exactly enough
     rms = latent.pow(2).mean(-1).sqrt()
     assert rms.max() < 1e-2 * math.sqrt(model.config.rms_norm_eps) and rms.min() > 0
+
+
+def test_bias_refit_is_the_least_squares_fit_and_exact_when_a_constant_input_exists():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(4000, 6, generator=generator, dtype=torch.float64) + torch.tensor([1.0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    rows = torch.randn(3, 7, generator=generator, dtype=torch.float64)  # [w | b]
+    augmented = torch.cat([inputs, torch.ones(4000, 1, dtype=torch.float64)], dim=1)
+    moment = augmented.T @ augmented / 4000
+    refit, error = refit_without_bias(rows, moment)
+    wanted = augmented @ rows.T
+    best = torch.linalg.lstsq(inputs, wanted).solution.T  # min over w' of Σ|w'·x - (w·x + b)|²
+    torch.testing.assert_close(refit, best, rtol=1e-6, atol=1e-8)
+    assert error == pytest.approx(float((inputs @ refit.T - wanted).norm() / wanted.norm()), rel=1e-6) and 0 < error < 1
+    inputs[:, 0] = 0.5  # a constant channel: the bias is a multiple of it, so the refit is exact
+    augmented = torch.cat([inputs, torch.ones(4000, 1, dtype=torch.float64)], dim=1)
+    refit, error = refit_without_bias(rows, augmented.T @ augmented / 4000)
+    assert error < 1e-4
+    torch.testing.assert_close(inputs @ refit.T, augmented @ rows.T, rtol=0, atol=1e-3)
+
+
+def _qwen2_biases(model):
+    for layer in model.model.layers:
+        for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            projection.bias.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+
+
+def test_qwen2_biases_are_refit_under_the_serving_target_and_reported(servable_source, tmp_path):
+    source = servable_source(4, 4, model_type="qwen2", edit=_qwen2_biases)
+    report = mha_to_mla(source, tmp_path / "out", kv_budget=0.7, **{**QUICK, "check": True, "check_tokens": 512})
+    assert report["valid_engines"] == ["transformers", "vllm", "sglang"]
+    assert any(note.startswith("approximate: serving engines run no attention biases") for note in report["notes"])
+    for layer in report["layers"]:
+        errors = layer["bias_refit_error"]
+        assert set(errors) == {"query", "latent", "rope_key"} and all(0 < value < 1 for value in errors.values())
+    check = report["check"]
+    assert check["other_target"]["target"] == "transformers" and "serving_perplexity_cost" in check
+    assert math.isfinite(check["converted_perplexity"])
+    from safetensors.torch import load_file
+
+    assert not any(name.endswith(".bias") for name in load_file(tmp_path / "out" / "model.safetensors"))
+    with pytest.raises(KvshrinkError, match=r"q_proj\.bias is not zero .*drop --exact-biases to refit it"):
+        mha_to_mla(source, tmp_path / "exact", kv_budget=0.7, exact_biases=True, **QUICK)
