@@ -32,6 +32,7 @@ from kvshrink.convert.mla.layer import LayerCalibration, OutputFormat, convert_a
 from kvshrink.convert.mla.lowrank import FACTORIZATIONS
 from kvshrink.convert.mla.rope import ROPE_METHODS, choose_slots, rope_basis
 from kvshrink.convert.mla.shapes import SizeRequest, resolve_shape
+from kvshrink.convert.mla.yarn import fit_yarn
 from kvshrink.convert.rewrite import ConversionContext, LayerOutput, Rewrite, run_conversion
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
@@ -193,10 +194,10 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
     serving = engines.target_rules(options.target) is not None
     counts, config = context.counts, context.checkpoint.config
     inv_freq, rope_type, theta = deepseek.source_rope(config, counts.head_dim)
-    if serving and rope_type != "default":
+    if serving and rope_type not in ("default", "llama3"):
         raise KvshrinkError(
-            f"the source's {rope_type} RoPE frequencies are not a geometric set, which is all serving engines' "
-            "default RoPE can hold: pass --target transformers"
+            f"the source's {rope_type} RoPE frequencies are neither a geometric set nor llama3's, which is what "
+            "serving engines' default and deepseek_yarn RoPE can hold: pass --target transformers"
         )
     layers = [read_attention(context.checkpoint, context.spec, layer, counts) for layer in range(counts.num_layers)]
     has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in layers for p in ("k", "v"))
@@ -211,9 +212,15 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
     del layers
     slot_frequencies = inv_freq[list(slots.frequency)]
     max_positions = int(config.get("max_position_embeddings") or 4096)
+    yarn = None
     if serving:
         rope_theta = deepseek.geometric_theta(theta, slots.step, shape.rope_dim, counts.head_dim)
         rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
+        if rope_type == "llama3":  # the slots' llama3 frequencies as closely as a deepseek_yarn table can (mla.yarn)
+            llama3 = config.get("rope_parameters") or config.get("rope_scaling") or {}
+            yarn = fit_yarn(slot_frequencies, rope_theta, shape.rope_dim, float(llama3["factor"]),
+                            int(llama3["original_max_position_embeddings"]))  # fmt: skip
+            rope_parameters = yarn.parameters
     else:
         rope_parameters = deepseek.longrope_parameters(theta, slot_frequencies, max_positions)
     source_eps = float(config.get("rms_norm_eps", 1e-6))
@@ -240,6 +247,9 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
         return LayerOutput({prefix + name: tensor for name, tensor in tensors.items()}, report)
 
     notes = []
+    if yarn is not None:
+        notes.append(f"approximate: llama3 RoPE written as deepseek_yarn; the largest per-slot frequency error is "
+                     f"{float(yarn.relative_error.max()):.1%} (mla.rope_frequency_error)")  # fmt: skip
     if output.refit_biases:
         notes.append("approximate: serving engines run no attention biases, so the source's query, value and rope-key "
                      "biases were refit into the weights on the calibration text (each layer's bias_refit_error); "
@@ -270,6 +280,7 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
             "kv_budget": options.kv_budget, "calibration_tokens": options.calibration_tokens,
             "rope_slots": [{"source_frequency": j, "component": n, "inv_freq": float(f)}
                            for j, n, f in zip(slots.frequency, slots.rank, slot_frequencies)],
+            **({"rope_frequency_error": yarn.relative_error.tolist()} if yarn is not None else {}),
         },
         "notes": notes,
     }  # fmt: skip

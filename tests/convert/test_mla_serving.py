@@ -85,7 +85,7 @@ def test_seven_billion_width_layer_converts_at_576(tiny_checkpoint, tmp_path):
         ((2, 2, dict(head_dim=256, hidden_size=128)), dict(kv_budget=0.5),
          r"^no shape vllm runs fits this source: head_dim 256 \+ rope 64 exceeds the 256 QK head dim its prefill runs"),
         ((4, 4, dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0})), dict(kv_budget=0.7),
-         r"^the source's linear RoPE frequencies are not a geometric set.*--target transformers$"),
+         r"^the source's linear RoPE frequencies are neither a geometric set nor llama3's.*--target transformers$"),
     ],
     ids=["budget", "shape-rope", "shape-rank", "rank-full", "rope-dim", "no-shape", "head-dim", "rope-type"],
 )
@@ -253,3 +253,46 @@ def test_qwen2_biases_are_refit_under_the_serving_target_and_reported(servable_s
     assert not any(name.endswith(".bias") for name in load_file(tmp_path / "out" / "model.safetensors"))
     with pytest.raises(KvshrinkError, match=r"q_proj\.bias is not zero .*drop --exact-biases to refit it"):
         mha_to_mla(source, tmp_path / "exact", kv_budget=0.7, exact_biases=True, **QUICK)
+
+
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # Llama-3.1's
+
+
+def _vllm_deepseek_yarn(rope: dict, dim: int) -> torch.Tensor:
+    """vLLM's deepseek_yarn inv_freq written from its rules (DeepseekScalingRotaryEmbedding): correction dims
+    dim·ln(L/(2π·β))/(2 ln base), floor for beta_fast and ceil for beta_slow, clamped to [0, dim-1]; a linear ramp
+    over dim/2 slots; extrapolated base^(-2i/dim) before the ramp, interpolated (/factor) after it."""
+    base, factor, length = rope["rope_theta"], rope["factor"], rope["original_max_position_embeddings"]
+
+    def correction(rotations):
+        return dim * math.log(length / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction(rope["beta_fast"])), 0)
+    high = min(math.ceil(correction(rope["beta_slow"])), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low if high != low else 0.001)).clamp(0, 1)
+    extrapolation = 1 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    mask = 1 - ramp
+    return extrapolation / factor * (1 - mask) + extrapolation * mask
+
+
+def test_llama3_rope_is_written_as_a_yarn_table_both_engines_compute_alike(servable_source, tmp_path):
+    source = servable_source(4, 4, rope_parameters=LLAMA3)
+    report = mha_to_mla(source, tmp_path / "out", kv_budget=0.7, **{**QUICK, "check": True, "check_tokens": 512})
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    rope = config["rope_parameters"]
+    assert rope["rope_type"] == "yarn" and rope["mscale"] == rope["mscale_all_dim"] == 0 and rope["attention_factor"] == 1
+    assert report["valid_engines"] == ["transformers", "vllm", "sglang"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    table = model.model.rotary_emb.inv_freq.double()
+    assert model.model.rotary_emb.attention_scaling == 1.0
+    assert model.model.layers[0].self_attn.scaling == pytest.approx((64 + 64) ** -0.5)  # no mscale either
+    torch.testing.assert_close(table, _vllm_deepseek_yarn(rope, 64), rtol=1e-6, atol=0)
+    # against the source's own llama3 frequencies at the kept slots: exact at both ends, bounded in between
+    source_freq = AutoModelForCausalLM.from_pretrained(source).model.rotary_emb.inv_freq.double()
+    wanted = source_freq[[slot["source_frequency"] for slot in report["mla"]["rope_slots"]]]
+    error = (table - wanted).abs() / wanted
+    torch.testing.assert_close(torch.tensor(report["mla"]["rope_frequency_error"], dtype=torch.float64), error, rtol=1e-4, atol=1e-6)
+    assert error[:8].max() < 1e-6 and error[-8:].max() < 1e-6 and error.max() < 0.35
+    assert any("llama3 RoPE written as deepseek_yarn" in note for note in report["notes"])
+    assert "serving_perplexity_cost" in report["check"] and report["check"]["other_target"]["target"] == "transformers"
