@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kvshrink.convert.errors import KvshrinkError
+
 TRANSFORMERS_LATENT_EPS = 1e-6  # transformers' DeepseekV3 builds kv_a_layernorm with its default eps, not config's
 
 VLLM_MLA = "vllm-project/vllm vllm/model_executor/layers/attention/mla_attention.py"
@@ -42,7 +44,6 @@ class EngineRules:
     interleaved_rope_only: bool  # RoPE always on pairs (2i, 2i+1): rope_interleave is ignored
     attention_bias: bool  # whether q/kv_a/o projections may carry biases
     latent_eps_from_config: bool  # kv_a_layernorm runs at config.rms_norm_eps
-    dtypes: tuple[str, ...]  # activation dtypes the MLA backends take
     rules: tuple[Rule, ...]
 
 
@@ -55,7 +56,6 @@ VLLM = EngineRules(
     interleaved_rope_only=True,
     attention_bias=False,
     latent_eps_from_config=True,
-    dtypes=("bfloat16", "float16"),
     rules=(
         Rule("MLA backends take cache widths kv_lora_rank + qk_rope_head_dim of 576 (512+64) and, on current main, "
              "320 (256+64): MLACommonBackend.get_supported_head_sizes(); at commit 90b0a26e0e1a it returned [576] "
@@ -82,7 +82,6 @@ SGLANG = EngineRules(
     interleaved_rope_only=True,
     attention_bias=False,
     latent_eps_from_config=True,
-    dtypes=("bfloat16", "float16"),
     rules=(
         Rule("the absorbed path runs RadixAttention at head dim kv_lora_rank + qk_rope_head_dim with no width rule "
              "in the model (the Triton backend serves it when no FlashInfer/FA3 backend is chosen)", SGLANG_MODEL),
@@ -105,8 +104,6 @@ TARGETS = ("vllm", "sglang", "transformers")
 def target_rules(target: str) -> EngineRules | None:
     """The rules a conversion for `target` must satisfy; None for transformers, which loads any DeepseekV3 shape."""
     if target not in TARGETS:
-        from kvshrink.convert.errors import KvshrinkError
-
         raise KvshrinkError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
     return ENGINES.get(target)
 

@@ -45,7 +45,8 @@ def _check_lines(report: dict[str, Any]) -> list[str]:
 
 def _engine_lines(report: dict[str, Any], folder: str) -> list[str]:
     valid = report.get("valid_engines", ["transformers"])
-    lines = [f"Valid in: {', '.join(valid)}."]
+    lines = [f"Valid in: {', '.join(valid)}." if "valid_engines" in report else
+             "Loads in: transformers (its source class); kvshrink checks no serving engine for this format."]  # fmt: skip
     for engine, reason in (report.get("excluded_engines") or {}).items():
         lines.append(f"- not {engine}: {reason}")
     lines += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",

@@ -99,7 +99,8 @@ def free_shape(counts: HeadCounts, request: SizeRequest, latent_inputs: int, one
     if rope_dim < 2 or rope_dim % 2:
         raise KvshrinkError(f"--rope-dim {rope_dim} must be an even number >= 2 (rotary dims come in pairs)")
     if rope_dim > max_rope:
-        where = "serving engines take one component per frequency" if one_per_frequency else f"the source has {kv_heads} KV heads x {d}"
+        where = ("serving engines take one component per frequency" if one_per_frequency
+                 else f"the source has {kv_heads} KV heads x {d}")  # fmt: skip
         raise KvshrinkError(
             f"--rope-dim {rope_dim} is more than the {max_rope} rotary dims available ({where}): pass at most {max_rope}"
             + (", or --target transformers" if one_per_frequency and kv_heads > 1 else "")
@@ -134,14 +135,18 @@ def reachable_shapes(counts: HeadCounts, rules: EngineRules, latent_inputs: int)
     return sorted(reachable, key=lambda shape: shape[2])
 
 
-def _no_shape_reason(counts: HeadCounts, rules: EngineRules) -> str:
+def _no_shape_reason(counts: HeadCounts, rules: EngineRules, latent_inputs: int) -> str:
     d, values = counts.head_dim, 2 * counts.num_kv_heads * counts.head_dim
     if d < ENGINE_ROPE_DIM:
-        return f"head_dim {d} has {d // 2} rotary frequencies, fewer than the {ENGINE_ROPE_DIM // 2} a {ENGINE_ROPE_DIM}-dim rope key needs"
+        return (f"head_dim {d} has {d // 2} rotary frequencies, fewer than the {ENGINE_ROPE_DIM // 2} a "
+                f"{ENGINE_ROPE_DIM}-dim rope key needs")  # fmt: skip
     if d + ENGINE_ROPE_DIM > rules.max_qk_head_dim:
         return f"head_dim {d} + rope {ENGINE_ROPE_DIM} exceeds the {rules.max_qk_head_dim} QK head dim its prefill runs"
-    widths = ", ".join(f"{r + p}" for r, p in rules.shapes or ())
-    return f"its cache widths ({widths}) are not smaller than this source's {values} K/V values per token, or exceed the latent's rank"
+    _, full_rank = _full_rank(counts, ENGINE_ROPE_DIM, latent_inputs)
+    why = [f"{rank}+{rope} is {rank + rope} values, not fewer than the source's {values}" if rank + rope >= values
+           else f"{rank}+{rope} needs a latent of rank {rank}, more than this source's {full_rank}"
+           for rank, rope in rules.shapes or ()]  # fmt: skip
+    return "; ".join(why)
 
 
 def _describe(shapes: list[tuple[int, int, float]]) -> str:
@@ -154,7 +159,8 @@ def engine_shape(counts: HeadCounts, request: SizeRequest, rules: EngineRules, l
     reachable = reachable_shapes(counts, rules, latent_inputs)
     if not reachable:
         raise KvshrinkError(
-            f"no shape {rules.name} runs fits this source: {_no_shape_reason(counts, rules)}; pass --target transformers"
+            f"no shape {rules.name} runs fits this source: {_no_shape_reason(counts, rules, latent_inputs)}; "
+            "pass --target transformers"
         )
     kv_rank, rope_dim = _parse_mla_shape(request)
     if rope_dim is not None and rope_dim != ENGINE_ROPE_DIM:

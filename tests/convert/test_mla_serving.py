@@ -80,8 +80,9 @@ def test_seven_billion_width_layer_converts_at_576(tiny_checkpoint, tmp_path):
                                            r"are 256\+64 \(62.5% KV\); pass one of them, or --target transformers"),
         ((4, 4), dict(kv_rank="full"), r"^--kv-rank full has no vllm backend: servable shapes .* 256\+64"),
         ((4, 4), dict(kv_rank=256, rope_dim=32), r"^--rope-dim 32: vllm's MLA kernels take a 64-dim rope key"),
-        ((3, 3), dict(kv_budget=0.9), r"^no shape vllm runs fits this source: its cache widths \(576, 320\) are not "
-                                      r"smaller than this source's 384 K/V values per token, or exceed the latent's rank"),
+        ((3, 3), dict(kv_budget=0.9), r"^no shape vllm runs fits this source: 512\+64 is 576 values, not fewer than "
+                                      r"the source's 384; 256\+64 needs a latent of rank 256, more than this source's "
+                                      r"192; pass --target transformers$"),
         ((2, 2, dict(head_dim=256, hidden_size=128)), dict(kv_budget=0.5),
          r"^no shape vllm runs fits this source: head_dim 256 \+ rope 64 exceeds the 256 QK head dim its prefill runs"),
         ((4, 4, dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0})), dict(kv_budget=0.7),
