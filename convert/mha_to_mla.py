@@ -191,7 +191,8 @@ class _CalibrationMemo:
 
 def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMemo) -> Rewrite:
     _refuse_unsupported(context)
-    serving = engines.target_rules(options.target) is not None
+    rules = engines.target_rules(options.target)  # None for transformers
+    serving = rules is not None
     counts, config = context.counts, context.checkpoint.config
     inv_freq, rope_type, theta = deepseek.source_rope(config, counts.head_dim)
     if serving and rope_type not in ("default", "llama3"):
@@ -203,7 +204,6 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
     has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in layers for p in ("k", "v"))
     size = SizeRequest(kv_rank=options.kv_rank, rope_dim=options.rope_dim, kv_budget=options.kv_budget,
                        mla_shape=options.mla_shape)  # fmt: skip
-    rules = engines.target_rules(options.target)
     shape = resolve_shape(counts, size, rules, counts.hidden_size + (has_bias and not serving))
     calibrations = memo.get(context, options, inv_freq)
     slots = choose_slots([c.basis for c in calibrations], shape.rope_dim // 2, geometric=serving)
@@ -359,9 +359,11 @@ def mha_to_mla(
     for the rope dim) or `mla_shape` ('512+64': rank + rope dim). `rope_dim` is an even int or 'all' (every
     rotary pair of every KV head: with kv_rank='full' and target='transformers' the output reproduces the source).
     `rope_method` 'rotate' or 'partial', `factorization` 'balanced', 'activation', 'output' or 'weight',
-    `distance_aware`: see `kvshrink.convert.mla`. `exact_biases` refuses a source whose query, value or rope-key
-    biases the serving layout could only approximate (by default they are refit into the weights). `target` 'vllm' (alias 'sglang') writes a checkpoint valid in
-    vLLM, SGLang and transformers; 'transformers' keeps exact per-pair frequencies, valid in transformers only.
+    `distance_aware`: see `kvshrink.convert.mla`. `target` 'vllm' writes only what vLLM runs (512+64 or 256+64; a
+    budget snaps down to one), valid in vLLM, SGLang and transformers; 'sglang' the same layout at any shape;
+    'transformers' any shape with exact per-pair frequencies, valid in transformers only (`kvshrink.convert.engines`).
+    `exact_biases` refuses query, value or rope-key biases the serving layout could only approximate (by default
+    they are refit into the weights).
     `check` scores the source, the output and the other target (built from the same calibration in a scratch
     folder, then deleted) on `check_tokens` calibration tokens. Returns the report also written to OUT/kvshrink_report.json.
     """
