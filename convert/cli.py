@@ -178,6 +178,8 @@ def mha_to_mla_command(source, out, **fields):
     shape = report["mla"]
     click.echo(f"  MLA: kv_lora_rank {shape['kv_lora_rank']} + rope {shape['qk_rope_head_dim']}; "
                f"valid in {', '.join(report['valid_engines'])}")
+    for engine, reason in report["excluded_engines"].items():
+        click.echo(f"  not valid in {engine}: {reason}")
     for note in report["notes"]:
         click.echo(f"  note: {note}")
     other = report.get("check", {}).get("other_target")

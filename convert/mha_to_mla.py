@@ -13,7 +13,6 @@ MLP, norms and embeddings are copied byte for byte.
 from __future__ import annotations
 
 import math
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +24,16 @@ from tqdm import tqdm
 from kvshrink.convert.attention import AttentionBiases, AttentionWeights, HeadCounts, read_attention, read_biases
 from kvshrink.convert.calibration import CALIBRATION_WINDOW, Calibration, LayerStatistics, calibration_windows
 from kvshrink.convert.check import compare_perplexity
+from kvshrink.convert import engines
 from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.mla import deepseek
 from kvshrink.convert.mla.complex_heads import augmented, to_complex
 from kvshrink.convert.mla.distance import attention_distances, rotation_gains
-from kvshrink.convert.mla.layer import LayerCalibration, MlaShape, OutputFormat, convert_attention, rope_bias
+from kvshrink.convert.mla.layer import LayerCalibration, OutputFormat, convert_attention, rope_bias
 from kvshrink.convert.mla.rope import RopeBasis, RopeSlots, choose_slots, rope_basis
+from kvshrink.convert.mla.shapes import MlaShape, resolve_shape
+from kvshrink.convert.mla.yarn import YarnFit, fit_yarn
 from kvshrink.convert.options import MlaOptions
 from kvshrink.convert.rewrite import (
     Conversion, LayerWriter, finish, open_conversion, require_free_space, write_metadata,
@@ -39,7 +41,6 @@ from kvshrink.convert.rewrite import (
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 _LINEARIZATION_SAMPLE = 2048
-_SHAPE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*$")
 OTHER_TARGET = {"vllm": "transformers", "sglang": "transformers", "transformers": "vllm"}
 
 
@@ -72,71 +73,6 @@ def _refuse_unsupported(context: Conversion) -> None:
             "float16): save the source as bfloat16 or float32 first, e.g. "
             "model.to(torch.bfloat16).save_pretrained(dir), and convert that"
         )
-
-
-def resolve_shape(counts: HeadCounts, options: MlaOptions, serving: bool, latent_inputs: int) -> MlaShape:
-    """kv_lora_rank and qk_rope_head_dim from the user's options, checked against what the source allows."""
-    d, kv_heads = counts.head_dim, counts.num_kv_heads
-    all_rope = kv_heads * d
-    max_rope = d if serving else all_rope
-    given = [name for name, value in (("--kv-rank", options.kv_rank), ("--kv-budget", options.kv_budget),
-                                      ("--mla-shape", options.mla_shape)) if value is not None]  # fmt: skip
-    if len(given) != 1:
-        raise KvshrinkError(
-            "pass exactly one of --kv-rank, --kv-budget or --mla-shape" + (f" (got {' and '.join(given)})" if given else "")
-        )
-    rope_dim = options.rope_dim
-    if options.mla_shape is not None:
-        match = _SHAPE.match(options.mla_shape)
-        if not match:
-            raise KvshrinkError(f"--mla-shape {options.mla_shape!r} is not RANK+ROPE: use a form like 512+64")
-        if rope_dim is not None:
-            raise KvshrinkError("--mla-shape already sets the rope dim: drop --rope-dim")
-        kv_rank, rope_dim = int(match.group(1)), int(match.group(2))
-    else:
-        kv_rank = options.kv_rank
-    if rope_dim is None:
-        rope_dim = max(2, d // 2)
-    elif rope_dim == "all":
-        if serving and kv_heads > 1:
-            raise KvshrinkError(
-                f"--rope-dim all needs {all_rope} rope dims ({kv_heads} KV heads x {d}), but serving engines take "
-                f"at most one component per frequency ({d} dims): pass --rope-dim {d} or less, or --target "
-                "transformers for the exact form"
-            )
-        rope_dim = all_rope
-    rope_dim = int(rope_dim)
-    if rope_dim < 2 or rope_dim % 2:
-        raise KvshrinkError(f"--rope-dim {rope_dim} must be an even number >= 2 (rotary dims come in pairs)")
-    if rope_dim > max_rope:
-        where = "serving engines take one component per frequency" if serving else f"the source has {kv_heads} KV heads x {d}"
-        raise KvshrinkError(
-            f"--rope-dim {rope_dim} is more than the {max_rope} rotary dims available ({where}): pass at most {max_rope}"
-            + (", or --target transformers" if serving and kv_heads > 1 else "")
-        )
-    nope_dim = 0 if rope_dim == all_rope else d
-    full_rank = min(kv_heads * (nope_dim + d), latent_inputs)
-    source_values = 2 * kv_heads * d
-    if options.kv_budget is not None:
-        budget = float(options.kv_budget)
-        if not 0 < budget < 1:
-            raise KvshrinkError(f"--kv-budget {budget} must be a fraction of the source KV cache in (0, 1), e.g. 0.25")
-        kv_rank = round(budget * source_values) - rope_dim
-        if kv_rank < 1:
-            raise KvshrinkError(
-                f"--kv-budget {budget} leaves no latent: {round(budget * source_values)} values per token per layer "
-                f"are not more than --rope-dim {rope_dim}; raise the budget or lower --rope-dim"
-            )
-        kv_rank = min(kv_rank, full_rank)
-    elif kv_rank == "full":
-        kv_rank = full_rank
-    kv_rank = int(kv_rank)
-    if not 1 <= kv_rank <= full_rank:
-        raise KvshrinkError(
-            f"kv rank {kv_rank} is impossible here: the joint K/V latent has rank at most {full_rank} "
-            f"({kv_heads} KV heads x {nope_dim + d} K_nope+V dims, {latent_inputs} inputs); pass 1..{full_rank} or 'full'"
-        )
-    return MlaShape(kv_rank=kv_rank, rope_dim=rope_dim, nope_dim=nope_dim, head_dim=d)
 
 
 def _nonzero(tensor: torch.Tensor | None) -> bool:
@@ -211,8 +147,11 @@ def _bias_tensor(context: Conversion, layer: int, part: str) -> str:
     return context.spec.tensor_name(layer, "qkv_proj" if fused else part, "bias")
 
 
-def _output_format(context: Conversion, serving: bool, layers: list[AttentionBiases], rope_biases) -> OutputFormat:
-    """Where the source's biases go: exact folds, or a refusal naming the tensor that cannot be carried."""
+def _output_format(
+    context: Conversion, serving: bool, layers: list[AttentionBiases], rope_biases, exact_biases: bool
+) -> OutputFormat:
+    """Where the source's biases go: exact folds, a refit into the weights (serving layout), or a refusal naming the
+    tensor that cannot be carried."""
     if serving:
         for layer, attention in enumerate(layers):
             for part, bias, why in (
@@ -220,23 +159,44 @@ def _output_format(context: Conversion, serving: bool, layers: list[AttentionBia
                 ("v_proj", attention.v_bias, "a value bias needs an o_proj bias"),
                 ("o_proj", attention.o_bias, "an output bias needs an o_proj bias"),
             ):
-                if _nonzero(bias):
+                if _nonzero(bias) and (exact_biases or part == "o_proj"):
                     raise KvshrinkError(
                         f"{_bias_tensor(context, layer, part)} is not zero and serving engines run DeepseekV3 "
                         f"without attention biases ({why}): pass --target transformers"
+                        + ("" if part == "o_proj" else ", or drop --exact-biases to refit it into the weights")
                     )
-            if bool(rope_biases[layer].abs().max() > 0):
+            if exact_biases and bool(rope_biases[layer].abs().max() > 0):
                 raise KvshrinkError(
                     f"{_bias_tensor(context, layer, 'k_proj')} has a component on rotary pairs that keep RoPE, which "
-                    "no bias-free serving layout carries: pass --target transformers"
+                    "no bias-free serving layout carries: pass --target transformers, or drop --exact-biases to "
+                    "refit it into the weights"
                 )
+        refit = any(_nonzero(a.q_bias) or _nonzero(a.v_bias) for a in layers) or any(
+            bool(b.abs().max() > 0) for b in rope_biases)  # fmt: skip
         return OutputFormat(interleave=True, latent_eps=deepseek.TRANSFORMERS_LATENT_EPS, attention_bias=False,
-                            query_latent=False, drop_key_bias=True)  # fmt: skip
+                            query_latent=False, drop_key_bias=True, refit_biases=refit)  # fmt: skip
     has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in layers for p in ("q", "k", "v", "o"))
     return OutputFormat(
         interleave=True, latent_eps=deepseek.TRANSFORMERS_LATENT_EPS, attention_bias=has_bias,
         query_latent=any(_nonzero(a.q_bias) for a in layers), drop_key_bias=False,
     )  # fmt: skip
+
+
+def _notes(options: MlaOptions, rules: engines.EngineRules | None, shape: MlaShape, output: OutputFormat,
+           yarn: YarnFit | None) -> list[str]:  # fmt: skip
+    """What the report and summary say is approximate or adjusted about this target."""
+    notes = []
+    if yarn is not None:
+        notes.append(f"approximate: llama3 RoPE written as deepseek_yarn; the largest per-slot frequency error is "
+                     f"{float(yarn.relative_error.max()):.1%} (mla.rope_frequency_error)")  # fmt: skip
+    if output.refit_biases:
+        notes.append("approximate: serving engines run no attention biases, so the source's query, value and rope-key "
+                     "biases were refit into the weights on the calibration text (each layer's bias_refit_error); "
+                     "--exact-biases refuses instead")  # fmt: skip
+    if options.kv_budget is not None and rules is not None and rules.shapes is not None:
+        notes.append(f"--kv-budget {options.kv_budget} snapped to {shape.kv_rank}+{shape.rope_dim}, the largest "
+                     f"shape {rules.name} runs within it")  # fmt: skip
+    return notes
 
 
 @dataclass
@@ -253,7 +213,7 @@ class MlaPlan:
 
     @property
     def serving(self) -> bool:
-        return deepseek.serving_target(self.target)
+        return engines.target_rules(self.target) is not None
 
 
 def _biases(conversion: Conversion) -> list[AttentionBiases]:
@@ -263,34 +223,41 @@ def _biases(conversion: Conversion) -> list[AttentionBiases]:
 
 def _shape(conversion: Conversion, options: MlaOptions, target: str, biases: list[AttentionBiases]) -> MlaShape:
     """The target's shape, or the refusal of a rope type or size it cannot hold (decided before any calibration)."""
-    serving = deepseek.serving_target(target)
+    rules = engines.target_rules(target)  # None for transformers
     counts = conversion.counts
     rope_type = deepseek.source_rope(conversion.checkpoint.config, counts.head_dim)[1]
-    if serving and rope_type != "default":
+    if rules is not None and rope_type not in ("default", "llama3"):
         raise KvshrinkError(
-            f"the source's {rope_type} RoPE frequencies are not a geometric set, which is all serving engines' "
-            "default RoPE can hold: pass --target transformers"
+            f"the source's {rope_type} RoPE frequencies are neither a geometric set nor llama3's, which is what "
+            "serving engines' default and deepseek_yarn RoPE can hold: pass --target transformers"
         )
     has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in biases for p in ("k", "v"))
-    return resolve_shape(counts, options, serving, counts.hidden_size + (has_bias and not serving))
+    return resolve_shape(counts, options, rules, counts.hidden_size + (has_bias and rules is None))
 
 
 def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: list[RopeSummary]) -> MlaPlan:
-    serving = deepseek.serving_target(target)
+    rules = engines.target_rules(target)
+    serving = rules is not None
     counts, config = conversion.counts, conversion.checkpoint.config
-    inv_freq, _, theta = deepseek.source_rope(config, counts.head_dim)
+    inv_freq, rope_type, theta = deepseek.source_rope(config, counts.head_dim)
     layers = _biases(conversion)
     shape = _shape(conversion, options, target, layers)
     bases = [summary.basis for summary in summaries]
     slots = choose_slots(bases, shape.rope_dim // 2, geometric=serving)
     rope_biases = [rope_bias(a.k_bias, basis, slots, counts.num_kv_heads, counts.head_dim)
                    for a, basis in zip(layers, bases)]  # fmt: skip
-    output = _output_format(conversion, serving, layers, rope_biases)
+    output = _output_format(conversion, serving, layers, rope_biases, options.exact_biases)
     slot_frequencies = inv_freq[list(slots.frequency)]
     max_positions = int(config.get("max_position_embeddings") or 4096)
+    yarn: YarnFit | None = None
     if serving:
         rope_theta = deepseek.geometric_theta(theta, slots.step, shape.rope_dim, counts.head_dim)
         rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
+        if rope_type == "llama3":  # the slots' llama3 frequencies as closely as a deepseek_yarn table can (mla.yarn)
+            llama3 = config.get("rope_parameters") or config.get("rope_scaling") or {}
+            yarn = fit_yarn(slot_frequencies, rope_theta, shape.rope_dim, float(llama3["factor"]),
+                            int(llama3["original_max_position_embeddings"]))  # fmt: skip
+            rope_parameters = yarn.parameters
     else:
         rope_parameters = deepseek.longrope_parameters(theta, slot_frequencies, max_positions)
     source_eps = float(config.get("rms_norm_eps", 1e-6))
@@ -302,7 +269,7 @@ def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: l
     )  # fmt: skip
     free_slots = choose_slots(bases, shape.rope_dim // 2, geometric=False)
 
-    notes = []
+    notes = _notes(options, rules, shape, output, yarn)
     if serving and source_eps != output.latent_eps:
         notes.append(
             f"rms_norm_eps set from {source_eps:g} to {output.latent_eps:g}: transformers runs the latent norm at "
@@ -311,9 +278,14 @@ def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: l
     if not serving:
         notes.append("longrope with exact per-pair frequencies: vLLM and SGLang rewrite it to deepseek_yarn, "
                      "so this checkpoint is wrong there; use --target vllm to serve it")  # fmt: skip
+    valid, excluded = engines.valid_engines(target_config)
+    if rules is not None and rules.name in excluded:  # the shape and layout rules above should make this impossible
+        raise KvshrinkError(f"--target {rules.name} would write a checkpoint it cannot run ({excluded[rules.name]}): "
+                            "pass --target transformers")  # fmt: skip
     summary = {
         "target": target,
-        "valid_engines": deepseek.valid_engines(target),
+        "valid_engines": valid,
+        "excluded_engines": excluded,
         "mla": {
             "kv_lora_rank": shape.kv_rank, "qk_rope_head_dim": shape.rope_dim, "qk_nope_head_dim": shape.nope_dim,
             "v_head_dim": counts.head_dim, "rope_method": options.rope_method,
@@ -321,6 +293,7 @@ def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: l
             "kv_budget": options.kv_budget, "calibration_tokens": options.calibration_tokens,
             "rope_slots": [{"source_frequency": j, "component": n, "inv_freq": float(f)}
                            for j, n, f in zip(slots.frequency, slots.rank, slot_frequencies)],
+            **({"rope_frequency_error": yarn.relative_error.tolist()} if yarn is not None else {}),
         },
         "notes": notes,
     }  # fmt: skip
@@ -374,11 +347,16 @@ def _method(options: MlaOptions) -> str:
     return f"mla/{options.rope_method}+{options.factorization}" + ("+distance" if options.distance_aware else "")
 
 
-def _other_target(conversion: Conversion, options: MlaOptions, summaries: list[RopeSummary]) -> MlaPlan | str:
+def _other_target(conversion: Conversion, options: MlaOptions, main: MlaPlan, summaries: list[RopeSummary]) -> MlaPlan | str:
     """The other target's plan, which the check scores too (what the serving constraint costs), or the reason
     that target refuses this source."""
+    other = OTHER_TARGET[options.target]
+    if other == "transformers":  # the same shape, so the difference is the serving layout alone
+        shape = main.shape
+        options = options.model_copy(update={"kv_rank": None, "kv_budget": None, "rope_dim": None,
+                                             "mla_shape": f"{shape.kv_rank}+{shape.rope_dim}"})  # fmt: skip
     try:
-        return _plan(conversion, options, OTHER_TARGET[options.target], summaries)
+        return _plan(conversion, options, other, summaries)
     except KvshrinkError as refusal:
         return str(refusal)
 
@@ -392,10 +370,11 @@ def _check(conversion: Conversion, options: MlaOptions, other: MlaPlan | str, ot
     result = compare_perplexity(conversion.checkpoint.folder, folders, calibration_text(options.calibration),
                                 options.check_tokens, conversion.device, progress=options.progress)  # fmt: skip
     other_target = OTHER_TARGET[options.target]
-    entry: dict[str, Any] = {"target": other_target, "valid_engines": deepseek.valid_engines(other_target)}
+    entry: dict[str, Any] = {"target": other_target}
     if isinstance(other, str):
         entry["refused"] = other
     else:
+        entry["valid_engines"] = other.summary["valid_engines"]
         entry["perplexity"] = result.pop("other_perplexity")
         serving, exact = result["converted_perplexity"], entry["perplexity"]
         if other.serving:
@@ -406,7 +385,7 @@ def _check(conversion: Conversion, options: MlaOptions, other: MlaPlan | str, ot
 
 
 def _refuse_options(options: MlaOptions) -> None:
-    deepseek.serving_target(options.target)
+    engines.target_rules(options.target)
     if options.calibration_tokens < CALIBRATION_WINDOW:
         raise KvshrinkError(
             f"--calibration-tokens {options.calibration_tokens} is less than one {CALIBRATION_WINDOW}-token window: "
@@ -420,10 +399,13 @@ def mha_to_mla(source: str | Path, out: str | Path, options: MlaOptions) -> dict
     Size: exactly one of `kv_rank` (int or 'full'), `kv_budget` (fraction of the source KV bytes; picks the rank
     for the rope dim) or `mla_shape` ('512+64': rank + rope dim). `rope_dim` is an even int or 'all' (every
     rotary pair of every KV head: with kv_rank='full' and target='transformers' the output reproduces the source).
-    `target` 'vllm' (alias 'sglang') writes a checkpoint valid in vLLM, SGLang and transformers; 'transformers'
-    keeps exact per-pair frequencies, valid in transformers only. `check` scores the source, the output and the
-    other target (built from the same calibration in a scratch folder, then deleted). See `MlaOptions` for the
-    rest. Returns the report also written to OUT/kvshrink_report.json.
+    `target` 'vllm' writes only what vLLM runs (512+64 or 256+64; a budget snaps down to one), valid in vLLM, SGLang
+    and transformers; 'sglang' the same layout at any shape; 'transformers' any shape with exact per-pair
+    frequencies, valid in transformers only (`kvshrink.convert.engines`). `exact_biases` refuses query, value or
+    rope-key biases the serving layout could only approximate (by default they are refit into the weights).
+    `check` scores the source, the output and the other target (built from the same calibration in a scratch
+    folder, then deleted). See `MlaOptions` for the rest. Returns the report also written to
+    OUT/kvshrink_report.json.
     """
     _refuse_options(options)
     with open_conversion(source, out, options) as conversion:
@@ -435,7 +417,7 @@ def mha_to_mla(source: str | Path, out: str | Path, options: MlaOptions) -> dict
                                       options.calibration_tokens)  # fmt: skip
         summaries = _summarize(conversion, options, windows, inv_freq)
         plan = _plan(conversion, options, options.target, summaries)
-        other = _other_target(conversion, options, summaries) if options.check else None
+        other = _other_target(conversion, options, plan, summaries) if options.check else None
         with tempfile.TemporaryDirectory(prefix=".other-target-", dir=conversion.staging) as scratch:
             plans = {conversion.staging: plan}
             if isinstance(other, MlaPlan):

@@ -64,18 +64,21 @@ class MlaOptions(ConvertOptions):
 
     calibration_tokens: int = Field(8192, description="Tokens of calibration text the source reads "
                                     "(512-token windows).")  # fmt: skip
-    kv_budget: float | None = Field(None, description="Target KV cache as a fraction of the source's, "
-                                    "in (0, 1); picks --kv-rank for the rope dim.", json_schema_extra={"metavar": "F"})  # fmt: skip
+    kv_budget: float | None = Field(
+        None, description="Target KV cache as a fraction of the source's, in (0, 1). Under --target vllm: the largest "
+        "shape vLLM runs within it; otherwise the rank that fills it for the rope dim.", json_schema_extra={"metavar": "F"},
+    )  # fmt: skip
     kv_rank: int | Literal["full"] | None = Field(
         None, description="Latent width (kv_lora_rank), or 'full' for an exact latent.", json_schema_extra={"metavar": "R|full"}
     )
     mla_shape: str | None = Field(
-        None, description="Rank and rope dim at once, e.g. 512+64 (vLLM's fastest MLA kernels want R + D = 576).",
+        None, description="Rank and rope dim at once, e.g. 512+64. vLLM runs 512+64 and 256+64 only.",
         json_schema_extra={"metavar": "R+D"},
     )  # fmt: skip
     rope_dim: int | Literal["all"] | None = Field(
         None, description="Width of the shared rope key (qk_rope_head_dim), even; 'all' keeps every rotary pair of "
-        "every KV head (--target transformers). Default: head_dim / 2.", json_schema_extra={"metavar": "D|all"},
+        "every KV head (--target transformers). Default: 64 (at most head_dim) for vllm/sglang, head_dim / 2 for "
+        "transformers.", json_schema_extra={"metavar": "D|all"},
     )  # fmt: skip
     rope_method: Literal["rotate", "partial"] = Field(
         "rotate", description="rotate: RoRoPE, a complex unitary per frequency across KV heads concentrates key "
@@ -92,8 +95,13 @@ class MlaOptions(ConvertOptions):
         "constant cannot stand in (fitted at 512-token context).",
     )  # fmt: skip
     target: Literal["vllm", "sglang", "transformers"] = Field(
-        "vllm", description="vllm/sglang: default RoPE, interleaved, no biases - valid in vLLM, SGLang and "
-        "transformers. transformers: exact per-pair frequencies (longrope), wrong in vLLM/SGLang.",
+        "vllm", description="vllm: only what vLLM runs (512+64 or 256+64, default RoPE, interleaved, no biases), also "
+        "valid in SGLang and transformers. sglang: the same layout at any shape. transformers: any shape, exact "
+        "per-pair frequencies (longrope), wrong in vLLM/SGLang.",
+    )  # fmt: skip
+    exact_biases: bool = Field(
+        False, description="Refuse query/value/rope-key biases the serving layout cannot hold exactly, instead of "
+        "refitting them into the weights on the calibration text (approximate; the report gives each layer's error).",
     )  # fmt: skip
 
 

@@ -30,6 +30,7 @@ from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.families import FamilySpec, family_for
 from kvshrink.convert.kvcache import kv_bytes_per_token
 from kvshrink.convert.layers import StockModel, resolve_device
+from kvshrink.convert.model_card import write_model_card
 from kvshrink.convert.options import ConvertOptions
 from kvshrink.convert.outdir import atomic_output_dir, check_output_dir
 from kvshrink.convert.safetensors_io import ShardedSafetensorsWriter
@@ -56,6 +57,7 @@ class Conversion:
     """An open source checkpoint and the staging folder its conversion is written into."""
 
     source: str
+    out: Path
     checkpoint: SourceCheckpoint
     spec: FamilySpec
     counts: HeadCounts
@@ -122,7 +124,7 @@ def open_conversion(source: str | Path, out: str | Path, options: ConvertOptions
             spec = family_for(checkpoint.config)
             counts = HeadCounts.from_config(checkpoint.config)
             with atomic_output_dir(out, options.overwrite) as staging:
-                conversion = Conversion(str(source), checkpoint, spec, counts, staging, device, options, started)
+                conversion = Conversion(str(source), out, checkpoint, spec, counts, staging, device, options, started)
                 _refuse_missing_tensors(conversion)
                 yield conversion
     except OSError as error:
@@ -234,7 +236,7 @@ def finish(
     conversion: Conversion, *, method: str, config: dict[str, Any], summary: dict[str, Any],
     layers: list[dict[str, Any]], new_parameters: list[str], check: dict[str, Any] | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Write kvshrink_report.json into the staging folder; return the report."""
+    """Write kvshrink_report.json and the model card (README.md) into the staging folder; return the report."""
     checkpoint = conversion.checkpoint
     kv = {"source": kv_bytes_per_token(checkpoint.config), "target": kv_bytes_per_token(config)}
     report = {
@@ -255,4 +257,5 @@ def finish(
         report["check"] = check
     report["elapsed_seconds"] = round(time.perf_counter() - conversion.started, 2)
     (conversion.staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    write_model_card(report, conversion.staging, str(conversion.out))
     return report
