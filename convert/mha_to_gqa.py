@@ -17,6 +17,7 @@ from kvshrink.convert.check import compare_perplexity, load_tokenizer
 from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.gqa.attended import RotaryLayerStatistics
+from kvshrink.convert.gqa.projection_norms import per_head_stand_in, restore_projection_norms
 from kvshrink.convert.rewrite import ConversionContext, LayerOutput, Rewrite, run_conversion
 
 
@@ -48,6 +49,8 @@ def _rotary_frequencies(config: dict[str, Any], head_dim: int) -> tuple[torch.Te
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if any(isinstance(value, dict) for value in rope.values()):
+        return None  # one RoPE per layer type (Gemma-3): not a single table
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     if rope_type == "default":
@@ -67,17 +70,26 @@ def _plan(
     check: bool,
     progress: bool,
 ) -> Rewrite:
-    counts = context.counts
+    counts, spec = context.counts, context.spec
+    support = spec.require("gqa")
     _validate_groups(groups, counts.num_kv_heads)
     merge = gqa.get_method(method)
     identity = groups == counts.num_kv_heads
     rotary_fraction = _rotary_fraction(context.checkpoint.config)
+    if gqa.folds_key_gains(method) and context.checkpoint.config.get("clip_qkv") and not identity:
+        raise KvshrinkError(
+            f"method {method!r} folds key gains into the query rows, but this model clamps every query coordinate "
+            "(clip_qkv), which does not commute with them: use --method grouped or mean"
+        )
     if gqa.folds_key_gains(method) and rotary_fraction != 1.0 and not identity:
         raise KvshrinkError(
             f"method {method!r} folds key rotations into the queries, which is exact only when RoPE covers the whole "
             f"head, but this model rotates {rotary_fraction:g} of it (partial_rotary_factor): use --method grouped or mean"
         )
-    summary = {"target_heads": {"query": counts.num_heads, "kv": groups}}
+    summary = {
+        "target_heads": {"query": counts.num_heads, "kv": groups},
+        "family_support": {"family": spec.model_type, "level": support.level, "why": support.why},
+    }
     stats: list[LayerStatistics | None] = [None] * counts.num_layers
     calibrate = gqa.needs_calibration(method) and not identity
 
@@ -108,7 +120,12 @@ def _plan(
         else:
             if calibrate and "calibration" not in summary:
                 collect()
-            result = merge(attention, groups, stats[layer])
+            if spec.has_projection_norms:
+                result = merge(per_head_stand_in(attention), groups, stats[layer])
+                eps = float(context.checkpoint.config.get("rms_norm_eps", 1e-6))
+                result = restore_projection_norms(attention, result, stats[layer], eps)
+            else:
+                result = merge(attention, groups, stats[layer])
             stats[layer] = None  # each layer's inputs are needed once; free them as the pass goes
         report = {"groups": result.groups, **gqa.projection_errors(attention, result), **result.details}
         return LayerOutput(attention_tensors(result.attention, context.spec, layer), report)

@@ -32,7 +32,6 @@ from kvshrink.convert.mla.lowrank import FACTORIZATIONS
 from kvshrink.convert.mla.rope import ROPE_METHODS, choose_slots, rope_basis
 from kvshrink.convert.rewrite import ConversionContext, LayerOutput, Rewrite, run_conversion
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 CALIBRATION_WINDOW = 512
 _LINEARIZATION_SAMPLE = 2048
 _SHAPE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*$")
@@ -55,19 +54,9 @@ class MlaOptions:
 
 def _refuse_unsupported(context: ConversionContext) -> None:
     config, spec = context.checkpoint.config, context.spec
-    if spec.has_head_norms:
-        raise KvshrinkError(
-            f"{spec.model_type} normalizes each query and key head (q_norm/k_norm) before RoPE; that RMSNorm is not "
-            "linear, so no DeepseekV3 attention reproduces it: mha-to-mla supports "
-            f"{', '.join(SUPPORTED_FAMILIES)}"
-        )
-    if spec.model_type not in SUPPORTED_FAMILIES:
-        raise KvshrinkError(
-            f"{spec.model_type} is not supported by mha-to-mla (DeepseekV3 has a plain gate/up/down MLP and "
-            f"full-width RoPE): supported families are {', '.join(SUPPORTED_FAMILIES)}"
-        )
+    spec.require("mla")
     window = config.get("sliding_window")
-    window_used = config.get("use_sliding_window", spec.model_type == "mistral")
+    window_used = config.get(spec.sliding_window_switch, False) if spec.sliding_window_switch else True
     if window and window_used and int(window) < int(config.get("max_position_embeddings", 0)):
         raise KvshrinkError(
             f"the source attends within a sliding window of {window} tokens, which DeepseekV3 cannot: "
@@ -315,7 +304,8 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
         "notes": notes,
     }  # fmt: skip
     method = f"mla/{options.rope_method}+{options.factorization}" + ("+distance" if options.distance_aware else "")
-    return Rewrite(method=method, config=target_config, convert_layer=convert_layer, summary=summary)
+    return Rewrite(method=method, config=target_config, convert_layer=convert_layer, summary=summary,
+                   split_rows=deepseek.split_gate_up(context.spec, config))
 
 
 OTHER_TARGET = {"vllm": "transformers", "sglang": "transformers", "transformers": "vllm"}

@@ -59,6 +59,8 @@ class Rewrite:
     config: dict[str, Any]
     convert_layer: Callable[[int, AttentionWeights], LayerOutput]
     rename: Callable[[str], str] = lambda name: name
+    # Non-attention tensors the target splits by rows (Phi-3's gate_up_proj): source name -> {new name: rows}.
+    split_rows: dict[str, dict[str, slice]] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -100,6 +102,11 @@ def write_weights(
     done_layers: set[int] = set()
     for name in tqdm(names, desc="converting", unit="tensor", disable=not progress):
         layer = layer_of.get(name)
+        if layer is None and name in rewrite.split_rows:
+            tensor = checkpoint.tensor(name)
+            for new_name, rows in rewrite.split_rows[name].items():
+                writer.add_tensor(new_name, tensor[rows].contiguous())
+            continue
         if layer is None:
             if checkpoint.pickled is None:
                 writer.add_copy(rewrite.rename(name), checkpoint.entries[name])

@@ -30,10 +30,10 @@ class RotaryLayerStatistics(LayerStatistics):
     attention_scaling: float = 1.0  # transformers multiplies cos/sin by this
 
 
-def _rms_normed(heads: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+def _rms_normed(heads: torch.Tensor, weight: torch.Tensor | None, offset: float) -> torch.Tensor:
     if weight is None:
         return heads
-    return heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+    return heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + 1e-6) * (offset + weight)
 
 
 @torch.no_grad()
@@ -52,8 +52,8 @@ def attended_moments(attention: AttentionWeights, stats: RotaryLayerStatistics) 
     half = d // 2
     for window in inputs:
         x = torch.cat([window.float(), torch.ones(length, 1)], dim=1)  # [T, c]
-        q = _rms_normed((x @ q_rows.T).reshape(length, heads, d), attention.q_norm)
-        k = _rms_normed((x @ k_rows.T).reshape(length, kv_heads, d), attention.k_norm)
+        q = _rms_normed((x @ q_rows.T).reshape(length, heads, d), attention.q_norm, attention.norm_offset)
+        k = _rms_normed((x @ k_rows.T).reshape(length, kv_heads, d), attention.k_norm, attention.norm_offset)
         q = torch.complex(q[..., :half], q[..., half:]) * rotation[:, None]
         k = (torch.complex(k[..., :half], k[..., half:]) * rotation[:, None]).repeat_interleave(heads // kv_heads, dim=1)
         logits = torch.einsum("mhj,nhj->hmn", q, k.conj()).real / math.sqrt(d)

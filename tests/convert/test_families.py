@@ -1,0 +1,176 @@
+"""The families beyond llama: OLMo, OLMo-2, Gemma-2, Gemma-3 (text) and GPT-NeoX, each against its stock
+transformers class: what is carried exactly, what is approximated (and reported), what is refused and why."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.mha_to_gqa import mha_to_gqa
+from kvshrink.convert.mha_to_mla import mha_to_mla
+
+TOKENS = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(1))
+# What each family adds, set so that it matters on 24 tokens: an 8-token sliding window on alternate layers,
+# softcapping, a query scale that is not head_dim, q/k norms with random weights (edited in below).
+FEATURES = {
+    "olmo": dict(clip_qkv=None),
+    "olmo2": {},
+    "gemma2": dict(sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, query_pre_attn_scalar=9),
+    "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=9),
+}
+GQA_FAMILIES = list(FEATURES)
+LOUD = dict(initializer_range=0.15)
+
+
+def _heads(model):
+    for layer in model.model.layers:
+        yield layer.self_attn
+
+
+def _random_norms(model):
+    for attention in _heads(model):
+        for norm in (getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)):
+            if norm is not None:
+                norm.weight.normal_(0.5, 0.3)
+
+
+def _equal_heads_within(groups: int):
+    """Make the KV heads of each of `groups` runs equal (k, v and k_norm slices), so merging them is lossless."""
+
+    def edit(model):
+        _random_norms(model)
+        kv_heads, d = model.config.num_key_value_heads, model.config.head_dim
+        for attention in _heads(model):
+            tensors = [attention.k_proj.weight, attention.v_proj.weight]
+            if getattr(attention, "k_norm", None) is not None and attention.k_norm.weight.numel() == kv_heads * d:
+                tensors.append(attention.k_norm.weight)  # OLMo-2's norm spans every key head
+            for tensor in tensors:
+                per_head = tensor.data.reshape(groups, kv_heads // groups, d, *tensor.shape[1:])
+                per_head[:] = per_head[:, :1].clone()
+
+    return edit
+
+
+def _logits(folder):
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=TOKENS).logits
+
+
+@pytest.mark.parametrize("model_type", GQA_FAMILIES)
+def test_identity_groups_copy_every_tensor_bit_for_bit(tiny_checkpoint, tmp_path, model_type):
+    source = tiny_checkpoint(model_type, 4, 2, edit=_random_norms, dtype=torch.bfloat16, **FEATURES[model_type])
+    mha_to_gqa(source, tmp_path / "out", 2, check=False, progress=False)
+    before, after = load_file(source / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    assert torch.equal(_logits(tmp_path / "out"), _logits(source))
+
+
+@pytest.mark.parametrize("model_type", GQA_FAMILIES)
+@pytest.mark.parametrize(("method", "groups"), [("mean", 2), ("mean", 1), ("grouped", 1)])
+def test_equal_heads_merge_losslessly_in_the_stock_class(tiny_checkpoint, tmp_path, model_type, method, groups):
+    source = tiny_checkpoint(model_type, 4, 4, edit=_equal_heads_within(groups), tokenizer=True,
+                             **LOUD, **FEATURES[model_type])  # fmt: skip
+    report = mha_to_gqa(source, tmp_path / "out", groups, method=method, check=False, progress=False,
+                        calibration_tokens=512)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(model).__name__ == json.loads((source / "config.json").read_text())["architectures"][0]
+    expected = _logits(source)
+    assert expected.std() > 0.05
+    torch.testing.assert_close(_logits(tmp_path / "out"), expected, rtol=0, atol=1e-4)
+    assert report["family_support"]["family"] == model_type
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_gemma_features_are_carried_unchanged(tiny_checkpoint, tmp_path, model_type):
+    source = tiny_checkpoint(model_type, 4, 4, **FEATURES[model_type])
+    mha_to_gqa(source, tmp_path / "out", 2, method="mean", check=False, progress=False)
+    before = json.loads((source / "config.json").read_text())
+    after = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert after.pop("num_key_value_heads") == 2 and before.pop("num_key_value_heads") == 4
+    assert after == before  # sliding window and layer pattern, softcapping, query scale, norms: all as they were
+    source_tensors = load_file(source / "model.safetensors")
+    output_tensors = load_file(tmp_path / "out" / "model.safetensors")
+    for name in source_tensors:
+        if "norm" in name or "embed" in name or "mlp" in name or "q_proj" in name:
+            assert torch.equal(source_tensors[name], output_tensors[name]), name
+
+
+def test_olmo2_key_norm_is_refitted_and_its_error_reported(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("olmo2", 4, 4, edit=_random_norms, tokenizer=True, **LOUD)
+    report = mha_to_gqa(source, tmp_path / "out", 2, method="grouped", check=True, check_tokens=256,
+                        calibration_tokens=1024, progress=False)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.model.layers[0].self_attn.k_norm.weight.shape == (2 * 16,)
+    assert report["family_support"]["level"] == "approximate"
+    for layer in report["layers"]:
+        assert layer["k_norm"] == "refitted per dimension on calibration inputs"
+        # the per-dimension least-squares weight can only improve on the members' mean weight
+        assert 0 < layer["normalized_key_rel_error"] <= layer["mean_weight_key_rel_error"] + 1e-9
+        assert layer["normalized_key_rel_error"] < 1
+    assert report["check"]["converted_perplexity"] > 0
+
+
+def test_olmo_clip_qkv_refuses_methods_that_fold_gains_into_queries(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("olmo", 4, 4, clip_qkv=0.5, tokenizer=True)
+    with pytest.raises(KvshrinkError, match=r"clip_qkv.*use --method grouped or mean"):
+        mha_to_gqa(source, tmp_path / "out", 2, method="output-aware", check=False, progress=False)
+    assert not (tmp_path / "out").exists()
+    mha_to_gqa(source, tmp_path / "out", 2, method="mean", check=False, progress=False)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.clip_qkv == 0.5
+
+
+@pytest.mark.parametrize(
+    ("model_type", "convert", "fragment"),
+    [
+        ("gpt_neox", "gqa", "GPTNeoXConfig has no num_key_value_heads"),
+        ("gpt_neox", "mla", "no parallel residual"),
+        ("olmo", "mla", "weightless LayerNorm"),
+        ("olmo2", "mla", "post-norm"),
+        ("gemma2", "mla", "no sandwich norms"),
+        ("gemma3_text", "mla", "no sliding window"),
+    ],
+)
+def test_families_the_target_cannot_hold_are_refused_with_the_reason(tiny_checkpoint, tmp_path, model_type,
+                                                                     convert, fragment):  # fmt: skip
+    source = tiny_checkpoint(model_type, 4, 4, tokenizer=True)
+    out = tmp_path / "out"
+    with pytest.raises(KvshrinkError, match=f"cannot convert {model_type}: .*{fragment}") as refusal:
+        if convert == "gqa":
+            mha_to_gqa(source, out, 2, method="mean", check=False, progress=False)
+        else:
+            mha_to_mla(source, out, kv_budget=0.5, check=False, progress=False)
+    assert "\n" not in str(refusal.value) and not out.exists()
+
+
+MLA_QUICK = dict(check=False, progress=False, calibration_tokens=1024)
+
+
+def test_phi3_to_mla_splits_gate_up_exactly_and_reproduces_the_source(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("phi3", 4, 2, tokenizer=True, **LOUD)
+    mha_to_mla(source, tmp_path / "out", rope_dim="all", kv_rank="full", target="transformers", **MLA_QUICK)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    fused = load_file(source / "model.safetensors")["model.layers.1.mlp.gate_up_proj.weight"]
+    mlp = model.model.layers[1].mlp
+    assert torch.equal(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), fused)
+    expected = _logits(source)
+    assert expected.std() > 0.05
+    assert (_logits(tmp_path / "out") - expected).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [(dict(partial_rotary_factor=0.75), r"partial_rotary_factor < 1\): its no-RoPE dims would belong in the latent"),
+     (dict(sliding_window=16), "sliding window of 16 tokens")],
+)  # fmt: skip
+def test_phi3_features_mla_cannot_hold_are_refused(tiny_checkpoint, tmp_path, overrides, fragment):
+    source = tiny_checkpoint("phi3", 4, 2, tokenizer=True, **overrides)
+    with pytest.raises(KvshrinkError, match=fragment):
+        mha_to_mla(source, tmp_path / "out", kv_budget=0.5, **MLA_QUICK)
+    assert not (tmp_path / "out").exists()
