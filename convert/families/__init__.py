@@ -23,6 +23,7 @@ Adding a family = adding a JSON file here plus a test against its stock transfor
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -155,19 +156,30 @@ def supported_families(converter: str) -> dict[str, str]:
     return {name: spec.support(converter).level for name, spec in sorted(load_family_specs().items())}
 
 
-def support_matrix() -> str:
-    """The family x converter table (Markdown), generated from the specs: the README and `convert --help` show it."""
-    lines = [
-        "| family | architecture | " + " | ".join(f"`{name}`" for name in CONVERTERS.values()) + " |",
-        "|---|---|" + "---|" * len(CONVERTERS),
-    ]
-    for name, spec in sorted(load_family_specs().items()):
-        cells = []
-        for converter in CONVERTERS:
-            support = spec.support(converter)
-            cells.append(support.level + (f": {support.why}" if support.why else ""))
-        lines.append(f"| {name} | {', '.join(spec.architectures)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def support_matrix(markdown: bool = True) -> str:
+    """The family x converter table, generated from the specs: Markdown for the README, plain text (with the
+    reasons listed under it) for `convert --help`."""
+    specs = sorted(load_family_specs().items())
+    if markdown:
+        lines = [
+            "| family | architecture | " + " | ".join(f"`{name}`" for name in CONVERTERS.values()) + " |",
+            "|---|---|" + "---|" * len(CONVERTERS),
+        ]
+        for name, spec in specs:
+            cells = [_cell(spec.support(converter)) for converter in CONVERTERS]
+            lines.append(f"| {name} | {', '.join(spec.architectures)} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+    lines = [("family        " + "".join(f"{name:<26}" for name in CONVERTERS.values())).rstrip()]
+    reasons = []
+    for name, spec in specs:
+        lines.append(f"{name:<14}" + "".join(f"{spec.support(c).level:<26}" for c in CONVERTERS).rstrip())
+        reasons += [textwrap.fill(f"{name} {CONVERTERS[c]}: {spec.support(c).why}", 96, subsequent_indent="    ")
+                    for c in CONVERTERS if spec.support(c).why]  # fmt: skip
+    return "\n".join([*lines, "", *reasons])
+
+
+def _cell(support: Support) -> str:
+    return f"**{support.level}**" + (f": {support.why}" if support.why else "")
 
 
 def family_for(config: dict[str, Any]) -> FamilySpec:

@@ -4,6 +4,7 @@ transformers class: what is carried exactly, what is approximated (and reported)
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +175,23 @@ def test_phi3_features_mla_cannot_hold_are_refused(tiny_checkpoint, tmp_path, ov
     with pytest.raises(KvshrinkError, match=fragment):
         mha_to_mla(source, tmp_path / "out", kv_budget=0.5, **MLA_QUICK)
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_help_prints_every_family_with_its_support():
+    from click.testing import CliRunner
+
+    from kvshrink.convert.cli import convert_cli
+    from kvshrink.convert.families import load_family_specs
+
+    lines = CliRunner().invoke(convert_cli, ["--help"], terminal_width=100).output.splitlines()
+    for name, spec in load_family_specs().items():
+        row = next(line.split() for line in lines if line.split()[:1] == [name])
+        assert row[1:] == [spec.support("gqa").level, spec.support("mla").level]
+
+
+def test_a_spec_that_refuses_without_a_reason_is_malformed():
+    from kvshrink.convert.families import _parse
+
+    raw = json.loads((Path(__file__).parents[2] / "convert" / "families" / "llama.json").read_text())
+    with pytest.raises(KvshrinkError, match=r"converters.mla is refused and must say why"):
+        _parse({**raw, "converters": {"mla": {"support": "refused"}}}, "llama.json")
