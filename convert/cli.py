@@ -191,9 +191,16 @@ def _size_or_word(text: str | None, word: str, option: str) -> int | str | None:
                    "transformers: exact per-pair frequencies (longrope), wrong in vLLM/SGLang.")
 @click.option("--calibration-tokens", type=click.IntRange(min=512), default=8192, show_default=True,
               help="Tokens of calibration text the source reads (512-token windows).")
+@click.option("--exact-only", is_flag=True,
+              help="Refuse families DeepseekV3 can only approximate (Qwen3's per-head q/k norms, otherwise "
+                   "replaced by calibrated linear maps) instead of converting them approximately.")
+@click.option("--head-norm-fit", type=click.Choice(["least-squares", "mean-gain"]), default="least-squares",
+              show_default=True,
+              help="How per-head q/k norms (Qwen3) become linear: the least-squares map from the layer input to "
+                   "the normalized heads on calibration text, or TransMLA's mean 1/rms gain.")
 def mha_to_mla_command(source, out, kv_budget, kv_rank, mla_shape, rope_dim, rope_method, factorization,
-                       distance_aware, target, calibration_tokens, check, calibration, check_tokens, overwrite,
-                       out_shard_size, allow_pickle):
+                       distance_aware, target, calibration_tokens, exact_only, head_norm_fit, check, calibration, check_tokens,
+                       overwrite, out_shard_size, allow_pickle):
     """Convert SRC's attention to DeepSeek MLA (low-rank latent + one shared rope key); write OUT.
 
     OUT loads with stock transformers as DeepseekV3ForCausalLM; its KV cache holds kv_lora_rank + rope dim
@@ -210,7 +217,8 @@ def mha_to_mla_command(source, out, kv_budget, kv_rank, mla_shape, rope_dim, rop
         kv_budget=kv_budget, mla_shape=mla_shape, rope_method=rope_method, factorization=factorization,
         distance_aware=distance_aware, target=target, calibration=calibration,
         calibration_tokens=calibration_tokens, check=check, check_tokens=check_tokens, overwrite=overwrite,
-        out_shard_size=out_shard_size, allow_pickle=allow_pickle,
+        out_shard_size=out_shard_size, allow_pickle=allow_pickle, exact_only=exact_only,
+        head_norm_fit=head_norm_fit,
     )
     _print_summary(report, Path(out).resolve())
     shape = report["mla"]

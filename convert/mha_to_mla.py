@@ -26,6 +26,7 @@ from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.mla import deepseek
 from kvshrink.convert.mla.complex_heads import augmented, to_complex
+from kvshrink.convert.mla.head_norms import HEAD_NORM_FITS, fit_head_norms, linearized
 from kvshrink.convert.mla.distance import attention_distances, rotation_gains
 from kvshrink.convert.mla.layer import LayerCalibration, MlaShape, OutputFormat, convert_attention, rope_bias
 from kvshrink.convert.mla.lowrank import FACTORIZATIONS
@@ -50,11 +51,13 @@ class MlaOptions:
     calibration: str | Path | None
     calibration_tokens: int
     progress: bool
+    exact_only: bool = False
+    head_norm_fit: str = "least-squares"
 
 
-def _refuse_unsupported(context: ConversionContext) -> None:
+def _refuse_unsupported(context: ConversionContext, exact_only: bool) -> None:
     config, spec = context.checkpoint.config, context.spec
-    spec.require("mla")
+    spec.require("mla", exact_only)
     window = config.get("sliding_window")
     window_used = config.get(spec.sliding_window_switch, False) if spec.sliding_window_switch else True
     if window and window_used and int(window) < int(config.get("max_position_embeddings", 0)):
@@ -168,6 +171,11 @@ def _calibrate(context: ConversionContext, options: MlaOptions, inv_freq: torch.
     for layer in tqdm(range(counts.num_layers), desc="rope bases", unit="layer", disable=not options.progress):
         attention = read_attention(context.checkpoint, context.spec, layer, counts)
         inputs = statistics[layer].inputs
+        head_norms = None
+        if attention.q_norm is not None or attention.k_norm is not None:
+            eps = float(context.checkpoint.config.get("rms_norm_eps", 1e-6))
+            head_norms = fit_head_norms(attention, statistics[layer].flat_inputs, eps, options.head_norm_fit)
+            attention = linearized(attention, head_norms)
         flat = statistics[layer].flat_inputs.double()
         flat = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], dim=1)
         moment = flat.T @ flat / flat.shape[0]
@@ -183,9 +191,15 @@ def _calibrate(context: ConversionContext, options: MlaOptions, inv_freq: torch.
         keys = to_complex(augmented(attention.k, attention.k_bias), counts.num_kv_heads, counts.head_dim)
         basis = rope_basis(options.rope_method, queries, keys, moment, position_loss)
         sample = flat[torch.linspace(0, flat.shape[0] - 1, min(_LINEARIZATION_SAMPLE, flat.shape[0])).long()]
-        calibrations.append(LayerCalibration(moment=moment, sample=sample, gains=gains, distances=distances, basis=basis))
+        calibrations.append(LayerCalibration(moment=moment, sample=sample, gains=gains, distances=distances,
+                                             basis=basis, head_norms=head_norms))  # fmt: skip
         statistics[layer] = None  # free the layer's raw inputs
     return calibrations
+
+
+def _without_head_norms(attention: AttentionWeights, calibration: LayerCalibration) -> AttentionWeights:
+    """The layer as DeepseekV3 will hold it: per-head q/k norms (if any) replaced by their calibrated linear maps."""
+    return attention if calibration.head_norms is None else linearized(attention, calibration.head_norms)
 
 
 def _bias_tensor(context: ConversionContext, layer: int, part: str) -> str:
@@ -234,7 +248,7 @@ class _CalibrationMemo:
 
 
 def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMemo) -> Rewrite:
-    _refuse_unsupported(context)
+    _refuse_unsupported(context, options.exact_only)
     serving = deepseek.serving_target(options.target)
     counts, config = context.counts, context.checkpoint.config
     inv_freq, rope_type, theta = deepseek.source_rope(config, counts.head_dim)
@@ -247,6 +261,7 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
     has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in layers for p in ("k", "v"))
     shape = resolve_shape(counts, options, serving, counts.hidden_size + (has_bias and not serving))
     calibrations = memo.get(context, options, inv_freq)
+    layers = [_without_head_norms(attention, calibration) for attention, calibration in zip(layers, calibrations)]
     slots = choose_slots([c.basis for c in calibrations], shape.rope_dim // 2, geometric=serving)
     rope_biases = [rope_bias(a, c.basis, slots) for a, c in zip(layers, calibrations)]
     output = _output_format(context, serving, layers, rope_biases)
@@ -270,6 +285,7 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
     free_slots = choose_slots([c.basis for c in calibrations], shape.rope_dim // 2, geometric=False)
 
     def convert_layer(layer: int, attention: AttentionWeights) -> LayerOutput:
+        attention = _without_head_norms(attention, calibrations[layer])
         tensors, report = convert_attention(
             attention, calibrations[layer], slots, shape, output, options.factorization, bounds[layer], inv_freq
         )
@@ -278,10 +294,19 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
             kept = {name: float(scores[list(chosen.frequency), list(chosen.rank)].sum() / scores.sum())
                     for name, chosen in (("free", free_slots), ("serving", slots))}  # fmt: skip
             report["serving_rope_score_cost"] = kept["free"] - kept["serving"]
+        if calibrations[layer].head_norms is not None:
+            report.update(calibrations[layer].head_norms.errors)
         prefix = f"{context.spec.layer_prefix.format(layer=layer)}self_attn."
         return LayerOutput({prefix + name: tensor for name, tensor in tensors.items()}, report)
 
     notes = []
+    if calibrations[0].head_norms is not None:
+        notes.append(
+            f"approximate: {context.spec.model_type}'s per-head q/k RMSNorm is replaced by a linear map from each "
+            f"layer's input to its normalized queries and keys, fitted on the calibration text ({options.head_norm_fit}"
+            "; each layer's q_norm_rel_error / k_norm_rel_error is measured on held-out calibration tokens, next to "
+            "every fit's, TransMLA's mean gain as *_mean_gain): uptrain the output, or pass --exact-only to refuse"
+        )
     if serving and source_eps != output.latent_eps:
         notes.append(
             f"rms_norm_eps set from {source_eps:g} to {output.latent_eps:g}: transformers runs the latent norm at "
@@ -292,12 +317,14 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
                      "so this checkpoint is wrong there; use --target vllm to serve it")  # fmt: skip
     summary = {
         "target": options.target,
+        "family_support": {"family": context.spec.model_type, **vars(context.spec.support("mla"))},
         "valid_engines": deepseek.valid_engines(options.target),
         "mla": {
             "kv_lora_rank": shape.kv_rank, "qk_rope_head_dim": shape.rope_dim, "qk_nope_head_dim": shape.nope_dim,
             "v_head_dim": counts.head_dim, "rope_method": options.rope_method,
             "factorization": options.factorization, "distance_aware": options.distance_aware,
             "kv_budget": options.kv_budget, "calibration_tokens": options.calibration_tokens,
+            "head_norm_fit": options.head_norm_fit if calibrations[0].head_norms is not None else None,
             "rope_slots": [{"source_frequency": j, "component": n, "inv_freq": float(f)}
                            for j, n, f in zip(slots.frequency, slots.rank, slot_frequencies)],
         },
@@ -365,6 +392,8 @@ def mha_to_mla(
     out_shard_size: str | int = "5GB",
     allow_pickle: bool = False,
     progress: bool = True,
+    exact_only: bool = False,
+    head_norm_fit: str = "least-squares",
 ) -> dict[str, Any]:
     """Convert the attention of `source` to DeepSeek MLA and write a DeepseekV3ForCausalLM checkpoint to `out`.
 
@@ -375,13 +404,17 @@ def mha_to_mla(
     `distance_aware`: see `kvshrink.convert.mla`. `target` 'vllm' (alias 'sglang') writes a checkpoint valid in
     vLLM, SGLang and transformers; 'transformers' keeps exact per-pair frequencies, valid in transformers only.
     `check` scores the source, the output and the other target (built from the same calibration in a scratch
-    folder, then deleted) on `check_tokens` calibration tokens. Returns the report also written to OUT/kvshrink_report.json.
+    folder, then deleted) on `check_tokens` calibration tokens. `exact_only` refuses families the support matrix
+    marks approximate (Qwen3's per-head q/k norms, otherwise linearized by calibration); `head_norm_fit` is how
+    they are linearized: 'least-squares' or TransMLA's 'mean-gain' (see `kvshrink.convert.mla.head_norms`). Returns the report also written to OUT/kvshrink_report.json.
     """
     if rope_method not in ROPE_METHODS:
         raise KvshrinkError(f"unknown rope method {rope_method!r}: choose one of {', '.join(ROPE_METHODS)}")
     if factorization not in FACTORIZATIONS:
         raise KvshrinkError(f"unknown factorization {factorization!r}: choose one of {', '.join(FACTORIZATIONS)}")
     deepseek.serving_target(target)
+    if head_norm_fit not in HEAD_NORM_FITS:
+        raise KvshrinkError(f"unknown head norm fit {head_norm_fit!r}: choose one of {', '.join(HEAD_NORM_FITS)}")
     if calibration_tokens < CALIBRATION_WINDOW:
         raise KvshrinkError(
             f"--calibration-tokens {calibration_tokens} is less than one {CALIBRATION_WINDOW}-token window: pass at "
@@ -390,7 +423,8 @@ def mha_to_mla(
     options = MlaOptions(
         kv_rank=kv_rank, rope_dim=rope_dim, kv_budget=kv_budget, mla_shape=mla_shape, rope_method=rope_method,
         factorization=factorization, distance_aware=distance_aware, target=target, calibration=calibration,
-        calibration_tokens=calibration_tokens, progress=progress,
+        calibration_tokens=calibration_tokens, progress=progress, exact_only=exact_only,
+        head_norm_fit=head_norm_fit,
     )  # fmt: skip
     memo = _CalibrationMemo()
     checker = None

@@ -76,9 +76,15 @@ class FamilySpec:
     def support(self, converter: str) -> Support:
         return self.converters.get(converter, Support("exact"))
 
-    def require(self, converter: str) -> Support:
-        """The family's support for `converter`, or a one-line refusal naming why."""
+    def require(self, converter: str, exact_only: bool = False) -> Support:
+        """The family's support for `converter`, or a one-line refusal naming why (`exact_only`: also refuse
+        what the converter would only approximate)."""
         support = self.support(converter)
+        if support.level == "approximate" and exact_only:
+            raise KvshrinkError(
+                f"{CONVERTERS[converter]} can only approximate {self.model_type} and --exact-only is set: "
+                f"{support.why}; drop --exact-only to convert it approximately"
+            )
         if support.level == "refused":
             usable = [name for name, level in supported_families(converter).items() if level != "refused"]
             raise KvshrinkError(
