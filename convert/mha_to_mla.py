@@ -26,8 +26,8 @@ from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.mla import deepseek
 from kvshrink.convert.mla.complex_heads import augmented, to_complex
-from kvshrink.convert.mla.head_norms import HEAD_NORM_FITS, fit_head_norms, linearized
 from kvshrink.convert.mla.distance import attention_distances, rotation_gains
+from kvshrink.convert.mla.head_norms import HEAD_NORM_FITS, fit_head_norms, linearized
 from kvshrink.convert.mla.layer import LayerCalibration, MlaShape, OutputFormat, convert_attention, rope_bias
 from kvshrink.convert.mla.lowrank import FACTORIZATIONS
 from kvshrink.convert.mla.rope import ROPE_METHODS, choose_slots, rope_basis
