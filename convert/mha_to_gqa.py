@@ -106,8 +106,11 @@ def _plan(
         collected = collect_statistics(
             context.checkpoint.folder, context.spec, counts.num_layers, text, calibration_tokens, progress=progress
         )
-        rope = _rotary_frequencies(context.checkpoint.config, counts.head_dim)
-        stats[:] = collected if rope is None else [RotaryLayerStatistics(s.inputs, *rope) for s in collected]
+        config = context.checkpoint.config
+        rope = _rotary_frequencies(config, counts.head_dim)
+        scalar, softcap = config.get("query_pre_attn_scalar"), config.get("attn_logit_softcapping")
+        logits = {"logit_scale": float(scalar) ** -0.5 if scalar else None, "logit_softcap": softcap}
+        stats[:] = collected if rope is None else [RotaryLayerStatistics(s.inputs, *rope, **logits) for s in collected]
         summary["calibration"] = {
             "tokens": stats[0].inputs.shape[0] * stats[0].inputs.shape[1],
             "seconds": round(time.perf_counter() - started, 2),

@@ -250,3 +250,40 @@ def test_qwen3_to_mla_exact_only_refuses(tiny_checkpoint, tmp_path):
     with pytest.raises(KvshrinkError, match=r"can only approximate qwen3 and --exact-only is set: .*q_norm/k_norm"):
         mha_to_mla(source, tmp_path / "out", kv_budget=0.5, exact_only=True, **MLA_QUICK)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_attended_moments_follow_gemma_attention(model_type):
+    """The calibrated GQA methods weigh tokens by the source's attention: for Gemma that means its query scale,
+    Gemma-2's logit softcapping and Gemma-3's (1 + w) q/k norms, as the stock eager attention computes them."""
+    from tiny_checkpoints import build_tiny_model
+
+    from kvshrink.convert.attention import AttentionWeights
+    from kvshrink.convert.gqa.attended import RotaryLayerStatistics, attended_moments
+
+    features = dict(query_pre_attn_scalar=9, sliding_window=128, layer_types=["full_attention"] * 2,
+                    attn_logit_softcapping=2.0 if model_type == "gemma2" else None)  # fmt: skip
+    model = build_tiny_model(model_type, 8, 4, head_dim=16, attn_implementation="eager", initializer_range=0.3,
+                             **features)  # fmt: skip
+    with torch.no_grad():
+        _random_norms(model)
+    captured = []
+    module = model.model.layers[1].self_attn
+    handle = module.q_proj.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
+    tokens = torch.randint(3, 300, (4, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        probabilities = model(input_ids=tokens, output_attentions=True).attentions[1]
+    handle.remove()
+    rope = model.config.rope_parameters
+    theta = (rope.get("full_attention") or rope)["rope_theta"]
+    inv_freq = theta ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    stats = RotaryLayerStatistics(captured[0], inv_freq, logit_scale=9**-0.5, logit_softcap=features["attn_logit_softcapping"])
+    norm = {part: getattr(module, part).weight.detach().clone() for part in ("q_norm", "k_norm") if hasattr(module, part)}
+    attention = AttentionWeights(
+        q=module.q_proj.weight.detach(), k=module.k_proj.weight.detach(), v=module.v_proj.weight.detach(),
+        o=module.o_proj.weight.detach(), num_heads=8, num_kv_heads=4, head_dim=16, norm_offset=1.0, **norm,
+    )  # fmt: skip
+    x = torch.cat([captured[0], torch.ones(*captured[0].shape[:2], 1)], dim=-1)
+    expected_keys = torch.einsum("whmn,wnc,wne->hce", probabilities, x, x) / (4 * 64)
+    _, keys = attended_moments(attention, stats)
+    torch.testing.assert_close(keys.float(), expected_keys, atol=1e-5, rtol=2e-3)
