@@ -287,3 +287,27 @@ def test_attended_moments_follow_gemma_attention(model_type):
     expected_keys = torch.einsum("whmn,wnc,wne->hce", probabilities, x, x) / (4 * 64)
     _, keys = attended_moments(attention, stats)
     torch.testing.assert_close(keys.float(), expected_keys, atol=1e-5, rtol=2e-3)
+
+
+def _interleaved_equal_heads(model):
+    """KV heads 0 and 2 equal, 1 and 3 equal: merging them losslessly needs the regrouping {0, 2}, {1, 3}, which
+    moves query heads (and OLMo-2's projection-wide q_norm slices) with their KV heads."""
+    _random_norms(model)
+    d = model.config.head_dim
+    for attention in _heads(model):
+        tensors = [attention.k_proj.weight, attention.v_proj.weight]
+        if getattr(attention, "k_norm", None) is not None and attention.k_norm.weight.numel() == 4 * d:
+            tensors.append(attention.k_norm.weight)
+        for tensor in tensors:
+            per_head = tensor.data.reshape(4, d, *tensor.shape[1:])
+            per_head[2:] = per_head[:2].clone()
+
+
+@pytest.mark.parametrize("model_type", GQA_FAMILIES)
+def test_regrouped_equal_heads_merge_losslessly(tiny_checkpoint, tmp_path, model_type):
+    source = tiny_checkpoint(model_type, 8, 4, edit=_interleaved_equal_heads, tokenizer=True, head_dim=16,
+                             **LOUD, **FEATURES[model_type])  # fmt: skip
+    report = mha_to_gqa(source, tmp_path / "out", 2, method="grouped", check=False, progress=False,
+                        calibration_tokens=512)  # fmt: skip
+    assert report["layers"][0]["groups"] == [[0, 2], [1, 3]]
+    torch.testing.assert_close(_logits(tmp_path / "out"), _logits(source), rtol=0, atol=1e-4)
