@@ -311,3 +311,17 @@ def test_regrouped_equal_heads_merge_losslessly(tiny_checkpoint, tmp_path, model
                         calibration_tokens=512)  # fmt: skip
     assert report["layers"][0]["groups"] == [[0, 2], [1, 3]]
     torch.testing.assert_close(_logits(tmp_path / "out"), _logits(source), rtol=0, atol=1e-4)
+
+
+def test_exact_only_refuses_qwen3_on_the_command_line_in_one_line(tiny_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from kvshrink.convert.cli import convert_cli
+
+    source = tiny_checkpoint("qwen3", 4, 2, tokenizer=True)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(convert_cli, ["mha-to-mla", str(source), str(out), "--kv-budget", "0.5",
+                                              "--exact-only", "--no-check"])  # fmt: skip
+    assert result.exit_code == 1 and not out.exists()
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: mha-to-mla can only approximate qwen3"), result.output
