@@ -11,8 +11,9 @@ A spec names, relative to a layer's prefix, either separate `q_proj`/`k_proj`/`v
 - `fused_gate_up`: the MLP's fused [gate; up] projection relative to the layer prefix (Phi-3), else absent;
 - `sliding_window_switch`: the config flag that turns a configured `sliding_window` on (Qwen2: use_sliding_window),
   or absent where the stock class slides whenever `sliding_window` is set (Mistral, Phi-3);
-- `embeddings`, `final_norm`, `lm_head`: module names outside the layers; `embedding_scale`: "none" or
-  "sqrt_hidden_size" (Gemma multiplies the embeddings by sqrt(hidden_size));
+- `embeddings`, `final_norm`, `lm_head`: the stock class's modules outside the layers (Gemma's embedding module
+  applies its sqrt(hidden_size) scale itself; Gemma-2's final logit softcapping is config.final_logit_softcapping,
+  applied by the causal-LM class after lm_head);
 - `converters`: per converter ("gqa", "mla") a `support` of "exact" (every feature of the family is carried
   exactly; the KV reduction's own error is always measured and reported), "approximate" (a feature is
   approximated, with its error reported) or "refused", and `why` (the reason, or what is approximated).
@@ -33,7 +34,6 @@ from kvshrink.convert.errors import KvshrinkError
 _PROJECTION_KEYS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "q_norm", "k_norm")
 _ROPE_LAYOUTS = ("rotate_half",)
 _NORM_SCOPES = ("head", "projection")
-_EMBEDDING_SCALES = ("none", "sqrt_hidden_size")
 CONVERTERS = {"gqa": "mha-to-gqa / mha-to-mqa", "mla": "mha-to-mla"}
 SUPPORT_LEVELS = ("exact", "approximate", "refused")
 
@@ -56,7 +56,6 @@ class FamilySpec:
     embeddings: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
-    embedding_scale: str = "none"
     fused_gate_up: str | None = None
     sliding_window_switch: str | None = None
     converters: dict[str, Support] = field(default_factory=dict)
@@ -133,10 +132,8 @@ def _parse(raw: dict[str, Any], origin: str) -> FamilySpec:
         raise KvshrinkError(f"family spec {origin}: rope_layout must be one of {', '.join(_ROPE_LAYOUTS)}")
     if raw.get("qk_norm_scope", "head") not in _NORM_SCOPES:
         raise _malformed(origin, f"qk_norm_scope must be one of {', '.join(_NORM_SCOPES)}")
-    if raw.get("embedding_scale", "none") not in _EMBEDDING_SCALES:
-        raise _malformed(origin, f"embedding_scale must be one of {', '.join(_EMBEDDING_SCALES)}")
     optional = {key: raw[key] for key in ("qk_norm_scope", "norm_offset", "embeddings", "final_norm", "lm_head",
-                                          "embedding_scale", "fused_gate_up", "sliding_window_switch") if key in raw}  # fmt: skip
+                                          "fused_gate_up", "sliding_window_switch") if key in raw}  # fmt: skip
     return FamilySpec(
         model_type=raw["model_type"],
         architectures=tuple(raw["architectures"]),

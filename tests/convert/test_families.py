@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.families import load_family_specs
 from kvshrink.convert.mha_to_gqa import mha_to_gqa
 from kvshrink.convert.mha_to_mla import mha_to_mla
 
@@ -181,7 +182,6 @@ def test_convert_help_prints_every_family_with_its_support():
     from click.testing import CliRunner
 
     from kvshrink.convert.cli import convert_cli
-    from kvshrink.convert.families import load_family_specs
 
     lines = CliRunner().invoke(convert_cli, ["--help"], terminal_width=100).output.splitlines()
     for name, spec in load_family_specs().items():
@@ -325,3 +325,22 @@ def test_exact_only_refuses_qwen3_on_the_command_line_in_one_line(tiny_checkpoin
     assert result.exit_code == 1 and not out.exists()
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: mha-to-mla can only approximate qwen3"), result.output
+
+
+@pytest.mark.parametrize("model_type", sorted(load_family_specs()))
+def test_every_spec_names_modules_of_its_stock_class(model_type):
+    """What a layer runner reads from a spec (where the attention, MLP, embeddings, final norm and lm_head live)
+    exists in the stock transformers class of that family."""
+    from tiny_checkpoints import build_tiny_model
+
+    spec = load_family_specs()[model_type]
+    model = build_tiny_model(model_type, 4, 4)
+    assert type(model).__name__ in spec.architectures
+    for name in (spec.embeddings, spec.final_norm, spec.lm_head):
+        model.get_submodule(name)
+    parameters = dict(model.named_parameters())
+    for layer in range(model.config.num_hidden_layers):
+        for part in spec.attention:
+            assert spec.tensor_name(layer, part) in parameters
+        if spec.fused_gate_up:
+            assert f"{spec.layer_prefix.format(layer=layer)}{spec.fused_gate_up}.weight" in parameters
