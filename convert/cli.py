@@ -11,6 +11,7 @@ import click
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.gqa import DEFAULT_METHOD as GQA_DEFAULT_METHOD
 from kvshrink.convert.gqa import method_names as gqa_methods
+from kvshrink.convert.mla.head_norms import HEAD_NORM_FITS
 
 
 class KvshrinkGroup(click.Group):
@@ -194,13 +195,13 @@ def _size_or_word(text: str | None, word: str, option: str) -> int | str | None:
 @click.option("--exact-only", is_flag=True,
               help="Refuse families DeepseekV3 can only approximate (Qwen3's per-head q/k norms, otherwise "
                    "replaced by calibrated linear maps) instead of converting them approximately.")
-@click.option("--head-norm-fit", type=click.Choice(["least-squares", "mean-gain"]), default="least-squares",
-              show_default=True,
-              help="How per-head q/k norms (Qwen3) become linear: the least-squares map from the layer input to "
-                   "the normalized heads on calibration text, or TransMLA's mean 1/rms gain.")
+@click.option("--head-norm-fit", type=click.Choice(HEAD_NORM_FITS), default="least-squares", show_default=True,
+              help="How per-head q/k norms (Qwen3) become linear, fitted on the calibration text: the least-squares "
+                   "map from the layer input to the normalized heads; one head_dim x head_dim matrix per head on the "
+                   "source projection (head-matrix); or TransMLA's mean 1/rms gain (mean-gain).")
 def mha_to_mla_command(source, out, kv_budget, kv_rank, mla_shape, rope_dim, rope_method, factorization,
-                       distance_aware, target, calibration_tokens, exact_only, head_norm_fit, check, calibration, check_tokens,
-                       overwrite, out_shard_size, allow_pickle):
+                       distance_aware, target, calibration_tokens, exact_only, head_norm_fit, check, calibration,
+                       check_tokens, overwrite, out_shard_size, allow_pickle):
     """Convert SRC's attention to DeepSeek MLA (low-rank latent + one shared rope key); write OUT.
 
     OUT loads with stock transformers as DeepseekV3ForCausalLM; its KV cache holds kv_lora_rank + rope dim
