@@ -117,6 +117,9 @@ def _print_summary(report: dict, out: Path) -> None:
             f"  perplexity on {check['tokens']} calibration tokens: source {check['source_perplexity']:.3f}, "
             f"converted {check['converted_perplexity']:.3f}"
         )
+    support = report.get("family_support", {})
+    if support.get("level") == "approximate":
+        click.echo(f"  approximate for {support['family']}: {support['why']}")
     click.echo(f"  report: {out / 'kvshrink_report.json'} ({report['elapsed_seconds']:.1f} s)")
 
 

@@ -344,3 +344,15 @@ def test_every_spec_names_modules_of_its_stock_class(model_type):
             assert spec.tensor_name(layer, part) in parameters
         if spec.fused_gate_up:
             assert f"{spec.layer_prefix.format(layer=layer)}{spec.fused_gate_up}.weight" in parameters
+
+
+def test_the_printed_summary_says_when_a_family_is_approximated(tiny_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from kvshrink.convert.cli import convert_cli
+
+    source = tiny_checkpoint("olmo2", 4, 4)
+    result = CliRunner().invoke(convert_cli, ["mha-to-gqa", str(source), str(tmp_path / "out"), "--groups", "2",
+                                              "--method", "mean", "--no-check"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "approximate for olmo2: q_norm/k_norm span the whole projection" in result.output
