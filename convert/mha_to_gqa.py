@@ -22,6 +22,7 @@ from kvshrink.convert.check import compare_perplexity
 from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.gqa.attended import RotaryLayerStatistics
+from kvshrink.convert.gqa.projection_norms import per_head_stand_in, restore_projection_norms
 from kvshrink.convert.options import GqaOptions
 from kvshrink.convert.rewrite import (
     Conversion, LayerWriter, finish, open_conversion, require_free_space, write_metadata,
@@ -56,6 +57,8 @@ def _rotary_frequencies(config: dict[str, Any], head_dim: int) -> tuple[torch.Te
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if any(isinstance(value, dict) for value in rope.values()):
+        return None  # one RoPE per layer type (Gemma-3): not a single table
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     if rope_type == "default":
@@ -69,9 +72,15 @@ def _rotary_frequencies(config: dict[str, Any], head_dim: int) -> tuple[torch.Te
 def _refuse(conversion: Conversion, options: GqaOptions) -> bool:
     """Refuse what this conversion cannot do; returns whether the method calibrates (identity never does)."""
     counts = conversion.counts
+    conversion.spec.require("gqa")
     _validate_groups(options.groups, counts.num_kv_heads)
     identity = options.groups == counts.num_kv_heads
     rotary_fraction = _rotary_fraction(conversion.checkpoint.config)
+    if gqa.folds_key_gains(options.method) and conversion.checkpoint.config.get("clip_qkv") and not identity:
+        raise KvshrinkError(
+            f"method {options.method!r} folds key gains into the query rows, but this model clamps every query "
+            "coordinate (clip_qkv), which does not commute with them: use --method grouped or mean"
+        )
     if gqa.folds_key_gains(options.method) and rotary_fraction != 1.0 and not identity:
         raise KvshrinkError(
             f"method {options.method!r} folds key rotations into the queries, which is exact only when RoPE covers "
@@ -97,15 +106,26 @@ def _calibrate(conversion: Conversion, options: GqaOptions) -> Calibration:
 
 
 def _with_rope(conversion: Conversion, statistics: LayerStatistics) -> LayerStatistics:
-    """The statistics with the source's RoPE attached, so methods can recompute the source's attention."""
-    rope = _rotary_frequencies(conversion.checkpoint.config, conversion.counts.head_dim)
-    return statistics if rope is None else RotaryLayerStatistics(statistics.inputs, *rope)
+    """The statistics with the source's RoPE and logit scaling attached, so methods can recompute the source's
+    attention."""
+    config = conversion.checkpoint.config
+    rope = _rotary_frequencies(config, conversion.counts.head_dim)
+    scalar, softcap = config.get("query_pre_attn_scalar"), config.get("attn_logit_softcapping")
+    logits = {"logit_scale": float(scalar) ** -0.5 if scalar else None, "logit_softcap": softcap}
+    return statistics if rope is None else RotaryLayerStatistics(statistics.inputs, *rope, **logits)
 
 
-def _merge(attention: AttentionWeights, options: GqaOptions, statistics: LayerStatistics | None) -> gqa.KvMerge:
+def _merge(conversion: Conversion, attention: AttentionWeights, options: GqaOptions,
+           statistics: LayerStatistics | None) -> gqa.KvMerge:  # fmt: skip
     if options.groups == attention.num_kv_heads:  # nothing to merge: every tensor stays as it is
         return gqa.KvMerge(attention, [[head] for head in range(options.groups)])
-    return gqa.get_method(options.method)(attention, options.groups, statistics)
+    merge = gqa.get_method(options.method)
+    if not conversion.spec.has_projection_norms:
+        return merge(attention, options.groups, statistics)
+    # OLMo-2: q/k norms span the whole projection; merge per-head stand-ins, then carry the norms over
+    result = merge(per_head_stand_in(attention), options.groups, statistics)
+    eps = float(conversion.checkpoint.config.get("rms_norm_eps", 1e-6))
+    return restore_projection_norms(attention, result, statistics, eps)
 
 
 def _convert_layers(
@@ -119,7 +139,7 @@ def _convert_layers(
     for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
         statistics = _with_rope(conversion, calibration.statistics(layer)) if calibration is not None else None
-        result = _merge(attention, options, statistics)
+        result = _merge(conversion, attention, options, statistics)
         del statistics
         tensors = attention_tensors(result.attention, conversion.spec, layer)
         writer.write_layer(layer, tensors)
@@ -153,7 +173,11 @@ def mha_to_gqa(source: str | Path, out: str | Path, options: GqaOptions) -> dict
                 conversion.checkpoint.folder, {"source": conversion.checkpoint.folder, "converted": conversion.staging},
                 calibration_text(options.calibration), options.check_tokens, conversion.device, progress=options.progress,
             )  # fmt: skip
-        summary = {"target_heads": {"query": conversion.counts.num_heads, "kv": options.groups}}
+        support = conversion.spec.support("gqa")
+        summary = {
+            "target_heads": {"query": conversion.counts.num_heads, "kv": options.groups},
+            "family_support": {"family": conversion.spec.model_type, "level": support.level, "why": support.why},
+        }
         if calibrated:
             summary["calibration"] = {"tokens": calibration.tokens, "error_feedback": options.error_feedback}
         return finish(conversion, method=f"gqa/{options.method}", config=config, summary=summary, layers=layers,

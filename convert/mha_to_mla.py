@@ -30,6 +30,7 @@ from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.mla import deepseek
 from kvshrink.convert.mla.complex_heads import augmented, to_complex
 from kvshrink.convert.mla.distance import attention_distances, rotation_gains
+from kvshrink.convert.mla.head_norms import HeadNormFit, fit_head_norms, linearized
 from kvshrink.convert.mla.layer import LayerCalibration, OutputFormat, convert_attention, rope_bias
 from kvshrink.convert.mla.rope import RopeBasis, RopeSlots, choose_slots, rope_basis
 from kvshrink.convert.mla.shapes import MlaShape, resolve_shape
@@ -39,26 +40,15 @@ from kvshrink.convert.rewrite import (
     Conversion, LayerWriter, finish, open_conversion, require_free_space, write_metadata,
 )  # fmt: skip
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 _LINEARIZATION_SAMPLE = 2048
 OTHER_TARGET = {"vllm": "transformers", "sglang": "transformers", "transformers": "vllm"}
 
 
-def _refuse_unsupported(context: Conversion) -> None:
+def _refuse_unsupported(context: Conversion, exact_only: bool) -> None:
     config, spec = context.checkpoint.config, context.spec
-    if spec.has_head_norms:
-        raise KvshrinkError(
-            f"{spec.model_type} normalizes each query and key head (q_norm/k_norm) before RoPE; that RMSNorm is not "
-            "linear, so no DeepseekV3 attention reproduces it: mha-to-mla supports "
-            f"{', '.join(SUPPORTED_FAMILIES)}"
-        )
-    if spec.model_type not in SUPPORTED_FAMILIES:
-        raise KvshrinkError(
-            f"{spec.model_type} is not supported by mha-to-mla (DeepseekV3 has a plain gate/up/down MLP and "
-            f"full-width RoPE): supported families are {', '.join(SUPPORTED_FAMILIES)}"
-        )
+    spec.require("mla", exact_only)
     window = config.get("sliding_window")
-    window_used = config.get("use_sliding_window", spec.model_type == "mistral")
+    window_used = config.get(spec.sliding_window_switch, False) if spec.sliding_window_switch else True
     if window and window_used and int(window) < int(config.get("max_position_embeddings", 0)):
         raise KvshrinkError(
             f"the source attends within a sliding window of {window} tokens, which DeepseekV3 cannot: "
@@ -104,8 +94,18 @@ def _augmented_inputs(statistics: LayerStatistics) -> torch.Tensor:
     return torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], dim=1)
 
 
+def _head_norms(conversion: Conversion, attention: AttentionWeights, statistics: LayerStatistics,
+                options: MlaOptions) -> HeadNormFit | None:  # fmt: skip
+    """The calibrated linear maps that stand in for per-head q/k norms (Qwen3), fitted on this layer's inputs."""
+    if attention.q_norm is None and attention.k_norm is None:
+        return None
+    eps = float(conversion.checkpoint.config.get("rms_norm_eps", 1e-6))
+    return fit_head_norms(attention, statistics.flat_inputs, eps, options.head_norm_fit)
+
+
 def _summarize_layer(attention: AttentionWeights, statistics: LayerStatistics, options: MlaOptions,
                      inv_freq: torch.Tensor) -> RopeSummary:  # fmt: skip
+    """`attention` as DeepseekV3 will hold it (head norms already linearized)."""
     heads, kv_heads, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
     flat = _augmented_inputs(statistics)
     moment = flat.T @ flat / flat.shape[0]
@@ -129,17 +129,21 @@ def _summarize(conversion: Conversion, options: MlaOptions, windows: list[torch.
     summaries = []
     for layer in tqdm(range(conversion.counts.num_layers), desc="calibrating", unit="layer", disable=not options.progress):
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
-        summaries.append(_summarize_layer(attention, calibration.statistics(layer), options, inv_freq))
+        statistics = calibration.statistics(layer)
+        head_norms = _head_norms(conversion, attention, statistics, options)
+        if head_norms is not None:
+            attention = linearized(attention, head_norms)
+        summaries.append(_summarize_layer(attention, statistics, options, inv_freq))
         calibration.advance(layer)
     return summaries
 
 
-def _layer_calibration(statistics: LayerStatistics, summary: RopeSummary) -> LayerCalibration:
+def _layer_calibration(statistics: LayerStatistics, summary: RopeSummary, head_norms: HeadNormFit | None) -> LayerCalibration:
     """Pass 2: the layer's input moment and a sample of its inputs, with what pass 1 decided."""
     flat = _augmented_inputs(statistics)
     sample = flat[torch.linspace(0, flat.shape[0] - 1, min(_LINEARIZATION_SAMPLE, flat.shape[0])).long()]
     return LayerCalibration(moment=flat.T @ flat / flat.shape[0], sample=sample, gains=summary.gains,
-                            distances=summary.distances, basis=summary.basis)  # fmt: skip
+                            distances=summary.distances, basis=summary.basis, head_norms=head_norms)  # fmt: skip
 
 
 def _bias_tensor(context: Conversion, layer: int, part: str) -> str:
@@ -182,10 +186,17 @@ def _output_format(
     )  # fmt: skip
 
 
-def _notes(options: MlaOptions, rules: engines.EngineRules | None, shape: MlaShape, output: OutputFormat,
-           yarn: YarnFit | None) -> list[str]:  # fmt: skip
+def _notes(conversion: Conversion, options: MlaOptions, rules: engines.EngineRules | None, shape: MlaShape,
+           output: OutputFormat, yarn: YarnFit | None) -> list[str]:  # fmt: skip
     """What the report and summary say is approximate or adjusted about this target."""
     notes = []
+    if conversion.spec.has_head_norms:
+        notes.append(
+            f"approximate: {conversion.spec.model_type}'s per-head q/k RMSNorm is replaced by a linear map from each "
+            f"layer's input to its normalized queries and keys, fitted on the calibration text ({options.head_norm_fit}"
+            "; each layer's q_norm_rel_error / k_norm_rel_error is measured on held-out calibration tokens, next to "
+            "every fit's, TransMLA's mean gain as *_mean_gain): uptrain the output, or pass --exact-only to refuse"
+        )
     if yarn is not None:
         notes.append(f"approximate: llama3 RoPE written as deepseek_yarn; the largest per-slot frequency error is "
                      f"{float(yarn.relative_error.max()):.1%} (mla.rope_frequency_error)")  # fmt: skip
@@ -269,7 +280,7 @@ def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: l
     )  # fmt: skip
     free_slots = choose_slots(bases, shape.rope_dim // 2, geometric=False)
 
-    notes = _notes(options, rules, shape, output, yarn)
+    notes = _notes(conversion, options, rules, shape, output, yarn)
     if serving and source_eps != output.latent_eps:
         notes.append(
             f"rms_norm_eps set from {source_eps:g} to {output.latent_eps:g}: transformers runs the latent norm at "
@@ -284,6 +295,7 @@ def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: l
                             "pass --target transformers")  # fmt: skip
     summary = {
         "target": target,
+        "family_support": {"family": conversion.spec.model_type, **vars(conversion.spec.support("mla"))},
         "valid_engines": valid,
         "excluded_engines": excluded,
         "mla": {
@@ -291,6 +303,7 @@ def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: l
             "v_head_dim": counts.head_dim, "rope_method": options.rope_method,
             "factorization": options.factorization, "distance_aware": options.distance_aware,
             "kv_budget": options.kv_budget, "calibration_tokens": options.calibration_tokens,
+            "head_norm_fit": options.head_norm_fit if conversion.spec.has_head_norms else None,
             "rope_slots": [{"source_frequency": j, "component": n, "inv_freq": float(f)}
                            for j, n, f in zip(slots.frequency, slots.rank, slot_frequencies)],
             **({"rope_frequency_error": yarn.relative_error.tolist()} if yarn is not None else {}),
@@ -313,6 +326,8 @@ def _convert_layer(conversion: Conversion, plan: MlaPlan, options: MlaOptions, l
         kept = {name: float(scores[list(chosen.frequency), list(chosen.rank)].sum() / scores.sum())
                 for name, chosen in (("free", plan.free_slots), ("serving", plan.slots))}  # fmt: skip
         report["serving_rope_score_cost"] = kept["free"] - kept["serving"]
+    if calibration.head_norms is not None:
+        report.update(calibration.head_norms.errors)
     prefix = f"{conversion.spec.layer_prefix.format(layer=layer)}self_attn."
     return {prefix + name: tensor for name, tensor in tensors.items()}, {"layer": layer, **report}
 
@@ -323,15 +338,21 @@ def _convert_layers(conversion: Conversion, options: MlaOptions, plans: dict[Pat
     follow the first plan's converted layers with error feedback. Returns each folder's layer reports and new
     parameter names."""
     calibration = Calibration(conversion.source_model(), conversion.spec, windows)
-    writers = {folder: LayerWriter(conversion, folder) for folder in plans}
+    split_rows = deepseek.split_gate_up(conversion.spec, conversion.checkpoint.config)
+    writers = {folder: LayerWriter(conversion, folder, split_rows) for folder in plans}
     main_folder, main_plan = next(iter(plans.items()))
-    target = conversion.target_model(main_plan.config)
+    target = conversion.target_model(main_plan.config, split_rows)
     for folder, plan in plans.items():
         require_free_space(conversion, conversion.target_model(plan.config) if folder != main_folder else target)
     reports: dict[Path, list[dict[str, Any]]] = {folder: [] for folder in plans}
     for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
-        layer_calibration = _layer_calibration(calibration.statistics(layer), summaries[layer])
+        statistics = calibration.statistics(layer)
+        head_norms = _head_norms(conversion, attention, statistics, options)
+        layer_calibration = _layer_calibration(statistics, summaries[layer], head_norms)
+        del statistics
+        if head_norms is not None:
+            attention = linearized(attention, head_norms)
         for folder, plan in plans.items():
             tensors, report = _convert_layer(conversion, plan, options, layer, attention, layer_calibration)
             writers[folder].write_layer(layer, tensors)
@@ -409,7 +430,7 @@ def mha_to_mla(source: str | Path, out: str | Path, options: MlaOptions) -> dict
     """
     _refuse_options(options)
     with open_conversion(source, out, options) as conversion:
-        _refuse_unsupported(conversion)
+        _refuse_unsupported(conversion, options.exact_only)
         inv_freq = deepseek.source_rope(conversion.checkpoint.config, conversion.counts.head_dim)[0]
         _shape(conversion, options, options.target, _biases(conversion))
         conversion.require_tokenizer("mha-to-mla calibrates on text", "")

@@ -36,6 +36,7 @@ from kvshrink.convert.outdir import atomic_output_dir, check_output_dir
 from kvshrink.convert.safetensors_io import ShardedSafetensorsWriter
 
 REPORT_FILE = "kvshrink_report.json"
+SplitRows = dict[str, dict[str, slice]]  # source tensor -> {target tensor: its rows of the source}
 _STALE_BUFFERS = re.compile(r"rotary_emb\.inv_freq$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _FREE_SPACE_MARGIN = 64 * 2**20  # headers, config, tokenizer files
@@ -70,10 +71,18 @@ class Conversion:
         """The source in its stock classes, read one layer at a time."""
         return StockModel.of_checkpoint(self.checkpoint, self.device)
 
-    def target_model(self, config: dict[str, Any]) -> StockModel:
-        """The output's stock classes under `config`, reading the source's tensors (converted ones are passed to
-        `StockModel.layer`)."""
-        return StockModel(config, self.checkpoint.tensor, set(self.checkpoint.names), self.device)
+    def target_model(self, config: dict[str, Any], split_rows: SplitRows | None = None) -> StockModel:
+        """The output's stock classes under `config`, reading the source's tensors, split by rows where the target
+        splits a fused one (`split_rows`; converted attention tensors are passed to `StockModel.layer`)."""
+        parts = {new: (name, rows) for name, split in (split_rows or {}).items() for new, rows in split.items()}
+
+        def read(name: str) -> torch.Tensor:
+            if name in parts:
+                source, rows = parts[name]
+                return self.checkpoint.tensor(source)[rows]
+            return self.checkpoint.tensor(name)
+
+        return StockModel(config, read, set(self.checkpoint.names) | set(parts), self.device)
 
     def require_tokenizer(self, why: str, alternative: str) -> None:
         """Refuse a source without a tokenizer, saying `why` one is needed and which `alternative` flags avoid it."""
@@ -156,10 +165,12 @@ def require_free_space(conversion: Conversion, target: StockModel) -> None:
 
 
 class LayerWriter:
-    """The converted checkpoint's tensors, written into `folder` as each layer is converted."""
+    """The converted checkpoint's tensors, written into `folder` as each layer is converted. Tensors named in
+    `split_rows` (source name -> {target name: rows}, e.g. Phi-3's fused gate_up_proj for DeepseekV3) are written
+    as their row ranges instead of copied."""
 
-    def __init__(self, conversion: Conversion, folder: Path):
-        self.checkpoint, self.spec = conversion.checkpoint, conversion.spec
+    def __init__(self, conversion: Conversion, folder: Path, split_rows: SplitRows | None = None):
+        self.checkpoint, self.spec, self.split_rows = conversion.checkpoint, conversion.spec, split_rows or {}
         self.names = [name for name in self.checkpoint.names if not _STALE_BUFFERS.search(name)]
         self.attention = {name for layer in range(conversion.counts.num_layers)
                           for name in self.spec.attention_tensor_names(layer)}  # fmt: skip
@@ -170,7 +181,11 @@ class LayerWriter:
         self.dtype = self.checkpoint.dtype(self.spec.tensor_name(0, next(iter(self.spec.attention))))
 
     def _copy(self, name: str) -> None:
-        if self.checkpoint.pickled is None:
+        if name in self.split_rows:
+            tensor = self.checkpoint.tensor(name)
+            for new_name, rows in self.split_rows[name].items():
+                self.writer.add_tensor(new_name, tensor[rows].contiguous())
+        elif self.checkpoint.pickled is None:
             self.writer.add_copy(name, self.checkpoint.entries[name])
         else:
             self.writer.add_tensor(name, self.checkpoint.tensor(name))

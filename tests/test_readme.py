@@ -1,4 +1,5 @@
-"""The README's CLI reference is the commands' real --help (regenerate with `make readme`)."""
+"""The README's CLI reference is the commands' real --help, and its support matrix is the family specs' (regenerate
+with `make readme`)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,11 @@ CONFIG_CLASSES = {
     "qwen2": "Qwen2Config",
     "qwen3": "Qwen3Config",
     "phi3": "Phi3Config",
+    "olmo": "OlmoConfig",
+    "olmo2": "Olmo2Config",
+    "gemma2": "Gemma2Config",
+    "gemma3_text": "Gemma3TextConfig",
+    "gpt_neox": "GPTNeoXConfig",
     "deepseek_v3": "DeepseekV3Config",
 }
 # The tokenizer's special tokens take the first ids, as the models' config says; the 256 bytes follow.
@@ -44,6 +49,8 @@ def build_tiny_model(
     """A small random model of a stock transformers class, float32, eval mode. `overrides` are config fields;
     "deepseek_v3" gives a dense MLA model (every layer a plain MLP)."""
     settings = {**SHAPE, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, **overrides}
+    if model_type == "gpt_neox":  # its config has no KV head count: every head has its own key and value
+        del settings["num_key_value_heads"]
     if model_type == "deepseek_v3":  # DeepseekV3 derives head_dim from its MLA dims
         settings = {**MLA_LAYOUT, "first_k_dense_replace": settings["num_hidden_layers"], **settings}
     else:

@@ -28,12 +28,14 @@ class RotaryLayerStatistics(LayerStatistics):
 
     inv_freq: torch.Tensor  # [head_dim / 2] float64: pair j turns by position · inv_freq[j]
     attention_scaling: float = 1.0  # transformers multiplies cos/sin by this
+    logit_scale: float | None = None  # None: 1/sqrt(head_dim); Gemma: query_pre_attn_scalar^-0.5
+    logit_softcap: float | None = None  # Gemma-2: logits become cap · tanh(logits / cap) before the softmax
 
 
-def _rms_normed(heads: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+def _rms_normed(heads: torch.Tensor, weight: torch.Tensor | None, offset: float) -> torch.Tensor:
     if weight is None:
         return heads
-    return heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+    return heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + 1e-6) * (offset + weight)
 
 
 @torch.no_grad()
@@ -52,11 +54,13 @@ def attended_moments(attention: AttentionWeights, stats: RotaryLayerStatistics) 
     half = d // 2
     for window in inputs:
         x = torch.cat([window.float(), torch.ones(length, 1)], dim=1)  # [T, c]
-        q = _rms_normed((x @ q_rows.T).reshape(length, heads, d), attention.q_norm)
-        k = _rms_normed((x @ k_rows.T).reshape(length, kv_heads, d), attention.k_norm)
+        q = _rms_normed((x @ q_rows.T).reshape(length, heads, d), attention.q_norm, attention.norm_offset)
+        k = _rms_normed((x @ k_rows.T).reshape(length, kv_heads, d), attention.k_norm, attention.norm_offset)
         q = torch.complex(q[..., :half], q[..., half:]) * rotation[:, None]
         k = (torch.complex(k[..., :half], k[..., half:]) * rotation[:, None]).repeat_interleave(heads // kv_heads, dim=1)
-        logits = torch.einsum("mhj,nhj->hmn", q, k.conj()).real / math.sqrt(d)
+        logits = torch.einsum("mhj,nhj->hmn", q, k.conj()).real * (stats.logit_scale or 1 / math.sqrt(d))
+        if stats.logit_softcap:
+            logits = stats.logit_softcap * torch.tanh(logits / stats.logit_softcap)
         weights = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # [H, T, T]
         attended = weights @ x  # [H, T, c]
         moments += (attended.mT @ attended).double()

@@ -18,6 +18,7 @@ import torch
 
 from kvshrink.convert.engines import TRANSFORMERS_LATENT_EPS
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.families import FamilySpec
 
 _CARRIED = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -38,8 +39,9 @@ def source_rope(config: dict[str, Any], head_dim: int) -> tuple[torch.Tensor, st
     rope_type, theta = parameters.get("rope_type", "default"), float(parameters.get("rope_theta", 10000.0))
     if float(config.get("partial_rotary_factor") or parameters.get("partial_rotary_factor") or 1.0) != 1.0:
         raise KvshrinkError(
-            "the source applies RoPE to only part of each head (partial_rotary_factor < 1), which mha-to-mla "
-            "does not map yet: convert a model with full-width RoPE"
+            "the source applies RoPE to only part of each head (partial_rotary_factor < 1): its no-RoPE dims "
+            "would belong in the latent, which mha-to-mla does not map, so it refuses rather than drop them; "
+            "convert a model with full-width RoPE, or use mha-to-gqa"
         )
     if rope_type == "default":
         return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim), rope_type, theta
@@ -68,6 +70,21 @@ def longrope_parameters(theta: float, frequencies: torch.Tensor, max_positions: 
 def geometric_theta(theta: float, step: int, rope_dim: int, head_dim: int) -> float:
     """θ' with θ'^(-2i/D) = θ^(-2·i·step/head_dim): slot i carries source frequency i·step."""
     return theta ** (step * rope_dim / head_dim)
+
+
+def split_gate_up(spec: FamilySpec, config: dict[str, Any]) -> dict[str, dict[str, slice]]:
+    """Fused [gate; up] MLP weights (Phi-3) -> the row ranges DeepseekV3's gate_proj and up_proj take (exact):
+    source tensor name -> {target name: rows}. Empty for families with separate gate and up projections."""
+    if spec.fused_gate_up is None:
+        return {}
+    width = int(config["intermediate_size"])
+    splits = {}
+    for layer in range(int(config["num_hidden_layers"])):
+        prefix = spec.layer_prefix.format(layer=layer)
+        splits[f"{prefix}{spec.fused_gate_up}.weight"] = {
+            f"{prefix}mlp.gate_proj.weight": slice(0, width), f"{prefix}mlp.up_proj.weight": slice(width, 2 * width)
+        }
+    return splits
 
 
 def deepseek_config(

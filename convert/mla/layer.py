@@ -26,6 +26,7 @@ from kvshrink.convert.mla.complex_heads import (
 )  # fmt: skip
 from kvshrink.convert.mla.distance import rotation_gains
 from kvshrink.convert.mla.fold import fold_into_slots
+from kvshrink.convert.mla.head_norms import HeadNormFit
 from kvshrink.convert.mla.latent_norm import latent_scale, linearization_error
 from kvshrink.convert.mla.lowrank import joint_latent
 from kvshrink.convert.mla.rope import RopeBasis, RopeSlots
@@ -53,6 +54,7 @@ class LayerCalibration:
     gains: torch.Tensor  # γ [H, P] complex
     distances: torch.Tensor | None  # the source's attention per distance [H, T]; None when distance is ignored
     basis: RopeBasis
+    head_norms: HeadNormFit | None = None  # the linear maps that replace per-head q/k norms (Qwen3)
 
 
 def rope_bias(k_bias: torch.Tensor | None, basis: RopeBasis, slots: RopeSlots, kv_heads: int, head_dim: int) -> torch.Tensor:

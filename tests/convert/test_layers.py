@@ -90,3 +90,16 @@ def test_one_layer_is_alive_at_a_time_whatever_the_depth(tiny_checkpoint, tmp_pa
         peaks[depth] = max(size for _, size in seen)
     layer_bytes = 4 * (4 * 64 * 64 + 3 * 64 * 96)
     assert peaks[8] - peaks[2] < layer_bytes  # 6 more layers held would add 6 x layer_bytes
+
+
+GEMMA_AND_OLMO = [
+    ("gemma2", 4, 2, {"sliding_window": 16, "final_logit_softcapping": 5.0, "attn_logit_softcapping": 20.0}),
+    ("gemma3_text", 4, 2, {"sliding_window": 16}),
+    ("olmo", 4, 4, {}),
+    ("olmo2", 4, 4, {}),
+]
+
+
+@pytest.mark.parametrize("model_type,heads,kv_heads,overrides", GEMMA_AND_OLMO)
+def test_streamed_perplexity_equals_the_whole_model_for_the_newer_families(tiny_checkpoint, model_type, heads, kv_heads, overrides):
+    test_streamed_perplexity_equals_the_whole_model(tiny_checkpoint, model_type, heads, kv_heads, overrides)

@@ -355,8 +355,8 @@ def test_unsupported_sources_are_refused(tiny_source, tiny_checkpoint, tmp_path)
     fp16 = tiny_checkpoint("llama", 4, 2, dtype=torch.float16, tokenizer=True)
     with pytest.raises(KvshrinkError, match=r"float16.*save the source as bfloat16 or float32"):
         mha_to_mla(fp16, tmp_path / "out", MlaOptions(kv_budget=0.5, **QUICK))
-    with pytest.raises(KvshrinkError, match=r"q_norm/k_norm.*not linear"):
-        mha_to_mla(tiny_source("qwen3", 4, 2), tmp_path / "out", MlaOptions(kv_budget=0.5, **QUICK))
+    with pytest.raises(KvshrinkError, match=r"can only approximate qwen3 and --exact-only is set"):
+        mha_to_mla(tiny_source("qwen3", 4, 2), tmp_path / "out", MlaOptions(kv_budget=0.5, exact_only=True, **QUICK))
     with pytest.raises(KvshrinkError, match=r"sliding window of 64 tokens"):
         mha_to_mla(tiny_source("mistral", 4, 2, sliding_window=64), tmp_path / "out", MlaOptions(kv_budget=0.5, **QUICK))
     no_tokenizer = tiny_checkpoint("llama", 4, 2, seed=3)
