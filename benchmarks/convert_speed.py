@@ -5,15 +5,16 @@ whole model in memory), then times `cp -r` of the folder against conversions run
 resident memory is read from the kernel. Prints times, their ratio to the copy, and peak RSS.
 
 Mode `io` (default) times `convert mha-to-gqa --groups G --method mean --no-check`: the streaming IO path alone.
+Mode `forward` times one calibration pass (every layer streamed over the calibration tokens) against a
+whole-model forward of the same tokens in stock transformers (the model must fit in memory whole).
 Mode `default` runs each converter's DEFAULT command (calibrated method, --check): `convert mha-to-gqa --groups G`
 and `convert mha-to-mla --mla-shape 512+64`. Its checkpoints carry SmolLM2's tokenizer (from `--tokenizer`, a
 folder made by `kvshrink example smollm2`) and a 49,152-token vocabulary so calibration text tokenizes; the
-token counts (--calibration-tokens, --check-tokens) are printed and the same in every row. It also times one
-calibration pass (every layer streamed over the calibration tokens) against a whole-model forward of the same
-tokens in stock transformers, for shapes that fit in memory whole.
+token counts (--calibration-tokens, --check-tokens) are printed and the same in every row.
 
     python benchmarks/convert_speed.py --shape llama2-7b                   # 13.5 GB on disk, needs ~45 GB free
-    python benchmarks/convert_speed.py --shape llama-1b --mode default --tokenizer runs/smollm2
+    python benchmarks/convert_speed.py --shape llama-1b --mode forward --tokenizer runs/smollm2
+    python benchmarks/convert_speed.py --shape llama2-7b-2l --mode default --tokenizer runs/smollm2
     python benchmarks/convert_speed.py --shape 70b-slice-4 --mode default --tokenizer runs/smollm2 --groups 8
 """
 
@@ -37,6 +38,7 @@ from kvshrink.convert.safetensors_io import ShardedSafetensorsWriter
 SHAPES = {
     # hidden, layers, heads, kv heads, intermediate, vocab
     "llama2-7b": (4096, 32, 32, 32, 11008, 32000),
+    "llama2-7b-2l": (4096, 2, 32, 32, 11008, 32000),  # Llama-2-7B width, 2 layers (memory does not grow with depth)
     "llama-1b": (2048, 22, 32, 32, 5632, 32000),
     "70b-slice-4": (8192, 4, 64, 8, 28672, 32000),  # a Llama-2/3-70B-width slice, 4 layers
     "70b-slice-8": (8192, 8, 64, 8, 28672, 32000),
@@ -145,36 +147,36 @@ def default_mode(args, workdir: Path, source: Path, copy_seconds: float) -> None
         print(f"convert {' '.join(command):30s} {seconds:8.1f} s   {seconds / copy_seconds:6.2f}x the copy   "
               f"peak RSS {peak_rss / 2**30:6.2f} GiB", flush=True)
         shutil.rmtree(out)
-    if args.compare_forward:
-        streamed, whole = calibration_speed(source, args.calibration_tokens)
-        print(f"calibration pass: streamed {streamed:.0f} tokens/s, whole-model forward {whole:.0f} tokens/s "
-              f"(ratio {streamed / whole:.2f})")
+
+
+def forward_mode(args, workdir: Path, source: Path, copy_seconds: float) -> None:
+    streamed, whole = calibration_speed(source, args.calibration_tokens)
+    print(f"calibration pass over {args.calibration_tokens} tokens: streamed {streamed:.0f} tokens/s, whole-model "
+          f"forward {whole:.0f} tokens/s (ratio {streamed / whole:.2f})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     parser.add_argument("--groups", type=int, default=8)
-    parser.add_argument("--mode", choices=["io", "default"], default="io")
+    parser.add_argument("--mode", choices=["io", "default", "forward"], default="io")
     parser.add_argument("--tokenizer", type=Path, help="folder with SmolLM2's tokenizer files (mode default)")
     parser.add_argument("--calibration-tokens", type=int, default=1024)
     parser.add_argument("--check-tokens", type=int, default=512)
-    parser.add_argument("--compare-forward", action="store_true",
-                        help="also time a streamed calibration pass against a whole-model forward (needs the model in RAM)")
     parser.add_argument("--workdir", type=Path, help="where to build (default: a temporary folder, removed after)")
     args = parser.parse_args()
-    if args.mode == "default" and args.tokenizer is None:
-        parser.error("--mode default needs --tokenizer DIR (kvshrink example smollm2 DIR)")
+    if args.mode != "io" and args.tokenizer is None:
+        parser.error(f"--mode {args.mode} needs --tokenizer DIR (kvshrink example smollm2 DIR)")
     workdir = Path(tempfile.mkdtemp(prefix="kvshrink-bench-", dir=args.workdir))
     try:
         source = workdir / "source"
-        build_checkpoint(args.shape, source, args.tokenizer if args.mode == "default" else None)
+        build_checkpoint(args.shape, source, args.tokenizer if args.mode != "io" else None)
         size = sum(f.stat().st_size for f in source.iterdir())
         copy_seconds, _ = timed(["cp", "-r", str(source), str(workdir / "copy")])
         shutil.rmtree(workdir / "copy")
         print(f"shape {args.shape}: {size / 1e9:.2f} GB of bf16 shards, groups {args.groups}")
         print(f"plain copy          {copy_seconds:8.1f} s", flush=True)
-        (default_mode if args.mode == "default" else io_mode)(args, workdir, source, copy_seconds)
+        {"io": io_mode, "default": default_mode, "forward": forward_mode}[args.mode](args, workdir, source, copy_seconds)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -143,6 +143,9 @@ def _print_summary(report: dict, out: Path) -> None:
     support = report.get("family_support", {})
     if support.get("level") == "approximate":
         click.echo(f"  approximate for {support['family']}: {support['why']}")
+    runtime = report["runtime"]
+    click.echo(f"  ran on {runtime['device']} ({runtime['dtype']}), peak memory {runtime['peak_rss_gib']:.2f} GiB"
+               + (f", GPU {runtime['peak_cuda_gib']:.2f} GiB" if "peak_cuda_gib" in runtime else ""))
     click.echo(f"  report: {out / 'kvshrink_report.json'} ({report['elapsed_seconds']:.1f} s)")
 
 

@@ -246,11 +246,29 @@ def _shape(conversion: Conversion, options: MlaOptions, target: str, biases: lis
     return resolve_shape(counts, options, rules, counts.hidden_size + (has_bias and rules is None))
 
 
+def _rope_parameters(conversion: Conversion, serving: bool, shape: MlaShape, slots: RopeSlots,
+                     slot_frequencies: torch.Tensor) -> tuple[dict[str, Any], YarnFit | None]:  # fmt: skip
+    """The target's rope_parameters: default RoPE at a geometric theta (llama3 sources: the deepseek_yarn table
+    closest to the slots' frequencies, see `mla.yarn`) for the serving layout, exact longrope otherwise."""
+    config, head_dim = conversion.checkpoint.config, conversion.counts.head_dim
+    _, rope_type, theta = deepseek.source_rope(config, head_dim)
+    if not serving:
+        max_positions = int(config.get("max_position_embeddings") or 4096)
+        return deepseek.longrope_parameters(theta, slot_frequencies, max_positions), None
+    rope_theta = deepseek.geometric_theta(theta, slots.step, shape.rope_dim, head_dim)
+    if rope_type != "llama3":
+        return {"rope_type": "default", "rope_theta": rope_theta}, None
+    llama3 = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    yarn = fit_yarn(slot_frequencies, rope_theta, shape.rope_dim, float(llama3["factor"]),
+                    int(llama3["original_max_position_embeddings"]))  # fmt: skip
+    return yarn.parameters, yarn
+
+
 def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: list[RopeSummary]) -> MlaPlan:
     rules = engines.target_rules(target)
     serving = rules is not None
     counts, config = conversion.counts, conversion.checkpoint.config
-    inv_freq, rope_type, theta = deepseek.source_rope(config, counts.head_dim)
+    inv_freq = deepseek.source_rope(config, counts.head_dim)[0]
     layers = _biases(conversion)
     shape = _shape(conversion, options, target, layers)
     bases = [summary.basis for summary in summaries]
@@ -259,18 +277,7 @@ def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: l
                    for a, basis in zip(layers, bases)]  # fmt: skip
     output = _output_format(conversion, serving, layers, rope_biases, options.exact_biases)
     slot_frequencies = inv_freq[list(slots.frequency)]
-    max_positions = int(config.get("max_position_embeddings") or 4096)
-    yarn: YarnFit | None = None
-    if serving:
-        rope_theta = deepseek.geometric_theta(theta, slots.step, shape.rope_dim, counts.head_dim)
-        rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
-        if rope_type == "llama3":  # the slots' llama3 frequencies as closely as a deepseek_yarn table can (mla.yarn)
-            llama3 = config.get("rope_parameters") or config.get("rope_scaling") or {}
-            yarn = fit_yarn(slot_frequencies, rope_theta, shape.rope_dim, float(llama3["factor"]),
-                            int(llama3["original_max_position_embeddings"]))  # fmt: skip
-            rope_parameters = yarn.parameters
-    else:
-        rope_parameters = deepseek.longrope_parameters(theta, slot_frequencies, max_positions)
+    rope_parameters, yarn = _rope_parameters(conversion, serving, shape, slots, slot_frequencies)
     source_eps = float(config.get("rms_norm_eps", 1e-6))
     target_config = deepseek.deepseek_config(
         config, kv_rank=shape.kv_rank, rope_dim=shape.rope_dim, nope_dim=shape.nope_dim, head_dim=counts.head_dim,
