@@ -18,26 +18,7 @@ from kvshrink.uptrain.optimizer import SizeScaledRows
 
 STAGES = ["attention_transfer", "end_to_end"]
 TRANSFER = {"steps": 20, "sequences": 4, "micro_batch_size": 2, "lr": 1e-3}
-LOUD = dict(initializer_range=0.15, max_position_embeddings=512)
 QUICK = dict(check=False, progress=False, calibration_tokens=1024, overwrite=True)
-
-
-@pytest.fixture(scope="session")
-def mla_source_dir(tmp_path_factory) -> Path:
-    """A GQA Llama (4 heads, 2 KV heads) with the byte-level tokenizer: the source of the MLA conversions."""
-    from tiny_checkpoints import save_tiny_checkpoint
-
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("mla-source") / "model", "llama", 4, 2, tokenizer=True, **LOUD)
-
-
-@pytest.fixture(scope="session")
-def mla_converted_dir(tmp_path_factory, mla_source_dir) -> Path:
-    """mla_source_dir converted to MLA at half its KV cache with the default method (approximate)."""
-    from kvshrink.convert.mha_to_mla import mha_to_mla
-
-    out = tmp_path_factory.mktemp("mla-converted") / "model"
-    mha_to_mla(mla_source_dir, out, kv_budget=0.5, **QUICK)
-    return out
 
 
 def _recipe(write_recipe, source: Path, model: Path, **keys):
