@@ -280,6 +280,10 @@ def _check_rules(recipe: Recipe) -> None:
         raise KvshrinkError(
             f"loss.kind is {recipe.loss.kind} but there is no teacher: set teacher=PATH, or loss.kind=lm"
         )
+    _check_data(recipe)
+
+
+def _check_data(recipe: Recipe) -> None:
     if not recipe.data:
         raise KvshrinkError("the recipe's data list is empty: add at least one source (e.g. `- corpus: pydoc`)")
     for key, source in [(f"data.{i}", s) for i, s in enumerate(recipe.data)] + [
