@@ -46,11 +46,12 @@ class Row:
 def gqa_rows() -> list[Row]:
     from kvshrink.convert.gqa import DEFAULT_METHOD, method_names
     from kvshrink.convert.mha_to_gqa import mha_to_gqa
+    from kvshrink.convert.options import GqaOptions
 
     names = [DEFAULT_METHOD, "mean"] + [name for name in method_names() if name not in ("mean", DEFAULT_METHOD)]
     return [
         Row("GQA", name + (" (default)" if name == DEFAULT_METHOD else " (GQA paper)" if name == "mean" else ""),
-            partial(mha_to_gqa, groups=1, method=name, check=False, progress=False),
+            partial(mha_to_gqa, options=GqaOptions(groups=1, method=name, check=False, progress=False)),
             GQA_RECIPE if name in (DEFAULT_METHOD, "mean") else None)
         for name in names
     ]  # fmt: skip
@@ -58,15 +59,18 @@ def gqa_rows() -> list[Row]:
 
 def mla_rows(budgets: list[float]) -> list[Row]:
     from kvshrink.convert.mha_to_mla import mha_to_mla
+    from kvshrink.convert.options import MlaOptions
 
     rows = []
     for budget in budgets:
-        baseline = partial(
-            mha_to_mla, kv_budget=budget, rope_dim=64 if budget == 0.5 else 32, rope_method="partial",
+        baseline = partial(mha_to_mla, options=MlaOptions(
+            kv_budget=budget, rope_dim=64 if budget == 0.5 else 32, rope_method="partial",
             factorization="weight", distance_aware=False, target="transformers", check=False, progress=False,
-        )  # fmt: skip
+        ))  # fmt: skip
         rows.append(Row("MLA", "partial RoPE + weight SVD (MHA2MLA)", baseline, MLA_RECIPE))
-        rows.append(Row("MLA", "default", partial(mha_to_mla, kv_budget=budget, check=False, progress=False), MLA_RECIPE))
+        # SmolLM2 has no vLLM shape at these budgets: the serving layout at any shape is --target sglang
+        default = partial(mha_to_mla, options=MlaOptions(kv_budget=budget, target="sglang", check=False, progress=False))
+        rows.append(Row("MLA", "default", default, MLA_RECIPE))
     return rows
 
 

@@ -66,6 +66,32 @@ def _maybe(checkpoint: SourceCheckpoint, name: str) -> torch.Tensor | None:
     return checkpoint.tensor(name).float() if name in checkpoint else None
 
 
+@dataclass(frozen=True)
+class AttentionBiases:
+    """One layer's attention biases (None where the projection has none), read without the weight matrices."""
+
+    q_bias: torch.Tensor | None
+    k_bias: torch.Tensor | None
+    v_bias: torch.Tensor | None
+    o_bias: torch.Tensor | None
+
+
+def _split_qkv_bias(bias: torch.Tensor | None, counts: HeadCounts) -> tuple[torch.Tensor | None, ...]:
+    if bias is None:
+        return None, None, None
+    kv_rows = counts.num_kv_heads * counts.head_dim
+    return tuple(bias.split([counts.num_heads * counts.head_dim, kv_rows, kv_rows]))
+
+
+def read_biases(checkpoint: SourceCheckpoint, spec: FamilySpec, layer: int, counts: HeadCounts) -> AttentionBiases:
+    """One layer's attention biases as float32, split from a fused qkv bias if the family has one."""
+    if spec.fused_qkv:
+        q, k, v = _split_qkv_bias(_maybe(checkpoint, spec.tensor_name(layer, "qkv_proj", "bias")), counts)
+    else:
+        q, k, v = (_maybe(checkpoint, spec.tensor_name(layer, part, "bias")) for part in ("q_proj", "k_proj", "v_proj"))
+    return AttentionBiases(q, k, v, _maybe(checkpoint, spec.tensor_name(layer, "o_proj", "bias")))
+
+
 def read_attention(checkpoint: SourceCheckpoint, spec: FamilySpec, layer: int, counts: HeadCounts) -> AttentionWeights:
     """Load one layer's attention tensors as float32, splitting a fused qkv projection if the family has one."""
 
@@ -80,7 +106,7 @@ def read_attention(checkpoint: SourceCheckpoint, spec: FamilySpec, layer: int, c
     if spec.fused_qkv:
         qkv, qkv_bias = weight_and_bias("qkv_proj")
         q, k, v = qkv.split([q_rows, kv_rows, kv_rows])
-        q_bias, k_bias, v_bias = qkv_bias.split([q_rows, kv_rows, kv_rows]) if qkv_bias is not None else (None,) * 3
+        q_bias, k_bias, v_bias = _split_qkv_bias(qkv_bias, counts)
     else:
         (q, q_bias), (k, k_bias), (v, v_bias) = (weight_and_bias(p) for p in ("q_proj", "k_proj", "v_proj"))
     o, o_bias = weight_and_bias("o_proj")

@@ -1,8 +1,10 @@
-"""Calibration statistics: what each layer's attention actually receives when the source reads real text.
+"""Calibration: what each layer's attention receives when the source reads real text, one layer at a time.
 
-The source model runs in its stock transformers class on calibration windows; a hook on every layer's query
-projection records its input (the normalized hidden state that feeds q, k and v). Methods get, per layer, the
-raw inputs with their positions (for anything RoPE- or attention-dependent) and their second moment.
+The calibration windows' hidden states stand at the input of one decoder layer at a time (`layers.LayerStream`).
+`statistics(layer)` runs that layer's stock module up to its attention's first projection and returns what it
+received (the normalized hidden state that feeds q, k and v) as a value; the caller converts the layer, then
+`advance`s the windows through the source layer, or through the converted one (error feedback: the next
+layer is calibrated on what the converted model really computes, as GPTQ does).
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from torch import nn
 
-from kvshrink.convert.check import load_causal_lm, load_tokenizer, token_windows
+from kvshrink.convert.check import load_tokenizer, token_windows
 from kvshrink.convert.families import FamilySpec
+from kvshrink.convert.layers import LayerStream, StockModel
+
+CALIBRATION_WINDOW = 512
 
 
 @dataclass
@@ -34,42 +39,33 @@ class LayerStatistics:
         return x.T @ x / x.shape[0]
 
 
-def collect_statistics(
-    folder: Path,
-    spec: FamilySpec,
-    num_layers: int,
-    text: str,
-    num_tokens: int = 8192,
-    seq_len: int = 512,
-    progress: bool = True,
-) -> list[LayerStatistics]:
-    """Run the source on `num_tokens` tokens of `text` in windows of `seq_len` and keep every layer's inputs."""
-    model = load_causal_lm(folder)
-    windows = [w for w in token_windows(load_tokenizer(folder), text, num_tokens, seq_len) if w.numel() == seq_len]
-    if not windows:
-        windows = token_windows(load_tokenizer(folder), text, num_tokens, seq_len)[:1]
-    part = "qkv_proj" if spec.fused_qkv else "q_proj"
-    captured: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+def calibration_windows(folder: Path, text: str, num_tokens: int, seq_len: int = CALIBRATION_WINDOW) -> list[torch.Tensor]:
+    """Full windows of `seq_len` tokens from the first `num_tokens` tokens of `text` (one shorter window when
+    the text is shorter than a window)."""
+    windows = token_windows(load_tokenizer(folder), text, num_tokens, seq_len)
+    full = [window for window in windows if window.numel() == seq_len]
+    return full or windows[:1]
 
-    def recorder(layer: int):
-        def hook(module, args):
-            captured[layer].append(args[0].detach().float().cpu())
 
-        return hook
+class Calibration:
+    """The calibration windows of `model` (the source), standing at one decoder layer's input at a time."""
 
-    handles = [
-        model.get_submodule(spec.tensor_name(layer, part).removesuffix(".weight")).register_forward_pre_hook(
-            recorder(layer)
-        )
-        for layer in range(num_layers)
-    ]
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for window in tqdm(windows, desc="calibrating", unit="window", disable=not progress):
-                model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    del model
-    return [LayerStatistics(torch.cat(inputs)) for inputs in captured]
+    def __init__(self, model: StockModel, spec: FamilySpec, windows: list[torch.Tensor]):
+        self.model = model
+        self.stream = LayerStream(model, windows)
+        self.projection = spec.attention["qkv_proj" if spec.fused_qkv else "q_proj"]
+
+    @property
+    def tokens(self) -> int:
+        return sum(window.ids.numel() for window in self.stream.windows)
+
+    def statistics(self, layer: int) -> LayerStatistics:
+        """What the attention of the source's layer `layer` receives from the windows standing before it (the
+        layer runs only up to its attention's first projection, and is dropped)."""
+        inputs = self.stream.inputs_of(self.model.layer(layer), layer, self.projection)
+        return LayerStatistics(torch.stack(inputs).cpu())
+
+    def advance(self, layer: int, converted: nn.Module | None = None, owner: StockModel | None = None) -> None:
+        """Move the windows past layer `layer`: through the source's layer, or through the `converted` one (error
+        feedback; `owner` is then the converted model, whose rotary embedding and masks it runs with)."""
+        self.stream.run(converted if converted is not None else self.model.layer(layer), layer, owner)

@@ -1,4 +1,7 @@
-"""The post-conversion check: perplexity of the source and of the converted model on the same text."""
+"""The post-conversion check: perplexity of the source and of the converted model on the same text.
+
+`load_causal_lm` and `perplexity` run a whole model at once: the reference the streamed check is tested against,
+and what the benchmarks use on small models."""
 
 from __future__ import annotations
 
@@ -60,16 +63,23 @@ def perplexity(model, windows: list[torch.Tensor], desc: str = "perplexity", pro
 
 
 def compare_perplexity(
-    source: Path, converted: Path, text: str, max_tokens: int = 2048, window: int = 512, progress: bool = True
-) -> dict[str, Any]:
-    """Perplexity of both models over the same token windows (one model in memory at a time)."""
-    windows = token_windows(load_tokenizer(source), text, max_tokens, window)
+    tokenizer_folder: Path, models: dict[str, Path], text: str, max_tokens: int, device: torch.device,
+    window: int = 512, progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Perplexity of each model folder (label -> folder) over the same token windows of `text`, each run one
+    stock layer at a time (equal to the whole-model perplexity, in a fraction of its memory)."""
+    windows = token_windows(load_tokenizer(tokenizer_folder), text, max_tokens, window)
     result: dict[str, Any] = {"tokens": sum(w.numel() for w in windows), "window": window}
-    for label, folder in (("source", source), ("converted", converted)):
-        result[f"{label}_perplexity"] = folder_perplexity(folder, windows, f"check {label}", progress)
+    for label, folder in models.items():
+        result[f"{label}_perplexity"] = folder_perplexity(folder, windows, device, f"check {label}" if progress else None)
     return result
 
 
-def folder_perplexity(folder: Path, windows: list[torch.Tensor], desc: str = "perplexity", progress: bool = True) -> float:
-    """Perplexity of the model in `folder` (loaded for this call only), rounded for reports."""
-    return round(perplexity(load_causal_lm(folder), windows, desc, progress), 4)
+def folder_perplexity(folder: Path, windows: list[torch.Tensor], device: torch.device, desc: str | None = None) -> float:
+    """Perplexity of the model in `folder`, streamed layer by layer, rounded for reports."""
+    from kvshrink.convert.checkpoint import open_source
+    from kvshrink.convert.layers import StockModel, stream_perplexity
+
+    with open_source(folder) as checkpoint:
+        model = StockModel.of_checkpoint(checkpoint, device)
+        return round(stream_perplexity(model, windows, desc), 4)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
 import click
+from pydantic import BaseModel
 
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.gqa import DEFAULT_METHOD as GQA_DEFAULT_METHOD
-from kvshrink.convert.gqa import method_names as gqa_methods
+from kvshrink.convert.options import GqaOptions, MlaOptions, build_options
 
 
 class KvshrinkGroup(click.Group):
@@ -58,24 +59,47 @@ def kvshrink_cli():
     """kvshrink: convert MHA checkpoints to GQA/MQA/MLA, uptrain them, and evaluate the result."""
 
 
-def common_options(command):
-    """Options every conversion takes."""
-    options = [
-        click.option("--check/--no-check", default=True, show_default=True,
-                     help="Compare source and output perplexity on the calibration text after converting."),
-        click.option("--calibration", metavar="FILE|CORPUS",
-                     help="Text for calibration and the check: a .txt/.jsonl file, or 'pydoc'/'kjv' "
-                          "(default: the train split of Python's pydoc topics, available offline)."),
-        click.option("--check-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
-                     help="Tokens of calibration text the perplexity check reads."),
-        click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
-        click.option("--out-shard-size", default="5GB", show_default=True,
-                     help="Largest output shard, e.g. 5GB or 500MB."),
-        click.option("--allow-pickle", is_flag=True,
-                     help="Read pickled .bin weights (torch.load with weights_only=True); refused otherwise."),
-    ]
-    for option in reversed(options):
-        command = option(command)
+def _click_type(annotation: Any) -> Any:
+    """The click type of a pydantic field: a Choice for a Literal, int/float for those, else text (pydantic
+    parses unions such as int | 'full' from the text)."""
+    args = [arg for arg in get_args(annotation) if arg is not type(None)] or [annotation]
+    if get_origin(annotation) is Literal:
+        return click.Choice([str(value) for value in get_args(annotation)])
+    if len(args) == 1 and get_origin(args[0]) is Literal:
+        return click.Choice([str(value) for value in get_args(args[0])])
+    if len(args) == 1 and args[0] in (int, float):
+        return args[0]
+    return str
+
+
+def options_from(model: type[BaseModel], skip: tuple[str, ...] = ()):
+    """Click options for every field of an options model, each once: the field's default, its description as
+    help, flags for booleans (--x/--no-x when on by default)."""
+
+    def decorate(command):
+        for name, field in reversed(model.model_fields.items()):
+            extra = field.json_schema_extra or {}
+            if name in skip or extra.get("cli") is False:
+                continue
+            flags = ["--" + name.replace("_", "-"), *([extra["short"]] if "short" in extra else [])]
+            if field.annotation is bool:
+                if field.default:
+                    flags = [f"{flags[0]}/--no-{flags[0][2:]}"]
+                command = click.option(*flags, is_flag=True, default=field.default,
+                                       show_default=bool(field.default), help=field.description)(command)  # fmt: skip
+                continue
+            required = field.is_required()
+            command = click.option(
+                *flags, type=_click_type(field.annotation), required=required, metavar=extra.get("metavar"),
+                default=None if required else field.default, show_default=field.default is not None and not required,
+                help=field.description,
+            )(command)  # fmt: skip
+        return command
+
+    return decorate
+
+
+def source_and_out(command):
     return click.argument("source", metavar="SRC")(click.argument("out", type=click.Path(path_type=Path))(command))
 
 
@@ -110,101 +134,52 @@ def _print_summary(report: dict, out: Path) -> None:
 
 def _gqa_command(name: str, fixed_groups: int | None, help_text: str):
     @convert_cli.command(name, help=help_text)
-    @common_options
-    @click.option("--method", default=GQA_DEFAULT_METHOD, show_default=True, type=click.Choice(gqa_methods()),
-                  help="How KV heads are merged: 'mean' averages them (the GQA paper); 'grouped' first groups "
-                       "similar heads; 'aligned' also rotates heads onto each other; 'output-aware' fits the "
-                       "shared K/V to keep logits and o_proj outputs. All but 'mean' calibrate on text.")
-    @click.option("--calibration-tokens", type=click.IntRange(min=2), default=8192, show_default=True,
-                  help="Tokens of calibration text the source reads (512-token windows) for calibrated methods.")
-    def command(source, out, method, calibration_tokens, check, calibration, check_tokens, overwrite,
-                out_shard_size, allow_pickle, groups=fixed_groups):
+    @source_and_out
+    @options_from(GqaOptions, skip=("groups",) if fixed_groups else ())
+    def command(source, out, **fields):
         from kvshrink.convert.mha_to_gqa import mha_to_gqa
 
-        report = mha_to_gqa(
-            source, out, groups, method=method, check=check, calibration=calibration,
-            calibration_tokens=calibration_tokens, check_tokens=check_tokens, overwrite=overwrite,
-            out_shard_size=out_shard_size, allow_pickle=allow_pickle,
-        )
+        if fixed_groups is not None:
+            fields["groups"] = fixed_groups
+        report = mha_to_gqa(source, out, build_options(GqaOptions, fields, cli=True))
         _print_summary(report, Path(out).resolve())
 
     return command
 
 
-mha_to_gqa_command = click.option(
-    "--groups", "-g", type=int, required=True,
-    help="Number of KV heads in the output; must divide the source's KV heads.",
-)(_gqa_command(
+mha_to_gqa_command = _gqa_command(
     "mha-to-gqa", None,
     "Merge the KV heads of SRC (a model folder, hub id or .gguf file) into --groups heads; write OUT.\n\n"
-    "OUT loads with stock transformers as the source's own class with num_key_value_heads = groups.",
-))
+    "OUT loads with stock transformers as the source's own class with num_key_value_heads = groups. Calibration "
+    "and the check run one decoder layer at a time, so memory is one layer plus the calibration hidden states.",
+)
 mha_to_mqa_command = _gqa_command(
     "mha-to-mqa", 1,
     "Merge all KV heads of SRC into one (multi-query attention); write OUT. Same as mha-to-gqa --groups 1.",
 )
 
-def _size_or_word(text: str | None, word: str, option: str) -> int | str | None:
-    if text is None or text == word:
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is neither a whole number nor '{word}'", param_hint=option) from None
-
-
 @convert_cli.command("mha-to-mla")
-@common_options
-@click.option("--kv-budget", type=float, metavar="F",
-              help="Target KV cache as a fraction of the source's, in (0, 1); picks --kv-rank for the rope dim.")
-@click.option("--kv-rank", metavar="R|full", help="Latent width (kv_lora_rank), or 'full' for an exact latent.")
-@click.option("--mla-shape", metavar="R+D",
-              help="Rank and rope dim at once, e.g. 512+64 (vLLM's fastest MLA kernels want R + D = 576).")
-@click.option("--rope-dim", metavar="D|all",
-              help="Width of the shared rope key (qk_rope_head_dim), even; 'all' keeps every rotary pair of every "
-                   "KV head (--target transformers). Default: head_dim / 2.")
-@click.option("--rope-method", type=click.Choice(["rotate", "partial"]), default="rotate", show_default=True,
-              help="rotate: RoRoPE, a complex unitary per frequency across KV heads concentrates key energy; "
-                   "partial: keep the best (head, frequency) pairs as they are (MHA2MLA).")
-@click.option("--factorization", type=click.Choice(["balanced", "activation", "output", "weight"]),
-              default="balanced", show_default=True,
-              help="Joint K/V latent: SVD whitened by the calibration inputs with keys and values scaled to equal "
-                   "energy (balanced), without that scaling (activation), weighted by the queries and o_proj "
-                   "that read K and V (output), or the plain weight SVD (weight).")
-@click.option("--distance-aware/--no-distance-aware", default=True, show_default=True,
-              help="Fold the source's average rotation over attended distances into pairs that lose RoPE, let "
-                   "the part of a dropped pair that a kept one explains ride on its rope slot, and spend rope dims "
-                   "where a constant cannot stand in (fitted at 512-token context).")
-@click.option("--target", type=click.Choice(["vllm", "sglang", "transformers"]), default="vllm", show_default=True,
-              help="vllm/sglang: default RoPE, interleaved, no biases - valid in vLLM, SGLang and transformers. "
-                   "transformers: exact per-pair frequencies (longrope), wrong in vLLM/SGLang.")
-@click.option("--calibration-tokens", type=click.IntRange(min=512), default=8192, show_default=True,
-              help="Tokens of calibration text the source reads (512-token windows).")
-def mha_to_mla_command(source, out, kv_budget, kv_rank, mla_shape, rope_dim, rope_method, factorization,
-                       distance_aware, target, calibration_tokens, check, calibration, check_tokens, overwrite,
-                       out_shard_size, allow_pickle):
+@source_and_out
+@options_from(MlaOptions)
+def mha_to_mla_command(source, out, **fields):
     """Convert SRC's attention to DeepSeek MLA (low-rank latent + one shared rope key); write OUT.
 
     OUT loads with stock transformers as DeepseekV3ForCausalLM; its KV cache holds kv_lora_rank + rope dim
     values per token per layer. Give the size by exactly one of --kv-budget, --kv-rank, --mla-shape.
     DeepseekV3 has one kv_lora_rank and one rope width for all layers, so rank cannot vary per layer; which
     rotary components fill the rope key is chosen per layer (their frequencies are shared). With --rope-dim all
-    --kv-rank full --target transformers the output reproduces the source's logits.
+    --kv-rank full --target transformers the output reproduces the source's logits. Calibration and the check
+    run one decoder layer at a time.
     """
     from kvshrink.convert.mha_to_mla import mha_to_mla
 
-    report = mha_to_mla(
-        source, out, kv_rank=_size_or_word(kv_rank, "full", "--kv-rank"),
-        rope_dim=_size_or_word(rope_dim, "all", "--rope-dim"),
-        kv_budget=kv_budget, mla_shape=mla_shape, rope_method=rope_method, factorization=factorization,
-        distance_aware=distance_aware, target=target, calibration=calibration,
-        calibration_tokens=calibration_tokens, check=check, check_tokens=check_tokens, overwrite=overwrite,
-        out_shard_size=out_shard_size, allow_pickle=allow_pickle,
-    )
+    report = mha_to_mla(source, out, build_options(MlaOptions, fields, cli=True))
     _print_summary(report, Path(out).resolve())
     shape = report["mla"]
     click.echo(f"  MLA: kv_lora_rank {shape['kv_lora_rank']} + rope {shape['qk_rope_head_dim']}; "
                f"valid in {', '.join(report['valid_engines'])}")
+    for engine, reason in report["excluded_engines"].items():
+        click.echo(f"  not valid in {engine}: {reason}")
     for note in report["notes"]:
         click.echo(f"  note: {note}")
     other = report.get("check", {}).get("other_target")

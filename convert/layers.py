@@ -51,12 +51,24 @@ class StockModel:
         self.decoder = self.skeleton.get_decoder()
         self._path = {id(module): path for path, module in self.skeleton.named_modules()}
 
+    @classmethod
+    def of_checkpoint(cls, checkpoint, device: torch.device) -> StockModel:
+        """The stock model of a `checkpoint.SourceCheckpoint`, reading its tensors."""
+        return cls(checkpoint.config, checkpoint.tensor, set(checkpoint.names), device)
+
     def path(self, module: nn.Module) -> str:
         return self._path[id(module)]
 
     @property
     def num_layers(self) -> int:
         return int(self.config.num_hidden_layers)
+
+    def missing_tensors(self) -> list[str]:
+        """Names the stock class needs that the checkpoint lacks (a tied LM head reads the input embeddings)."""
+        tied = f"{self.path(self.skeleton.get_output_embeddings())}.weight"
+        embeddings = f"{self.path(self.skeleton.get_input_embeddings())}.weight"
+        return [name for name in self.skeleton.state_dict()
+                if name not in self.names and not (name == tied and embeddings in self.names)]  # fmt: skip
 
     def tensor(self, name: str) -> torch.Tensor:
         """A weight by its full name; a tied LM head reads the input embeddings."""
@@ -66,16 +78,20 @@ class StockModel:
             raise KvshrinkError(f"the checkpoint lacks {name}, which its stock class needs: re-download it")
         return self.read(name)
 
-    def materialize(self, module: nn.Module) -> nn.Module:
-        """A real, float32, eval-mode copy of a meta submodule with its weights read from the checkpoint."""
-        path = self.path(module)
-        state = {key: self.tensor(f"{path}.{key}") for key in module.state_dict()}
+    def materialize(self, module: nn.Module, replaced: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        """A real, float32, eval-mode copy of a meta submodule with its weights read from the checkpoint, or from
+        `replaced` (full names) where it has them."""
+        path, replaced = self.path(module), replaced or {}
+        names = [f"{path}.{key}" for key in module.state_dict()]
+        state = {name.removeprefix(f"{path}."): replaced[name] if name in replaced else self.tensor(name) for name in names}
         real = copy.deepcopy(module).to_empty(device=self.device)
         real.load_state_dict(state)
         return real.float().eval()
 
-    def layer(self, index: int) -> nn.Module:
-        return self.materialize(self.decoder.layers[index])
+    def layer(self, index: int, replaced: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        """Decoder layer `index` in its stock class; `replaced` holds tensors (full names) that override the
+        checkpoint's, e.g. a converted attention read against the source's untouched MLP and norms."""
+        return self.materialize(self.decoder.layers[index], replaced)
 
     def rotary_embedding(self) -> nn.Module:
         """Built anew on the device: its frequency table is a non-persistent buffer computed from the config."""
@@ -90,6 +106,10 @@ class StockModel:
         return "sliding_attention" if getattr(self.config, "sliding_window", None) is not None else "full_attention"
 
 
+class _Reached(Exception):
+    """Stops a layer's forward once the input of interest has been captured."""
+
+
 @dataclass
 class _Window:
     hidden: torch.Tensor  # [1, T, hidden] float32 on the device
@@ -99,13 +119,13 @@ class _Window:
 class LayerStream:
     """Hidden states of token windows, at the input of one decoder layer of a StockModel at a time.
 
-    `run(layer)` passes them through the stock layer `layer` (the source's, or a converted one) and returns the
-    inputs its attention received (what the attention's first projection reads) when `capture` names it.
+    `run` passes them through a stock layer (the source's, or a converted one); `inputs_of` reads what one of
+    its submodules receives without moving them.
     """
 
     def __init__(self, model: StockModel, windows: list[torch.Tensor]):
         self.model = model
-        self.rotary = model.rotary_embedding()
+        self._rotary: dict[int, nn.Module] = {}
         embeddings = model.materialize(model.skeleton.get_input_embeddings())
         with torch.no_grad():
             self.windows = [
@@ -113,39 +133,55 @@ class LayerStream:
             ]
         self._masks: dict[tuple[str, int], Any] = {}
 
-    def _mask(self, kind: str, hidden: torch.Tensor):
+    def _mask(self, owner: StockModel, index: int, hidden: torch.Tensor):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-        key = (kind, hidden.shape[1])
+        kind = owner.attention_kind(index)
+        key = (id(owner), kind, hidden.shape[1])
         if key not in self._masks:
             build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
             self._masks[key] = build(
-                config=self.model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
+                config=owner.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
                 position_ids=torch.arange(hidden.shape[1], device=hidden.device)[None],
             )  # fmt: skip
         return self._masks[key]
 
+    def _forward(self, layer: nn.Module, index: int, window: _Window, owner: StockModel) -> torch.Tensor:
+        if id(owner) not in self._rotary:
+            self._rotary[id(owner)] = owner.rotary_embedding()
+        positions = torch.arange(window.hidden.shape[1], device=window.hidden.device)[None]
+        output = layer(
+            window.hidden, attention_mask=self._mask(owner, index, window.hidden), position_ids=positions,
+            position_embeddings=self._rotary[id(owner)](window.hidden, positions),
+        )  # fmt: skip
+        return (output[0] if isinstance(output, tuple) else output).float()
+
     @torch.no_grad()
-    def run(self, layer: nn.Module, index: int, capture: str | None = None) -> list[torch.Tensor]:
-        """Advance every window through `layer` (the stock layer at position `index`); return what the submodule
-        named `capture` received as input, one [T, hidden] float32 tensor per window (empty when None)."""
+    def run(self, layer: nn.Module, index: int, owner: StockModel | None = None) -> None:
+        """Advance every window through `layer`, the stock layer at position `index` of `owner` (default: the
+        stream's model; a converted model's layer brings its own rotary embedding and masks)."""
+        for window in self.windows:
+            window.hidden = self._forward(layer, index, window, owner or self.model)
+
+    @torch.no_grad()
+    def inputs_of(self, layer: nn.Module, index: int, submodule: str) -> list[torch.Tensor]:
+        """What `layer`'s submodule `submodule` receives from each window, [T, hidden] float32 each; the layer
+        runs only up to that point and the windows stay where they are."""
         captured: list[torch.Tensor] = []
-        handle = None
-        if capture is not None:
-            handle = layer.get_submodule(capture).register_forward_pre_hook(
-                lambda module, args: captured.append(args[0][0].detach().float())
-            )
+
+        def capture(module, args):
+            captured.append(args[0][0].detach().float())
+            raise _Reached
+
+        handle = layer.get_submodule(submodule).register_forward_pre_hook(capture)
         try:
             for window in self.windows:
-                positions = torch.arange(window.hidden.shape[1], device=window.hidden.device)[None]
-                output = layer(
-                    window.hidden, attention_mask=self._mask(self.model.attention_kind(index), window.hidden),
-                    position_ids=positions, position_embeddings=self.rotary(window.hidden, positions),
-                )  # fmt: skip
-                window.hidden = (output[0] if isinstance(output, tuple) else output).float()
+                try:
+                    self._forward(layer, index, window, self.model)
+                except _Reached:
+                    pass
         finally:
-            if handle is not None:
-                handle.remove()
+            handle.remove()
         return captured
 
     @torch.no_grad()
@@ -177,18 +213,6 @@ class LayerStream:
             total += float((running - target_logit).sum())
             count += targets.numel()
         return total, count
-
-
-def stock_model(checkpoint, device: torch.device, overrides: Mapping[str, torch.Tensor] | None = None,
-                config: dict[str, Any] | None = None) -> StockModel:  # fmt: skip
-    """The StockModel of a SourceCheckpoint; `overrides` (full names) take precedence over its tensors, and
-    `config` replaces its config (a converted layer read against the source's untouched tensors)."""
-    overrides = overrides or {}
-
-    def read(name: str) -> torch.Tensor:
-        return overrides[name] if name in overrides else checkpoint.tensor(name)
-
-    return StockModel(config or checkpoint.config, read, set(checkpoint.names) | set(overrides), device)
 
 
 def stream_perplexity(model: StockModel, windows: list[torch.Tensor], progress_desc: str | None = None) -> float:

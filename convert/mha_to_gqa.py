@@ -1,23 +1,31 @@
-"""`convert mha-to-gqa` / `mha-to-mqa`: fewer KV heads, same architecture class."""
+"""`convert mha-to-gqa` / `mha-to-mqa`: fewer KV heads, same architecture class.
+
+One visible sequence, one decoder layer in memory at a time: open the source -> refuse what cannot be converted
+-> calibrate (the calibration windows stand at layer 0) -> plan the target config -> per layer: the layer's
+calibration statistics, the merge, the layer written, the windows advanced (through the converted layer with
+error feedback) -> check (both models streamed) -> report.
+"""
 
 from __future__ import annotations
 
 import copy
-import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from kvshrink.convert import gqa
-from kvshrink.convert.attention import AttentionWeights, attention_tensors
-from kvshrink.convert.calibration import LayerStatistics, collect_statistics
-from kvshrink.convert.check import compare_perplexity, load_tokenizer
+from kvshrink.convert.attention import AttentionWeights, attention_tensors, read_attention
+from kvshrink.convert.calibration import Calibration, LayerStatistics, calibration_windows
+from kvshrink.convert.check import compare_perplexity
 from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.gqa.attended import RotaryLayerStatistics
-from kvshrink.convert.rewrite import ConversionContext, LayerOutput, Rewrite, run_conversion
+from kvshrink.convert.options import GqaOptions
+from kvshrink.convert.rewrite import (
+    Conversion, LayerWriter, finish, open_conversion, require_free_space, write_metadata,
+)  # fmt: skip
 
 
 def _validate_groups(groups: int, kv_heads: int) -> None:
@@ -58,114 +66,95 @@ def _rotary_frequencies(config: dict[str, Any], head_dim: int) -> tuple[torch.Te
     return inv_freq.double(), float(scaling)
 
 
-def _plan(
-    context: ConversionContext,
-    groups: int,
-    method: str,
-    text: str | None,
-    calibration_tokens: int,
-    check: bool,
-    progress: bool,
-) -> Rewrite:
-    counts = context.counts
-    _validate_groups(groups, counts.num_kv_heads)
-    merge = gqa.get_method(method)
-    identity = groups == counts.num_kv_heads
-    rotary_fraction = _rotary_fraction(context.checkpoint.config)
-    if gqa.folds_key_gains(method) and rotary_fraction != 1.0 and not identity:
+def _refuse(conversion: Conversion, options: GqaOptions) -> bool:
+    """Refuse what this conversion cannot do; returns whether the method calibrates (identity never does)."""
+    counts = conversion.counts
+    _validate_groups(options.groups, counts.num_kv_heads)
+    identity = options.groups == counts.num_kv_heads
+    rotary_fraction = _rotary_fraction(conversion.checkpoint.config)
+    if gqa.folds_key_gains(options.method) and rotary_fraction != 1.0 and not identity:
         raise KvshrinkError(
-            f"method {method!r} folds key rotations into the queries, which is exact only when RoPE covers the whole "
-            f"head, but this model rotates {rotary_fraction:g} of it (partial_rotary_factor): use --method grouped or mean"
+            f"method {options.method!r} folds key rotations into the queries, which is exact only when RoPE covers "
+            f"the whole head, but this model rotates {rotary_fraction:g} of it (partial_rotary_factor): use --method "
+            "grouped or mean"
         )
-    summary = {"target_heads": {"query": counts.num_heads, "kv": groups}}
-    stats: list[LayerStatistics | None] = [None] * counts.num_layers
-    calibrate = gqa.needs_calibration(method) and not identity
+    calibrated = gqa.needs_calibration(options.method) and not identity
+    if calibrated and options.calibration_tokens < 2:
+        raise KvshrinkError(f"--calibration-tokens must be at least 2, got {options.calibration_tokens}")
+    needs = {f"method {options.method!r} calibrates on text": "--method mean"} if calibrated else {}
+    if options.check:
+        needs["the check scores the output on text"] = "--no-check"
+    if needs:
+        conversion.require_tokenizer(" and ".join(needs), " ".join(needs.values()))
+    return calibrated
 
-    def collect() -> None:
-        """Run the source on the calibration text; done at the first layer, after every input check has passed."""
-        started = time.perf_counter()
-        try:
-            load_tokenizer(context.checkpoint.folder)
-        except KvshrinkError:
-            raise KvshrinkError(
-                f"method {method!r} calibrates on text, but {context.source} has no usable tokenizer: "
-                f"add its tokenizer files, or pass --method mean{'' if not check else ' --no-check'}"
-            ) from None
-        collected = collect_statistics(
-            context.checkpoint.folder, context.spec, counts.num_layers, text, calibration_tokens, progress=progress
-        )
-        rope = _rotary_frequencies(context.checkpoint.config, counts.head_dim)
-        stats[:] = collected if rope is None else [RotaryLayerStatistics(s.inputs, *rope) for s in collected]
-        summary["calibration"] = {
-            "tokens": stats[0].inputs.shape[0] * stats[0].inputs.shape[1],
-            "seconds": round(time.perf_counter() - started, 2),
-        }
 
-    def convert_layer(layer: int, attention: AttentionWeights) -> LayerOutput:
-        if identity:
-            groups_of_heads = [[h] for h in range(groups)]
-            result = gqa.KvMerge(attention, groups_of_heads)
-        else:
-            if calibrate and "calibration" not in summary:
-                collect()
-            result = merge(attention, groups, stats[layer])
-            stats[layer] = None  # each layer's inputs are needed once; free them as the pass goes
-        report = {"groups": result.groups, **gqa.projection_errors(attention, result), **result.details}
-        return LayerOutput(attention_tensors(result.attention, context.spec, layer), report)
-
-    config = copy.deepcopy(context.checkpoint.config)
-    config["num_key_value_heads"] = groups
-    return Rewrite(
-        method=f"gqa/{method}",
-        config=config,
-        convert_layer=convert_layer,
-        summary=summary,
+def _calibrate(conversion: Conversion, options: GqaOptions) -> Calibration:
+    windows = calibration_windows(
+        conversion.checkpoint.folder, calibration_text(options.calibration), options.calibration_tokens
     )
+    return Calibration(conversion.source_model(), conversion.spec, windows)
 
 
-def mha_to_gqa(
-    source: str | Path,
-    out: str | Path,
-    groups: int,
-    *,
-    method: str = gqa.DEFAULT_METHOD,
-    check: bool = True,
-    calibration: str | Path | None = None,
-    calibration_tokens: int = 8192,
-    check_tokens: int = 2048,
-    overwrite: bool = False,
-    out_shard_size: str | int = "5GB",
-    allow_pickle: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Merge the KV heads of `source` into `groups` heads and write a checkpoint of the same class to `out`.
+def _with_rope(conversion: Conversion, statistics: LayerStatistics) -> LayerStatistics:
+    """The statistics with the source's RoPE attached, so methods can recompute the source's attention."""
+    rope = _rotary_frequencies(conversion.checkpoint.config, conversion.counts.head_dim)
+    return statistics if rope is None else RotaryLayerStatistics(statistics.inputs, *rope)
+
+
+def _merge(attention: AttentionWeights, options: GqaOptions, statistics: LayerStatistics | None) -> gqa.KvMerge:
+    if options.groups == attention.num_kv_heads:  # nothing to merge: every tensor stays as it is
+        return gqa.KvMerge(attention, [[head] for head in range(options.groups)])
+    return gqa.get_method(options.method)(attention, options.groups, statistics)
+
+
+def _convert_layers(
+    conversion: Conversion, options: GqaOptions, calibration: Calibration | None, config: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Convert and write each layer in turn; returns the per-layer reports and the names created or changed."""
+    writer = LayerWriter(conversion, conversion.staging)
+    target = conversion.target_model(config)
+    require_free_space(conversion, target)
+    reports = []
+    for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
+        attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
+        statistics = _with_rope(conversion, calibration.statistics(layer)) if calibration is not None else None
+        result = _merge(attention, options, statistics)
+        del statistics
+        tensors = attention_tensors(result.attention, conversion.spec, layer)
+        writer.write_layer(layer, tensors)
+        if calibration is not None and options.error_feedback:
+            calibration.advance(layer, target.layer(layer, tensors), target)
+        elif calibration is not None:
+            calibration.advance(layer)
+        reports.append({"layer": layer, "groups": result.groups, **gqa.projection_errors(attention, result),
+                        **result.details})  # fmt: skip
+    return reports, writer.finish(conversion.counts.num_layers)
+
+
+def mha_to_gqa(source: str | Path, out: str | Path, options: GqaOptions) -> dict[str, Any]:
+    """Merge the KV heads of `source` into `options.groups` heads and write a checkpoint of the same class to `out`.
 
     Returns the report also written to OUT/kvshrink_report.json. `groups` must divide the source's KV heads;
     `groups` equal to them copies every tensor bit for bit. Methods that need calibration (every one but
-    "mean") first run the source on `calibration_tokens` tokens of the `calibration` text, in 512-token windows.
+    "mean") run the source on `calibration_tokens` tokens of the `calibration` text, in 512-token windows,
+    one decoder layer at a time.
     """
-    calibrated = gqa.needs_calibration(method)
-    if calibrated and calibration_tokens < 2:
-        raise KvshrinkError(f"--calibration-tokens must be at least 2, got {calibration_tokens}")
-    text = calibration_text(calibration) if check or calibrated else None
-    checker = None
-    if check:
-        checker = partial(compare_perplexity, text=text, max_tokens=check_tokens, progress=progress)
-    return run_conversion(
-        source,
-        out,
-        partial(
-            _plan,
-            groups=groups,
-            method=method,
-            text=text,
-            calibration_tokens=calibration_tokens,
-            check=check,
-            progress=progress,
-        ),
-        overwrite=overwrite,
-        out_shard_size=out_shard_size,
-        allow_pickle=allow_pickle,
-        check=checker,
-        progress=progress,
-    )
+    with open_conversion(source, out, options) as conversion:
+        calibrated = _refuse(conversion, options)
+        calibration = _calibrate(conversion, options) if calibrated else None
+        config = copy.deepcopy(conversion.checkpoint.config)
+        config["num_key_value_heads"] = options.groups
+        layers, new_parameters = _convert_layers(conversion, options, calibration, config)
+        write_metadata(conversion, config)
+        check = None
+        if options.check:
+            check = compare_perplexity(
+                conversion.checkpoint.folder, {"source": conversion.checkpoint.folder, "converted": conversion.staging},
+                calibration_text(options.calibration), options.check_tokens, conversion.device, progress=options.progress,
+            )  # fmt: skip
+        summary = {"target_heads": {"query": conversion.counts.num_heads, "kv": options.groups}}
+        if calibrated:
+            summary["calibration"] = {"tokens": calibration.tokens, "error_feedback": options.error_feedback}
+        return finish(conversion, method=f"gqa/{options.method}", config=config, summary=summary, layers=layers,
+                      new_parameters=new_parameters, check=check)  # fmt: skip

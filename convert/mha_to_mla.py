@@ -1,59 +1,50 @@
 """`convert mha-to-mla`: MHA/GQA -> DeepSeek MLA that stock transformers loads as DeepseekV3ForCausalLM.
 
-The conversion runs in two passes over the attention weights. First, calibration: the source reads real text,
-and every layer yields its input second moment, its attention over distances and its rope basis; the slots of
-the shared rope key are then chosen once for the whole model (its frequencies are one table). Second, the
-streaming rewrite: each layer becomes DeepseekV3 attention (`mla.layer`); MLP, norms and embeddings are copied.
+One visible sequence, one decoder layer in memory at a time:
+open the source -> refuse what DeepseekV3 cannot hold -> calibrate, pass 1: the source reads calibration text
+layer by layer and each layer leaves only a small summary (its rope basis, its attention over distances, its
+biases) -> plan: the shared rope key's slots are chosen once from all summaries (their frequencies are one table),
+then the shape, layout and config of the target (and of the other target, scored by the check) -> convert and
+write, pass 2: each layer's calibration statistics, its DeepseekV3 attention (`mla.layer`) for each target, the
+windows advanced (through the converted layer with error feedback) -> check (every model streamed) -> report.
+MLP, norms and embeddings are copied byte for byte.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import tempfile
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from kvshrink.convert.attention import AttentionWeights, HeadCounts, read_attention
-from kvshrink.convert.calibration import collect_statistics
-from kvshrink.convert.check import compare_perplexity, folder_perplexity, load_tokenizer, token_windows
+from kvshrink.convert.attention import AttentionBiases, AttentionWeights, HeadCounts, read_attention, read_biases
+from kvshrink.convert.calibration import CALIBRATION_WINDOW, Calibration, LayerStatistics, calibration_windows
+from kvshrink.convert.check import compare_perplexity
+from kvshrink.convert import engines
 from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.mla import deepseek
 from kvshrink.convert.mla.complex_heads import augmented, to_complex
 from kvshrink.convert.mla.distance import attention_distances, rotation_gains
-from kvshrink.convert.mla.layer import LayerCalibration, MlaShape, OutputFormat, convert_attention, rope_bias
-from kvshrink.convert.mla.lowrank import FACTORIZATIONS
-from kvshrink.convert.mla.rope import ROPE_METHODS, choose_slots, rope_basis
-from kvshrink.convert.rewrite import ConversionContext, LayerOutput, Rewrite, run_conversion
+from kvshrink.convert.mla.layer import LayerCalibration, OutputFormat, convert_attention, rope_bias
+from kvshrink.convert.mla.rope import RopeBasis, RopeSlots, choose_slots, rope_basis
+from kvshrink.convert.mla.shapes import MlaShape, resolve_shape
+from kvshrink.convert.mla.yarn import YarnFit, fit_yarn
+from kvshrink.convert.options import MlaOptions
+from kvshrink.convert.rewrite import (
+    Conversion, LayerWriter, finish, open_conversion, require_free_space, write_metadata,
+)  # fmt: skip
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
-CALIBRATION_WINDOW = 512
 _LINEARIZATION_SAMPLE = 2048
-_SHAPE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*$")
+OTHER_TARGET = {"vllm": "transformers", "sglang": "transformers", "transformers": "vllm"}
 
 
-@dataclass(frozen=True)
-class MlaOptions:
-    kv_rank: int | str | None
-    rope_dim: int | str | None
-    kv_budget: float | None
-    mla_shape: str | None
-    rope_method: str
-    factorization: str
-    distance_aware: bool
-    target: str
-    calibration: str | Path | None
-    calibration_tokens: int
-    progress: bool
-
-
-def _refuse_unsupported(context: ConversionContext) -> None:
+def _refuse_unsupported(context: Conversion) -> None:
     config, spec = context.checkpoint.config, context.spec
     if spec.has_head_norms:
         raise KvshrinkError(
@@ -84,76 +75,11 @@ def _refuse_unsupported(context: ConversionContext) -> None:
         )
 
 
-def resolve_shape(counts: HeadCounts, options: MlaOptions, serving: bool, latent_inputs: int) -> MlaShape:
-    """kv_lora_rank and qk_rope_head_dim from the user's options, checked against what the source allows."""
-    d, kv_heads = counts.head_dim, counts.num_kv_heads
-    all_rope = kv_heads * d
-    max_rope = d if serving else all_rope
-    given = [name for name, value in (("--kv-rank", options.kv_rank), ("--kv-budget", options.kv_budget),
-                                      ("--mla-shape", options.mla_shape)) if value is not None]  # fmt: skip
-    if len(given) != 1:
-        raise KvshrinkError(
-            "pass exactly one of --kv-rank, --kv-budget or --mla-shape" + (f" (got {' and '.join(given)})" if given else "")
-        )
-    rope_dim = options.rope_dim
-    if options.mla_shape is not None:
-        match = _SHAPE.match(options.mla_shape)
-        if not match:
-            raise KvshrinkError(f"--mla-shape {options.mla_shape!r} is not RANK+ROPE: use a form like 512+64")
-        if rope_dim is not None:
-            raise KvshrinkError("--mla-shape already sets the rope dim: drop --rope-dim")
-        kv_rank, rope_dim = int(match.group(1)), int(match.group(2))
-    else:
-        kv_rank = options.kv_rank
-    if rope_dim is None:
-        rope_dim = max(2, d // 2)
-    elif rope_dim == "all":
-        if serving and kv_heads > 1:
-            raise KvshrinkError(
-                f"--rope-dim all needs {all_rope} rope dims ({kv_heads} KV heads x {d}), but serving engines take "
-                f"at most one component per frequency ({d} dims): pass --rope-dim {d} or less, or --target "
-                "transformers for the exact form"
-            )
-        rope_dim = all_rope
-    rope_dim = int(rope_dim)
-    if rope_dim < 2 or rope_dim % 2:
-        raise KvshrinkError(f"--rope-dim {rope_dim} must be an even number >= 2 (rotary dims come in pairs)")
-    if rope_dim > max_rope:
-        where = "serving engines take one component per frequency" if serving else f"the source has {kv_heads} KV heads x {d}"
-        raise KvshrinkError(
-            f"--rope-dim {rope_dim} is more than the {max_rope} rotary dims available ({where}): pass at most {max_rope}"
-            + (", or --target transformers" if serving and kv_heads > 1 else "")
-        )
-    nope_dim = 0 if rope_dim == all_rope else d
-    full_rank = min(kv_heads * (nope_dim + d), latent_inputs)
-    source_values = 2 * kv_heads * d
-    if options.kv_budget is not None:
-        budget = float(options.kv_budget)
-        if not 0 < budget < 1:
-            raise KvshrinkError(f"--kv-budget {budget} must be a fraction of the source KV cache in (0, 1), e.g. 0.25")
-        kv_rank = round(budget * source_values) - rope_dim
-        if kv_rank < 1:
-            raise KvshrinkError(
-                f"--kv-budget {budget} leaves no latent: {round(budget * source_values)} values per token per layer "
-                f"are not more than --rope-dim {rope_dim}; raise the budget or lower --rope-dim"
-            )
-        kv_rank = min(kv_rank, full_rank)
-    elif kv_rank == "full":
-        kv_rank = full_rank
-    kv_rank = int(kv_rank)
-    if not 1 <= kv_rank <= full_rank:
-        raise KvshrinkError(
-            f"kv rank {kv_rank} is impossible here: the joint K/V latent has rank at most {full_rank} "
-            f"({kv_heads} KV heads x {nope_dim + d} K_nope+V dims, {latent_inputs} inputs); pass 1..{full_rank} or 'full'"
-        )
-    return MlaShape(kv_rank=kv_rank, rope_dim=rope_dim, nope_dim=nope_dim, head_dim=d)
-
-
 def _nonzero(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and bool(tensor.abs().max() > 0)
 
 
-def _input_norm_bound(context: ConversionContext, layer: int, sample: torch.Tensor) -> float:
+def _input_norm_bound(context: Conversion, layer: int, sample: torch.Tensor) -> float:
     """Largest possible ‖x̃‖ of the layer input: an RMSNorm output, ‖x‖ ≤ sqrt(n)·max|weight| (plus the 1 of x̃)."""
     name = f"{context.spec.layer_prefix.format(layer=layer)}input_layernorm.weight"
     if name in context.checkpoint:
@@ -163,49 +89,69 @@ def _input_norm_bound(context: ConversionContext, layer: int, sample: torch.Tens
     return math.sqrt(largest**2 + 1)
 
 
-def _calibrate(context: ConversionContext, options: MlaOptions, inv_freq: torch.Tensor) -> list[LayerCalibration]:
-    counts = context.counts
-    try:
-        load_tokenizer(context.checkpoint.folder)
-    except KvshrinkError:
-        raise KvshrinkError(
-            f"{context.source} has no usable tokenizer, and mha-to-mla calibrates on text: add the tokenizer files"
-        ) from None
-    statistics = collect_statistics(
-        context.checkpoint.folder, context.spec, counts.num_layers, calibration_text(options.calibration),
-        options.calibration_tokens, CALIBRATION_WINDOW, options.progress,
-    )  # fmt: skip
-    calibrations = []
-    for layer in tqdm(range(counts.num_layers), desc="rope bases", unit="layer", disable=not options.progress):
-        attention = read_attention(context.checkpoint, context.spec, layer, counts)
-        inputs = statistics[layer].inputs
-        flat = statistics[layer].flat_inputs.double()
-        flat = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], dim=1)
-        moment = flat.T @ flat / flat.shape[0]
-        distances = None
-        if options.distance_aware:
-            distances = attention_distances(attention, inputs, inv_freq)
-            gains = rotation_gains(distances, inv_freq)
-            position_loss = 1 - gains.abs() ** 2
-        else:  # a pair that loses RoPE is read as if at distance 0, and every pair's position signal counts fully
-            gains = torch.ones(counts.num_heads, counts.head_dim // 2, dtype=torch.complex128)
-            position_loss = torch.ones(gains.shape, dtype=torch.float64)
-        queries = to_complex(augmented(attention.q, attention.q_bias), counts.num_heads, counts.head_dim)
-        keys = to_complex(augmented(attention.k, attention.k_bias), counts.num_kv_heads, counts.head_dim)
-        basis = rope_basis(options.rope_method, queries, keys, moment, position_loss)
-        sample = flat[torch.linspace(0, flat.shape[0] - 1, min(_LINEARIZATION_SAMPLE, flat.shape[0])).long()]
-        calibrations.append(LayerCalibration(moment=moment, sample=sample, gains=gains, distances=distances, basis=basis))
-        statistics[layer] = None  # free the layer's raw inputs
-    return calibrations
+@dataclass
+class RopeSummary:
+    """What pass 1 keeps of a layer: enough to choose the model's rope slots."""
+
+    basis: RopeBasis
+    gains: torch.Tensor  # γ [H, P] complex
+    distances: torch.Tensor | None  # the source's attention per distance [H, T]; None when distance is ignored
 
 
-def _bias_tensor(context: ConversionContext, layer: int, part: str) -> str:
+def _augmented_inputs(statistics: LayerStatistics) -> torch.Tensor:
+    """x̃ = [x; 1] of every calibration token, float64 [tokens, n + 1]."""
+    flat = statistics.flat_inputs.double()
+    return torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], dim=1)
+
+
+def _summarize_layer(attention: AttentionWeights, statistics: LayerStatistics, options: MlaOptions,
+                     inv_freq: torch.Tensor) -> RopeSummary:  # fmt: skip
+    heads, kv_heads, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
+    flat = _augmented_inputs(statistics)
+    moment = flat.T @ flat / flat.shape[0]
+    distances = None
+    if options.distance_aware:
+        distances = attention_distances(attention, statistics.inputs, inv_freq)
+        gains = rotation_gains(distances, inv_freq)
+        position_loss = 1 - gains.abs() ** 2
+    else:  # a pair that loses RoPE is read as if at distance 0, and every pair's position signal counts fully
+        gains = torch.ones(heads, d // 2, dtype=torch.complex128)
+        position_loss = torch.ones(gains.shape, dtype=torch.float64)
+    queries = to_complex(augmented(attention.q, attention.q_bias), heads, d)
+    keys = to_complex(augmented(attention.k, attention.k_bias), kv_heads, d)
+    return RopeSummary(rope_basis(options.rope_method, queries, keys, moment, position_loss), gains, distances)
+
+
+def _summarize(conversion: Conversion, options: MlaOptions, windows: list[torch.Tensor],
+               inv_freq: torch.Tensor) -> list[RopeSummary]:  # fmt: skip
+    """Pass 1: the source reads the calibration windows one layer at a time; each layer leaves its summary."""
+    calibration = Calibration(conversion.source_model(), conversion.spec, windows)
+    summaries = []
+    for layer in tqdm(range(conversion.counts.num_layers), desc="calibrating", unit="layer", disable=not options.progress):
+        attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
+        summaries.append(_summarize_layer(attention, calibration.statistics(layer), options, inv_freq))
+        calibration.advance(layer)
+    return summaries
+
+
+def _layer_calibration(statistics: LayerStatistics, summary: RopeSummary) -> LayerCalibration:
+    """Pass 2: the layer's input moment and a sample of its inputs, with what pass 1 decided."""
+    flat = _augmented_inputs(statistics)
+    sample = flat[torch.linspace(0, flat.shape[0] - 1, min(_LINEARIZATION_SAMPLE, flat.shape[0])).long()]
+    return LayerCalibration(moment=flat.T @ flat / flat.shape[0], sample=sample, gains=summary.gains,
+                            distances=summary.distances, basis=summary.basis)  # fmt: skip
+
+
+def _bias_tensor(context: Conversion, layer: int, part: str) -> str:
     fused = context.spec.fused_qkv and part in ("q_proj", "k_proj", "v_proj")
     return context.spec.tensor_name(layer, "qkv_proj" if fused else part, "bias")
 
 
-def _output_format(context: ConversionContext, serving: bool, layers: list[AttentionWeights], rope_biases) -> OutputFormat:
-    """Where the source's biases go: exact folds, or a refusal naming the tensor that cannot be carried."""
+def _output_format(
+    context: Conversion, serving: bool, layers: list[AttentionBiases], rope_biases, exact_biases: bool
+) -> OutputFormat:
+    """Where the source's biases go: exact folds, a refit into the weights (serving layout), or a refusal naming the
+    tensor that cannot be carried."""
     if serving:
         for layer, attention in enumerate(layers):
             for part, bias, why in (
@@ -213,18 +159,22 @@ def _output_format(context: ConversionContext, serving: bool, layers: list[Atten
                 ("v_proj", attention.v_bias, "a value bias needs an o_proj bias"),
                 ("o_proj", attention.o_bias, "an output bias needs an o_proj bias"),
             ):
-                if _nonzero(bias):
+                if _nonzero(bias) and (exact_biases or part == "o_proj"):
                     raise KvshrinkError(
                         f"{_bias_tensor(context, layer, part)} is not zero and serving engines run DeepseekV3 "
                         f"without attention biases ({why}): pass --target transformers"
+                        + ("" if part == "o_proj" else ", or drop --exact-biases to refit it into the weights")
                     )
-            if bool(rope_biases[layer].abs().max() > 0):
+            if exact_biases and bool(rope_biases[layer].abs().max() > 0):
                 raise KvshrinkError(
                     f"{_bias_tensor(context, layer, 'k_proj')} has a component on rotary pairs that keep RoPE, which "
-                    "no bias-free serving layout carries: pass --target transformers"
+                    "no bias-free serving layout carries: pass --target transformers, or drop --exact-biases to "
+                    "refit it into the weights"
                 )
+        refit = any(_nonzero(a.q_bias) or _nonzero(a.v_bias) for a in layers) or any(
+            bool(b.abs().max() > 0) for b in rope_biases)  # fmt: skip
         return OutputFormat(interleave=True, latent_eps=deepseek.TRANSFORMERS_LATENT_EPS, attention_bias=False,
-                            query_latent=False, drop_key_bias=True)  # fmt: skip
+                            query_latent=False, drop_key_bias=True, refit_biases=refit)  # fmt: skip
     has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in layers for p in ("q", "k", "v", "o"))
     return OutputFormat(
         interleave=True, latent_eps=deepseek.TRANSFORMERS_LATENT_EPS, attention_bias=has_bias,
@@ -232,41 +182,82 @@ def _output_format(context: ConversionContext, serving: bool, layers: list[Atten
     )  # fmt: skip
 
 
-class _CalibrationMemo:
-    """One source's calibration, shared by the conversions to both targets (nothing in it depends on the target)."""
+def _notes(options: MlaOptions, rules: engines.EngineRules | None, shape: MlaShape, output: OutputFormat,
+           yarn: YarnFit | None) -> list[str]:  # fmt: skip
+    """What the report and summary say is approximate or adjusted about this target."""
+    notes = []
+    if yarn is not None:
+        notes.append(f"approximate: llama3 RoPE written as deepseek_yarn; the largest per-slot frequency error is "
+                     f"{float(yarn.relative_error.max()):.1%} (mla.rope_frequency_error)")  # fmt: skip
+    if output.refit_biases:
+        notes.append("approximate: serving engines run no attention biases, so the source's query, value and rope-key "
+                     "biases were refit into the weights on the calibration text (each layer's bias_refit_error); "
+                     "--exact-biases refuses instead")  # fmt: skip
+    if options.kv_budget is not None and rules is not None and rules.shapes is not None:
+        notes.append(f"--kv-budget {options.kv_budget} snapped to {shape.kv_rank}+{shape.rope_dim}, the largest "
+                     f"shape {rules.name} runs within it")  # fmt: skip
+    return notes
 
-    def __init__(self) -> None:
-        self.layers: list[LayerCalibration] | None = None
 
-    def get(self, context: ConversionContext, options: MlaOptions, inv_freq: torch.Tensor) -> list[LayerCalibration]:
-        if self.layers is None:
-            self.layers = _calibrate(context, options, inv_freq)
-        return self.layers
+@dataclass
+class MlaPlan:
+    """One target's layout: everything model-wide, decided before any layer is written."""
+
+    target: str
+    shape: MlaShape
+    output: OutputFormat
+    slots: RopeSlots
+    free_slots: RopeSlots  # the slots without the serving constraint, to report what it costs
+    config: dict[str, Any]
+    summary: dict[str, Any]
+
+    @property
+    def serving(self) -> bool:
+        return engines.target_rules(self.target) is not None
 
 
-def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMemo) -> Rewrite:
-    _refuse_unsupported(context)
-    serving = deepseek.serving_target(options.target)
-    counts, config = context.counts, context.checkpoint.config
-    inv_freq, rope_type, theta = deepseek.source_rope(config, counts.head_dim)
-    if serving and rope_type != "default":
+def _biases(conversion: Conversion) -> list[AttentionBiases]:
+    counts = conversion.counts
+    return [read_biases(conversion.checkpoint, conversion.spec, layer, counts) for layer in range(counts.num_layers)]
+
+
+def _shape(conversion: Conversion, options: MlaOptions, target: str, biases: list[AttentionBiases]) -> MlaShape:
+    """The target's shape, or the refusal of a rope type or size it cannot hold (decided before any calibration)."""
+    rules = engines.target_rules(target)  # None for transformers
+    counts = conversion.counts
+    rope_type = deepseek.source_rope(conversion.checkpoint.config, counts.head_dim)[1]
+    if rules is not None and rope_type not in ("default", "llama3"):
         raise KvshrinkError(
-            f"the source's {rope_type} RoPE frequencies are not a geometric set, which is all serving engines' "
-            "default RoPE can hold: pass --target transformers"
+            f"the source's {rope_type} RoPE frequencies are neither a geometric set nor llama3's, which is what "
+            "serving engines' default and deepseek_yarn RoPE can hold: pass --target transformers"
         )
-    layers = [read_attention(context.checkpoint, context.spec, layer, counts) for layer in range(counts.num_layers)]
-    has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in layers for p in ("k", "v"))
-    shape = resolve_shape(counts, options, serving, counts.hidden_size + (has_bias and not serving))
-    calibrations = memo.get(context, options, inv_freq)
-    slots = choose_slots([c.basis for c in calibrations], shape.rope_dim // 2, geometric=serving)
-    rope_biases = [rope_bias(a, c.basis, slots) for a, c in zip(layers, calibrations)]
-    output = _output_format(context, serving, layers, rope_biases)
-    del layers
+    has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in biases for p in ("k", "v"))
+    return resolve_shape(counts, options, rules, counts.hidden_size + (has_bias and rules is None))
+
+
+def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: list[RopeSummary]) -> MlaPlan:
+    rules = engines.target_rules(target)
+    serving = rules is not None
+    counts, config = conversion.counts, conversion.checkpoint.config
+    inv_freq, rope_type, theta = deepseek.source_rope(config, counts.head_dim)
+    layers = _biases(conversion)
+    shape = _shape(conversion, options, target, layers)
+    bases = [summary.basis for summary in summaries]
+    slots = choose_slots(bases, shape.rope_dim // 2, geometric=serving)
+    rope_biases = [rope_bias(a.k_bias, basis, slots, counts.num_kv_heads, counts.head_dim)
+                   for a, basis in zip(layers, bases)]  # fmt: skip
+    output = _output_format(conversion, serving, layers, rope_biases, options.exact_biases)
     slot_frequencies = inv_freq[list(slots.frequency)]
     max_positions = int(config.get("max_position_embeddings") or 4096)
+    yarn: YarnFit | None = None
     if serving:
         rope_theta = deepseek.geometric_theta(theta, slots.step, shape.rope_dim, counts.head_dim)
         rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
+        if rope_type == "llama3":  # the slots' llama3 frequencies as closely as a deepseek_yarn table can (mla.yarn)
+            llama3 = config.get("rope_parameters") or config.get("rope_scaling") or {}
+            yarn = fit_yarn(slot_frequencies, rope_theta, shape.rope_dim, float(llama3["factor"]),
+                            int(llama3["original_max_position_embeddings"]))  # fmt: skip
+            rope_parameters = yarn.parameters
     else:
         rope_parameters = deepseek.longrope_parameters(theta, slot_frequencies, max_positions)
     source_eps = float(config.get("rms_norm_eps", 1e-6))
@@ -276,23 +267,9 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
         q_lora_rank=counts.hidden_size + 1 if output.query_latent else None,
         rms_norm_eps=output.latent_eps if serving else source_eps,
     )  # fmt: skip
-    bounds = [_input_norm_bound(context, layer, c.sample) for layer, c in enumerate(calibrations)]
+    free_slots = choose_slots(bases, shape.rope_dim // 2, geometric=False)
 
-    free_slots = choose_slots([c.basis for c in calibrations], shape.rope_dim // 2, geometric=False)
-
-    def convert_layer(layer: int, attention: AttentionWeights) -> LayerOutput:
-        tensors, report = convert_attention(
-            attention, calibrations[layer], slots, shape, output, options.factorization, bounds[layer], inv_freq
-        )
-        if serving:  # the share of the rope-selection score default RoPE's geometric frequencies give up
-            scores = calibrations[layer].basis.scores
-            kept = {name: float(scores[list(chosen.frequency), list(chosen.rank)].sum() / scores.sum())
-                    for name, chosen in (("free", free_slots), ("serving", slots))}  # fmt: skip
-            report["serving_rope_score_cost"] = kept["free"] - kept["serving"]
-        prefix = f"{context.spec.layer_prefix.format(layer=layer)}self_attn."
-        return LayerOutput({prefix + name: tensor for name, tensor in tensors.items()}, report)
-
-    notes = []
+    notes = _notes(options, rules, shape, output, yarn)
     if serving and source_eps != output.latent_eps:
         notes.append(
             f"rms_norm_eps set from {source_eps:g} to {output.latent_eps:g}: transformers runs the latent norm at "
@@ -301,9 +278,14 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
     if not serving:
         notes.append("longrope with exact per-pair frequencies: vLLM and SGLang rewrite it to deepseek_yarn, "
                      "so this checkpoint is wrong there; use --target vllm to serve it")  # fmt: skip
+    valid, excluded = engines.valid_engines(target_config)
+    if rules is not None and rules.name in excluded:  # the shape and layout rules above should make this impossible
+        raise KvshrinkError(f"--target {rules.name} would write a checkpoint it cannot run ({excluded[rules.name]}): "
+                            "pass --target transformers")  # fmt: skip
     summary = {
-        "target": options.target,
-        "valid_engines": deepseek.valid_engines(options.target),
+        "target": target,
+        "valid_engines": valid,
+        "excluded_engines": excluded,
         "mla": {
             "kv_lora_rank": shape.kv_rank, "qk_rope_head_dim": shape.rope_dim, "qk_nope_head_dim": shape.nope_dim,
             "v_head_dim": counts.head_dim, "rope_method": options.rope_method,
@@ -311,105 +293,139 @@ def _plan(context: ConversionContext, options: MlaOptions, memo: _CalibrationMem
             "kv_budget": options.kv_budget, "calibration_tokens": options.calibration_tokens,
             "rope_slots": [{"source_frequency": j, "component": n, "inv_freq": float(f)}
                            for j, n, f in zip(slots.frequency, slots.rank, slot_frequencies)],
+            **({"rope_frequency_error": yarn.relative_error.tolist()} if yarn is not None else {}),
         },
         "notes": notes,
     }  # fmt: skip
-    method = f"mla/{options.rope_method}+{options.factorization}" + ("+distance" if options.distance_aware else "")
-    return Rewrite(method=method, config=target_config, convert_layer=convert_layer, summary=summary)
+    return MlaPlan(target, shape, output, slots, free_slots, target_config, summary)
 
 
-OTHER_TARGET = {"vllm": "transformers", "sglang": "transformers", "transformers": "vllm"}
+def _convert_layer(conversion: Conversion, plan: MlaPlan, options: MlaOptions, layer: int, attention: AttentionWeights,
+                   calibration: LayerCalibration) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
+    """One layer's DeepseekV3 attention tensors (full output names) and report entry under `plan`."""
+    inv_freq = deepseek.source_rope(conversion.checkpoint.config, conversion.counts.head_dim)[0]
+    bound = _input_norm_bound(conversion, layer, calibration.sample)
+    tensors, report = convert_attention(
+        attention, calibration, plan.slots, plan.shape, plan.output, options.factorization, bound, inv_freq
+    )
+    if plan.serving:  # the share of the rope-selection score default RoPE's geometric frequencies give up
+        scores = calibration.basis.scores
+        kept = {name: float(scores[list(chosen.frequency), list(chosen.rank)].sum() / scores.sum())
+                for name, chosen in (("free", plan.free_slots), ("serving", plan.slots))}  # fmt: skip
+        report["serving_rope_score_cost"] = kept["free"] - kept["serving"]
+    prefix = f"{conversion.spec.layer_prefix.format(layer=layer)}self_attn."
+    return {prefix + name: tensor for name, tensor in tensors.items()}, {"layer": layer, **report}
 
 
-def _check_both_targets(
-    source: Path, converted: Path, *, options: MlaOptions, memo: _CalibrationMemo, text: str, check_tokens: int,
-    allow_pickle: bool,
-) -> dict[str, Any]:
-    """Source vs converted perplexity, plus the other target's: what the serving constraint costs (or saves).
+def _convert_layers(conversion: Conversion, options: MlaOptions, plans: dict[Path, MlaPlan], windows: list[torch.Tensor],
+                    summaries: list[RopeSummary]) -> dict[Path, tuple[list[dict[str, Any]], list[str]]]:  # fmt: skip
+    """Pass 2: convert each layer for every plan (folder -> plan) and write it there; the calibration windows
+    follow the first plan's converted layers with error feedback. Returns each folder's layer reports and new
+    parameter names."""
+    calibration = Calibration(conversion.source_model(), conversion.spec, windows)
+    writers = {folder: LayerWriter(conversion, folder) for folder in plans}
+    main_folder, main_plan = next(iter(plans.items()))
+    target = conversion.target_model(main_plan.config)
+    for folder, plan in plans.items():
+        require_free_space(conversion, conversion.target_model(plan.config) if folder != main_folder else target)
+    reports: dict[Path, list[dict[str, Any]]] = {folder: [] for folder in plans}
+    for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
+        attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
+        layer_calibration = _layer_calibration(calibration.statistics(layer), summaries[layer])
+        for folder, plan in plans.items():
+            tensors, report = _convert_layer(conversion, plan, options, layer, attention, layer_calibration)
+            writers[folder].write_layer(layer, tensors)
+            reports[folder].append(report)
+            if folder == main_folder and options.error_feedback:
+                calibration.advance(layer, target.layer(layer, tensors), target)
+        if not options.error_feedback:
+            calibration.advance(layer)
+    return {folder: (reports[folder], writers[folder].finish(conversion.counts.num_layers)) for folder in plans}
 
-    The other target is converted from the same calibration into a scratch folder inside the staging output, so
-    it is gone on success, on error and on Ctrl-C alike; when that target refuses this source, the reason is
-    recorded instead.
-    """
-    result = compare_perplexity(source, converted, text=text, max_tokens=check_tokens, progress=options.progress)
+
+def _method(options: MlaOptions) -> str:
+    return f"mla/{options.rope_method}+{options.factorization}" + ("+distance" if options.distance_aware else "")
+
+
+def _other_target(conversion: Conversion, options: MlaOptions, main: MlaPlan, summaries: list[RopeSummary]) -> MlaPlan | str:
+    """The other target's plan, which the check scores too (what the serving constraint costs), or the reason
+    that target refuses this source."""
     other = OTHER_TARGET[options.target]
-    entry: dict[str, Any] = {"target": other, "valid_engines": deepseek.valid_engines(other)}
-    with tempfile.TemporaryDirectory(prefix=".other-target-", dir=converted) as scratch:
-        other_out = Path(scratch) / "model"
-        try:
-            run_conversion(
-                source, other_out, partial(_plan, options=replace(options, target=other), memo=memo),
-                allow_pickle=allow_pickle, progress=options.progress,
-            )  # fmt: skip
-        except KvshrinkError as refusal:
-            entry["refused"] = str(refusal)
-        else:
-            windows = token_windows(load_tokenizer(source), text, check_tokens, result["window"])
-            entry["perplexity"] = folder_perplexity(other_out, windows, f"check {other}", options.progress)
-            if other == "transformers":
-                serving, exact = result["converted_perplexity"], entry["perplexity"]
-            else:
-                serving, exact = entry["perplexity"], result["converted_perplexity"]
-            result["serving_perplexity_cost"] = round(serving - exact, 4)
+    if other == "transformers":  # the same shape, so the difference is the serving layout alone
+        shape = main.shape
+        options = options.model_copy(update={"kv_rank": None, "kv_budget": None, "rope_dim": None,
+                                             "mla_shape": f"{shape.kv_rank}+{shape.rope_dim}"})  # fmt: skip
+    try:
+        return _plan(conversion, options, other, summaries)
+    except KvshrinkError as refusal:
+        return str(refusal)
+
+
+def _check(conversion: Conversion, options: MlaOptions, other: MlaPlan | str, other_folder: Path) -> dict[str, Any]:
+    """Source vs converted perplexity, plus the other target's (built from the same calibration in a scratch
+    folder inside the staging output, so it is gone on success, on error and on Ctrl-C alike)."""
+    folders = {"source": conversion.checkpoint.folder, "converted": conversion.staging}
+    if isinstance(other, MlaPlan):
+        folders["other"] = other_folder
+    result = compare_perplexity(conversion.checkpoint.folder, folders, calibration_text(options.calibration),
+                                options.check_tokens, conversion.device, progress=options.progress)  # fmt: skip
+    other_target = OTHER_TARGET[options.target]
+    entry: dict[str, Any] = {"target": other_target}
+    if isinstance(other, str):
+        entry["refused"] = other
+    else:
+        entry["valid_engines"] = other.summary["valid_engines"]
+        entry["perplexity"] = result.pop("other_perplexity")
+        serving, exact = result["converted_perplexity"], entry["perplexity"]
+        if other.serving:
+            serving, exact = exact, serving
+        result["serving_perplexity_cost"] = round(serving - exact, 4)
     result["other_target"] = entry
     return result
 
 
-def mha_to_mla(
-    source: str | Path,
-    out: str | Path,
-    *,
-    kv_rank: int | str | None = None,
-    rope_dim: int | str | None = None,
-    kv_budget: float | None = None,
-    mla_shape: str | None = None,
-    rope_method: str = "rotate",
-    factorization: str = "balanced",
-    distance_aware: bool = True,
-    target: str = "vllm",
-    calibration: str | Path | None = None,
-    calibration_tokens: int = 8192,
-    check: bool = True,
-    check_tokens: int = 2048,
-    overwrite: bool = False,
-    out_shard_size: str | int = "5GB",
-    allow_pickle: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
+def _refuse_options(options: MlaOptions) -> None:
+    engines.target_rules(options.target)
+    if options.calibration_tokens < CALIBRATION_WINDOW:
+        raise KvshrinkError(
+            f"--calibration-tokens {options.calibration_tokens} is less than one {CALIBRATION_WINDOW}-token window: "
+            f"pass at least {CALIBRATION_WINDOW}"
+        )
+
+
+def mha_to_mla(source: str | Path, out: str | Path, options: MlaOptions) -> dict[str, Any]:
     """Convert the attention of `source` to DeepSeek MLA and write a DeepseekV3ForCausalLM checkpoint to `out`.
 
     Size: exactly one of `kv_rank` (int or 'full'), `kv_budget` (fraction of the source KV bytes; picks the rank
     for the rope dim) or `mla_shape` ('512+64': rank + rope dim). `rope_dim` is an even int or 'all' (every
     rotary pair of every KV head: with kv_rank='full' and target='transformers' the output reproduces the source).
-    `rope_method` 'rotate' or 'partial', `factorization` 'balanced', 'activation', 'output' or 'weight',
-    `distance_aware`: see `kvshrink.convert.mla`. `target` 'vllm' (alias 'sglang') writes a checkpoint valid in
-    vLLM, SGLang and transformers; 'transformers' keeps exact per-pair frequencies, valid in transformers only.
+    `target` 'vllm' writes only what vLLM runs (512+64 or 256+64; a budget snaps down to one), valid in vLLM, SGLang
+    and transformers; 'sglang' the same layout at any shape; 'transformers' any shape with exact per-pair
+    frequencies, valid in transformers only (`kvshrink.convert.engines`). `exact_biases` refuses query, value or
+    rope-key biases the serving layout could only approximate (by default they are refit into the weights).
     `check` scores the source, the output and the other target (built from the same calibration in a scratch
-    folder, then deleted) on `check_tokens` calibration tokens. Returns the report also written to OUT/kvshrink_report.json.
+    folder, then deleted). See `MlaOptions` for the rest. Returns the report also written to
+    OUT/kvshrink_report.json.
     """
-    if rope_method not in ROPE_METHODS:
-        raise KvshrinkError(f"unknown rope method {rope_method!r}: choose one of {', '.join(ROPE_METHODS)}")
-    if factorization not in FACTORIZATIONS:
-        raise KvshrinkError(f"unknown factorization {factorization!r}: choose one of {', '.join(FACTORIZATIONS)}")
-    deepseek.serving_target(target)
-    if calibration_tokens < CALIBRATION_WINDOW:
-        raise KvshrinkError(
-            f"--calibration-tokens {calibration_tokens} is less than one {CALIBRATION_WINDOW}-token window: pass at "
-            f"least {CALIBRATION_WINDOW}"
-        )
-    options = MlaOptions(
-        kv_rank=kv_rank, rope_dim=rope_dim, kv_budget=kv_budget, mla_shape=mla_shape, rope_method=rope_method,
-        factorization=factorization, distance_aware=distance_aware, target=target, calibration=calibration,
-        calibration_tokens=calibration_tokens, progress=progress,
-    )  # fmt: skip
-    memo = _CalibrationMemo()
-    checker = None
-    if check:
-        checker = partial(
-            _check_both_targets, options=options, memo=memo, text=calibration_text(calibration),
-            check_tokens=check_tokens, allow_pickle=allow_pickle,
-        )  # fmt: skip
-    return run_conversion(
-        source, out, partial(_plan, options=options, memo=memo), overwrite=overwrite, out_shard_size=out_shard_size,
-        allow_pickle=allow_pickle, check=checker, progress=progress,
-    )  # fmt: skip
+    _refuse_options(options)
+    with open_conversion(source, out, options) as conversion:
+        _refuse_unsupported(conversion)
+        inv_freq = deepseek.source_rope(conversion.checkpoint.config, conversion.counts.head_dim)[0]
+        _shape(conversion, options, options.target, _biases(conversion))
+        conversion.require_tokenizer("mha-to-mla calibrates on text", "")
+        windows = calibration_windows(conversion.checkpoint.folder, calibration_text(options.calibration),
+                                      options.calibration_tokens)  # fmt: skip
+        summaries = _summarize(conversion, options, windows, inv_freq)
+        plan = _plan(conversion, options, options.target, summaries)
+        other = _other_target(conversion, options, plan, summaries) if options.check else None
+        with tempfile.TemporaryDirectory(prefix=".other-target-", dir=conversion.staging) as scratch:
+            plans = {conversion.staging: plan}
+            if isinstance(other, MlaPlan):
+                plans[Path(scratch)] = other
+            written = _convert_layers(conversion, options, plans, windows, summaries)
+            for folder, folder_plan in plans.items():
+                write_metadata(conversion, folder_plan.config, folder)
+            check = _check(conversion, options, other, Path(scratch)) if options.check else None
+        layers, new_parameters = written[conversion.staging]
+        return finish(conversion, method=_method(options), config=plan.config, summary=plan.summary, layers=layers,
+                      new_parameters=new_parameters, check=check)  # fmt: skip

@@ -1,37 +1,44 @@
-"""The one streaming pass every conversion shares: source checkpoint in, converted folder out.
+"""The frame every conversion shares: open the source, write the converted folder layer by layer, report.
 
-Tensors are visited in the source's order. The first attention tensor of a layer triggers that layer's
-conversion (read as float32, transformed, written back in the source dtype); every other tensor is copied
-byte for byte. Only one layer's attention and one tensor's bytes are in memory at a time.
+A converter opens a `Conversion` (source read lazily, output staged beside OUT and renamed into place only when
+complete), writes each layer through a `LayerWriter` as soon as it is converted (the layer's untouched tensors
+copied byte for byte, its new attention tensors written in the source dtype), and ends with `finish`, which
+writes config.json, the side files, the model card and kvshrink_report.json. Only one layer's tensors are in
+memory at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import re
+import resource
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from kvshrink.convert.attention import AttentionWeights, HeadCounts, attention_tensors, read_attention
+from kvshrink.convert.attention import HeadCounts
 from kvshrink.convert.check import load_tokenizer
 from kvshrink.convert.checkpoint import SourceCheckpoint, header_size_bound, open_source
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.families import FamilySpec, family_for
 from kvshrink.convert.kvcache import kv_bytes_per_token
+from kvshrink.convert.layers import StockModel, resolve_device
+from kvshrink.convert.model_card import write_model_card
+from kvshrink.convert.options import ConvertOptions
 from kvshrink.convert.outdir import atomic_output_dir, check_output_dir
 from kvshrink.convert.safetensors_io import ShardedSafetensorsWriter
 
 REPORT_FILE = "kvshrink_report.json"
 _STALE_BUFFERS = re.compile(r"rotary_emb\.inv_freq$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+_FREE_SPACE_MARGIN = 64 * 2**20  # headers, config, tokenizer files
 
 
 def parse_size(text: str | int) -> int:
@@ -46,42 +53,42 @@ def parse_size(text: str | int) -> int:
 
 
 @dataclass
-class LayerOutput:
-    tensors: dict[str, torch.Tensor]  # full output names, float32
-    report: dict[str, Any]
+class Conversion:
+    """An open source checkpoint and the staging folder its conversion is written into."""
 
-
-@dataclass
-class Rewrite:
-    """What a method does to a checkpoint: the new config and how each layer's attention is rewritten."""
-
-    method: str
-    config: dict[str, Any]
-    convert_layer: Callable[[int, AttentionWeights], LayerOutput]
-    rename: Callable[[str], str] = lambda name: name
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ConversionContext:
-    """What a method sees when it plans its rewrite."""
-
+    source: str
+    out: Path
     checkpoint: SourceCheckpoint
     spec: FamilySpec
     counts: HeadCounts
-    source: str
+    staging: Path
+    device: torch.device
+    options: ConvertOptions
+    started: float
+
+    def source_model(self) -> StockModel:
+        """The source in its stock classes, read one layer at a time."""
+        return StockModel.of_checkpoint(self.checkpoint, self.device)
+
+    def target_model(self, config: dict[str, Any]) -> StockModel:
+        """The output's stock classes under `config`, reading the source's tensors (converted ones are passed to
+        `StockModel.layer`)."""
+        return StockModel(config, self.checkpoint.tensor, set(self.checkpoint.names), self.device)
+
+    def require_tokenizer(self, why: str, alternative: str) -> None:
+        """Refuse a source without a tokenizer, saying `why` one is needed and which `alternative` flags avoid it."""
+        try:
+            load_tokenizer(self.checkpoint.folder)
+        except KvshrinkError:
+            raise KvshrinkError(
+                f"{self.source} has no usable tokenizer (no tokenizer files), and {why}: add the source's tokenizer "
+                "files to the folder" + (f", or pass {alternative}" if alternative else "")
+            ) from None
 
 
-def _layer_of(spec: FamilySpec, counts: HeadCounts) -> dict[str, int]:
-    return {name: layer for layer in range(counts.num_layers) for name in spec.attention_tensor_names(layer)}
-
-
-def write_weights(
-    context: ConversionContext, rewrite: Rewrite, out: Path, max_shard_bytes: int, progress: bool
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Stream every tensor into `out`; returns the per-layer reports and the names the method created or changed."""
-    checkpoint, spec, counts = context.checkpoint, context.spec, context.counts
-    layer_of = _layer_of(spec, counts)
+def _refuse_missing_tensors(conversion: Conversion) -> None:
+    """Every tensor the attention spec and the stock class need is there, before anything is written."""
+    spec, counts, checkpoint = conversion.spec, conversion.counts, conversion.checkpoint
     missing = [
         spec.tensor_name(layer, part)
         for layer in range(counts.num_layers)
@@ -93,37 +100,106 @@ def write_weights(
             f"the checkpoint lacks {missing[0]} (and {len(missing) - 1} more attention tensors) that the "
             f"{spec.model_type} spec expects: re-download it, or check that model_type matches the weights"
         )
-    names = [name for name in checkpoint.names if not _STALE_BUFFERS.search(name)]
-    writer = ShardedSafetensorsWriter(out, max_shard_bytes, header_reserve=2 * header_size_bound(names) + 65536)
-    reports: list[dict[str, Any]] = []
-    changed: list[str] = []
-    done_layers: set[int] = set()
-    for name in tqdm(names, desc="converting", unit="tensor", disable=not progress):
-        layer = layer_of.get(name)
-        if layer is None:
-            if checkpoint.pickled is None:
-                writer.add_copy(rewrite.rename(name), checkpoint.entries[name])
+    missing = conversion.source_model().missing_tensors()
+    if missing:
+        raise KvshrinkError(
+            f"the checkpoint lacks {missing[0]} (and {len(missing) - 1} more) that its stock class "
+            f"{(checkpoint.config.get('architectures') or [spec.model_type])[0]} needs: the download is incomplete, "
+            "re-download it"
+        )
+
+
+@contextlib.contextmanager
+def open_conversion(source: str | Path, out: str | Path, options: ConvertOptions) -> Iterator[Conversion]:
+    """Open `source` and a staging folder for `out`: on success the staging folder becomes `out`, on any error
+    (a refusal, Ctrl-C, a full disk) it is deleted and the source is untouched."""
+    started = time.perf_counter()
+    out = Path(out)
+    parse_size(options.out_shard_size)
+    source_path = Path(source)
+    check_output_dir(out, options.overwrite, source_path if source_path.exists() else None)
+    device = resolve_device(options.device)
+    try:
+        with open_source(source, allow_pickle=options.allow_pickle) as checkpoint:
+            spec = family_for(checkpoint.config)
+            counts = HeadCounts.from_config(checkpoint.config)
+            with atomic_output_dir(out, options.overwrite) as staging:
+                conversion = Conversion(str(source), out, checkpoint, spec, counts, staging, device, options, started)
+                _refuse_missing_tensors(conversion)
+                yield conversion
+    except OSError as error:
+        where = error.filename or out
+        raise KvshrinkError(
+            f"{error.strerror or error} at {where}: the source must be readable and {out.resolve().parent} needs "
+            "room for the output (the source's size at most)"
+        ) from None
+
+
+def _tensor_bytes(model: StockModel) -> int:
+    """Bytes of every tensor a checkpoint of this stock model holds, in the config's dtype (tied heads once)."""
+    dtype = getattr(torch, str(model.config.dtype or "float32").removeprefix("torch."), torch.float32)
+    state = model.skeleton.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop(f"{model.path(model.skeleton.get_output_embeddings())}.weight", None)
+    return sum(tensor.numel() for tensor in state.values()) * dtype.itemsize
+
+
+def require_free_space(conversion: Conversion, target: StockModel) -> None:
+    """Refuse before writing when the output folder's disk cannot hold the output."""
+    needed = _tensor_bytes(target) + _FREE_SPACE_MARGIN
+    free = shutil.disk_usage(conversion.staging).free
+    if free < needed:
+        raise KvshrinkError(
+            f"{conversion.staging.parent} has {free / 1e9:.2f} GB free but the output needs about {needed / 1e9:.2f} GB: "
+            "free some space or choose an output folder on another disk"
+        )
+
+
+class LayerWriter:
+    """The converted checkpoint's tensors, written into `folder` as each layer is converted."""
+
+    def __init__(self, conversion: Conversion, folder: Path):
+        self.checkpoint, self.spec = conversion.checkpoint, conversion.spec
+        self.names = [name for name in self.checkpoint.names if not _STALE_BUFFERS.search(name)]
+        self.attention = {name for layer in range(conversion.counts.num_layers)
+                          for name in self.spec.attention_tensor_names(layer)}  # fmt: skip
+        self.writer = ShardedSafetensorsWriter(
+            folder, parse_size(conversion.options.out_shard_size), header_reserve=2 * header_size_bound(self.names) + 65536
+        )  # fmt: skip
+        self.changed: list[str] = []
+        self.dtype = self.checkpoint.dtype(self.spec.tensor_name(0, next(iter(self.spec.attention))))
+
+    def _copy(self, name: str) -> None:
+        if self.checkpoint.pickled is None:
+            self.writer.add_copy(name, self.checkpoint.entries[name])
+        else:
+            self.writer.add_tensor(name, self.checkpoint.tensor(name))
+
+    def write_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        """The layer's converted attention `tensors` (full output names, float32; ones equal to the source's are
+        copied byte for byte) and every other tensor of the layer, copied."""
+        prefix = self.spec.layer_prefix.format(layer=layer)
+        for name in self.names:
+            if name.startswith(prefix) and name not in self.attention:
+                self._copy(name)
+        for name, tensor in tensors.items():
+            unchanged = name in self.checkpoint and torch.equal(self.checkpoint.tensor(name).float(), tensor)
+            if unchanged and self.checkpoint.pickled is None:
+                self.writer.add_copy(name, self.checkpoint.entries[name])
             else:
-                writer.add_tensor(rewrite.rename(name), checkpoint.tensor(name))
-            continue
-        if layer in done_layers:
-            continue
-        done_layers.add(layer)
-        dtype = checkpoint.dtype(name)
-        attention = read_attention(checkpoint, spec, layer, counts)
-        source_tensors = attention_tensors(attention, spec, layer)
-        result = rewrite.convert_layer(layer, attention)
-        for out_name, tensor in result.tensors.items():
-            unchanged = out_name in source_tensors and torch.equal(source_tensors[out_name], tensor)
-            if unchanged and checkpoint.pickled is None:
-                writer.add_copy(out_name, checkpoint.entries[out_name])
-            else:
-                writer.add_tensor(out_name, tensor.to(dtype))
+                self.writer.add_tensor(name, tensor.to(self.dtype))
             if not unchanged:
-                changed.append(out_name)
-        reports.append({"layer": layer, **result.report})
-    writer.finish()
-    return reports, changed
+                self.changed.append(name)
+
+    def finish(self, num_layers: int) -> list[str]:
+        """Copy the tensors outside the decoder layers, close the shards; returns the names the conversion created
+        or changed."""
+        prefixes = tuple(self.spec.layer_prefix.format(layer=layer) for layer in range(num_layers))
+        for name in self.names:
+            if not name.startswith(prefixes):
+                self._copy(name)
+        self.writer.finish()
+        return self.changed
 
 
 def _versions() -> dict[str, str]:
@@ -139,52 +215,47 @@ def _versions() -> dict[str, str]:
     }
 
 
-def run_conversion(
-    source: str | Path,
-    out: str | Path,
-    plan: Callable[[ConversionContext], Rewrite],
-    *,
-    overwrite: bool = False,
-    out_shard_size: str | int = "5GB",
-    allow_pickle: bool = False,
-    check: Callable[[Path, Path], dict[str, Any]] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Convert `source` into the folder `out` with the rewrite `plan` makes; returns the report it writes."""
-    started = time.perf_counter()
-    out = Path(out)
-    max_shard_bytes = parse_size(out_shard_size)
-    source_path = Path(source)
-    check_output_dir(out, overwrite, source_path if source_path.exists() else None)
-    with open_source(source, allow_pickle=allow_pickle) as checkpoint:
-        spec = family_for(checkpoint.config)
-        context = ConversionContext(checkpoint, spec, HeadCounts.from_config(checkpoint.config), str(source))
-        if check is not None:
-            load_tokenizer(checkpoint.folder)  # fail before converting, not after
-        rewrite = plan(context)
-        with atomic_output_dir(out, overwrite) as staging:
-            layer_reports, new_parameters = write_weights(context, rewrite, staging, max_shard_bytes, progress)
-            (staging / "config.json").write_text(json.dumps(rewrite.config, indent=2) + "\n")
-            for side_file in checkpoint.side_files():
-                shutil.copy2(side_file, staging / side_file.name)
-            report = {
-                "source": str(source),
-                "method": rewrite.method,
-                "source_architecture": (checkpoint.config.get("architectures") or [None])[0],
-                "target_architecture": (rewrite.config.get("architectures") or [None])[0],
-                "source_heads": {"query": context.counts.num_heads, "kv": context.counts.num_kv_heads},
-                **rewrite.summary,
-                "kv_bytes_per_token": {
-                    "source": kv_bytes_per_token(checkpoint.config),
-                    "target": kv_bytes_per_token(rewrite.config),
-                },
-                "layers": layer_reports,
-                "new_parameters": new_parameters,
-                "versions": _versions(),
-            }
-            report["kv_fraction"] = report["kv_bytes_per_token"]["target"] / report["kv_bytes_per_token"]["source"]
-            if check is not None:
-                report["check"] = check(checkpoint.folder, staging)
-            report["elapsed_seconds"] = round(time.perf_counter() - started, 2)
-            (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The process's peak resident memory (and the GPU's peak allocation when it ran there), in GiB."""
+    peak = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if device.type == "cuda":
+        peak["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return peak
+
+
+def write_metadata(conversion: Conversion, config: dict[str, Any], folder: Path | None = None) -> None:
+    """config.json and the source's tokenizer, chat template and generation files, beside the weights (in the
+    staging folder unless `folder` says otherwise)."""
+    folder = folder or conversion.staging
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for side_file in conversion.checkpoint.side_files():
+        shutil.copy2(side_file, folder / side_file.name)
+
+
+def finish(
+    conversion: Conversion, *, method: str, config: dict[str, Any], summary: dict[str, Any],
+    layers: list[dict[str, Any]], new_parameters: list[str], check: dict[str, Any] | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Write kvshrink_report.json and the model card (README.md) into the staging folder; return the report."""
+    checkpoint = conversion.checkpoint
+    kv = {"source": kv_bytes_per_token(checkpoint.config), "target": kv_bytes_per_token(config)}
+    report = {
+        "source": conversion.source,
+        "method": method,
+        "source_architecture": (checkpoint.config.get("architectures") or [None])[0],
+        "target_architecture": (config.get("architectures") or [None])[0],
+        "source_heads": {"query": conversion.counts.num_heads, "kv": conversion.counts.num_kv_heads},
+        **summary,
+        "kv_bytes_per_token": kv,
+        "kv_fraction": kv["target"] / kv["source"],
+        "layers": layers,
+        "new_parameters": new_parameters,
+        "runtime": {"device": str(conversion.device), "dtype": "float32", **peak_memory(conversion.device)},
+        "versions": _versions(),
+    }
+    if check is not None:
+        report["check"] = check
+    report["elapsed_seconds"] = round(time.perf_counter() - conversion.started, 2)
+    (conversion.staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    write_model_card(report, conversion.staging, str(conversion.out))
     return report

@@ -6,8 +6,6 @@ its own folder atomically, so `--resume` can skip every step whose folder is alr
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import json
 import shutil
 import time
@@ -31,7 +29,7 @@ Command = Literal["mha-to-gqa", "mha-to-mqa", "mha-to-mla"]
 class Conversion:
     name: str  # folder name under models/ and the label in every table
     command: Command
-    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the library function
+    options: dict[str, Any] = field(default_factory=dict)  # fields of the command's options model (convert/options.py)
 
 
 @dataclass(frozen=True)
@@ -59,27 +57,28 @@ class Pipeline:
 
 
 def _converter(command: Command):
+    """(library function, its options model) of a conversion command."""
+    from kvshrink.convert.options import GqaOptions, MlaOptions
+
     if command == "mha-to-mla":
         from kvshrink.convert.mha_to_mla import mha_to_mla
 
-        return mha_to_mla
+        return mha_to_mla, MlaOptions
     from kvshrink.convert.mha_to_gqa import mha_to_gqa
 
-    return mha_to_gqa
+    return mha_to_gqa, GqaOptions
 
 
-def _check_options(conversion: Conversion) -> None:
-    parameters = inspect.signature(_converter(conversion.command)).parameters
-    settable = [name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY or name == "groups"]
-    for key in conversion.options:
-        if key not in settable:
-            guess = difflib.get_close_matches(key, settable, n=1)
-            hint = f"did you mean {guess[0]}?" if guess else f"options are {', '.join(settable)}"
-            raise KvshrinkError(f"conversion {conversion.name!r}: unknown option {key!r} for {conversion.command}: {hint}")
-    if conversion.command == "mha-to-gqa" and "groups" not in conversion.options:
-        raise KvshrinkError(f"conversion {conversion.name!r}: mha-to-gqa needs `groups: G` under options")
+def _options(conversion: Conversion, **fixed: Any):
+    """The conversion's options validated by the command's options model (the one its CLI flags come from)."""
+    from kvshrink.convert.options import build_options
+
     if conversion.command == "mha-to-mqa" and "groups" in conversion.options:
         raise KvshrinkError(f"conversion {conversion.name!r}: mha-to-mqa takes no groups; use mha-to-gqa for G > 1")
+    if conversion.command == "mha-to-gqa" and "groups" not in conversion.options:
+        raise KvshrinkError(f"conversion {conversion.name!r}: mha-to-gqa needs `groups: G` under options")
+    values = {**conversion.options, **({"groups": 1} if conversion.command == "mha-to-mqa" else {}), **fixed}
+    return build_options(_converter(conversion.command)[1], values, f"conversion {conversion.name!r}")
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
@@ -99,7 +98,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     if duplicates:
         raise KvshrinkError(f"{path}: conversion names must be unique and not 'source': rename {', '.join(sorted(duplicates))}")
     for conversion in pipeline.conversions:
-        _check_options(conversion)
+        _options(conversion)
     for step in pipeline.uptraining:
         if step.conversion not in names:
             raise KvshrinkError(f"{path}: uptraining names conversion {step.conversion!r}, which is not listed: use one of {', '.join(names)}")
@@ -215,10 +214,7 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, resume: bool = 
         out = layout.model(conversion.name)
         if not (resume and out.is_dir()):
             _announce(f"converting {conversion.name} ({conversion.command})")
-            options = dict(conversion.options)
-            if conversion.command == "mha-to-mqa":
-                options["groups"] = 1
-            _converter(conversion.command)(source, out, overwrite=True, **options)
+            _converter(conversion.command)[0](source, out, _options(conversion, overwrite=True))
         models.append(out)
     for step in pipeline.uptraining:
         out = layout.uptrained(step.conversion)

@@ -40,7 +40,8 @@ def tiny_checkpoint(tmp_path):
 def smollm2_mqa_dir(smollm2_dir, tmp_path_factory) -> Path:
     """SmolLM2 with its 3 KV heads merged into one by `convert mha-to-mqa` (default method), checked."""
     from kvshrink.convert.mha_to_gqa import mha_to_gqa
+    from kvshrink.convert.options import GqaOptions
 
     out = tmp_path_factory.mktemp("real") / "smollm2-mqa"
-    mha_to_gqa(smollm2_dir, out, 1, check=True, check_tokens=1024, progress=False)
+    mha_to_gqa(smollm2_dir, out, GqaOptions(groups=1, check=True, check_tokens=1024, progress=False))
     return out

@@ -118,7 +118,7 @@ def regroup_similar_heads(
     """(layer with each group's KV heads made consecutive, the groups of source heads, input moment): the first
     step of the calibrated methods. `method` names the caller in the error raised when `stats` is missing."""
     if stats is None:
-        raise KvshrinkError(f"{method} needs calibration statistics: pass stats from collect_statistics")
+        raise KvshrinkError(f"{method} needs calibration statistics: pass the layer statistics of a calibration.Calibration")
     moment = input_moment(stats)
     head_groups = similar_groups(attention, groups, moment)
     return permute_kv_heads(attention, [h for members in head_groups for h in members]), head_groups, moment

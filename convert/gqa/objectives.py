@@ -50,6 +50,18 @@ def merge_errors(
     cross = (_quadratic(q_src, sigma, q_new) * _quadratic(k_new, sigma, k_src)).real
     logit_error = (source_energy + merged_energy - 2 * cross).sum() / source_energy.sum()
 
+    error, source_values = value_error_terms(source, merge, moment, query_moments)
+    return {"logit_rel_error": float(logit_error.clamp_min(0)), "value_rel_error": max(error, 0.0) / source_values}
+
+
+def value_error_terms(
+    source: AttentionWeights, merge: KvMerge, moment: torch.Tensor, query_moments: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """(E‖O_i v − O'_i v'‖², E‖O_i v‖²) summed over query heads: the value-output error and its scale, so
+    errors of separately merged groups add up."""
+    merged, d = merge.attention, source.head_dim
+    order = _source_query_order(merge, source.queries_per_kv_head)
+    new_kv_of_query = torch.arange(source.num_heads) // merged.queries_per_kv_head
     v_src = per_head(augmented(source.v, source.v_bias), d)[order // source.queries_per_kv_head]
     v_new = per_head(augmented(merged.v, merged.v_bias), d)[new_kv_of_query]
     o_src = source.o.double().reshape(source.o.shape[0], source.num_heads, d).permute(1, 0, 2)[order]
@@ -59,7 +71,4 @@ def merge_errors(
     metric = moment if query_moments is None else query_moments[order]
     error = torch.einsum("hab,hba->h", outputs.mT @ outputs, values @ metric @ values.mT).sum()
     source_values = torch.einsum("hab,hba->h", o_src.mT @ o_src, v_src @ metric @ v_src.mT).sum()
-    return {
-        "logit_rel_error": float(logit_error.clamp_min(0)),
-        "value_rel_error": float(error.clamp_min(0) / source_values),
-    }
+    return float(error), float(source_values)

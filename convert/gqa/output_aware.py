@@ -33,7 +33,7 @@ from kvshrink.convert.gqa.heads import (
     augmented, fold_key_gains, per_head, rotary_pairs, rows_from_pairs, split_augmented,
 )  # fmt: skip
 from kvshrink.convert.gqa.mean import merge as mean_merge
-from kvshrink.convert.gqa.objectives import merge_errors
+from kvshrink.convert.gqa.objectives import merge_errors, value_error_terms
 
 NEEDS_CALIBRATION = True
 FOLDS_KEY_GAINS = True
@@ -102,37 +102,72 @@ def _shared_values(
     return shared.reshape(groups * d, -1), refit.permute(1, 0, 2).reshape(attention.o.shape[0], -1)
 
 
-def merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | None) -> KvMerge:
-    """Regroup the KV heads by similarity, then merge each group into the K and V that best keep its logits
-    and o_proj output on the calibration inputs in `stats`."""
-    permuted, head_groups, moment = regroup_similar_heads(attention, groups, stats, "the output-aware merge")
-    value_moments = key_moments = source_moments = None
+def _group(attention: AttentionWeights, group: int, size: int) -> AttentionWeights:
+    """KV heads group·size … (group+1)·size − 1 with their query heads and o_proj columns: a layer of its own,
+    since the merge of one group never reads another's weights."""
+    d, ratio = attention.head_dim, attention.queries_per_kv_head
+    kv = slice(group * size * d, (group + 1) * size * d)
+    q = slice(group * size * ratio * d, (group + 1) * size * ratio * d)
+
+    def take(tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+        return None if tensor is None else tensor[rows]
+
+    return attention.with_kv(
+        q=attention.q[q], q_bias=take(attention.q_bias, q), k=attention.k[kv], k_bias=take(attention.k_bias, kv),
+        v=attention.v[kv], v_bias=take(attention.v_bias, kv), o=attention.o[:, q], num_heads=size * ratio,
+        num_kv_heads=size,
+    )  # fmt: skip
+
+
+def _merge_group(
+    group: AttentionWeights, moment: torch.Tensor, stats: LayerStatistics
+) -> tuple[AttentionWeights, str, tuple[float, float] | None]:
+    """One group merged into one KV head; the key method used; the attended value error (error, source energy)
+    when the statistics carry the source's RoPE. The attended moments are computed for this group's query heads
+    only, so memory is one group's, not the layer's."""
+    value_moments = key_moments = None
     if isinstance(stats, RotaryLayerStatistics):
-        source_moments = attended_moments(attention, stats)
-        order = torch.tensor([h * permuted.queries_per_kv_head + t for members in head_groups for h in members
-                              for t in range(permuted.queries_per_kv_head)])  # fmt: skip
-        value_moments, key_moments = (moments[order] for moments in source_moments)
-    if permuted.q_norm is None and permuted.k_norm is None:
-        if key_moments is None:
-            group_key_moments = moment.expand(groups, -1, -1)
-        else:
-            group_key_moments = key_moments.reshape(groups, -1, *key_moments.shape[1:]).mean(dim=1)
-        shared, gains = _shared_keys(permuted, groups, moment, group_key_moments)
-        k, k_bias = split_augmented(rows_from_pairs(shared), permuted.k_bias is not None)
-        q, q_bias = fold_key_gains(permuted, gains)
+        value_moments, key_moments = attended_moments(group, stats)
+    if group.q_norm is None and group.k_norm is None:
+        key_moment = moment[None] if key_moments is None else key_moments.mean(dim=0, keepdim=True)
+        shared, gains = _shared_keys(group, 1, moment, key_moment)
+        k, k_bias = split_augmented(rows_from_pairs(shared), group.k_bias is not None)
+        q, q_bias = fold_key_gains(group, gains)
         key_merge = "rope-exact complex gains, query-weighted least squares"
     else:
-        pooled = mean_merge(permuted, groups).attention
-        k, k_bias, q, q_bias = pooled.k, pooled.k_bias, permuted.q, permuted.q_bias
+        pooled = mean_merge(group, 1).attention
+        k, k_bias, q, q_bias = pooled.k, pooled.k_bias, group.q, group.q_bias
         key_merge = "mean (per-head q/k norms: a gain folded into queries would not be exact)"
-    values, o = _shared_values(permuted, groups, moment, value_moments)
-    v, v_bias = split_augmented(values, permuted.v_bias is not None)
-    merged = permuted.with_kv(
-        q=q, q_bias=q_bias, k=k, k_bias=k_bias, v=v, v_bias=v_bias, o=o.float().contiguous(), num_kv_heads=groups
-    )
-    result = KvMerge(merged, head_groups, {"key_merge": key_merge})
+    values, o = _shared_values(group, 1, moment, value_moments)
+    v, v_bias = split_augmented(values, group.v_bias is not None)
+    merged = group.with_kv(q=q, q_bias=q_bias, k=k, k_bias=k_bias, v=v, v_bias=v_bias, o=o.float().contiguous(),
+                           num_kv_heads=1)  # fmt: skip
+    attended = None
+    if value_moments is not None:
+        attended = value_error_terms(group, KvMerge(merged, [list(range(group.num_kv_heads))]), moment, value_moments)
+    return merged, key_merge, attended
+
+
+def _concatenated(parts: list[AttentionWeights], template: AttentionWeights) -> AttentionWeights:
+    def joined(name: str) -> torch.Tensor | None:
+        tensors = [getattr(part, name) for part in parts]
+        return None if tensors[0] is None else torch.cat(tensors)
+
+    return template.with_kv(
+        q=joined("q"), q_bias=joined("q_bias"), k=joined("k"), k_bias=joined("k_bias"), v=joined("v"),
+        v_bias=joined("v_bias"), o=torch.cat([part.o for part in parts], dim=1), num_kv_heads=len(parts),
+    )  # fmt: skip
+
+
+def merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | None) -> KvMerge:
+    """Regroup the KV heads by similarity, then merge each group into the K and V that best keep its logits
+    and o_proj output on the calibration inputs in `stats`, one group at a time."""
+    permuted, head_groups, moment = regroup_similar_heads(attention, groups, stats, "the output-aware merge")
+    size = attention.num_kv_heads // groups
+    parts = [_merge_group(_group(permuted, g, size), moment, stats) for g in range(groups)]
+    result = KvMerge(_concatenated([part[0] for part in parts], permuted), head_groups, {"key_merge": parts[0][1]})
     result.details.update(merge_errors(attention, result, moment))
-    if source_moments is not None:
-        attended_error = merge_errors(attention, result, moment, source_moments[0])
-        result.details["attended_value_rel_error"] = attended_error["value_rel_error"]
+    if parts[0][2] is not None:
+        error, total = (sum(part[2][i] for part in parts) for i in (0, 1))
+        result.details["attended_value_rel_error"] = max(error, 0.0) / total
     return result

@@ -9,5 +9,8 @@
     lowrank        the joint [K_nope; V] latent (`weight`, `activation` or `output` factorization)
     latent_norm    making DeepseekV3's latent RMSNorm an exact linear map
     layer          one layer's attention -> DeepseekV3 attention tensors, with its report entry
-    deepseek       the target format: config, rope parameters, weight layout, serving targets
+    deepseek       the target format: config, rope parameters, weight layout
+    shapes         the (kv_lora_rank, rope dim) from the size options, snapped to what the target engine runs
+    biases         query/value/rope-key biases refit into bias-free weights for the serving layout
+    yarn           Llama-3 RoPE as the deepseek_yarn table serving engines compute
 """

@@ -34,6 +34,26 @@ def to_interleaved(pairs: torch.Tensor) -> torch.Tensor:
     return torch.stack([pairs.real, pairs.imag], dim=-2).flatten(-3, -2)
 
 
+def moment_factor(moment: torch.Tensor) -> torch.Tensor:
+    """F with F Fᵀ = moment (plus a ridge of 1e-12 of its largest diagonal entry, so that a rank-deficient moment,
+    e.g. fewer calibration tokens than inputs, still factors). Energies computed as ‖r F‖² are sums of squares:
+    never negative, however small the rows, where rᵀ·moment·r of a tiny residual can round below zero."""
+    ridge = 1e-12 * float(moment.diagonal().abs().max()) + 1e-300
+    eye = torch.eye(moment.shape[0], dtype=moment.dtype)
+    factor, info = torch.linalg.cholesky_ex((moment + moment.T) / 2 + ridge * eye)
+    if int(info) == 0:
+        return factor
+    values, vectors = torch.linalg.eigh((moment + moment.T) / 2)  # indefinite by rounding beyond the ridge
+    return vectors * values.clamp_min(0).sqrt()
+
+
+def factored_energy(rows: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """E|r·x̃|² = ‖r F‖² for each complex (or real) row r, with F from `moment_factor`: [..., n] -> [...], >= 0."""
+    if rows.is_complex():
+        return factored_energy(rows.real, factor) + factored_energy(rows.imag, factor)
+    return (rows.to(factor.dtype) @ factor).pow(2).sum(-1)
+
+
 def energy(rows: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
     """E|r·x̃|² for each complex (or real) row r under the input second moment: [..., n] -> [...]."""
     if rows.is_complex():

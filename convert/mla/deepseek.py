@@ -1,7 +1,7 @@
-"""The target format: a dense DeepseekV3 config, its rope parameters, and what each serving engine accepts.
+"""The target format: a dense DeepseekV3 config and its rope parameters.
 
-Two targets (NOTES "serving engines differ"):
-- `vllm` (also right for SGLang): rope_type "default" with a rope_theta that makes the D/2 slot frequencies
+Two layouts (NOTES "serving engines differ"; the engines' rules are data in `kvshrink.convert.engines`):
+- `vllm` / `sglang`: rope_type "default" with a rope_theta that makes the D/2 slot frequencies
   θ'^(-2i/D) the kept source frequencies (a geometric set from 1), interleaved rope weights, no attention
   biases, and rms_norm_eps set to the 1e-6 transformers hard-codes for the latent norm, so both engines run
   the same linear latent norm. Valid in vLLM, SGLang and transformers.
@@ -16,25 +16,14 @@ from typing import Any
 
 import torch
 
+from kvshrink.convert.engines import TRANSFORMERS_LATENT_EPS
 from kvshrink.convert.errors import KvshrinkError
 
-TARGETS = ("vllm", "sglang", "transformers")
-TRANSFORMERS_LATENT_EPS = 1e-6  # DeepseekV3RMSNorm default; transformers builds kv_a_layernorm without config eps
 _CARRIED = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id",
     "pad_token_id", "hidden_act", "initializer_range", "attention_dropout", "use_cache", "dtype",
 )  # fmt: skip
-
-
-def serving_target(target: str) -> bool:
-    if target not in TARGETS:
-        raise KvshrinkError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
-    return target != "transformers"
-
-
-def valid_engines(target: str) -> list[str]:
-    return ["transformers", "vllm", "sglang"] if serving_target(target) else ["transformers"]
 
 
 def source_rope(config: dict[str, Any], head_dim: int) -> tuple[torch.Tensor, str, float]:

@@ -20,20 +20,16 @@ from typing import Any
 import torch
 
 from kvshrink.convert.attention import AttentionWeights
-from kvshrink.convert.mla.complex_heads import augmented, energy, to_complex, to_interleaved, to_rotate_half
+from kvshrink.convert.mla.biases import refit_layer
+from kvshrink.convert.mla.complex_heads import (
+    augmented, factored_energy, moment_factor, to_complex, to_interleaved, to_rotate_half,
+)  # fmt: skip
 from kvshrink.convert.mla.distance import rotation_gains
 from kvshrink.convert.mla.fold import fold_into_slots
 from kvshrink.convert.mla.latent_norm import latent_scale, linearization_error
 from kvshrink.convert.mla.lowrank import joint_latent
 from kvshrink.convert.mla.rope import RopeBasis, RopeSlots
-
-
-@dataclass(frozen=True)
-class MlaShape:
-    kv_rank: int  # R: latent width (kv_lora_rank)
-    rope_dim: int  # D: shared rope key width (qk_rope_head_dim)
-    nope_dim: int  # qk_nope_head_dim: the source head_dim, or 0 when every rotary component keeps RoPE
-    head_dim: int  # source head_dim = v_head_dim
+from kvshrink.convert.mla.shapes import MlaShape
 
 
 @dataclass(frozen=True)
@@ -45,6 +41,7 @@ class OutputFormat:
     attention_bias: bool  # kv_a_proj_with_mqa / o_proj (and q_a_proj) carry biases
     query_latent: bool  # query through q_a_proj -> q_a_layernorm -> q_b_proj (the only place a q bias fits)
     drop_key_bias: bool  # drop the no-RoPE key bias (shifts all logits of a query equally: exact)
+    refit_biases: bool = False  # no biases allowed: refit query, value and rope-key biases into the weights (`biases`)
 
 
 @dataclass
@@ -58,11 +55,11 @@ class LayerCalibration:
     basis: RopeBasis
 
 
-def rope_bias(attention: AttentionWeights, basis: RopeBasis, slots: RopeSlots) -> torch.Tensor:
+def rope_bias(k_bias: torch.Tensor | None, basis: RopeBasis, slots: RopeSlots, kv_heads: int, head_dim: int) -> torch.Tensor:
     """The bias the shared rope key would need (complex, one per slot); zero when the source has no k bias."""
-    if attention.k_bias is None:
+    if k_bias is None:
         return torch.zeros(len(slots.frequency), dtype=torch.complex128)
-    key_bias = to_complex(attention.k_bias[:, None].double(), attention.num_kv_heads, attention.head_dim)[..., 0]
+    key_bias = to_complex(k_bias[:, None].double(), kv_heads, head_dim)[..., 0]
     rotated = torch.einsum("jcg,gj->cj", basis.mixing, key_bias)
     return rotated[list(slots.rank), list(slots.frequency)]
 
@@ -144,10 +141,12 @@ def convert_attention(
         metric = _output_metric(query_parts[0] if shape.nope_dim else None, attention.o, targets, moment, group)
     key_rows = (torch.arange(targets.shape[1]) < shape.nope_dim).repeat(kv_heads)
     latent = joint_latent(stacked, shape.kv_rank, factorization, moment, metric, key_rows)
-    alpha = latent_scale(latent.down, output.latent_eps, input_norm_bound)
+    down, rope_key_rows, bias_errors = latent.down, _rope_rows(rope_key, output.interleave), None
+    if output.refit_biases:
+        query_rows, down, rope_key_rows, bias_errors = refit_layer(query_rows, down, rope_key_rows, moment)
+    alpha = latent_scale(down, output.latent_eps, input_norm_bound)
     up = latent.up.reshape(kv_heads, -1, shape.kv_rank)[group].reshape(-1, shape.kv_rank)
-    rope_key_rows = _rope_rows(rope_key, output.interleave)
-    kv_a = torch.cat([latent.down * alpha, rope_key_rows])
+    kv_a = torch.cat([down * alpha, rope_key_rows])
 
     tensors = {
         "kv_a_proj_with_mqa.weight": kv_a[:, :hidden],
@@ -168,17 +167,21 @@ def convert_attention(
     else:
         tensors["q_proj.weight"] = query_rows[:, :hidden]
 
-    approximation = latent.up @ latent.down
-    error = energy(stacked - approximation, moment).reshape(kv_heads, -1).sum(0)
+    # Errors from residual rows through a factor of the moment: sums of squares, so a near-exact latent (rank
+    # close to full) reports a tiny error rather than a negative one from rounding.
+    factor = moment_factor(moment)
+    error = factored_energy(stacked - latent.up @ latent.down, factor).reshape(kv_heads, -1).sum(0)
     nope_rows = shape.nope_dim
-    key_energy = float(energy(keys, moment).sum())
-    value_energy = float(energy(values, moment).sum())
+    key_energy = float(factored_energy(keys, factor).sum())
+    value_energy = float(factored_energy(values, factor).sum())
     key_error = float(error[:nope_rows].sum()) if nope_rows else 0.0
     report = {
-        "k_rel_error": math.sqrt(key_error / max(key_energy, 1e-300)),
-        "v_rel_error": math.sqrt(float(error[nope_rows:].sum()) / max(value_energy, 1e-300)),
+        "k_rel_error": math.sqrt(max(key_error, 0.0) / max(key_energy, 1e-300)),
+        "v_rel_error": math.sqrt(max(float(error[nope_rows:].sum()), 0.0) / max(value_energy, 1e-300)),
         "rope_energy_kept": float(calibration.basis.key_energy[frequency, rank].sum() / calibration.basis.key_energy.sum()),
         "folded_components": folded,
-        "latent_norm_error": linearization_error(calibration.sample @ (latent.down * alpha).T, output.latent_eps),
+        "latent_norm_error": linearization_error(calibration.sample[:, : down.shape[1]] @ (down * alpha).T, output.latent_eps),
     }
+    if bias_errors is not None:
+        report["bias_refit_error"] = bias_errors
     return {name: tensor.float() for name, tensor in tensors.items()}, report

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.mla.complex_heads import moment_factor
 
 FACTORIZATIONS = ("weight", "activation", "balanced", "output")
 
@@ -45,8 +46,9 @@ def joint_latent(
         key_energy, value_energy = energy[key_rows].sum(), energy[~key_rows].sum()
         if key_energy <= 0 or value_energy <= 0:  # nothing to balance (no keys in the latent, or silent ones)
             return joint_latent(targets, rank, "activation", moment)
-        key_weights = torch.where(key_rows, value_energy / key_energy, 1.0).to(targets.dtype)
-        return joint_latent(targets, rank, "output", moment, torch.diag(key_weights))
+        scale = torch.where(key_rows, (value_energy / key_energy).sqrt(), 1.0).to(targets.dtype)[:, None]
+        scaled = joint_latent(scale * targets, rank, "activation", moment)  # a diagonal metric: rows rescaled
+        return JointLatent(down=scaled.down, up=scaled.up / scale)
     if factorization == "output":
         values, vectors = torch.linalg.eigh(output_metric)
         values = values.clamp_min(values.max() * 1e-8)
@@ -54,11 +56,12 @@ def joint_latent(
         whitened = joint_latent(root @ targets, rank, "activation", moment)
         return JointLatent(down=whitened.down, up=inverse_root @ whitened.up)
     if factorization == "activation":
-        covariance = targets @ moment @ targets.T
+        weighted = targets @ moment_factor(moment)  # (T F)(T F)ᵀ = T·moment·Tᵀ, the output covariance
     elif factorization == "weight":
-        covariance = targets @ targets.T
+        weighted = targets
     else:
         raise KvshrinkError(f"unknown factorization {factorization!r}: choose one of {', '.join(FACTORIZATIONS)}")
-    _, vectors = torch.linalg.eigh((covariance + covariance.T) / 2)
-    basis = vectors[:, -rank:].flip(1) if rank <= vectors.shape[1] else vectors.flip(1)
+    # Left singular vectors of [rows, n] rather than an eigendecomposition of the [rows, rows] covariance: the
+    # same subspace, several times cheaper when rows exceed the inputs (a 7B-width MHA layer: 8192 rows, 4097 inputs).
+    basis = torch.linalg.svd(weighted, full_matrices=False).U[:, :rank]
     return JointLatent(down=basis.T @ targets, up=basis)

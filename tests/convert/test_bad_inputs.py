@@ -168,3 +168,35 @@ def test_umbrella_command_reaches_the_same_converter(source, tmp_path):
     result = CliRunner().invoke(kvshrink_cli, ["convert", "mha-to-mqa", str(source), str(tmp_path / "o"), "--no-check", "--method", "mean"])
     assert result.exit_code == 0, result.output
     assert "KV heads 4 -> 1" in result.output
+
+
+def test_checkpoint_missing_a_tensor_of_its_stock_class(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_checkpoint("llama", tokenizer=True)
+    tensors = load_file(source / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert_refused(run_convert("mha-to-mqa", source, out), "model.layers.1.mlp.up_proj.weight", "re-download", out=out)
+
+
+def test_a_disk_too_small_for_the_output_is_refused_before_writing(tiny_checkpoint, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    source, out = tiny_checkpoint("llama", tokenizer=True), tmp_path / "out"
+    assert_refused(run_convert("mha-to-mqa", source, out, "--method", "mean"), "GB free", "needs about", out=out)
+
+
+def test_a_tensor_holding_inf_is_refused_by_name(tiny_checkpoint, tmp_path):
+    def corrupt(model):
+        model.model.layers[0].self_attn.k_proj.weight[3, 1] = float("inf")
+
+    source, out = tiny_checkpoint("llama", tokenizer=True, edit=corrupt), tmp_path / "out"
+    result = run_convert("mha-to-mqa", source, out, "--method", "mean")
+    error = result.output.strip().splitlines()[-1]  # after the progress bar of the layers before it
+    assert result.exit_code == 1 and error.startswith("Error: tensor model.layers.0.self_attn.k_proj.weight")
+    assert "NaN or inf" in error and not out.exists()

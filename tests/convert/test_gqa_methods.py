@@ -303,11 +303,12 @@ def test_help_lists_every_method_and_the_default():
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
-    [(["--method", "median"], "Invalid value for '--method'"), (["--calibration-tokens", "1"], "--calibration-tokens")],
+    [(["--method", "median"], "Invalid value for '--method'"),
+     (["--calibration-tokens", "1"], "--calibration-tokens must be at least 2")],  # fmt: skip
 )
 def test_cli_rejects_bad_method_options(tiny_checkpoint, tmp_path, arguments, message):
     result = CliRunner().invoke(convert_cli, ["mha-to-gqa", str(tiny_checkpoint()), str(tmp_path / "out"), "-g", "2", *arguments])
-    assert result.exit_code == 2
+    assert result.exit_code != 0
     assert message in result.output
     assert not (tmp_path / "out").exists()
 

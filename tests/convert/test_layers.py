@@ -9,7 +9,7 @@ import torch
 from kvshrink.convert.check import load_causal_lm, perplexity
 from kvshrink.convert.checkpoint import open_source
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.layers import stock_model, stream_perplexity
+from kvshrink.convert.layers import StockModel, stream_perplexity
 
 FAMILIES = [
     ("llama", 4, 2, {}),
@@ -31,7 +31,7 @@ def _windows() -> list[torch.Tensor]:
 def test_streamed_perplexity_equals_the_whole_model(tiny_checkpoint, model_type, heads, kv_heads, overrides):
     folder = tiny_checkpoint(model_type, heads, kv_heads, dtype=torch.bfloat16, **overrides)
     with open_source(folder) as checkpoint:
-        streamed = stream_perplexity(stock_model(checkpoint, torch.device("cpu")), _windows())
+        streamed = stream_perplexity(StockModel.of_checkpoint(checkpoint, torch.device("cpu")), _windows())
     whole = perplexity(load_causal_lm(folder, "cpu"), _windows(), progress=False)
     assert streamed == pytest.approx(whole, rel=1e-5)
 
@@ -42,4 +42,51 @@ def test_a_tensor_holding_nan_is_refused_by_name(tiny_checkpoint):
 
     folder = tiny_checkpoint("llama", 4, 2, edit=corrupt)
     with open_source(folder) as checkpoint, pytest.raises(KvshrinkError, match=r"model\.layers\.1\.mlp\.up_proj\.weight .*NaN or inf"):
-        stream_perplexity(stock_model(checkpoint, torch.device("cpu")), _windows())
+        stream_perplexity(StockModel.of_checkpoint(checkpoint, torch.device("cpu")), _windows())
+
+
+def _live_state() -> tuple[int, int]:
+    """(most real decoder layers alive at once, most tensor bytes alive at once) while a layer is written."""
+    import gc
+    import warnings
+
+    layers, tensor_bytes = [0], [0]
+    with warnings.catch_warnings():  # isinstance on some torch module globals warns of their deprecation
+        warnings.simplefilter("ignore")
+        objects = [item for item in gc.get_objects() if isinstance(item, (torch.nn.Module, torch.Tensor))]
+    for item in objects:
+        if isinstance(item, torch.nn.Module) and type(item).__name__.endswith("DecoderLayer"):
+            if any(p.device.type != "meta" for p in item.parameters()):
+                layers[0] += 1
+        elif isinstance(item, torch.Tensor) and item.device.type != "meta":
+            tensor_bytes[0] += item.numel() * item.element_size()
+    return layers[0], tensor_bytes[0]
+
+
+@pytest.mark.parametrize("converter", ["gqa", "mla"])
+def test_one_layer_is_alive_at_a_time_whatever_the_depth(tiny_checkpoint, tmp_path, monkeypatch, converter):
+    from kvshrink.convert import rewrite
+    from kvshrink.convert.mha_to_gqa import mha_to_gqa
+    from kvshrink.convert.mha_to_mla import mha_to_mla
+    from kvshrink.convert.options import GqaOptions, MlaOptions
+
+    seen: list[tuple[int, int]] = []
+    write_layer = rewrite.LayerWriter.write_layer
+
+    def observed(self, layer, tensors):
+        write_layer(self, layer, tensors)
+        seen.append(_live_state())
+
+    monkeypatch.setattr(rewrite.LayerWriter, "write_layer", observed)
+    peaks = {}
+    for depth in (2, 8):
+        source = tiny_checkpoint("llama", 4, 2, tokenizer=True, num_hidden_layers=depth)
+        seen.clear()
+        if converter == "gqa":
+            mha_to_gqa(source, tmp_path / f"out{depth}", GqaOptions(groups=1, calibration_tokens=1024, check=False, progress=False))
+        else:
+            mha_to_mla(source, tmp_path / f"out{depth}", MlaOptions(kv_budget=0.5, target="sglang", calibration_tokens=1024, check=False, progress=False))
+        assert max(alive for alive, _ in seen) <= 1
+        peaks[depth] = max(size for _, size in seen)
+    layer_bytes = 4 * (4 * 64 * 64 + 3 * 64 * 96)
+    assert peaks[8] - peaks[2] < layer_bytes  # 6 more layers held would add 6 x layer_bytes

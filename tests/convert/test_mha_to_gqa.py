@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from kvshrink.convert.mha_to_gqa import mha_to_gqa
+from kvshrink.convert.options import GqaOptions
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 
@@ -44,7 +45,7 @@ TOKENS = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(
 def test_output_loads_as_source_class_with_fewer_kv_heads(tiny_checkpoint, tmp_path, model_type, dtype):
     source = tiny_checkpoint(model_type, num_heads=4, num_kv_heads=4, dtype=dtype, shard_size="40KB")
     assert (source / "model.safetensors.index.json").exists()
-    report = mha_to_gqa(source, tmp_path / "out", 2, method="mean", check=False, progress=False)
+    report = mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=2, method="mean", check=False, progress=False))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert type(model).__name__ == json.loads((source / "config.json").read_text())["architectures"][0]
     assert model.config.num_key_value_heads == 2
@@ -56,7 +57,7 @@ def test_output_loads_as_source_class_with_fewer_kv_heads(tiny_checkpoint, tmp_p
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_kv_weights_are_group_means(tiny_checkpoint, tmp_path, model_type):
     source = tiny_checkpoint(model_type, num_heads=4, num_kv_heads=4)
-    mha_to_gqa(source, tmp_path / "out", 2, method="mean", check=False, progress=False)
+    mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=2, method="mean", check=False, progress=False))
     before = AutoModelForCausalLM.from_pretrained(source)
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     for old, new in zip(_kv_parts(before), _kv_parts(after)):
@@ -85,14 +86,14 @@ def _make_groups_identical(groups: int):
 @pytest.mark.parametrize(("kv_heads", "groups"), [(4, 2), (4, 1), (2, 1)])
 def test_identical_heads_merge_losslessly(tiny_checkpoint, tmp_path, model_type, kv_heads, groups):
     source = tiny_checkpoint(model_type, num_heads=4, num_kv_heads=kv_heads, edit=_make_groups_identical(groups))
-    mha_to_gqa(source, tmp_path / "out", groups, method="mean", check=False, progress=False)
+    mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=groups, method="mean", check=False, progress=False))
     torch.testing.assert_close(_logits(tmp_path / "out", TOKENS), _logits(source, TOKENS), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_groups_equal_to_kv_heads_is_bit_identical(tiny_checkpoint, tmp_path, dtype):
     source = tiny_checkpoint("qwen2", num_heads=4, num_kv_heads=2, dtype=dtype)
-    mha_to_gqa(source, tmp_path / "out", 2, method="mean", check=False, progress=False)
+    mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=2, method="mean", check=False, progress=False))
     before, after = load_file(source / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     assert before.keys() == after.keys()
     for name in before:
@@ -101,7 +102,7 @@ def test_groups_equal_to_kv_heads_is_bit_identical(tiny_checkpoint, tmp_path, dt
 
 def test_output_shards_follow_the_size_limit_and_index(tiny_checkpoint, tmp_path):
     source = tiny_checkpoint("llama")
-    mha_to_gqa(source, tmp_path / "out", 1, method="mean", check=False, progress=False, out_shard_size="30KB")
+    mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=1, method="mean", check=False, progress=False, out_shard_size="30KB"))
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and all((tmp_path / "out" / shard).exists() for shard in shards)
@@ -115,7 +116,7 @@ def test_output_shards_follow_the_size_limit_and_index(tiny_checkpoint, tmp_path
 
 def test_report_records_groups_errors_and_parameters(tiny_checkpoint, tmp_path):
     source = tiny_checkpoint("llama", num_heads=4, num_kv_heads=4)
-    report = mha_to_gqa(source, tmp_path / "out", 2, method="mean", check=False, progress=False)
+    report = mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=2, method="mean", check=False, progress=False))
     saved = json.loads((tmp_path / "out" / "kvshrink_report.json").read_text())
     assert saved == report
     assert report["method"] == "gqa/mean"

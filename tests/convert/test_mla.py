@@ -15,6 +15,7 @@ from kvshrink.convert.cli import convert_cli
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert import mha_to_mla as mha_to_mla_module
 from kvshrink.convert.mha_to_mla import mha_to_mla
+from kvshrink.convert.options import MlaOptions, build_options
 
 TOKENS = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(1))
 # Larger weights than the default init, so logits vary by several units and a wrong mapping shows.
@@ -28,6 +29,25 @@ def tiny_source(tiny_checkpoint):
         return tiny_checkpoint(model_type, num_heads, num_kv_heads, tokenizer=True, **{**LOUD, **kwargs})
 
     return make
+
+
+@pytest.fixture
+def servable_source(tiny_source):
+    """A small source vLLM's shapes fit: head_dim 64; 4 KV heads hold 512 K/V values per token, so 256+64 is 62.5%."""
+
+    def make(model_type="llama", num_heads=4, num_kv_heads=4, **kwargs):
+        return tiny_source(model_type, num_heads, num_kv_heads, **{"hidden_size": 64 * num_heads,
+                                                                   "intermediate_size": 128, **kwargs})  # fmt: skip
+
+    return make
+
+
+def _duplicate_kv_heads(model):  # every KV head's keys = (head + 1) x KV head 0's: one component per frequency
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        keys = attention.k_proj.weight.data.view(attention.config.num_key_value_heads, attention.head_dim, -1)
+        for head in range(1, keys.shape[0]):
+            keys[head] = (head + 1) * keys[0]
 
 
 def _load(folder):
@@ -53,7 +73,7 @@ def _random_biases(model):
 )
 def test_lossless_configuration_reproduces_the_source(tiny_source, tmp_path, model_type, kv_heads, edit):
     source = tiny_source(model_type, 4, kv_heads, edit=edit)
-    report = mha_to_mla(source, tmp_path / "out", rope_dim="all", kv_rank="full", target="transformers", **QUICK)
+    report = mha_to_mla(source, tmp_path / "out", MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **QUICK))
     model = _load(tmp_path / "out")
     assert isinstance(model, DeepseekV3ForCausalLM)
     config = model.config
@@ -70,7 +90,7 @@ def test_lossless_configuration_reproduces_the_source(tiny_source, tmp_path, mod
 
 def test_longrope_frequencies_are_the_source_frequencies(tiny_source, tmp_path):
     source = tiny_source("llama", 4, 2, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
-    report = mha_to_mla(source, tmp_path / "out", rope_dim="all", kv_rank="full", target="transformers", **QUICK)
+    report = mha_to_mla(source, tmp_path / "out", MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **QUICK))
     model = _load(tmp_path / "out")
     source_freq = _load(source).model.rotary_emb.inv_freq.double()
     target_freq = model.model.rotary_emb.inv_freq.double()
@@ -81,9 +101,9 @@ def test_longrope_frequencies_are_the_source_frequencies(tiny_source, tmp_path):
 
 
 @pytest.mark.parametrize("rope_dim", [4, 8, 16])
-def test_vllm_rope_theta_runs_each_slot_at_the_source_frequency_the_report_names(tiny_source, tmp_path, rope_dim):
+def test_serving_rope_theta_runs_each_slot_at_the_source_frequency_the_report_names(tiny_source, tmp_path, rope_dim):
     source = tiny_source("llama", 4, 2, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
-    report = mha_to_mla(source, tmp_path / "out", kv_budget=0.5, rope_dim=rope_dim, distance_aware=False, **QUICK)
+    report = mha_to_mla(source, tmp_path / "out", MlaOptions(kv_budget=0.5, rope_dim=rope_dim, distance_aware=False, target="sglang", **QUICK))  # fmt: skip
     model = _load(tmp_path / "out")
     assert model.config.rope_parameters["rope_type"] == "default" and model.model.rotary_emb.attention_scaling == 1.0
     target_freq = model.model.rotary_emb.inv_freq.double()
@@ -114,10 +134,10 @@ def _deinterleave(config, tensors):
     return {**config, "rope_interleave": False}, changed
 
 
-@pytest.mark.parametrize("target", ["transformers", "vllm"])
+@pytest.mark.parametrize("target", ["transformers", "sglang"])
 def test_rope_interleave_layouts_are_equivalent(tiny_source, tmp_path, target):
     source = tiny_source("llama", 4, 2)
-    mha_to_mla(source, tmp_path / "out", kv_budget=0.5, target=target, **QUICK)
+    mha_to_mla(source, tmp_path / "out", MlaOptions(kv_budget=0.5, target=target, **QUICK))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     flipped_config, flipped = _deinterleave(config, tensors)
@@ -129,7 +149,7 @@ def test_rope_interleave_layouts_are_equivalent(tiny_source, tmp_path, target):
 
 def test_cache_holds_the_latent_and_rope_key_and_generate_and_reload_work(tiny_source, tmp_path):
     source = tiny_source("llama", 4, 2)
-    report = mha_to_mla(source, tmp_path / "out", kv_rank=20, rope_dim=8, **QUICK)
+    report = mha_to_mla(source, tmp_path / "out", MlaOptions(kv_rank=20, rope_dim=8, target="sglang", **QUICK))
     model = _load(tmp_path / "out")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -184,13 +204,14 @@ def _vllm_reference_logits(folder, tokens):
 
 
 @pytest.mark.parametrize(("kv_heads", "options"), [(2, dict(kv_budget=0.5)), (4, dict(kv_budget=0.25, rope_method="partial")), (1, dict(kv_rank="full", rope_dim=16))])
-def test_vllm_target_matches_an_independent_vllm_attention(tiny_source, tmp_path, kv_heads, options):
+def test_serving_layout_matches_an_independent_vllm_attention(tiny_source, tmp_path, kv_heads, options):
     exact = kv_heads == 1  # MQA, rope = head_dim, full rank: exact in the serving layout too
     source = tiny_source("llama", 4, kv_heads, rms_norm_eps=1e-6 if exact else 1e-5)
-    report = mha_to_mla(source, tmp_path / "out", target="vllm", **options, **QUICK)
+    report = mha_to_mla(source, tmp_path / "out", MlaOptions(target="sglang", **options, **QUICK))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["rope_interleave"] is True and config["attention_bias"] is False and config["rms_norm_eps"] == 1e-6
-    assert report["valid_engines"] == ["transformers", "vllm", "sglang"] and report["target"] == "vllm"
+    assert report["valid_engines"] == ["transformers", "sglang"] and report["target"] == "sglang"
+    assert "no MLA backend takes kv_lora_rank+rope" in report["excluded_engines"]["vllm"]
     assert exact or any("rms_norm_eps set from 1e-05 to 1e-06" in note for note in report["notes"])
     assert sum(layer["serving_rope_score_cost"] for layer in report["layers"]) >= -1e-9  # the free choice is optimal
     converted = _logits(tmp_path / "out")
@@ -205,45 +226,44 @@ def test_vllm_target_folds_no_rope_key_bias_and_refuses_what_it_cannot_carry(tin
             layer.self_attn.k_proj.bias.view(2, 16)[:, 7] = 0.5  # pair 7: the slowest frequency of head_dim 16
 
     source = tiny_source("qwen2", 4, 2, edit=key_bias_on_slow_pairs)
-    mha_to_mla(source, tmp_path / "out", kv_rank=40, rope_dim=4, target="vllm", distance_aware=False, **QUICK)
+    mha_to_mla(source, tmp_path / "out", MlaOptions(kv_rank=40, rope_dim=4, target="sglang", distance_aware=False, **QUICK))
     assert not any(name.endswith(".bias") for name in load_file(tmp_path / "out" / "model.safetensors"))
     torch.testing.assert_close(_vllm_reference_logits(tmp_path / "out", TOKENS), _logits(tmp_path / "out"), rtol=0, atol=2e-4)
 
     source = tiny_source("qwen2", 4, 2, edit=_random_biases)
     with pytest.raises(KvshrinkError, match=r"model\.layers\.0\.self_attn\.q_proj\.bias is not zero.*--target transformers"):
-        mha_to_mla(source, tmp_path / "refused", kv_budget=0.5, target="vllm", **QUICK)
+        mha_to_mla(source, tmp_path / "refused", MlaOptions(kv_budget=0.5, target="sglang", exact_biases=True, **QUICK))
     assert not (tmp_path / "refused").exists()
 
 
-def test_check_scores_both_targets_from_one_calibration_and_leaves_nothing_behind(tiny_source, tmp_path, monkeypatch):
-    source = tiny_source("mistral", 4, 1, rms_norm_eps=1e-6)  # MQA: both targets are exact at full rank
-    calibrations = []
-    calibrate = mha_to_mla_module._calibrate
-    monkeypatch.setattr(mha_to_mla_module, "_calibrate", lambda *args: calibrations.append(1) or calibrate(*args))
+def test_check_scores_both_targets_from_one_calibration_and_leaves_nothing_behind(servable_source, tiny_source, tmp_path, monkeypatch):
+    # Proportional KV heads: one key component per frequency, so 256+64 is exact in both layouts.
+    source = servable_source("llama", 4, 4, rms_norm_eps=1e-6, edit=_duplicate_kv_heads)
     checked = dict(QUICK, check=True, check_tokens=512)
-    report = mha_to_mla(source, tmp_path / "out", rope_dim="all", kv_rank="full", target="transformers", **checked)
+    report = mha_to_mla(source, tmp_path / "out", MlaOptions(mla_shape="256+64", target="vllm", **checked))
     check = report["check"]
-    assert len(calibrations) == 1
-    assert check["other_target"]["target"] == "vllm" and check["other_target"]["valid_engines"][1:] == ["vllm", "sglang"]
+    assert report["valid_engines"] == ["transformers", "vllm", "sglang"]
+    assert check["other_target"]["target"] == "transformers" and check["other_target"]["valid_engines"] == ["transformers"]
     assert check["converted_perplexity"] == pytest.approx(check["source_perplexity"], rel=1e-4)
     assert check["other_target"]["perplexity"] == pytest.approx(check["source_perplexity"], rel=1e-4)
-    assert check["serving_perplexity_cost"] == pytest.approx(check["other_target"]["perplexity"] - check["converted_perplexity"])
+    assert check["serving_perplexity_cost"] == pytest.approx(check["converted_perplexity"] - check["other_target"]["perplexity"])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "tiny-0"]
     assert not any(path.name.startswith(".") for path in (tmp_path / "out").iterdir())
 
-    gqa = tiny_source("llama", 4, 2)  # every rotary pair of 2 KV heads: more than one component per frequency
-    report = mha_to_mla(gqa, tmp_path / "gqa", rope_dim="all", kv_rank="full", target="transformers", **checked)
-    assert "rope dims" in report["check"]["other_target"]["refused"] and "serving_perplexity_cost" not in report["check"]
-    report = mha_to_mla(gqa, tmp_path / "gqa-vllm", kv_budget=0.5, **checked)
+    gqa = tiny_source("llama", 4, 2)  # head_dim 16: no shape vLLM runs
+    report = mha_to_mla(gqa, tmp_path / "gqa", MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **checked))
+    assert "no shape vllm runs fits this source" in report["check"]["other_target"]["refused"]
+    assert "serving_perplexity_cost" not in report["check"]
+    report = mha_to_mla(gqa, tmp_path / "gqa-sglang", MlaOptions(kv_budget=0.5, target="sglang", **checked))
     assert report["check"]["other_target"]["target"] == "transformers" and report["check"]["other_target"]["perplexity"] > 1
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mha_to_mla_module, "folder_perplexity", interrupted)
+    monkeypatch.setattr(mha_to_mla_module, "compare_perplexity", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        mha_to_mla(source, tmp_path / "interrupted", kv_budget=0.5, **checked)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["gqa", "gqa-vllm", "out", "tiny-0", "tiny-1"]
+        mha_to_mla(source, tmp_path / "interrupted", MlaOptions(kv_budget=0.7, **checked))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["gqa", "gqa-sglang", "out", "tiny-0", "tiny-1"]
 
 
 def test_dropped_components_that_a_slot_key_explains_ride_on_that_slot(tiny_source, tmp_path):
@@ -253,18 +273,18 @@ def test_dropped_components_that_a_slot_key_explains_ride_on_that_slot(tiny_sour
             keys[1] = 2 * keys[0]
 
     source = tiny_source("llama", 4, 2, rms_norm_eps=1e-6, edit=duplicate_kv_head)
-    exact = dict(rope_method="partial", rope_dim=16, kv_rank="full", target="vllm", **QUICK)
-    report = mha_to_mla(source, tmp_path / "folded", **exact)
+    exact = dict(rope_method="partial", rope_dim=16, kv_rank="full", target="sglang", **QUICK)
+    report = mha_to_mla(source, tmp_path / "folded", MlaOptions(**exact))
     assert all(layer["folded_components"] == 8 for layer in report["layers"])  # the other head, at every frequency
     assert (_logits(tmp_path / "folded") - _logits(source)).abs().max() < 1e-3
-    report = mha_to_mla(source, tmp_path / "unfolded", **exact, distance_aware=False)
+    report = mha_to_mla(source, tmp_path / "unfolded", MlaOptions(**exact, distance_aware=False))
     assert all(layer["folded_components"] == 0 for layer in report["layers"])
     assert (_logits(tmp_path / "unfolded") - _logits(source)).abs().max() > 0.1
 
 
 def test_report_records_shape_budget_and_per_layer_errors(tiny_source, tmp_path):
     source = tiny_source("llama", 4, 2)
-    report = mha_to_mla(source, tmp_path / "out", kv_budget=0.25, rope_dim=4, **QUICK)
+    report = mha_to_mla(source, tmp_path / "out", MlaOptions(kv_budget=0.25, rope_dim=4, target="sglang", **QUICK))
     saved = json.loads((tmp_path / "out" / "kvshrink_report.json").read_text())
     assert saved == report and report["method"] == "mla/rotate+balanced+distance"
     assert report["mla"]["kv_lora_rank"] == 16 - 4 and report["kv_fraction"] == 0.25
@@ -281,9 +301,7 @@ def test_methods_reach_their_own_objectives(tiny_source, tmp_path):
     for rope_method in ("partial", "rotate"):
         for factorization in ("weight", "activation"):
             runs[rope_method, factorization] = mha_to_mla(
-                source, tmp_path / f"{rope_method}-{factorization}", kv_rank=24, rope_dim=8, rope_method=rope_method,
-                factorization=factorization, distance_aware=False, **QUICK,
-            )["layers"]  # fmt: skip
+                source, tmp_path / f"{rope_method}-{factorization}", MlaOptions(kv_rank=24, rope_dim=8, rope_method=rope_method, factorization=factorization, distance_aware=False, target="sglang", **QUICK))["layers"]  # fmt: skip
     for layer in range(2):
         # rotation concentrates key energy: the shared rope key keeps more of it than any choice of source pairs
         assert runs["rotate", "activation"][layer]["rope_energy_kept"] > runs["partial", "activation"][layer]["rope_energy_kept"]
@@ -308,50 +326,69 @@ def test_methods_reach_their_own_objectives(tiny_source, tmp_path):
         (dict(kv_rank=8, kv_budget=0.5), r"pass exactly one of .* \(got --kv-rank and --kv-budget\)"),
         (dict(mla_shape="512x64"), r"--mla-shape '512x64' is not RANK\+ROPE"),
         (dict(mla_shape="512+16"), r"kv rank 512 is impossible here"),
-        (dict(kv_rank=8, rope_method="spin"), r"unknown rope method 'spin'"),
-        (dict(kv_rank=8, target="tgi"), r"unknown target 'tgi'"),
+        (dict(kv_budget=0.5, target="vllm"), r"no shape vllm runs fits this source: head_dim 16 has 8 rotary "
+                                             r"frequencies, fewer than the 32 .*pass --target transformers"),
     ],
 )
 def test_bad_shapes_are_refused_with_the_fix(tiny_source, tmp_path, options, message):
     source = tiny_source("llama", 4, 2)
     with pytest.raises(KvshrinkError, match=message):
-        mha_to_mla(source, tmp_path / "out", **{**QUICK, **options})
+        mha_to_mla(source, tmp_path / "out", MlaOptions(**{**QUICK, "target": "sglang", **options}))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(kv_rank=8, rope_method="spin"), r"option --rope-method: Input should be 'rotate' or 'partial' \(got 'spin'\)"),
+        (dict(kv_rank=8, target="tgi"), r"option --target: Input should be 'vllm', 'sglang' or 'transformers'"),
+        (dict(kv_rank="most"), r"option --kv-rank: Input should be a valid integer.* or Input should be 'full'"),
+        (dict(kv_rank=8, rope_dims=8), r"unknown option 'rope_dims': did you mean rope_dim\?"),
+    ],
+)
+def test_bad_option_values_name_the_option(options, message):
+    with pytest.raises(KvshrinkError, match=message):
+        build_options(MlaOptions, options, cli=True)
 
 
 def test_unsupported_sources_are_refused(tiny_source, tiny_checkpoint, tmp_path):
     fp16 = tiny_checkpoint("llama", 4, 2, dtype=torch.float16, tokenizer=True)
     with pytest.raises(KvshrinkError, match=r"float16.*save the source as bfloat16 or float32"):
-        mha_to_mla(fp16, tmp_path / "out", kv_budget=0.5, **QUICK)
+        mha_to_mla(fp16, tmp_path / "out", MlaOptions(kv_budget=0.5, **QUICK))
     with pytest.raises(KvshrinkError, match=r"q_norm/k_norm.*not linear"):
-        mha_to_mla(tiny_source("qwen3", 4, 2), tmp_path / "out", kv_budget=0.5, **QUICK)
+        mha_to_mla(tiny_source("qwen3", 4, 2), tmp_path / "out", MlaOptions(kv_budget=0.5, **QUICK))
     with pytest.raises(KvshrinkError, match=r"sliding window of 64 tokens"):
-        mha_to_mla(tiny_source("mistral", 4, 2, sliding_window=64), tmp_path / "out", kv_budget=0.5, **QUICK)
+        mha_to_mla(tiny_source("mistral", 4, 2, sliding_window=64), tmp_path / "out", MlaOptions(kv_budget=0.5, **QUICK))
     no_tokenizer = tiny_checkpoint("llama", 4, 2, seed=3)
     with pytest.raises(KvshrinkError, match=r"no usable tokenizer.*calibrates on text"):
-        mha_to_mla(no_tokenizer, tmp_path / "out", kv_budget=0.5, **QUICK)
+        mha_to_mla(no_tokenizer, tmp_path / "out", MlaOptions(kv_budget=0.5, target="transformers", **QUICK))
 
 
 def test_bfloat16_source_converts_to_bfloat16(tiny_source, tmp_path):
     source = tiny_source("llama", 4, 2, dtype=torch.bfloat16)
-    mha_to_mla(source, tmp_path / "out", rope_dim="all", kv_rank="full", target="transformers", **QUICK)
+    mha_to_mla(source, tmp_path / "out", MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **QUICK))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert next(model.parameters()).dtype == torch.bfloat16
     reference = _logits(source).float()
     assert (_logits(model).float() - reference).abs().max() < 0.1 * reference.abs().max()
 
 
-def test_cli_converts_and_reports_errors_in_one_line(tiny_source, tmp_path):
-    source = tiny_source("llama", 4, 2)
+def test_cli_converts_and_reports_errors_in_one_line(servable_source, tmp_path):
+    source = servable_source("llama", 4, 4)
     runner = CliRunner()
-    result = runner.invoke(convert_cli, ["mha-to-mla", str(source), str(tmp_path / "out"), "--kv-budget", "0.5",
+    result = runner.invoke(convert_cli, ["mha-to-mla", str(source), str(tmp_path / "out"), "--kv-budget", "0.7",
                                          "--calibration-tokens", "1024", "--check-tokens", "512"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "DeepseekV3ForCausalLM" in result.output and "valid in transformers, vllm, sglang" in result.output
-    assert "(50.0% of the source" in result.output and "perplexity on" in result.output
+    assert "(62.5% of the source" in result.output and "perplexity on" in result.output
+    assert "--kv-budget 0.7 snapped to 256+64" in result.output
     assert "--target transformers would give perplexity" in result.output and "serving constraint costs" in result.output
+    result = runner.invoke(convert_cli, ["mha-to-mla", str(source), str(tmp_path / "bad"), "--kv-budget", "0.5"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith("Error: --kv-budget 0.5 has no shape vllm runs: this source reaches 256+64 (62.5% KV)")
     result = runner.invoke(convert_cli, ["mha-to-mla", str(source), str(tmp_path / "bad"), "--kv-rank", "lots"])
-    assert result.exit_code == 2 and "neither a whole number nor 'full'" in result.output
+    assert result.exit_code == 1 and "option --kv-rank: Input should be a valid integer" in result.output
+    assert "or Input should be 'full' (got 'lots')" in result.output
     result = runner.invoke(convert_cli, ["mha-to-mla", str(source), str(tmp_path / "bad"), "--kv-budget", "2"])
     assert result.exit_code == 1 and result.output.startswith("Error: --kv-budget 2.0 must be a fraction")
 
@@ -392,8 +429,7 @@ def test_distance_gains_are_the_mean_rotation_under_the_source_attention():
 @pytest.mark.parametrize("factorization", ["output", "balanced"])
 def test_weighted_factorizations_are_exact_at_full_rank(tiny_source, tmp_path, factorization):
     source = tiny_source("llama", 4, 2)
-    mha_to_mla(source, tmp_path / "out", rope_dim="all", kv_rank="full", target="transformers",
-               factorization=factorization, **QUICK)  # fmt: skip
+    mha_to_mla(source, tmp_path / "out", MlaOptions(rope_dim="all", kv_rank="full", target="transformers", factorization=factorization, **QUICK))  # fmt: skip
     assert (_logits(tmp_path / "out") - _logits(source)).abs().max() < 1e-3
 
 

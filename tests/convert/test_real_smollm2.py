@@ -46,3 +46,16 @@ def test_gguf_file_converts_directly(tmp_path):
     assert result.exit_code == 0, result.output
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_key_value_heads == 3 and (out / "tokenizer.json").exists()
+
+
+def test_streamed_check_equals_the_whole_model_on_smollm2(smollm2_dir):
+    from kvshrink.convert.check import load_causal_lm, load_tokenizer, perplexity, token_windows
+    from kvshrink.convert.checkpoint import open_source
+    from kvshrink.convert.corpora import calibration_text
+    from kvshrink.convert.layers import StockModel, stream_perplexity
+
+    windows = token_windows(load_tokenizer(smollm2_dir), calibration_text(None), 1024, 512)
+    with open_source(smollm2_dir) as checkpoint:
+        streamed = stream_perplexity(StockModel.of_checkpoint(checkpoint, torch.device("cpu")), windows)
+    whole = perplexity(load_causal_lm(smollm2_dir, "cpu"), windows, progress=False)
+    assert abs(streamed - whole) / whole < 1e-5

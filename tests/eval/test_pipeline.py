@@ -59,7 +59,7 @@ def test_pipeline_runs_every_step_and_resumes(pipeline_file, tmp_path):
     ("change", "fragment"),
     [
         (lambda p: p.update(conversion=[]), "unknown pipeline key conversion: did you mean conversions?"),
-        (lambda p: p["conversions"][0]["options"].update(grups=2), "unknown option 'grups' for mha-to-gqa: did you mean groups?"),
+        (lambda p: p["conversions"][0]["options"].update(grups=2), "conversion 'gqa2': unknown option 'grups': did you mean groups?"),
         (lambda p: p["conversions"][1].update(name="gqa2"), "must be unique"),
         (lambda p: p["uptraining"][0].update(conversion="mla"), "names conversion 'mla', which is not listed"),
         (lambda p: p["conversions"][0].update(command="mha-to-xyz"), "choose one of mha-to-gqa, mha-to-mqa, mha-to-mla"),

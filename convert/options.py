@@ -1,0 +1,128 @@
+"""Every converter's options, declared once.
+
+One pydantic model per command: the click options (`cli.py` builds them from the fields), the Python API
+(`mha_to_gqa(source, out, GqaOptions(...))`), the pipeline's validation and the benchmarks all come from it.
+A field's description is its `--help` text; json_schema_extra may give a `metavar`, a `short` flag, or
+`cli: False` to keep it off the command line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.gqa import DEFAULT_METHOD as GQA_DEFAULT_METHOD
+
+GqaMethod = Literal["mean", "grouped", "aligned", "output-aware"]
+
+
+class ConvertOptions(BaseModel):
+    """What every conversion takes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    check: bool = Field(True, description="Compare source and output perplexity on the calibration text after "
+                        "converting (both run one layer at a time).")  # fmt: skip
+    calibration: str | None = Field(
+        None, description="Text for calibration and the check: a .txt/.jsonl file, or 'pydoc'/'kjv' (default: the "
+        "train split of Python's pydoc topics, available offline).", json_schema_extra={"metavar": "FILE|CORPUS"},
+    )  # fmt: skip
+    calibration_tokens: int = Field(8192, description="Tokens of calibration text the source reads "
+                                    "(512-token windows) for calibrated methods.")  # fmt: skip
+    check_tokens: int = Field(2048, ge=2, description="Tokens of calibration text the perplexity check reads.")
+    error_feedback: bool = Field(
+        True, description="Calibrate each layer on the hidden states of the already converted layers before it "
+        "(as GPTQ does) instead of the source's.",
+    )  # fmt: skip
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where each layer runs during calibration and the check (auto: CUDA when present)."
+    )
+    overwrite: bool = Field(False, description="Replace OUT if it exists.")
+    out_shard_size: str = Field("5GB", description="Largest output shard, e.g. 5GB or 500MB.")
+    allow_pickle: bool = Field(False, description="Read pickled .bin weights (torch.load with weights_only=True); "
+                               "refused otherwise.")  # fmt: skip
+    progress: bool = Field(True, description="Show progress bars.", json_schema_extra={"cli": False})
+
+
+class GqaOptions(ConvertOptions):
+    """`convert mha-to-gqa` (and mha-to-mqa, which fixes groups to 1)."""
+
+    groups: int = Field(..., description="Number of KV heads in the output; must divide the source's KV heads.",
+                        json_schema_extra={"short": "-g"})  # fmt: skip
+    method: GqaMethod = Field(
+        GQA_DEFAULT_METHOD, description="How KV heads are merged: 'mean' averages them (the GQA paper); 'grouped' "
+        "first groups similar heads; 'aligned' also rotates heads onto each other; 'output-aware' fits the shared "
+        "K/V to keep logits and o_proj outputs. All but 'mean' calibrate on text.",
+    )  # fmt: skip
+
+
+class MlaOptions(ConvertOptions):
+    """`convert mha-to-mla`."""
+
+    calibration_tokens: int = Field(8192, description="Tokens of calibration text the source reads "
+                                    "(512-token windows).")  # fmt: skip
+    kv_budget: float | None = Field(
+        None, description="Target KV cache as a fraction of the source's, in (0, 1). Under --target vllm: the largest "
+        "shape vLLM runs within it; otherwise the rank that fills it for the rope dim.", json_schema_extra={"metavar": "F"},
+    )  # fmt: skip
+    kv_rank: int | Literal["full"] | None = Field(
+        None, description="Latent width (kv_lora_rank), or 'full' for an exact latent.", json_schema_extra={"metavar": "R|full"}
+    )
+    mla_shape: str | None = Field(
+        None, description="Rank and rope dim at once, e.g. 512+64. vLLM runs 512+64 and 256+64 only.",
+        json_schema_extra={"metavar": "R+D"},
+    )  # fmt: skip
+    rope_dim: int | Literal["all"] | None = Field(
+        None, description="Width of the shared rope key (qk_rope_head_dim), even; 'all' keeps every rotary pair of "
+        "every KV head (--target transformers). Default: 64 (at most head_dim) for vllm/sglang, head_dim / 2 for "
+        "transformers.", json_schema_extra={"metavar": "D|all"},
+    )  # fmt: skip
+    rope_method: Literal["rotate", "partial"] = Field(
+        "rotate", description="rotate: RoRoPE, a complex unitary per frequency across KV heads concentrates key "
+        "energy; partial: keep the best (head, frequency) pairs as they are (MHA2MLA).",
+    )  # fmt: skip
+    factorization: Literal["balanced", "activation", "output", "weight"] = Field(
+        "balanced", description="Joint K/V latent: SVD whitened by the calibration inputs with keys and values scaled "
+        "to equal energy (balanced), without that scaling (activation), weighted by the queries and o_proj that read "
+        "K and V (output), or the plain weight SVD (weight).",
+    )  # fmt: skip
+    distance_aware: bool = Field(
+        True, description="Fold the source's average rotation over attended distances into pairs that lose RoPE, let "
+        "the part of a dropped pair that a kept one explains ride on its rope slot, and spend rope dims where a "
+        "constant cannot stand in (fitted at 512-token context).",
+    )  # fmt: skip
+    target: Literal["vllm", "sglang", "transformers"] = Field(
+        "vllm", description="vllm: only what vLLM runs (512+64 or 256+64, default RoPE, interleaved, no biases), also "
+        "valid in SGLang and transformers. sglang: the same layout at any shape. transformers: any shape, exact "
+        "per-pair frequencies (longrope), wrong in vLLM/SGLang.",
+    )  # fmt: skip
+    exact_biases: bool = Field(
+        False, description="Refuse query/value/rope-key biases the serving layout cannot hold exactly, instead of "
+        "refitting them into the weights on the calibration text (approximate; the report gives each layer's error).",
+    )  # fmt: skip
+
+
+def _one_line(error: ValidationError, model: type[BaseModel], what: str, cli: bool) -> str:
+    first = error.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else "options"
+    named = "--" + field.replace("_", "-") if cli else repr(field)
+    if first["type"] == "extra_forbidden":
+        guess = difflib.get_close_matches(field, list(model.model_fields), n=1)
+        hint = f"did you mean {guess[0]}?" if guess else f"options are {', '.join(model.model_fields)}"
+        return f"{what}: unknown option {field!r}: {hint}"
+    if first["type"] == "missing":
+        return f"{what}: option {named} is required"
+    reasons = [e["msg"] for e in error.errors() if e["loc"][:1] == first["loc"][:1]]  # one per member of a union
+    return f"{what}: option {named}: {' or '.join(reasons)} (got {first.get('input')!r})"
+
+
+def build_options(model: type[BaseModel], values: dict[str, Any], what: str = "options", cli: bool = False) -> Any:
+    """`model` validated from plain values, or a one-line KvshrinkError naming the bad option (as a command-line
+    flag when `cli`)."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        raise KvshrinkError(_one_line(error, model, what, cli)) from None
