@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from kvshrink.convert.checkpoint import open_folder
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.layers import LayerStream, StockModel, stock_model
+from kvshrink.convert.layers import LayerStream, StockModel
 from kvshrink.uptrain.optimizer import SizeScaledRows, off_scale_parameters, reference_rms
 from kvshrink.uptrain.recipe import AttentionTransfer, Recipe, changed_attention_layers
 
@@ -46,8 +46,8 @@ def transfer_attention(recipe: Recipe, accelerator: Accelerator) -> dict[str, An
     todo = [index for index in mine if not _layer_file(output, index, ".safetensors").is_file()]
     start = time.perf_counter()
     if todo:
-        source = stock_model(open_folder(Path(recipe.teacher)), accelerator.device)
-        student = stock_model(open_folder(Path(recipe.model)), accelerator.device)
+        source = StockModel.of_checkpoint(open_folder(Path(recipe.teacher)), accelerator.device)
+        student = StockModel.of_checkpoint(open_folder(Path(recipe.model)), accelerator.device)
         stream = LayerStream(source, _windows(recipe, accelerator))
         progress = tqdm(total=len(todo), unit="layer", desc="attention transfer", disable=not accelerator.is_local_main_process)
         for index in range(max(todo) + 1):
@@ -55,12 +55,13 @@ def transfer_attention(recipe: Recipe, accelerator: Accelerator) -> dict[str, An
             if index not in todo:
                 stream.run(source_layer, index)
                 continue
+            inputs = stream.inputs_of(source_layer, index, _checked(source_layer, ATTENTION_INPUT, index))
             targets: list[torch.Tensor] = []
             handle = _submodule(source_layer, ATTENTION_OUTPUT, index).register_forward_hook(
                 lambda module, args, out: targets.append(out[0].detach().float())
             )
             try:
-                inputs = stream.run(source_layer, index, capture=_checked(source_layer, ATTENTION_INPUT, index))
+                stream.run(source_layer, index)
             finally:
                 handle.remove()
             _fit_layer(recipe, student, index, inputs, targets, output)

@@ -53,9 +53,11 @@ def mla_source_dir(tmp_path_factory) -> Path:
 def mla_converted_dir(tmp_path_factory, mla_source_dir) -> Path:
     """mla_source_dir converted to MLA at half its KV cache with the default method (approximate)."""
     from kvshrink.convert.mha_to_mla import mha_to_mla
+    from kvshrink.convert.options import MlaOptions
 
     out = tmp_path_factory.mktemp("mla-converted") / "model"
-    mha_to_mla(mla_source_dir, out, kv_budget=0.5, check=False, progress=False, calibration_tokens=1024)
+    mha_to_mla(mla_source_dir, out, MlaOptions(kv_budget=0.5, target="sglang", check=False, progress=False,
+                                               calibration_tokens=1024))  # fmt: skip
     return out
 
 

@@ -32,9 +32,10 @@ def test_attention_transfer_starts_exact_on_a_lossless_conversion(tmp_path, mla_
     """Rank 'full' with every rotary pair reproduces the source: the stage's inputs, masks and rotary
     embeddings are the source's own, so its starting error is float rounding."""
     from kvshrink.convert.mha_to_mla import mha_to_mla
+    from kvshrink.convert.options import MlaOptions
 
     exact = tmp_path / "exact"
-    mha_to_mla(mla_source_dir, exact, rope_dim="all", kv_rank="full", target="transformers", **QUICK)
+    mha_to_mla(mla_source_dir, exact, MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **QUICK))
     report = uptrain(_recipe(write_recipe, mla_source_dir, exact, stages=["attention_transfer"],
                              attention_transfer={**TRANSFER, "steps": 1}))  # fmt: skip
     assert [row["layer"] for row in report["attention_transfer"]["layers"]] == [0, 1]
