@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from kvshrink.convert.typed_yaml import build_dataclass
 
 CONVERSION_REPORT = "kvshrink_report.json"
 DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
+_ATTENTION_TENSOR = re.compile(r"^model\.layers\.(\d+)\.self_attn\.")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,9 @@ class Optimizer:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # max global gradient norm; null disables clipping
+    # rows 100x smaller than the model's typical weight (MLA's linearized latent) get AdamW's update scaled to
+    # their size; plain AdamW moves every weight by about lr per step, which throws such rows out of their range
+    size_scaled_rows: bool = True
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,20 @@ class Loss:
     kind: Literal["lm", "distill", "mix"] = "lm"
     temperature: float = 1.0
     distill_weight: float = 0.5  # mix only: loss = (1 - w) * lm + w * distill
+
+
+STAGES = ("attention_transfer", "end_to_end")
+
+
+@dataclass(frozen=True)
+class AttentionTransfer:
+    """Stage attention_transfer: each converted attention module, alone, learns to reproduce the source
+    attention's output (MSE after o_proj) on the source's own inputs to that layer."""
+
+    steps: int = 40  # optimizer steps per converted layer
+    sequences: int = 16  # training blocks (seq_len tokens each) whose source attention inputs every layer fits
+    micro_batch_size: int = 4  # blocks per optimizer step
+    lr: float = 1e-3  # AdamW, constant after a 10% warmup, no weight decay
 
 
 @dataclass(frozen=True)
@@ -111,12 +130,16 @@ class Recipe:
     seed: int = 0
     tracker: Literal["none", "csv", "tensorboard", "wandb"] = "none"
     resume: bool = False  # continue from the newest checkpoint in output_dir
+    stages: list[Literal["attention_transfer", "end_to_end"]] = field(default_factory=lambda: ["end_to_end"])
+    attention_transfer: AttentionTransfer = field(default_factory=AttentionTransfer)
 
     def tokens_per_step(self, num_processes: int) -> int:
         return self.seq_len * self.micro_batch_size * self.gradient_accumulation * num_processes
 
     def total_steps(self, num_processes: int) -> int:
         """Optimizer steps the budget allows (a token budget is rounded up to whole steps)."""
+        if "end_to_end" not in self.stages:
+            return 0
         if self.max_steps is not None:
             return self.max_steps
         tokens = self.max_tokens
@@ -190,9 +213,28 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     return recipe
 
 
+def _check_stages(recipe: Recipe) -> None:
+    stages = recipe.stages
+    if not stages or len(set(stages)) != len(stages) or list(stages) != [s for s in STAGES if s in stages]:
+        raise KvshrinkError(
+            f"stages {list(stages)} are not in an order that can run: list each once, attention_transfer before "
+            "end_to_end (e.g. [attention_transfer, end_to_end])"
+        )
+    if "attention_transfer" in stages and recipe.teacher is None:
+        raise KvshrinkError(
+            "stage attention_transfer needs the source model as teacher (its layers give the inputs and targets): "
+            "set teacher=PATH"
+        )
+    transfer = recipe.attention_transfer
+    for key in ("steps", "sequences", "micro_batch_size", "lr"):
+        if not getattr(transfer, key) > 0:
+            raise KvshrinkError(f"recipe key attention_transfer.{key} is {getattr(transfer, key)}: it must be greater than 0")
+
+
 def _check_rules(recipe: Recipe) -> None:
+    _check_stages(recipe)
     budgets = [k for k in ("max_steps", "max_tokens", "pretraining_fraction") if getattr(recipe, k) is not None]
-    if len(budgets) != 1:
+    if len(budgets) != 1 and "end_to_end" in recipe.stages:
         raise KvshrinkError(
             "the recipe needs exactly one budget, got "
             + (", ".join(budgets) if budgets else "none")
@@ -234,10 +276,14 @@ def _check_rules(recipe: Recipe) -> None:
         raise KvshrinkError(f"validation.fraction is {recipe.validation.fraction}: use a value in [0, 1)")
     if not 0 <= recipe.loss.distill_weight <= 1:
         raise KvshrinkError(f"loss.distill_weight is {recipe.loss.distill_weight}: use a value in [0, 1]")
-    if recipe.loss.kind != "lm" and recipe.teacher is None:
+    if "end_to_end" in recipe.stages and recipe.loss.kind != "lm" and recipe.teacher is None:
         raise KvshrinkError(
             f"loss.kind is {recipe.loss.kind} but there is no teacher: set teacher=PATH, or loss.kind=lm"
         )
+    _check_data(recipe)
+
+
+def _check_data(recipe: Recipe) -> None:
     if not recipe.data:
         raise KvshrinkError("the recipe's data list is empty: add at least one source (e.g. `- corpus: pydoc`)")
     for key, source in [(f"data.{i}", s) for i, s in enumerate(recipe.data)] + [
@@ -270,6 +316,8 @@ def check_recipe_inputs(recipe: Recipe) -> None:
             )
     if recipe.trainable == "new":
         new_parameter_names(recipe.model)
+    if "attention_transfer" in recipe.stages:
+        changed_attention_layers(recipe.model, "stage attention_transfer")
     for source in list(recipe.data) + list(recipe.validation.sources):
         if source.path is not None:
             data_files(source.path)
@@ -288,13 +336,14 @@ def _model_config(folder: str, key: str) -> dict[str, Any]:
     return json.loads(config.read_text(encoding="utf-8"))
 
 
-def new_parameter_names(model_dir: str | Path) -> list[str]:
+def new_parameter_names(model_dir: str | Path, needed_by: str = "trainable: new") -> list[str]:
     """The tensor names the conversion created or changed, from the model folder's kvshrink_report.json."""
     report = Path(model_dir) / CONVERSION_REPORT
     if not report.is_file():
+        fix = "remove it from stages" if needed_by.startswith("stage") else "set trainable to all or attention"
         raise KvshrinkError(
-            f"trainable: new needs {report}, which the conversion writes: use a folder made by `convert`, "
-            "or set trainable to all or attention"
+            f"{needed_by} needs {report}, which the conversion writes to say what changed: use a folder made by "
+            f"`convert`, or {fix}"
         )
     names = json.loads(report.read_text(encoding="utf-8")).get("new_parameters")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
@@ -303,6 +352,18 @@ def new_parameter_names(model_dir: str | Path) -> list[str]:
             "or set trainable to all or attention"
         )
     return names
+
+
+def changed_attention_layers(model_dir: str | Path, needed_by: str) -> list[int]:
+    """Indices of the decoder layers whose attention tensors the conversion changed (from its report)."""
+    layers = sorted({int(m.group(1)) for n in new_parameter_names(model_dir, needed_by)
+                     if (m := _ATTENTION_TENSOR.match(n))})
+    if not layers:
+        raise KvshrinkError(
+            f"{Path(model_dir) / CONVERSION_REPORT} lists no attention tensor (model.layers.N.self_attn.*): "
+            f"{needed_by} has nothing to train; remove it from stages"
+        )
+    return layers
 
 
 def data_files(path: str | Path) -> list[Path]:

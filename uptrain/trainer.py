@@ -1,5 +1,7 @@
-"""The uptraining loop: accelerate does devices, precision, accumulation, sharding and checkpoint IO;
-this module decides what to train on, in which order, and what to write at the end."""
+"""The uptraining run: accelerate does devices, precision, accumulation, sharding and checkpoint IO; this module
+decides what to train on, in which order, and what to write at the end. It reads top to bottom as a run goes:
+uptrain() -> the attention_transfer stage (its own module) -> setup() -> train(): train_step() and
+evaluate_and_checkpoint() per step -> final_report() -> save_final_model()."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +21,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.uptrain.attention_transfer import TRANSFER_DIR, transfer_attention, transferred_weights
 from kvshrink.uptrain.checkpoints import checkpoint_dirs, newest_checkpoint, read_trainer_state, save_checkpoint
-from kvshrink.uptrain.data import Blocks, build_data
+from kvshrink.uptrain.data import Blocks, TrainingStream, build_data
 from kvshrink.uptrain.losses import training_loss
+from kvshrink.uptrain.optimizer import SizeScaledRows, off_scale_parameters, parameter_groups, reference_rms
 from kvshrink.uptrain.recipe import CONVERSION_REPORT, Recipe, Schedule
 from kvshrink.uptrain.trackers import tracker_for
 from kvshrink.uptrain.trainable import select_trainable
@@ -30,23 +35,19 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def uptrain(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
-    """Run a recipe to its budget and write the trained model into recipe.output_dir; return the report.
+    """Run a recipe's stages to their budget and write the trained model into recipe.output_dir; return the report.
 
-    resume (default: recipe.resume) continues from the newest checkpoint in output_dir, if there is one.
+    resume (default: recipe.resume) continues where the run in output_dir stopped: at the next layer of
+    attention transfer, or at the newest end-to-end checkpoint.
     """
     resume = recipe.resume if resume is None else resume
-    output = Path(recipe.output_dir)
-    checkpoint = newest_checkpoint(output) if resume else None
-    if not resume and (checkpoint_dirs(output) or (output / UPTRAIN_REPORT).exists()):
-        raise KvshrinkError(
-            f"output_dir {output} already holds a run: pass --resume to continue it, or choose another output_dir"
-        )
-    session_start = time.perf_counter()
+    checkpoint = _checkpoint_to_resume(Path(recipe.output_dir), resume)
+    session = Session(start=time.perf_counter())
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.gradient_accumulation,
         mixed_precision="bf16" if recipe.precision == "bf16" else "no",
-        log_with=tracker_for(recipe.tracker, output),
-        project_dir=str(output),
+        log_with=tracker_for(recipe.tracker, recipe.output_dir),
+        project_dir=recipe.output_dir,
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
     )
     if accelerator.gradient_accumulation_steps != recipe.gradient_accumulation:
@@ -55,152 +56,277 @@ def uptrain(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
             f"but the recipe for {recipe.gradient_accumulation}: remove gradient_accumulation_steps from the "
             "accelerate config or command line (the recipe decides)"
         )
-    set_seed(recipe.seed)
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model)
-    with accelerator.main_process_first():
-        stream, validation = build_data(recipe, tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=torch.float32)
-    trained_names = select_trainable(model, recipe.trainable, recipe.model, recipe.freeze)
-    if recipe.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    teacher = None
-    if recipe.teacher is not None:
-        teacher_dtype = torch.bfloat16 if recipe.precision == "bf16" else torch.float32
-        teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher, dtype=teacher_dtype)
-        teacher.requires_grad_(False).eval().to(accelerator.device)
-    optimizer = torch.optim.AdamW(
-        _parameter_groups(model, recipe.optimizer.weight_decay),
-        lr=recipe.optimizer.lr,
-        betas=recipe.optimizer.betas,
-        eps=recipe.optimizer.eps,
-    )
-    total_steps = recipe.total_steps(accelerator.num_processes)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, recipe.schedule, total_steps=total_steps)
-    )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     accelerator.init_trackers("kvshrink-uptrain", config=_flat(recipe.to_dict()))
-
-    per_step = recipe.micro_batch_size * recipe.gradient_accumulation * accelerator.num_processes
-    if checkpoint is not None:
-        state = read_trainer_state(checkpoint)
-        if state["sequences_per_step"] != per_step:
-            raise KvshrinkError(
-                f"{checkpoint} was trained with {state['sequences_per_step']} sequences per step, this run would "
-                f"use {per_step}: resume with the same micro_batch_size x gradient_accumulation x processes"
-            )
-        accelerator.load_state(str(checkpoint))
-        accelerator.print(f"resuming from {checkpoint} (step {state['step']} of {total_steps})")
-    else:
-        if resume:
-            accelerator.print(f"no checkpoint in {output / 'checkpoints'}: starting from step 0")
-        state = {"step": 0, "sequences_per_step": per_step, "tokens_seen": 0, "train_seconds": 0.0,
-                 "wall_seconds": 0.0, "loss_start": None}
-        state["val_perplexity_start"] = validation_perplexity(accelerator, model, validation, recipe.micro_batch_size)
-        accelerator.log({"val/perplexity": state["val_perplexity_start"]}, step=0)
-
-    blocks = stream.blocks_from(state["step"] * per_step)
-    progress = tqdm(
-        total=total_steps, initial=state["step"], unit="step", disable=not accelerator.is_local_main_process
-    )
-    session_tokens, session_train_seconds, loss_value = 0, 0.0, float("nan")
-    loop_start = time.perf_counter()
-    model.train()
-    while state["step"] < total_steps:
-        step_start = time.perf_counter()
-        step_blocks = list(itertools.islice(blocks, per_step))
-        ids = torch.stack([b[0] for b in step_blocks])
-        masks = torch.stack([b[1] for b in step_blocks])
-        step_loss = torch.zeros((), device=accelerator.device)
-        for micro in range(recipe.gradient_accumulation):
-            # this process's rows of this micro-step: a pure function of (step, micro, rank)
-            start = (micro * accelerator.num_processes + accelerator.process_index) * recipe.micro_batch_size
-            rows = slice(start, start + recipe.micro_batch_size)
-            input_ids = ids[rows].to(accelerator.device)
-            attention_mask = masks[rows].to(accelerator.device)
-            with accelerator.accumulate(model):
-                loss, _ = _micro_step_loss(model, teacher, recipe, input_ids, attention_mask)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and recipe.optimizer.grad_clip is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), recipe.optimizer.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad()
-            step_loss += loss.detach() / recipe.gradient_accumulation
-        scheduler.step()
-        loss_value = accelerator.reduce(step_loss, "mean").item()
-        if not math.isfinite(loss_value):
-            last = newest_checkpoint(output)
-            raise KvshrinkError(
-                f"training loss became {loss_value} at step {state['step'] + 1}: lower optimizer.lr or use "
-                f"precision=fp32; the last good checkpoint is {last if last else 'none (nothing was saved)'}"
-            )
-        step_seconds = time.perf_counter() - step_start
-        step_tokens = int(masks.sum())
-        state["step"] += 1
-        state["tokens_seen"] += step_tokens
-        state["train_seconds"] += step_seconds
-        if state["loss_start"] is None:
-            state["loss_start"] = loss_value
-        session_tokens += step_tokens
-        session_train_seconds += step_seconds
-        tokens_per_s = session_tokens / session_train_seconds
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:.0f}")
-        if state["step"] % recipe.log_interval == 0 or state["step"] == total_steps:
-            accelerator.log(
-                {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_per_s,
-                 "train/tokens_seen": state["tokens_seen"]},
-                step=state["step"],
-            )
-        if recipe.eval_interval and state["step"] % recipe.eval_interval == 0 and state["step"] < total_steps:
-            perplexity = validation_perplexity(accelerator, model, validation, recipe.micro_batch_size)
-            accelerator.log({"val/perplexity": perplexity}, step=state["step"])
-            progress.write(f"step {state['step']}: validation perplexity {perplexity:.3f}")
-        if (recipe.save_interval and state["step"] % recipe.save_interval == 0) or state["step"] == total_steps:
-            state["loss_end"] = loss_value
-            state["wall_seconds"] += time.perf_counter() - loop_start
-            loop_start = time.perf_counter()
-            save_checkpoint(accelerator, output, state["step"], state, recipe.keep_last)
-    progress.close()
-    state["wall_seconds"] += time.perf_counter() - loop_start
-
-    val_perplexity_end = validation_perplexity(accelerator, model, validation, recipe.micro_batch_size)
-    accelerator.log({"val/perplexity": val_perplexity_end}, step=total_steps)
-    report = {
-        "model": recipe.model,
-        "teacher": recipe.teacher,
-        "architecture": type(accelerator.unwrap_model(model)).__name__,
-        "steps": state["step"],
-        "tokens_seen": state["tokens_seen"],
-        "num_processes": accelerator.num_processes,
-        "trained_parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters() if p.requires_grad),
-        "trained_tensors": len(trained_names),
-        "wall_time_s": round(state["wall_seconds"], 3),
-        "train_time_s": round(state["train_seconds"], 3),
-        "tokens_per_s": round(state["tokens_seen"] / state["train_seconds"], 3) if state["train_seconds"] else None,
-        "this_session": {
-            "resumed_from": str(checkpoint) if checkpoint else None,
-            "seconds": round(time.perf_counter() - session_start, 3),
-            "tokens_per_s": round(session_tokens / session_train_seconds, 3) if session_train_seconds else None,
-        },
-        "loss_start": state["loss_start"],
-        "loss_end": state.get("loss_end", loss_value),
-        "val_perplexity_start": state["val_perplexity_start"],
-        "val_perplexity_end": val_perplexity_end,
-        "val_tokens": int(validation.lengths.sum()),
-        "recipe": recipe.to_dict(),
-    }
-    save_final_model(accelerator, model, tokenizer, recipe, report)
+    transfer = transfer_attention(recipe, accelerator) if "attention_transfer" in recipe.stages else None
+    run = setup(recipe, accelerator, checkpoint, resume)
+    train(run, session)
+    report = final_report(run, session, transfer)
+    save_final_model(accelerator, run.model, run.tokenizer, recipe, report)
     accelerator.print(
-        f"uptrained model written to {output}: {report['steps']} steps, {report['tokens_seen']} tokens, "
+        f"uptrained model written to {recipe.output_dir}: {report['steps']} steps, {report['tokens_seen']} tokens, "
         f"{report['tokens_per_s']} tokens/s, validation perplexity {report['val_perplexity_start']:.3f} -> "
         f"{report['val_perplexity_end']:.3f}"
     )
     accelerator.end_training()
     return report
+
+
+@dataclass
+class Session:
+    """What this process did since it started (a resumed run counts its own tokens and seconds)."""
+
+    start: float
+    tokens: int = 0
+    train_seconds: float = 0.0
+
+
+@dataclass
+class Run:
+    """The end-to-end stage's moving parts, built by setup(); `state` is what a checkpoint carries."""
+
+    recipe: Recipe
+    accelerator: Accelerator
+    tokenizer: Any
+    model: torch.nn.Module
+    teacher: torch.nn.Module | None
+    optimizer: Any
+    scheduler: Any
+    stream: TrainingStream
+    validation: Blocks
+    trained_names: list[str]
+    total_steps: int
+    per_step: int
+    checkpoint: Path | None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def _checkpoint_to_resume(output: Path, resume: bool) -> Path | None:
+    if not resume and (checkpoint_dirs(output) or (output / UPTRAIN_REPORT).exists() or (output / TRANSFER_DIR).exists()):
+        raise KvshrinkError(
+            f"output_dir {output} already holds a run: pass --resume to continue it, or choose another output_dir"
+        )
+    return newest_checkpoint(output) if resume else None
+
+
+def setup(recipe: Recipe, accelerator: Accelerator, checkpoint: Path | None, resume: bool) -> Run:
+    """Data, student (with the attention transfer's result), teacher, optimizer and schedule, prepared by
+    accelerate; then the trainer state from `checkpoint`, or a fresh one with the starting validation."""
+    from transformers import AutoTokenizer
+
+    set_seed(recipe.seed)
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model)
+    with accelerator.main_process_first():
+        stream, validation = build_data(recipe, tokenizer)
+    model = _load_student(recipe)
+    trained_names = select_trainable(model, recipe.trainable, recipe.model, recipe.freeze)
+    teacher = _load_teacher(recipe, accelerator)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, recipe.optimizer.weight_decay),
+        lr=recipe.optimizer.lr, betas=recipe.optimizer.betas, eps=recipe.optimizer.eps,
+    )
+    total_steps = recipe.total_steps(accelerator.num_processes)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, recipe.schedule, total_steps=total_steps)
+    )
+    reference = reference_rms(model.parameters())
+    off_scale = off_scale_parameters(model, reference) if recipe.optimizer.size_scaled_rows else []
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if off_scale:
+        by_name = dict(accelerator.unwrap_model(model).named_parameters())
+        SizeScaledRows([by_name[name] for name in off_scale], reference).attach(optimizer.optimizer)
+    per_step = recipe.micro_batch_size * recipe.gradient_accumulation * accelerator.num_processes
+    run = Run(recipe, accelerator, tokenizer, model, teacher, optimizer, scheduler, stream, validation,
+              trained_names, total_steps, per_step, checkpoint)
+    run.state = _restored_state(run) if checkpoint is not None else _fresh_state(run, resume)
+    return run
+
+
+def _load_student(recipe: Recipe) -> torch.nn.Module:
+    """The converted model, with the tensors the attention_transfer stage trained (if it ran)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=torch.float32)
+    if "attention_transfer" in recipe.stages:
+        transferred = transferred_weights(Path(recipe.output_dir))
+        missing, unexpected = model.load_state_dict(transferred, strict=False)
+        if unexpected:
+            raise KvshrinkError(
+                f"{Path(recipe.output_dir) / TRANSFER_DIR} holds {unexpected[0]!r}, which {type(model).__name__} "
+                "does not have: it was written for another model; use a fresh output_dir"
+            )
+    if recipe.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _load_teacher(recipe: Recipe, accelerator: Accelerator) -> torch.nn.Module | None:
+    """The teacher in eval mode without gradients; under FSDP2 sharded like the student (accelerate's own
+    fsdp2_prepare_model, not registered with the accelerator, so checkpoints hold the student only)."""
+    if recipe.loss.kind == "lm":
+        return None
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if recipe.precision == "bf16" else torch.float32
+    teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher, dtype=dtype)
+    teacher.requires_grad_(False).eval()
+    if accelerator.is_fsdp2:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, teacher).eval()
+    return teacher.to(accelerator.device)
+
+
+def _restored_state(run: Run) -> dict[str, Any]:
+    state = read_trainer_state(run.checkpoint)
+    if state["sequences_per_step"] != run.per_step:
+        raise KvshrinkError(
+            f"{run.checkpoint} was trained with {state['sequences_per_step']} sequences per step, this run would "
+            f"use {run.per_step}: resume with the same micro_batch_size x gradient_accumulation x processes"
+        )
+    run.accelerator.load_state(str(run.checkpoint))
+    run.accelerator.print(f"resuming from {run.checkpoint} (step {state['step']} of {run.total_steps})")
+    return state
+
+
+def _fresh_state(run: Run, resume: bool) -> dict[str, Any]:
+    if resume:
+        run.accelerator.print(f"no checkpoint in {Path(run.recipe.output_dir) / 'checkpoints'}: starting from step 0")
+    start = validation_perplexity(run.accelerator, run.model, run.validation, run.recipe.micro_batch_size)
+    run.accelerator.log({"val/perplexity": start}, step=0)
+    return {"step": 0, "sequences_per_step": run.per_step, "tokens_seen": 0, "train_seconds": 0.0,
+            "wall_seconds": 0.0, "loss_start": None, "val_perplexity_start": start}
+
+
+def train(run: Run, session: Session) -> None:
+    """Optimizer steps until the budget, each followed by logging, validation and checkpoints when due."""
+    blocks = run.stream.blocks_from(run.state["step"] * run.per_step)
+    progress = tqdm(total=run.total_steps, initial=run.state["step"], unit="step",
+                    disable=not run.accelerator.is_local_main_process)
+    loop_start = time.perf_counter()
+    run.model.train()
+    while run.state["step"] < run.total_steps:
+        step_start = time.perf_counter()
+        step_blocks = list(itertools.islice(blocks, run.per_step))
+        losses = train_step(run, step_blocks)
+        tokens = int(sum(int(mask.sum()) for _, mask in step_blocks))
+        _count_step(run, session, losses["loss"], tokens, time.perf_counter() - step_start)
+        progress.update(1)
+        progress.set_postfix(loss=f"{losses['loss']:.4f}", tok_s=f"{session.tokens / session.train_seconds:.0f}")
+        loop_start = evaluate_and_checkpoint(run, session, losses, progress, loop_start)
+    progress.close()
+    run.state["wall_seconds"] += time.perf_counter() - loop_start
+
+
+def train_step(run: Run, step_blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """One optimizer step over this process's share of `step_blocks`; the loss and its parts, averaged
+    over micro-steps and processes."""
+    recipe, accelerator = run.recipe, run.accelerator
+    ids = torch.stack([b[0] for b in step_blocks])
+    masks = torch.stack([b[1] for b in step_blocks])
+    totals: dict[str, torch.Tensor] = {}
+    for micro in range(recipe.gradient_accumulation):
+        # this process's rows of this micro-step: a pure function of (step, micro, rank)
+        start = (micro * accelerator.num_processes + accelerator.process_index) * recipe.micro_batch_size
+        rows = slice(start, start + recipe.micro_batch_size)
+        with accelerator.accumulate(run.model):
+            loss, parts = _micro_step_loss(run, ids[rows].to(accelerator.device), masks[rows].to(accelerator.device))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and recipe.optimizer.grad_clip is not None:
+                accelerator.clip_grad_norm_(run.model.parameters(), recipe.optimizer.grad_clip)
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+        for name, value in {"loss": loss.detach(), **parts}.items():
+            totals[name] = totals.get(name, 0) + value / recipe.gradient_accumulation
+    run.scheduler.step()
+    names = list(totals)
+    reduced = accelerator.reduce(torch.stack([totals[n] for n in names]), "mean").tolist()
+    losses = dict(zip(names, reduced))
+    if not math.isfinite(losses["loss"]):
+        last = newest_checkpoint(Path(recipe.output_dir))
+        raise KvshrinkError(
+            f"training loss became {losses['loss']} at step {run.state['step'] + 1}: lower optimizer.lr or use "
+            f"precision=fp32; the last good checkpoint is {last if last else 'none (nothing was saved)'}"
+        )
+    return losses
+
+
+def _micro_step_loss(run: Run, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    # a full mask lets attention take its fast causal path
+    mask_arg = None if bool(attention_mask.all()) else attention_mask
+    logits = run.model(input_ids=input_ids, attention_mask=mask_arg, use_cache=False).logits
+    teacher_logits = None
+    if run.teacher is not None:
+        with torch.no_grad():
+            teacher_logits = run.teacher(input_ids=input_ids, attention_mask=mask_arg, use_cache=False).logits
+    return training_loss(run.recipe.loss, logits, input_ids, attention_mask, teacher_logits)
+
+
+def _count_step(run: Run, session: Session, loss: float, tokens: int, seconds: float) -> None:
+    run.state["step"] += 1
+    run.state["tokens_seen"] += tokens
+    run.state["train_seconds"] += seconds
+    if run.state["loss_start"] is None:
+        run.state["loss_start"] = loss
+    session.tokens += tokens
+    session.train_seconds += seconds
+
+
+def evaluate_and_checkpoint(run: Run, session: Session, losses: dict[str, float], progress, loop_start: float) -> float:
+    """Log, validate and save when the recipe's intervals say so; return when the next wall-time span starts."""
+    recipe, state, step = run.recipe, run.state, run.state["step"]
+    if step % recipe.log_interval == 0 or step == run.total_steps:
+        run.accelerator.log(
+            {**{f"train/{name}": value for name, value in losses.items()}, "train/lr": run.scheduler.get_last_lr()[0],
+             "train/tokens_per_s": session.tokens / session.train_seconds, "train/tokens_seen": state["tokens_seen"]},
+            step=step,
+        )
+    if recipe.eval_interval and step % recipe.eval_interval == 0 and step < run.total_steps:
+        perplexity = validation_perplexity(run.accelerator, run.model, run.validation, recipe.micro_batch_size)
+        run.accelerator.log({"val/perplexity": perplexity}, step=step)
+        progress.write(f"step {step}: validation perplexity {perplexity:.3f}")
+    if (recipe.save_interval and step % recipe.save_interval == 0) or step == run.total_steps:
+        state["loss_end"] = losses["loss"]
+        state["loss_parts_end"] = {name: value for name, value in losses.items() if name != "loss"}
+        state["wall_seconds"] += time.perf_counter() - loop_start
+        save_checkpoint(run.accelerator, recipe.output_dir, step, state, recipe.keep_last)
+        return time.perf_counter()
+    return loop_start
+
+
+def final_report(run: Run, session: Session, transfer: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's numbers: budget spent, speed, loss and validation perplexity at both ends, the recipe."""
+    accelerator, state, recipe = run.accelerator, run.state, run.recipe
+    val_perplexity_end = validation_perplexity(accelerator, run.model, run.validation, recipe.micro_batch_size)
+    accelerator.log({"val/perplexity": val_perplexity_end}, step=run.total_steps)
+    unwrapped = accelerator.unwrap_model(run.model)
+    return {
+        "model": recipe.model,
+        "teacher": recipe.teacher,
+        "architecture": type(unwrapped).__name__,
+        "stages": list(recipe.stages),
+        "attention_transfer": transfer,
+        "steps": state["step"],
+        "tokens_seen": state["tokens_seen"],
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type.value) + ("2" if accelerator.is_fsdp2 else ""),
+        "trained_parameters": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
+        "trained_tensors": len(run.trained_names),
+        "wall_time_s": round(state["wall_seconds"], 3),
+        "train_time_s": round(state["train_seconds"], 3),
+        "tokens_per_s": round(state["tokens_seen"] / state["train_seconds"], 3) if state["train_seconds"] else None,
+        "this_session": {
+            "resumed_from": str(run.checkpoint) if run.checkpoint else None,
+            "seconds": round(time.perf_counter() - session.start, 3),
+            "tokens_per_s": round(session.tokens / session.train_seconds, 3) if session.train_seconds else None,
+        },
+        "loss_start": state["loss_start"],
+        "loss_end": state.get("loss_end"),
+        "loss_parts_end": state.get("loss_parts_end", {}),
+        "val_perplexity_start": state["val_perplexity_start"],
+        "val_perplexity_end": val_perplexity_end,
+        "val_tokens": int(run.validation.lengths.sum()),
+        "recipe": recipe.to_dict(),
+    }
 
 
 def lr_factor(schedule: Schedule, step: int, total_steps: int) -> float:
@@ -214,26 +340,6 @@ def lr_factor(schedule: Schedule, step: int, total_steps: int) -> float:
     if schedule.kind == "linear":
         return max(0.0, 1.0 - progress)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
-def _micro_step_loss(model, teacher, recipe: Recipe, input_ids, attention_mask):
-    # a full mask lets attention take its fast causal path
-    mask_arg = None if bool(attention_mask.all()) else attention_mask
-    logits = model(input_ids=input_ids, attention_mask=mask_arg, use_cache=False).logits
-    teacher_logits = None
-    if recipe.loss.kind != "lm":
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=input_ids, attention_mask=mask_arg, use_cache=False).logits
-    return training_loss(recipe.loss, logits, input_ids, attention_mask, teacher_logits)
-
-
-def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters, with weight decay on matrices only (norm gains and biases are 1-d)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
 
 
 @torch.no_grad()

@@ -42,6 +42,25 @@ def tiny_deepseek_dir(tmp_path_factory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("mla") / "model", "deepseek_v3", 4, 4, tokenizer=True)
 
 
+@pytest.fixture(scope="session")
+def mla_source_dir(tmp_path_factory) -> Path:
+    """A GQA Llama (4 heads, 2 KV heads) with the byte-level tokenizer: the source of the MLA conversions."""
+    folder = tmp_path_factory.mktemp("mla-source") / "model"
+    return save_tiny_checkpoint(folder, "llama", 4, 2, tokenizer=True, initializer_range=0.15, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="session")
+def mla_converted_dir(tmp_path_factory, mla_source_dir) -> Path:
+    """mla_source_dir converted to MLA at half its KV cache with the default method (approximate)."""
+    from kvshrink.convert.mha_to_mla import mha_to_mla
+    from kvshrink.convert.options import MlaOptions
+
+    out = tmp_path_factory.mktemp("mla-converted") / "model"
+    mha_to_mla(mla_source_dir, out, MlaOptions(kv_budget=0.5, target="sglang", check=False, progress=False,
+                                               calibration_tokens=1024))  # fmt: skip
+    return out
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     """Write a recipe (a small fast default, updated with the given keys) and return its path."""

@@ -1,0 +1,185 @@
+"""Stage attention_transfer: each converted attention module, alone, learns to reproduce the source attention.
+
+The source model runs one decoder layer at a time (convert/layers.py's LayerStream, the stock classes) over the
+first `attention_transfer.sequences` training blocks; at every layer the conversion changed, the attention
+inputs the source layer received and the outputs its o_proj produced become a small training set, and the
+converted layer's own stock attention module (DeepseekV3Attention, LlamaAttention with fewer KV heads, ...)
+is fitted to it by AdamW on the mean squared error (attention transfer, LoLCATs arXiv 2410.10254; layer-wise
+teacher forcing, arXiv 2604.05688). Memory is one source layer, one converted attention module and the
+windows' hidden states.
+
+Layers are independent: under accelerate every process runs the source stream and fits the layers whose index
+is its rank modulo the process count. Each fitted layer is written as OUTPUT/attention_transfer/layer-NNNN
+(.safetensors with the module's tensors under their full names, .json with its losses); a resumed run skips
+the layers already written, and the end-to-end stage starts from them (transferred_weights()).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from kvshrink.convert.checkpoint import open_folder
+from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.layers import LayerStream, StockModel
+from kvshrink.uptrain.optimizer import SizeScaledRows, off_scale_parameters, reference_rms
+from kvshrink.uptrain.recipe import AttentionTransfer, Recipe, changed_attention_layers
+
+TRANSFER_DIR = "attention_transfer"
+ATTENTION = "self_attn"
+ATTENTION_INPUT = "self_attn.q_proj"  # the source attention's first projection reads its normalized input
+ATTENTION_OUTPUT = "self_attn.o_proj"
+
+
+def transfer_attention(recipe: Recipe, accelerator: Accelerator) -> dict[str, Any]:
+    """Fit every converted attention layer this process owns, then return every layer's losses (all processes)."""
+    output = Path(recipe.output_dir) / TRANSFER_DIR
+    layers = changed_attention_layers(recipe.model, "stage attention_transfer")
+    mine = [index for position, index in enumerate(layers) if position % accelerator.num_processes == accelerator.process_index]
+    todo = [index for index in mine if not _layer_file(output, index, ".safetensors").is_file()]
+    start = time.perf_counter()
+    if todo:
+        source = StockModel.of_checkpoint(open_folder(Path(recipe.teacher)), accelerator.device)
+        student = StockModel.of_checkpoint(open_folder(Path(recipe.model)), accelerator.device)
+        stream = LayerStream(source, _windows(recipe, accelerator))
+        progress = tqdm(total=len(todo), unit="layer", desc="attention transfer", disable=not accelerator.is_local_main_process)
+        for index in range(max(todo) + 1):
+            source_layer = source.layer(index)
+            if index not in todo:
+                stream.run(source_layer, index)
+                continue
+            inputs = stream.inputs_of(source_layer, index, _checked(source_layer, ATTENTION_INPUT, index))
+            targets: list[torch.Tensor] = []
+            handle = _submodule(source_layer, ATTENTION_OUTPUT, index).register_forward_hook(
+                lambda module, args, out: targets.append(out[0].detach().float())
+            )
+            try:
+                stream.run(source_layer, index)
+            finally:
+                handle.remove()
+            _fit_layer(recipe, student, index, inputs, targets, output)
+            progress.update(1)
+        progress.close()
+    accelerator.wait_for_everyone()
+    return _stage_report(output, layers, time.perf_counter() - start, accelerator)
+
+
+def transferred_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    """The attention tensors the stage wrote, under their full names (float32)."""
+    weights: dict[str, torch.Tensor] = {}
+    for path in sorted((output_dir / TRANSFER_DIR).glob("layer-*.safetensors")):
+        weights.update(load_file(path))
+    return weights
+
+
+def _windows(recipe: Recipe, accelerator: Accelerator) -> list[torch.Tensor]:
+    """The first `sequences` training blocks, as token windows without their padding."""
+    from transformers import AutoTokenizer
+
+    from kvshrink.uptrain.data import build_data
+
+    with accelerator.main_process_first():
+        stream, _ = build_data(recipe, AutoTokenizer.from_pretrained(recipe.model))
+    blocks = stream.blocks_from(0)
+    return [ids[: int(mask.sum())] for ids, mask in (next(blocks) for _ in range(recipe.attention_transfer.sequences))]
+
+
+def _fit_layer(recipe: Recipe, student: StockModel, index: int, inputs: list[torch.Tensor],
+               targets: list[torch.Tensor], output: Path) -> None:  # fmt: skip
+    """Fit the converted attention of layer `index` to the source's (inputs -> targets); write it and its losses."""
+    if student.attention_kind(index) != "full_attention":
+        raise KvshrinkError(f"layer {index} of {recipe.model} uses sliding-window attention: remove attention_transfer from stages")
+    layer = student.layer(index)
+    attention = layer.get_submodule(ATTENTION)
+    rotary = student.rotary_embedding()
+    generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + index)
+    losses = fit_attention(attention, rotary, inputs, targets, recipe.attention_transfer, generator,
+                           reference_rms(layer.parameters()))  # fmt: skip
+    prefix = student.path(student.decoder.layers[index].get_submodule(ATTENTION))
+    tensors = {f"{prefix}.{name}": t.detach().contiguous() for name, t in attention.state_dict().items()}
+    output.mkdir(parents=True, exist_ok=True)
+    _layer_file(output, index, ".json").write_text(json.dumps({"layer": index, **losses}), encoding="utf-8")
+    partial = _layer_file(output, index, ".partial")
+    save_file(tensors, partial)
+    partial.replace(_layer_file(output, index, ".safetensors"))  # present only when complete
+
+
+def fit_attention(attention: torch.nn.Module, rotary: torch.nn.Module, inputs: list[torch.Tensor],
+                  targets: list[torch.Tensor], spec: AttentionTransfer, generator: torch.Generator,
+                  reference: float) -> dict[str, float]:  # fmt: skip
+    """AdamW on the mean squared error between attention(inputs) and targets, micro_batch_size windows a step,
+    rows far off `reference` size-scaled; the error over all windows before and after, absolute and relative."""
+    attention.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(attention.parameters(), lr=spec.lr, weight_decay=0.0)
+    watched = dict(attention.named_parameters())
+    off_scale = off_scale_parameters(attention, reference)
+    if off_scale:
+        SizeScaledRows([watched[name] for name in off_scale], reference).attach(optimizer)
+    warmup = max(1, spec.steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    start = _errors(attention, rotary, inputs, targets)
+    for _ in range(spec.steps):
+        chosen = torch.randperm(len(inputs), generator=generator)[: spec.micro_batch_size].tolist()
+        loss = sum(_squared_error(attention, rotary, inputs[i], targets[i]) for i in chosen) / len(chosen)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    attention.eval()
+    end = _errors(attention, rotary, inputs, targets)
+    return {"mse_start": start[0], "mse_end": end[0], "relative_start": start[1], "relative_end": end[1]}
+
+
+def _squared_error(attention, rotary, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the attention's output on one window ([T, hidden]) against the source's."""
+    states = hidden[None]
+    positions = torch.arange(states.shape[1], device=states.device)[None]
+    # no mask: stock sdpa attention is then causal, as the source layer was on these unpadded windows
+    out = attention(hidden_states=states, position_embeddings=rotary(states, positions), attention_mask=None)[0]
+    return (out[0].float() - target).pow(2).mean()
+
+
+@torch.no_grad()
+def _errors(attention, rotary, inputs, targets) -> tuple[float, float]:
+    """(mean squared error, that error over the targets' mean square) over all windows."""
+    error = sum(float(_squared_error(attention, rotary, x, y)) for x, y in zip(inputs, targets)) / len(inputs)
+    energy = sum(float(y.pow(2).mean()) for y in targets) / len(targets)
+    return error, error / energy
+
+
+def _submodule(layer: torch.nn.Module, name: str, index: int) -> torch.nn.Module:
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        raise KvshrinkError(
+            f"layer {index} of the teacher has no {name} to read the attention's input and output from: "
+            "attention_transfer needs a source with separate q/k/v/o projections; remove it from stages"
+        ) from None
+
+
+def _checked(layer: torch.nn.Module, name: str, index: int) -> str:
+    _submodule(layer, name, index)
+    return name
+
+
+def _layer_file(output: Path, index: int, suffix: str) -> Path:
+    return output / f"layer-{index:04d}{suffix}"
+
+
+def _stage_report(output: Path, layers: list[int], seconds: float, accelerator: Accelerator) -> dict[str, Any]:
+    """Every layer's losses (read back from the files, so resumed and multi-process runs report all of them),
+    logged per layer under attention_transfer/*, with tracker step = layer index."""
+    rows = [json.loads(_layer_file(output, index, ".json").read_text(encoding="utf-8")) for index in layers]
+    for row in rows:
+        accelerator.log({f"attention_transfer/{key}": value for key, value in row.items() if key != "layer"},
+                        step=row["layer"])  # fmt: skip
+    return {"layers": rows, "seconds_this_session": round(seconds, 3),
+            "relative_error_mean_start": sum(r["relative_start"] for r in rows) / len(rows),
+            "relative_error_mean_end": sum(r["relative_end"] for r in rows) / len(rows)}
