@@ -32,12 +32,6 @@ class LayerStatistics:
     def flat_inputs(self) -> torch.Tensor:
         return self.inputs.reshape(-1, self.inputs.shape[-1])
 
-    @property
-    def second_moment(self) -> torch.Tensor:
-        """E[x xᵀ] over all calibration tokens, float64 [hidden, hidden]."""
-        x = self.flat_inputs.double()
-        return x.T @ x / x.shape[0]
-
 
 def calibration_windows(folder: Path, text: str, num_tokens: int, seq_len: int = CALIBRATION_WINDOW) -> list[torch.Tensor]:
     """Full windows of `seq_len` tokens from the first `num_tokens` tokens of `text` (one shorter window when

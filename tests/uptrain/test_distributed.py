@@ -15,20 +15,24 @@ from safetensors.torch import load_file
 from kvshrink.uptrain import load_recipe, uptrain
 
 
+def _launch_two_processes(recipe) -> None:
+    """`uptrain recipe` on 2 gloo CPU processes: `--cpu` alone would need mpirun; torchrun's launcher plus
+    ACCELERATE_USE_CPU gives gloo processes."""
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kvshrink.uptrain", str(recipe)],
+        capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, timeout=300,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+
+
 def test_two_processes_match_one_process_with_accumulation(tmp_path, tiny_llama_dir, write_recipe):
     keys = dict(model=str(tiny_llama_dir), max_steps=3, micro_batch_size=2, optimizer={"lr": 1e-2})
     single = load_recipe(write_recipe(**keys, gradient_accumulation=2, output_dir=str(tmp_path / "single")))
     uptrain(single)
 
     recipe = write_recipe(**keys, gradient_accumulation=1, output_dir=str(tmp_path / "ddp"))
-    launched = subprocess.run(
-        # `--cpu` alone would need mpirun; torchrun's launcher plus ACCELERATE_USE_CPU gives gloo processes
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kvshrink.uptrain", str(recipe)],
-        capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    assert launched.returncode == 0, launched.stdout + launched.stderr
+    _launch_two_processes(recipe)
     report = json.loads((tmp_path / "ddp" / "uptrain_report.json").read_text())
     assert report["num_processes"] == 2 and report["tokens_seen"] == 3 * 4 * 32
     expected = load_file(Path(single.output_dir) / "model.safetensors")
@@ -51,12 +55,7 @@ def test_two_processes_split_attention_transfer_and_distil_mla_like_one_process(
     uptrain(single)
 
     recipe = write_recipe(**keys, gradient_accumulation=1, output_dir=str(tmp_path / "ddp"))
-    launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kvshrink.uptrain", str(recipe)],
-        capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, timeout=300,
-    )  # fmt: skip
-    assert launched.returncode == 0, launched.stdout + launched.stderr
+    _launch_two_processes(recipe)
     ddp = json.loads((tmp_path / "ddp" / "uptrain_report.json").read_text())
     expected = json.loads((tmp_path / "single" / "uptrain_report.json").read_text())
     assert ddp["distributed_type"] == "MULTI_CPU" and ddp["num_processes"] == 2
