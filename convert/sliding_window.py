@@ -59,7 +59,7 @@ def _refuse(conversion: Conversion, options: SlidingWindowOptions) -> tuple[list
     """Refuse what cannot be windowed; returns the layers that may keep full attention, how many will, and the
     calibration length."""
     config, spec = conversion.checkpoint.config, conversion.spec
-    spec.require("window")
+    spec.require("window")  # a family without sliding_window_class refuses windowing in its spec (a test checks)
     context = _context(config)
     if context and options.window >= context:
         raise KvshrinkError(
