@@ -229,6 +229,9 @@ def add_sliding_window_command(source, out, **fields):
     for context, kv in report["kv_bytes_per_token_at_context"].items():
         click.echo(f"  KV cache per token at {int(context):,} tokens: {kv['source']:,.0f} -> {kv['target']:,.0f} bytes "
                    f"({kv['target'] / kv['source']:.1%})")
+    click.echo(f"  valid in {', '.join(report['valid_engines'])}")
+    for engine, reason in report["excluded_engines"].items():
+        click.echo(f"  {engine}: {reason}")
 
 kvshrink_cli.add_command(convert_cli, name="convert")
 

@@ -20,6 +20,7 @@ from kvshrink.convert.calibration import calibration_windows
 from kvshrink.convert.check import compare_perplexity
 from kvshrink.convert.checkpoint import open_source
 from kvshrink.convert.corpora import calibration_text
+from kvshrink.convert.engines import WINDOWED_VLLM
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.families import load_family_specs
 from kvshrink.convert.kvcache import kv_bytes_at_context
@@ -204,6 +205,8 @@ def add_sliding_window(source: str | Path, out: str | Path, options: SlidingWind
                 for context in REPORTED_CONTEXTS
             },
             "family_support": {"family": conversion.spec.model_type, "level": support.level, "why": support.why},
+            "valid_engines": ["transformers"],
+            "excluded_engines": {"vllm": WINDOWED_VLLM},
         }
         return finish(conversion, method=f"window/{options.layer_choice}", config=config, summary=summary,
                       layers=[reach.report() for reach in reaches], new_parameters=new_parameters, check=check)  # fmt: skip

@@ -156,3 +156,5 @@ def test_cli_prints_the_choice_and_the_cache(llama, tmp_path):
     assert "full attention kept in layers" in result.output and "KV cache per token at 8,192 tokens" in result.output
     report = json.loads((tmp_path / "out" / "kvshrink_report.json").read_text())
     assert report["check"]["window"] == 96 and report["method"] == "window/calibrated"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Valid in: transformers." in card and "not vllm: not verified" in card
