@@ -11,7 +11,7 @@ checks that this is what transformers' cache holds).
 Writes OUT/sliding_window.md, OUT/sliding_window.json and OUT/sliding_window.png; prints rows as they finish.
 
     python benchmarks/sliding_window.py --model DIR [--mqa DIR] [--out DIR] [--windows 512,1024]
-                                        [--fractions 0.25,0.5] [--eval-tokens 8192]
+                                        [--fractions 0.25,0.5] [--eval-tokens 8192] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.25,0.5")
     parser.add_argument("--eval-tokens", type=int, default=2 * EVAL_WINDOW)
     parser.add_argument("--calibration-tokens", type=int, default=EVAL_WINDOW)
+    parser.add_argument("--keep", type=Path, help="keep the converted folders here (default: a temporary folder)")
     args = parser.parse_args()
     windows_tokens = [int(w) for w in args.windows.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
@@ -81,7 +82,8 @@ def main() -> None:
     windows = token_windows(load_tokenizer(args.model), text, args.eval_tokens, EVAL_WINDOW)
     sources = {"SmolLM2": args.model, **({"SmolLM2 MQA": args.mqa} if args.mqa else {})}
     rows, masses = [], {}
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as temporary:
+        scratch = args.keep or temporary
         for name, source in sources.items():
             ppl, kv = _score(source, None, windows)
             rows.append({"source": name, "window": None, "layout": "full attention", "full_layers": None,

@@ -37,17 +37,11 @@ def dropped_mass(weights: torch.Tensor, window: int, sink_tokens: int) -> tuple[
     if length <= window:
         zeros = torch.zeros(weights.shape[0], dtype=torch.float64)
         return zeros, zeros.clone(), 0
-    queries = torch.arange(window, length, device=weights.device)
-    last_dropped = queries - window  # keys 0 .. t-W fall outside the window
-    last_sink = torch.clamp(last_dropped, max=sink_tokens - 1)
-    beyond = torch.zeros(weights.shape[0], dtype=torch.float64)
-    sinks = torch.zeros(weights.shape[0], dtype=torch.float64)
-    for head in range(weights.shape[0]):
-        running = weights[head, window:].double().cumsum(-1)  # [queries, keys]
-        beyond[head] = running.gather(1, last_dropped[:, None]).sum().cpu()
-        if sink_tokens > 0:
-            sinks[head] = running.gather(1, last_sink[:, None]).sum().cpu()
-    return beyond, sinks, int(queries.numel())
+    # row i of the queries past the window is position t = window + i, which drops keys 0 .. i: a lower triangle
+    past = weights[:, window:]
+    beyond = torch.stack([torch.tril(head).sum(dtype=torch.float64) for head in past]).cpu()
+    sinks = torch.stack([torch.tril(head[:, :sink_tokens]).sum(dtype=torch.float64) for head in past]).cpu()
+    return beyond, sinks, length - window
 
 
 class _ReachHook:
