@@ -11,7 +11,7 @@ import click
 from pydantic import BaseModel
 
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.options import GqaOptions, MlaOptions, build_options
+from kvshrink.convert.options import GqaOptions, MlaOptions, SlidingWindowOptions, build_options
 
 
 class KvshrinkGroup(click.Group):
@@ -206,6 +206,35 @@ def mha_to_mla_command(source, out, **fields):
         click.echo(f"  --target {other['target']} would give perplexity {other['perplexity']:.3f}: the serving "
                    f"constraint costs {report['check']['serving_perplexity_cost']:+.3f} perplexity")
 
+
+
+@convert_cli.command("add-sliding-window")
+@source_and_out
+@options_from(SlidingWindowOptions)
+def add_sliding_window_command(source, out, **fields):
+    """Make all but --full-layers of SRC's layers attend within --window tokens; write OUT.
+
+    The layers that keep full attention are the ones that look furthest back on long calibration text (or evenly
+    spaced ones, --layer-choice even). Weights are unchanged. OUT loads in a stock class that runs per-layer
+    windows (layer_types): the source's own (Qwen2, Qwen3, Gemma-2) or Qwen2 for Llama/Mistral (zero q/k/v
+    biases; with no layer windowed it reproduces the source's logits). Works on mha-to-gqa/mqa outputs too; an MLA
+    output (DeepseekV3) has no window and is refused.
+    """
+    from kvshrink.convert.sliding_window import add_sliding_window
+
+    report = add_sliding_window(source, out, build_options(SlidingWindowOptions, fields, cli=True))
+    _print_summary(report, Path(out).resolve())
+    window = report["sliding_window"]
+    click.echo(f"  window {window['window']} tokens; full attention kept in layers {window['full_layers']} "
+               f"({window['layer_choice']})")
+    for name, mass in window["mean_mass_beyond_window"].items():
+        click.echo(f"  attention mass beyond the window, mean over layers, {name} choice: {mass:.4f}")
+    for context, kv in report["kv_bytes_per_token_at_context"].items():
+        click.echo(f"  KV cache per token at {int(context):,} tokens: {kv['source']:,.0f} -> {kv['target']:,.0f} bytes "
+                   f"({kv['target'] / kv['source']:.1%})")
+    click.echo(f"  valid in {', '.join(report['valid_engines'])}")
+    for engine, reason in report["excluded_engines"].items():
+        click.echo(f"  {engine}: {reason}")
 
 kvshrink_cli.add_command(convert_cli, name="convert")
 

@@ -20,6 +20,15 @@ VLLM_MLA = "vllm-project/vllm vllm/model_executor/layers/attention/mla_attention
 VLLM_PREFILL = "vllm-project/vllm vllm/v1/attention/backends/mla/prefill/flash_attn.py @0307fc6ced17"
 VLLM_TRITON = "vllm-project/vllm vllm/v1/attention/backends/mla/triton_mla.py @0155494b1dca"
 VLLM_MODEL = "vllm-project/vllm vllm/model_executor/models/deepseek_v2.py @b863fe5bf4e1"
+VLLM_QWEN2 = "vllm-project/vllm vllm/model_executor/models/qwen2.py @cb24295ecafd"
+VLLM_LLAMA = "vllm-project/vllm vllm/model_executor/models/llama.py (a 2026 version; LlamaAttention.__init__)"
+# Per-layer windows (layer_types) in vLLM, as read: its Llama model gives each layer the config's sliding_window when
+# layer_types[i] is "sliding_attention"; the Qwen2 model read refuses a window that covers only some layers.
+WINDOWED_VLLM = (
+    f"not verified: the Qwen2 model code read ({VLLM_QWEN2}) raises 'Sliding window for some but all layers is not "
+    f"supported'; {VLLM_LLAMA} reads layer_types per layer, but transformers' Llama class ignores them, so no "
+    "single class is known to run these windows in both"
+)
 SGLANG_MODEL = "sgl-project/sglang python/sglang/srt/models/deepseek_v2.py @00114aef19bb"
 SGLANG_DECODE = "sgl-project/sglang python/sglang/srt/layers/attention/triton_ops/decode_attention.py @83ea222010e3"
 

@@ -26,3 +26,14 @@ def kv_values_per_token(config: dict[str, Any]) -> int:
 def kv_bytes_per_token(config: dict[str, Any]) -> int:
     """Bytes of KV cache one token costs, in the checkpoint's own dtype."""
     return kv_values_per_token(config) * cache_dtype_bytes(config)
+
+
+def kv_bytes_at_context(config: dict[str, Any], context: int) -> float:
+    """Bytes of KV cache per token of a `context`-token sequence: a sliding layer (`layer_types`) holds at most
+    window - 1 tokens between steps (the next token completes its window; transformers' DynamicSlidingWindowLayer
+    keeps that many), a full-attention layer every token."""
+    per_layer = kv_bytes_per_token(config) / int(config["num_hidden_layers"])
+    window = config.get("sliding_window")
+    kinds = config.get("layer_types") or ["full_attention"] * int(config["num_hidden_layers"])
+    held = sum(min(context, int(window) - 1) if kind == "sliding_attention" and window else context for kind in kinds)
+    return per_layer * held / context

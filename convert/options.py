@@ -115,6 +115,28 @@ class MlaOptions(ConvertOptions):
     )  # fmt: skip
 
 
+
+class SlidingWindowOptions(ConvertOptions):
+    """`convert add-sliding-window`."""
+
+    window: int = Field(..., ge=1, description="Tokens each sliding layer attends to (its own included), as the "
+                        "stock class's sliding_window.", json_schema_extra={"short": "-w"})  # fmt: skip
+    full_layers: float = Field(
+        0.25, ge=0.0, le=1.0, description="Fraction of the layers that keep full attention, in [0, 1] (rounded to "
+        "whole layers).", json_schema_extra={"metavar": "F"},
+    )  # fmt: skip
+    layer_choice: Literal["calibrated", "even"] = Field(
+        "calibrated", description="calibrated: keep full attention in the layers that put the most attention beyond "
+        "the window on the calibration text; even: evenly spaced full layers (Gemma's fixed pattern).",
+    )  # fmt: skip
+    calibration_length: int | None = Field(
+        None, ge=2, description="Tokens per calibration window; must exceed --window so the window drops something "
+        "(default: 4096, at most the model's context).", json_schema_extra={"metavar": "N"},
+    )  # fmt: skip
+    sink_tokens: int = Field(4, ge=0, description="First tokens of a text whose dropped attention mass is reported "
+                             "apart (attention sinks, which a plain window drops).")  # fmt: skip
+
+
 def _one_line(error: ValidationError, model: type[BaseModel], what: str, cli: bool) -> str:
     first = error.errors()[0]
     field = str(first["loc"][0]) if first["loc"] else "options"

@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.kvcache import kv_bytes_per_token
+from kvshrink.convert.kvcache import kv_bytes_at_context
 from kvshrink.eval.models import ModelFolder, check_model_dirs, default_device, load_model
 
 GPU_CONTEXTS = (512, 2048, 8192)
@@ -30,7 +30,7 @@ class KvMeasurement:
     model: str
     context: int
     kv_bytes_per_token: float
-    kv_bytes_per_token_from_config: int
+    kv_bytes_per_token_from_config: float  # what the config says the cache holds at this context
     decode_tokens_per_second: float
 
 
@@ -74,7 +74,8 @@ def _measure_one(model, folder: ModelFolder, context: int, decode_tokens: int, d
             next_token = model(next_token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         _synchronize(device)
         elapsed = time.perf_counter() - start
-    return KvMeasurement(folder.label, context, measured, kv_bytes_per_token(folder.config), decode_tokens / elapsed)
+    return KvMeasurement(folder.label, context, measured, kv_bytes_at_context(folder.config, context),
+                        decode_tokens / elapsed)
 
 
 def measure_kv(
@@ -117,7 +118,7 @@ def kv_table(measurements: list[KvMeasurement]) -> str:
             m.model,
             str(m.context),
             f"{m.kv_bytes_per_token:,.0f}",
-            f"{m.kv_bytes_per_token_from_config:,}",
+            f"{m.kv_bytes_per_token_from_config:,.0f}",
             f"{m.kv_bytes_per_token / base[m.context].kv_bytes_per_token:.3f}×",
             f"{m.decode_tokens_per_second:.1f}",
             f"{m.decode_tokens_per_second / base[m.context].decode_tokens_per_second:.2f}×",

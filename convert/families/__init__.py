@@ -11,10 +11,13 @@ A spec names, relative to a layer's prefix, either separate `q_proj`/`k_proj`/`v
 - `fused_gate_up`: the MLP's fused [gate; up] projection relative to the layer prefix (Phi-3), else absent;
 - `sliding_window_switch`: the config flag that turns a configured `sliding_window` on (Qwen2: use_sliding_window),
   or absent where the stock class slides whenever `sliding_window` is set (Mistral, Phi-3);
+- `sliding_window_class`: the model_type of the stock class that runs this family with per-layer windows
+  (`layer_types`) exactly: the family's own where it has them (Qwen2, Qwen3, Gemma-2), Qwen2 for Llama and Mistral
+  (the same layer with zero q/k/v biases); absent where `add-sliding-window` refuses the family;
 - `embeddings`, `final_norm`, `lm_head`: the stock class's modules outside the layers (Gemma's embedding module
   applies its sqrt(hidden_size) scale itself; Gemma-2's final logit softcapping is config.final_logit_softcapping,
   applied by the causal-LM class after lm_head);
-- `converters`: per converter ("gqa", "mla") a `support` of "exact" (every feature of the family is carried
+- `converters`: per converter ("gqa", "mla", "window") a `support` of "exact" (every feature of the family is carried
   exactly; the KV reduction's own error is always measured and reported), "approximate" (a feature is
   approximated, with its error reported) or "refused", and `why` (the reason, or what is approximated).
 
@@ -34,7 +37,7 @@ from kvshrink.convert.errors import KvshrinkError
 _PROJECTION_KEYS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "q_norm", "k_norm")
 _ROPE_LAYOUTS = ("rotate_half",)
 _NORM_SCOPES = ("head", "projection")
-CONVERTERS = {"gqa": "mha-to-gqa / mha-to-mqa", "mla": "mha-to-mla"}
+CONVERTERS = {"gqa": "mha-to-gqa / mha-to-mqa", "mla": "mha-to-mla", "window": "add-sliding-window"}
 SUPPORT_LEVELS = ("exact", "approximate", "refused")
 
 
@@ -58,6 +61,7 @@ class FamilySpec:
     lm_head: str = "lm_head"
     fused_gate_up: str | None = None
     sliding_window_switch: str | None = None
+    sliding_window_class: str | None = None
     converters: dict[str, Support] = field(default_factory=dict)
 
     @property
@@ -133,7 +137,8 @@ def _parse(raw: dict[str, Any], origin: str) -> FamilySpec:
     if raw.get("qk_norm_scope", "head") not in _NORM_SCOPES:
         raise _malformed(origin, f"qk_norm_scope must be one of {', '.join(_NORM_SCOPES)}")
     optional = {key: raw[key] for key in ("qk_norm_scope", "norm_offset", "embeddings", "final_norm", "lm_head",
-                                          "fused_gate_up", "sliding_window_switch") if key in raw}  # fmt: skip
+                                          "fused_gate_up", "sliding_window_switch", "sliding_window_class")
+                if key in raw}  # fmt: skip
     return FamilySpec(
         model_type=raw["model_type"],
         architectures=tuple(raw["architectures"]),

@@ -185,7 +185,15 @@ def test_convert_help_prints_every_family_with_its_support():
     lines = CliRunner().invoke(convert_cli, ["--help"], terminal_width=100).output.splitlines()
     for name, spec in load_family_specs().items():
         row = next(line.split() for line in lines if line.split()[:1] == [name])
-        assert row[1:] == [spec.support("gqa").level, spec.support("mla").level]
+        assert row[1:] == [spec.support(converter).level for converter in ("gqa", "mla", "window")]
+
+
+def test_every_family_names_a_windowed_class_or_refuses_windowing():
+    for name, spec in load_family_specs().items():
+        refused = spec.support("window").level == "refused"
+        assert refused == (spec.sliding_window_class is None), name
+        if not refused:
+            assert spec.sliding_window_class in load_family_specs()
 
 
 def test_a_spec_that_refuses_without_a_reason_is_malformed():
