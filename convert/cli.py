@@ -149,6 +149,11 @@ def _print_summary(report: dict, out: Path) -> None:
     click.echo(f"  report: {out / 'kvshrink_report.json'} ({report['elapsed_seconds']:.1f} s)")
 
 
+def _print_exclusions(report: dict) -> None:
+    for engine, reason in report["excluded_engines"].items():
+        click.echo(f"  not valid in {engine}: {reason}")
+
+
 def _gqa_command(name: str, fixed_groups: int | None, help_text: str):
     @convert_cli.command(name, help=help_text)
     @source_and_out
@@ -195,8 +200,7 @@ def mha_to_mla_command(source, out, **fields):
     shape = report["mla"]
     click.echo(f"  MLA: kv_lora_rank {shape['kv_lora_rank']} + rope {shape['qk_rope_head_dim']}; "
                f"valid in {', '.join(report['valid_engines'])}")
-    for engine, reason in report["excluded_engines"].items():
-        click.echo(f"  not valid in {engine}: {reason}")
+    _print_exclusions(report)
     for note in report["notes"]:
         click.echo(f"  note: {note}")
     other = report.get("check", {}).get("other_target")
@@ -205,7 +209,6 @@ def mha_to_mla_command(source, out, **fields):
     elif other:
         click.echo(f"  --target {other['target']} would give perplexity {other['perplexity']:.3f}: the serving "
                    f"constraint costs {report['check']['serving_perplexity_cost']:+.3f} perplexity")
-
 
 
 @convert_cli.command("add-sliding-window")
@@ -233,8 +236,8 @@ def add_sliding_window_command(source, out, **fields):
         click.echo(f"  KV cache per token at {int(context):,} tokens: {kv['source']:,.0f} -> {kv['target']:,.0f} bytes "
                    f"({kv['target'] / kv['source']:.1%})")
     click.echo(f"  valid in {', '.join(report['valid_engines'])}")
-    for engine, reason in report["excluded_engines"].items():
-        click.echo(f"  {engine}: {reason}")
+    _print_exclusions(report)
+
 
 kvshrink_cli.add_command(convert_cli, name="convert")
 
