@@ -347,10 +347,10 @@ def _convert_layers(conversion: Conversion, options: MlaOptions, plans: dict[Pat
     calibration = Calibration(conversion.source_model(), conversion.spec, windows)
     split_rows = deepseek.split_gate_up(conversion.spec, conversion.checkpoint.config)
     writers = {folder: LayerWriter(conversion, folder, split_rows) for folder in plans}
-    main_folder, main_plan = next(iter(plans.items()))
-    target = conversion.target_model(main_plan.config, split_rows)
-    for folder, plan in plans.items():
-        require_free_space(conversion, conversion.target_model(plan.config) if folder != main_folder else target)
+    targets = {folder: conversion.target_model(plan.config, split_rows) for folder, plan in plans.items()}
+    require_free_space(conversion, *targets.values())
+    main_folder = next(iter(plans))
+    target = targets[main_folder]
     reports: dict[Path, list[dict[str, Any]]] = {folder: [] for folder in plans}
     for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)

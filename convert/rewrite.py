@@ -153,9 +153,9 @@ def _tensor_bytes(model: StockModel) -> int:
     return sum(tensor.numel() for tensor in state.values()) * dtype.itemsize
 
 
-def require_free_space(conversion: Conversion, target: StockModel) -> None:
-    """Refuse before writing when the output folder's disk cannot hold the output."""
-    needed = _tensor_bytes(target) + _FREE_SPACE_MARGIN
+def require_free_space(conversion: Conversion, *targets: StockModel) -> None:
+    """Refuse before writing when the output folder's disk cannot hold the outputs (the models in `targets`)."""
+    needed = sum(_tensor_bytes(target) + _FREE_SPACE_MARGIN for target in targets)
     free = shutil.disk_usage(conversion.staging).free
     if free < needed:
         raise KvshrinkError(
