@@ -34,6 +34,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PICKLE_HINT = "pass --allow-pickle to load it with torch.load(weights_only=True), or convert it to safetensors"
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no element is NaN or inf. A NaN or inf element makes the sum NaN or inf, so a finite sum (a fast
+    vectorized reduction, several times cheaper than isfinite on bf16) settles it; only a non-finite sum, which a
+    float16 sum of large finite values can also give, needs the element-wise check."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 @dataclass
 class SourceCheckpoint:
     """A checkpoint folder whose tensors are read one at a time, never all at once."""
@@ -53,7 +60,7 @@ class SourceCheckpoint:
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, refused when it holds NaN or inf: a conversion must not turn corrupt values into a model."""
         tensor = self.pickled[name] if self.pickled is not None else read_tensor(self.entries[name])
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not _all_finite(tensor):
             raise KvshrinkError(f"tensor {name} in {self.folder} holds NaN or inf values: the checkpoint is corrupt, re-download or repair it")
         return tensor
 

@@ -39,18 +39,26 @@ def _rms_normed(heads: torch.Tensor, weight: torch.Tensor | None, offset: float)
 
 
 @torch.no_grad()
-def attended_moments(attention: AttentionWeights, stats: RotaryLayerStatistics) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query head i, [H, hidden + 1, hidden + 1] float64 each: E[z_i z_iᵀ] (what its values are averaged
-    over) and E_m Σ_n a_i(m, n) x_n x_nᵀ (its keys, weighted by the attention they receive)."""
+def attended_moments(
+    attention: AttentionWeights, stats: RotaryLayerStatistics, value_rows: torch.Tensor, key_rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query head i, float64: R_v E[z_i z_iᵀ] R_vᵀ [H, rv, rv] (what its values are averaged over) and
+    R_k (E_m Σ_n a_i(m, n) x̃_n x̃_nᵀ) R_kᵀ [H, rk, rk] (its keys, weighted by the attention they receive), seen
+    through `value_rows` [rv, hidden + 1] and `key_rows` [rk, hidden + 1] acting on x̃ = [x; 1].
+
+    A merge reads these moments only through the source's value and key rows, so projecting them keeps each
+    head's moment at the group's K/V width instead of [hidden + 1]² (a 70B-width MQA group would otherwise hold
+    64 such 8193² matrices); identity rows give the full moments."""
     heads, kv_heads, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
     inputs = stats.inputs[:_MAX_WINDOWS]
     windows, length, _ = inputs.shape
     angles = torch.arange(length, dtype=torch.float64)[:, None] * stats.inv_freq.double()[None, :]
     rotation = (torch.polar(torch.ones_like(angles), angles) * stats.attention_scaling).to(torch.complex64)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    moments = torch.zeros(heads, inputs.shape[-1] + 1, inputs.shape[-1] + 1, dtype=torch.float64)
-    key_moments = torch.zeros_like(moments)
+    moments = torch.zeros(heads, value_rows.shape[0], value_rows.shape[0], dtype=torch.float64)
+    key_moments = torch.zeros(heads, key_rows.shape[0], key_rows.shape[0], dtype=torch.float64)
     q_rows, k_rows = augmented(attention.q, attention.q_bias).float(), augmented(attention.k, attention.k_bias).float()
+    value_rows, key_rows = value_rows.float(), key_rows.float()
     half = d // 2
     for window in inputs:
         x = torch.cat([window.float(), torch.ones(length, 1)], dim=1)  # [T, c]
@@ -62,8 +70,9 @@ def attended_moments(attention: AttentionWeights, stats: RotaryLayerStatistics) 
         if stats.logit_softcap:
             logits = stats.logit_softcap * torch.tanh(logits / stats.logit_softcap)
         weights = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # [H, T, T]
-        attended = weights @ x  # [H, T, c]
+        attended = weights @ (x @ value_rows.T)  # [H, T, rv]
         moments += (attended.mT @ attended).double()
         received = weights.sum(dim=1)  # [H, T]: attention each key position receives
-        key_moments += ((x.T * received[:, None]) @ x).double()
+        seen_keys = x @ key_rows.T  # [T, rk]
+        key_moments += ((seen_keys.T * received[:, None]) @ seen_keys).double()
     return moments / (windows * length), key_moments / (windows * length)

@@ -27,9 +27,10 @@ _SWAP_SWEEPS = 3
 
 
 def query_weights(attention: AttentionWeights, moment: torch.Tensor) -> torch.Tensor:
-    """E|q̃_ij|² summed over the query heads of each KV head: [KV, d/2], the weight of each key pair's error."""
-    queries = rotary_pairs(augmented(attention.q, attention.q_bias), attention.head_dim)
-    energy = torch.einsum("hjc,cd,hjd->hj", queries.conj(), moment.to(torch.complex128), queries).real
+    """E|q̃_ij|² summed over the query heads of each KV head: [KV, d/2], the weight of each key pair's error.
+    Real rows (pair j = rows j and j + d/2) cost a quarter of the complex product."""
+    rows = augmented(attention.q, attention.q_bias)
+    energy = ((rows @ moment) * rows).sum(dim=-1).reshape(attention.num_heads, 2, -1).sum(dim=1)
     return energy.reshape(attention.num_kv_heads, attention.queries_per_kv_head, -1).sum(dim=1)
 
 

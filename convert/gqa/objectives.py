@@ -15,7 +15,7 @@ import torch
 
 from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.gqa import KvMerge
-from kvshrink.convert.gqa.heads import augmented, per_head, rotary_pairs
+from kvshrink.convert.gqa.heads import augmented, per_head
 
 
 def _source_query_order(merge: KvMerge, queries_per_kv_head: int) -> torch.Tensor:
@@ -24,9 +24,22 @@ def _source_query_order(merge: KvMerge, queries_per_kv_head: int) -> torch.Tenso
     return torch.tensor([h * r + t for members in merge.groups for h in members for t in range(r)])
 
 
-def _quadratic(left: torch.Tensor, moment: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Row-wise conj(left) Σ rightᵀ for [..., cols] complex rows."""
-    return torch.einsum("...c,cd,...d->...", left.conj(), moment, right)
+def _pair_products(left_times_moment: torch.Tensor, right: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """conj(l) Σ rᵀ for every rotary pair l = l' + i l'' (rows j and j + d/2 of a head), from real rotate-half rows:
+    l·Σ [heads·d, c] and r [heads·d, c] -> [heads, d/2] complex. Σ is applied once per row set, in real arithmetic."""
+    half = head_dim // 2
+    left = left_times_moment.reshape(-1, head_dim, left_times_moment.shape[-1])
+    right = right.reshape(-1, head_dim, right.shape[-1])
+    real_left, imag_left, real_right, imag_right = left[:, :half], left[:, half:], right[:, :half], right[:, half:]
+    return torch.complex(
+        (real_left * real_right).sum(-1) + (imag_left * imag_right).sum(-1),
+        (real_left * imag_right).sum(-1) - (imag_left * real_right).sum(-1),
+    )
+
+
+def _heads(rows: torch.Tensor, index: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The rows of heads `index` (one head's d rows each, in that order) of [heads·d, c] rows."""
+    return rows.reshape(-1, head_dim, rows.shape[-1])[index].reshape(-1, rows.shape[-1])
 
 
 def merge_errors(
@@ -38,16 +51,16 @@ def merge_errors(
     head's attention averages instead of by single tokens."""
     merged, d = merge.attention, source.head_dim
     order = _source_query_order(merge, source.queries_per_kv_head)
-    new_kv_of_query = torch.arange(source.num_heads) // merged.queries_per_kv_head
-    sigma = moment.to(torch.complex128)
-
-    q_src = rotary_pairs(augmented(source.q, source.q_bias), d)[order]
-    k_src = rotary_pairs(augmented(source.k, source.k_bias), d)[order // source.queries_per_kv_head]
-    q_new = rotary_pairs(augmented(merged.q, merged.q_bias), d)
-    k_new = rotary_pairs(augmented(merged.k, merged.k_bias), d)[new_kv_of_query]
-    source_energy = _quadratic(q_src, sigma, q_src).real * _quadratic(k_src, sigma, k_src).real
-    merged_energy = _quadratic(q_new, sigma, q_new).real * _quadratic(k_new, sigma, k_new).real
-    cross = (_quadratic(q_src, sigma, q_new) * _quadratic(k_new, sigma, k_src)).real
+    source_kv = order // source.queries_per_kv_head
+    merged_kv = torch.arange(source.num_heads) // merged.queries_per_kv_head
+    q_src = _heads(augmented(source.q, source.q_bias), order, d)
+    q_new = augmented(merged.q, merged.q_bias)
+    k_src, k_new = augmented(source.k, source.k_bias), augmented(merged.k, merged.k_bias)
+    q_src_m, q_new_m, k_src_m, k_new_m = (rows @ moment for rows in (q_src, q_new, k_src, k_new))
+    source_energy = _pair_products(q_src_m, q_src, d).real * _pair_products(k_src_m, k_src, d).real[source_kv]
+    merged_energy = _pair_products(q_new_m, q_new, d).real * _pair_products(k_new_m, k_new, d).real[merged_kv]
+    key_cross = _pair_products(_heads(k_new_m, merged_kv, d), _heads(k_src, source_kv, d), d)
+    cross = (_pair_products(q_src_m, q_new, d) * key_cross).real
     logit_error = (source_energy + merged_energy - 2 * cross).sum() / source_energy.sum()
 
     error, source_values = value_error_terms(source, merge, moment, query_moments)
@@ -61,14 +74,20 @@ def value_error_terms(
     errors of separately merged groups add up."""
     merged, d = merge.attention, source.head_dim
     order = _source_query_order(merge, source.queries_per_kv_head)
-    new_kv_of_query = torch.arange(source.num_heads) // merged.queries_per_kv_head
-    v_src = per_head(augmented(source.v, source.v_bias), d)[order // source.queries_per_kv_head]
-    v_new = per_head(augmented(merged.v, merged.v_bias), d)[new_kv_of_query]
+    source_kv = order // source.queries_per_kv_head
+    merged_kv = torch.arange(source.num_heads) // merged.queries_per_kv_head
+    v_src = per_head(augmented(source.v, source.v_bias), d)[source_kv]  # [H, d, c]
+    v_new = per_head(augmented(merged.v, merged.v_bias), d)[merged_kv]
+    values = torch.cat([v_src, v_new], dim=1)  # [H, 2d, c]
+    if query_moments is None:  # one Σ for every head: applied once per KV head's rows, not once per query head
+        src_m = per_head(augmented(source.v, source.v_bias) @ moment, d)[source_kv]
+        new_m = per_head(augmented(merged.v, merged.v_bias) @ moment, d)[merged_kv]
+        covariance = torch.cat([src_m, new_m], dim=1) @ values.mT  # [H, 2d, 2d]
+    else:
+        covariance = values @ query_moments[order] @ values.mT
     o_src = source.o.double().reshape(source.o.shape[0], source.num_heads, d).permute(1, 0, 2)[order]
     o_new = merged.o.double().reshape(merged.o.shape[0], merged.num_heads, d).permute(1, 0, 2)
     outputs = torch.cat([o_src, -o_new], dim=2)  # [heads, hidden, 2d]
-    values = torch.cat([v_src, v_new], dim=1)  # [heads, 2d, cols]
-    metric = moment if query_moments is None else query_moments[order]
-    error = torch.einsum("hab,hba->h", outputs.mT @ outputs, values @ metric @ values.mT).sum()
-    source_values = torch.einsum("hab,hba->h", o_src.mT @ o_src, v_src @ metric @ v_src.mT).sum()
+    error = torch.einsum("hab,hba->", outputs.mT @ outputs, covariance)
+    source_values = torch.einsum("hab,hba->", o_src.mT @ o_src, covariance[:, :d, :d])
     return float(error), float(source_values)

@@ -22,6 +22,8 @@ norm — so such layers fall back to mean-pooled keys; values are still merged o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvshrink.convert.attention import AttentionWeights
@@ -30,76 +32,114 @@ from kvshrink.convert.gqa import KvMerge
 from kvshrink.convert.gqa.attended import RotaryLayerStatistics, attended_moments
 from kvshrink.convert.gqa.grouping import output_metrics, query_weights, regroup_similar_heads
 from kvshrink.convert.gqa.heads import (
-    augmented, fold_key_gains, per_head, rotary_pairs, rows_from_pairs, split_augmented,
+    augmented, fold_key_gains, rotary_pairs, rows_from_pairs, split_augmented,
 )  # fmt: skip
 from kvshrink.convert.gqa.mean import merge as mean_merge
-from kvshrink.convert.gqa.objectives import merge_errors, value_error_terms
+from kvshrink.convert.gqa.objectives import merge_errors
 
 NEEDS_CALIBRATION = True
 FOLDS_KEY_GAINS = True
 
 
-def _shared_keys(
-    attention: AttentionWeights, groups: int, moment: torch.Tensor, key_moments: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shared key pairs [groups, J, c] and per-source-head gains [KV, J] for consecutive groups of heads.
+@dataclass
+class _GroupMoments:
+    """The second moments a group's merge reads, seen through the group's own source rows (x̃ = [x; 1]): a merge
+    only ever reads them there, so each is [n·d, n·d] for n KV heads however wide the model is."""
 
-    Queries are weighed by the input moment, keys by `key_moments` [G, c, c] (one per group)."""
-    keys = rotary_pairs(augmented(attention.k, attention.k_bias), attention.head_dim)
-    size = attention.num_kv_heads // groups
-    weights = query_weights(attention, moment).reshape(groups, size, -1)  # [G, n, J]
-    grouped = keys.reshape(groups, size, *keys.shape[1:])  # [G, n, J, c]
-    sigma = key_moments.to(torch.complex128)
+    values: torch.Tensor  # V Σ Vᵀ: the group's value rows under the input moment Σ
+    attended_values: torch.Tensor | None  # V E[z_i z_iᵀ] Vᵀ per query head [H, n·d, n·d]; None without RoPE stats
+    keys: torch.Tensor  # K Σ_k Kᵀ: keys weighted by the attention they receive (Σ without RoPE statistics)
+
+
+def _group_moments(group: AttentionWeights, moment: torch.Tensor, stats: LayerStatistics) -> _GroupMoments:
+    value_rows = augmented(group.v, group.v_bias)
+    key_rows = augmented(group.k, group.k_bias)
+    values = value_rows @ moment @ value_rows.T
+    if not isinstance(stats, RotaryLayerStatistics):
+        return _GroupMoments(values, None, key_rows @ moment @ key_rows.T)
+    attended_values, attended_keys = attended_moments(group, stats, value_rows, key_rows)
+    return _GroupMoments(values, attended_values, attended_keys.mean(dim=0))
+
+
+def _pair_covariance(key_moment: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """[J, n, n] complex: E[z_aj conj(z_bj)] for the rotary pairs z = r + i r' (rows j and j + d/2 of each head)
+    from the real rows' moment [n·d, n·d]."""
+    half = head_dim // 2
+    blocks = key_moment.reshape(heads, head_dim, heads, head_dim)
+
+    def same_pair(rows: slice, cols: slice) -> torch.Tensor:  # [J, n, n]: entries (head a, pair j; head b, pair j)
+        return torch.diagonal(blocks[:, rows, :, cols], dim1=1, dim2=3).permute(2, 0, 1)
+
+    real, imag = slice(0, half), slice(half, head_dim)
+    return torch.complex(same_pair(real, real) + same_pair(imag, imag), same_pair(imag, real) - same_pair(real, imag))
+
+
+def _shared_keys(attention: AttentionWeights, moment: torch.Tensor, key_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One shared key pair row per rotary pair [J, c] and a gain per source head and pair [n, J] for one group.
+
+    Queries are weighed by the input moment, keys by `key_moment` (the group's key rows' moment, [n·d, n·d])."""
+    keys = rotary_pairs(augmented(attention.k, attention.k_bias), attention.head_dim)  # [n, J, c]
+    weights = query_weights(attention, moment).T  # [J, n]
+    covariance = _pair_covariance(key_moment, attention.num_kv_heads, attention.head_dim)  # [J, n, n]
     roots = weights.sqrt().to(torch.complex128)
-    weighted = grouped * roots[..., None]
-    gram = torch.einsum("ganc,gcd,gbnd->gnab", weighted, sigma, weighted.conj())  # [G, J, n, n]
+    gram = roots[:, :, None] * covariance * roots[:, None, :]
     eigenvalues, vectors = torch.linalg.eigh(gram)
-    top, vector = eigenvalues[..., -1].clamp_min(0), vectors[..., -1]  # [G, J], [G, J, n]
-    coefficients = vector.conj() * roots.permute(0, 2, 1) / top.sqrt().clamp_min(1e-30)[..., None]
-    shared = torch.einsum("gja,gajc->gjc", coefficients, grouped)
-    gains = torch.einsum("gajc,gcd,gjd->gaj", grouped, sigma, shared.conj())
+    top, vector = eigenvalues[:, -1].clamp_min(0), vectors[..., -1]  # [J], [J, n]
+    coefficients = vector.conj() * roots / top.sqrt().clamp_min(1e-30)[:, None]  # shared_j = Σ_a c_ja k_aj
+    shared = torch.einsum("ja,ajc->jc", coefficients, keys)
+    gains = torch.einsum("jab,jb->aj", covariance, coefficients.conj())  # E[k_aj conj(shared_j)]
     # Keep the shared key at the heads' (query-weighted) scale: the softmax does not care, bf16 does.
-    scale = ((weights * gains.abs() ** 2).sum(1) / weights.sum(1).clamp_min(1e-30)).sqrt()  # [G, J]
+    scale = ((weights.T * gains.abs() ** 2).sum(0) / weights.sum(1).clamp_min(1e-30)).sqrt()  # [J]
     usable = top > 1e-30 * eigenvalues.abs().amax(dim=-1).clamp_min(1e-300)
     scale = torch.where(usable, scale, torch.zeros_like(scale))
-    shared = shared * scale[..., None]
-    gains = torch.where(usable[:, None], gains / scale.clamp_min(1e-30)[:, None], torch.ones_like(gains))
-    return shared, gains.reshape(attention.num_kv_heads, -1)
+    gains = torch.where(usable, gains / scale.clamp_min(1e-30), torch.ones_like(gains))
+    return shared * scale[:, None], gains
 
 
-def _shared_values(
-    attention: AttentionWeights, groups: int, moment: torch.Tensor, query_moments: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shared value rows [groups * d, c] and the refit o_proj [hidden, H * d] for consecutive groups of heads.
+def _shared_values(attention: AttentionWeights, moments: _GroupMoments) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared value map as a combination A [d, n·d] of the group's source value rows, and the refit o_proj
+    [hidden, H·d] of its query heads.
 
-    `query_moments` [H, c, c], when given, is what each query head's values are averaged over (see `attended`):
-    the shared subspace then follows their mean over the group, and each head's o_proj is refit under its own.
-    """
-    d, size = attention.head_dim, attention.num_kv_heads // groups
-    values = per_head(augmented(attention.v, attention.v_bias), d)  # [KV, d, c]
+    The shared map is A·V, a combination of the group's source value rows V, so every moment is read as
+    V M Vᵀ: with attended moments the shared subspace follows their mean over the group, and each query head's
+    o_proj is refit under its own."""
+    d, heads = attention.head_dim, attention.num_heads
+    values = augmented(attention.v, attention.v_bias)  # [n·d, c]
     eigenvalues, vectors = torch.linalg.eigh(output_metrics(attention))
-    roots = vectors @ torch.diag_embed(eigenvalues.clamp_min(0).sqrt()) @ vectors.mT
-    stacked = (roots @ values).reshape(groups, size * d, -1)  # Z: [G, n*d, c]
-    group_of_query = torch.arange(attention.num_heads) // (attention.num_heads // groups)
-    if query_moments is None:
-        group_moments = moment.expand(groups, -1, -1)
-    else:
-        group_moments = torch.stack([query_moments[group_of_query == g].mean(dim=0) for g in range(groups)])
-    energy, basis = torch.linalg.eigh(stacked @ group_moments @ stacked.mT)
-    energy, basis = energy[:, -d:], basis[:, :, -d:]
-    usable = energy > 1e-12 * energy.amax(dim=-1, keepdim=True).clamp_min(1e-300)
+    roots = torch.block_diag(*(vectors @ torch.diag_embed(eigenvalues.clamp_min(0).sqrt()) @ vectors.mT))
+    per_query = moments.values[None] if moments.attended_values is None else moments.attended_values
+    energy, basis = torch.linalg.eigh(roots @ per_query.mean(dim=0) @ roots.T)
+    energy, basis = energy[-d:], basis[:, -d:]
+    usable = energy > 1e-12 * energy.max().clamp_min(1e-300)
     inverse_roots = torch.where(usable, energy.clamp_min(1e-300).rsqrt(), torch.zeros_like(energy))
-    shared = inverse_roots[..., None] * (basis.mT @ stacked)  # S: [G, d, c], orthonormal rows under the moment
-    # Back to the source's value scale, so the new o_proj columns stay in range.
-    value_scale = (torch.einsum("hdc,ce,hde->", values, moment, values) / (attention.num_kv_heads * d)).sqrt()
-    shared = shared * value_scale
-    outputs = attention.o.double().reshape(attention.o.shape[0], attention.num_heads, d).permute(1, 0, 2)
-    source_value = values.repeat_interleave(attention.queries_per_kv_head, dim=0)  # [H, d, c]
-    per_query = shared[group_of_query]  # [H, d, c]
-    metric = moment.expand(attention.num_heads, -1, -1) if query_moments is None else query_moments
-    gram = per_query @ metric @ per_query.mT  # [H, d, d]
-    refit = outputs @ source_value @ metric @ per_query.mT @ torch.linalg.pinv(gram, hermitian=True)
-    return shared.reshape(groups * d, -1), refit.permute(1, 0, 2).reshape(attention.o.shape[0], -1)
+    # Orthonormal rows under the moment, then back to the source's value scale so o_proj stays in range.
+    value_scale = (moments.values.trace() / values.shape[0]).sqrt()
+    combination = inverse_roots[:, None] * (basis.T @ roots) * value_scale  # A: [d, n·d]
+    kv_of_query = torch.arange(heads) // attention.queries_per_kv_head
+    per_query = per_query.expand(heads, -1, -1)
+    gram = combination @ per_query @ combination.T  # [H, d, d]: E[(A V z)(A V z)ᵀ]
+    source_rows = per_query.reshape(heads, -1, d, per_query.shape[-1])[torch.arange(heads), kv_of_query]
+    cross = source_rows @ combination.T  # [H, d, d]: E[(V_h z)(A V z)ᵀ]
+    outputs = attention.o.double().reshape(attention.o.shape[0], heads, d).permute(1, 0, 2)
+    refit = outputs @ (cross @ torch.linalg.pinv(gram, hermitian=True))
+    return combination, refit.permute(1, 0, 2).reshape(attention.o.shape[0], -1)
+
+
+def _attended_value_error(
+    group: AttentionWeights, merged: AttentionWeights, combination: torch.Tensor, attended: torch.Tensor
+) -> tuple[float, float]:
+    """(Σ_i E‖O_i V_h z_i − O'_i A V z_i‖², Σ_i E‖O_i V_h z_i‖²) over the group's query heads i, from the attended
+    moments V E[z_i z_iᵀ] Vᵀ: the value error of the merge and its scale, so the groups' errors add up."""
+    d, heads, hidden = group.head_dim, group.num_heads, group.o.shape[0]
+    rows = attended.shape[-1]
+    selection = torch.eye(rows, dtype=attended.dtype).reshape(-1, d, rows)[torch.arange(heads) // group.queries_per_kv_head]
+    both = torch.cat([selection, combination.expand(heads, -1, -1)], dim=1)  # [H, 2d, n·d]: V_h and A V
+    o_source = group.o.double().reshape(hidden, heads, d).permute(1, 0, 2)
+    o_merged = merged.o.double().reshape(hidden, heads, d).permute(1, 0, 2)
+    outputs = torch.cat([o_source, -o_merged], dim=2)
+    error = torch.einsum("hab,hba->", outputs.mT @ outputs, both @ attended @ both.mT)
+    source = torch.einsum("hab,hba->", o_source.mT @ o_source, selection @ attended @ selection.mT)
+    return float(error), float(source)
 
 
 def _group(attention: AttentionWeights, group: int, size: int) -> AttentionWeights:
@@ -123,28 +163,24 @@ def _merge_group(
     group: AttentionWeights, moment: torch.Tensor, stats: LayerStatistics
 ) -> tuple[AttentionWeights, str, tuple[float, float] | None]:
     """One group merged into one KV head; the key method used; the attended value error (error, source energy)
-    when the statistics carry the source's RoPE. The attended moments are computed for this group's query heads
-    only, so memory is one group's, not the layer's."""
-    value_moments = key_moments = None
-    if isinstance(stats, RotaryLayerStatistics):
-        value_moments, key_moments = attended_moments(group, stats)
+    when the statistics carry the source's RoPE. The moments are this group's, seen through its own rows."""
+    moments = _group_moments(group, moment, stats)
     if group.q_norm is None and group.k_norm is None:
-        key_moment = moment[None] if key_moments is None else key_moments.mean(dim=0, keepdim=True)
-        shared, gains = _shared_keys(group, 1, moment, key_moment)
-        k, k_bias = split_augmented(rows_from_pairs(shared), group.k_bias is not None)
+        shared, gains = _shared_keys(group, moment, moments.keys)
+        k, k_bias = split_augmented(rows_from_pairs(shared[None]), group.k_bias is not None)
         q, q_bias = fold_key_gains(group, gains)
         key_merge = "rope-exact complex gains, query-weighted least squares"
     else:
         pooled = mean_merge(group, 1).attention
         k, k_bias, q, q_bias = pooled.k, pooled.k_bias, group.q, group.q_bias
         key_merge = "mean (per-head q/k norms: a gain folded into queries would not be exact)"
-    values, o = _shared_values(group, 1, moment, value_moments)
-    v, v_bias = split_augmented(values, group.v_bias is not None)
+    combination, o = _shared_values(group, moments)
+    v, v_bias = split_augmented(combination @ augmented(group.v, group.v_bias), group.v_bias is not None)
     merged = group.with_kv(q=q, q_bias=q_bias, k=k, k_bias=k_bias, v=v, v_bias=v_bias, o=o.float().contiguous(),
                            num_kv_heads=1)  # fmt: skip
     attended = None
-    if value_moments is not None:
-        attended = value_error_terms(group, KvMerge(merged, [list(range(group.num_kv_heads))]), moment, value_moments)
+    if moments.attended_values is not None:
+        attended = _attended_value_error(group, merged, combination, moments.attended_values)
     return merged, key_merge, attended
 
 

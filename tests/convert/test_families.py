@@ -291,7 +291,8 @@ def test_attended_moments_follow_gemma_attention(model_type):
     )  # fmt: skip
     x = torch.cat([captured[0], torch.ones(*captured[0].shape[:2], 1)], dim=-1)
     expected_keys = torch.einsum("whmn,wnc,wne->hce", probabilities, x, x) / (4 * 64)
-    _, keys = attended_moments(attention, stats)
+    identity = torch.eye(x.shape[-1], dtype=torch.float64)
+    _, keys = attended_moments(attention, stats, identity, identity)
     torch.testing.assert_close(keys.float(), expected_keys, atol=1e-5, rtol=2e-3)
 
 

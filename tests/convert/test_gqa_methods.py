@@ -255,9 +255,25 @@ def test_attended_moments_follow_the_stock_attention(model_type):
     attended = probabilities @ x[:, None]  # [windows, H, T, c]
     expected_values = torch.einsum("whtc,whte->hce", attended, attended) / (4 * 64)
     expected_keys = torch.einsum("whmn,wnc,wne->hce", probabilities, x, x) / (4 * 64)
-    values, keys = attended_moments(layer_attention(model, 1), stats[1])
+    identity = torch.eye(x.shape[-1], dtype=torch.float64)
+    values, keys = attended_moments(layer_attention(model, 1), stats[1], identity, identity)
     torch.testing.assert_close(values.float(), expected_values, atol=1e-5, rtol=2e-3)
     torch.testing.assert_close(keys.float(), expected_keys, atol=1e-5, rtol=2e-3)
+
+
+def test_attended_moments_through_rows_are_the_projected_moments():
+    """A merge reads the attended moments only through its source rows R: R M Rᵀ computed from the projected
+    tokens (small, [rows, rows]) equals the full [hidden + 1]² moment M projected afterwards."""
+    model = build_tiny_model("llama", 8, 4, head_dim=16, attn_implementation="eager")
+    attention, stats = layer_attention(model, 1), rotary_stats(model)[1]
+    width = stats.inputs.shape[-1] + 1
+    identity = torch.eye(width, dtype=torch.float64)
+    rows = torch.randn(24, width, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    full_values, full_keys = attended_moments(attention, stats, identity, identity)
+    values, keys = attended_moments(attention, stats, rows, rows[:8])
+    assert values.shape == (8, 24, 24) and keys.shape == (8, 8, 8)
+    for projected, full in ((values, rows @ full_values @ rows.T), (keys, rows[:8] @ full_keys @ rows[:8].T)):
+        assert float((projected - full).norm() / full.norm()) < 1e-5  # float32 accumulation either way
 
 
 def test_output_aware_fits_values_to_what_attention_averages():
@@ -266,7 +282,8 @@ def test_output_aware_fits_values_to_what_attention_averages():
     attention, stats = layer_attention(model, 1), rotary_stats(model)[1]
     per_token = get_method("output-aware")(attention, 1, LayerStatistics(stats.inputs))
     attended = get_method("output-aware")(attention, 1, stats)
-    moments = attended_moments(attention, stats)[0]
+    identity = torch.eye(stats.inputs.shape[-1] + 1, dtype=torch.float64)
+    moments = attended_moments(attention, stats, identity, identity)[0]
     assert attended.details["attended_value_rel_error"] == pytest.approx(
         merge_errors(attention, attended, input_moment(stats), moments)["value_rel_error"]
     )

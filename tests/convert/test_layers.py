@@ -45,6 +45,19 @@ def test_a_tensor_holding_nan_is_refused_by_name(tiny_checkpoint):
         stream_perplexity(StockModel.of_checkpoint(checkpoint, torch.device("cpu")), _windows())
 
 
+def test_large_finite_float16_values_are_not_mistaken_for_corruption(tiny_checkpoint):
+    """The fast finiteness check sums each tensor: a float16 sum of large finite values overflows to inf, which
+    must not be taken for corrupt values."""
+
+    def large(model):
+        model.model.layers[0].post_attention_layernorm.weight.fill_(60000.0)
+
+    folder = tiny_checkpoint("llama", 4, 2, dtype=torch.float16, edit=large)
+    with open_source(folder) as checkpoint:
+        tensor = checkpoint.tensor("model.layers.0.post_attention_layernorm.weight")
+    assert tensor.dtype == torch.float16 and not torch.isfinite(tensor.sum())
+
+
 def _live_state() -> tuple[int, int]:
     """(most real decoder layers alive at once, most tensor bytes alive at once) while a layer is written."""
     import gc
