@@ -128,6 +128,17 @@ def _merge(conversion: Conversion, attention: AttentionWeights, options: GqaOpti
     return restore_projection_norms(attention, result, statistics, eps)
 
 
+def _convert_layer(conversion: Conversion, options: GqaOptions, calibration: Calibration | None,
+                   layer: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
+    """One layer's merged attention tensors and report entry; its statistics and source weights die here, before
+    the windows advance through the next materialized layer."""
+    attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
+    statistics = _with_rope(conversion, calibration.statistics(layer)) if calibration is not None else None
+    result = _merge(conversion, attention, options, statistics)
+    report = {"layer": layer, "groups": result.groups, **gqa.projection_errors(attention, result), **result.details}
+    return attention_tensors(result.attention, conversion.spec, layer), report
+
+
 def _convert_layers(
     conversion: Conversion, options: GqaOptions, calibration: Calibration | None, config: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -137,18 +148,13 @@ def _convert_layers(
     require_free_space(conversion, target)
     reports = []
     for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
-        attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
-        statistics = _with_rope(conversion, calibration.statistics(layer)) if calibration is not None else None
-        result = _merge(conversion, attention, options, statistics)
-        del statistics
-        tensors = attention_tensors(result.attention, conversion.spec, layer)
+        tensors, report = _convert_layer(conversion, options, calibration, layer)
         writer.write_layer(layer, tensors)
+        reports.append(report)
         if calibration is not None and options.error_feedback:
             calibration.advance(layer, target.layer(layer, tensors), target)
         elif calibration is not None:
             calibration.advance(layer)
-        reports.append({"layer": layer, "groups": result.groups, **gqa.projection_errors(attention, result),
-                        **result.details})  # fmt: skip
     return reports, writer.finish(conversion.counts.num_layers)
 
 

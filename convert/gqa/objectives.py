@@ -17,6 +17,8 @@ from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.gqa import KvMerge
 from kvshrink.convert.gqa.heads import augmented, per_head
 
+_HEAD_CHUNK = 8
+
 
 def _source_query_order(merge: KvMerge, queries_per_kv_head: int) -> torch.Tensor:
     """Source query head behind each query head of the merged layer (a regrouping moves query heads)."""
@@ -42,6 +44,11 @@ def _heads(rows: torch.Tensor, index: torch.Tensor, head_dim: int) -> torch.Tens
     return rows.reshape(-1, head_dim, rows.shape[-1])[index].reshape(-1, rows.shape[-1])
 
 
+def _head_chunks(heads: int) -> tuple[torch.Tensor, ...]:
+    """Query heads taken _HEAD_CHUNK at a time, so per-head products under Σ stay small at any width."""
+    return torch.arange(heads).split(_HEAD_CHUNK)
+
+
 def merge_errors(
     source: AttentionWeights, merge: KvMerge, moment: torch.Tensor, query_moments: torch.Tensor | None = None
 ) -> dict[str, float]:
@@ -49,22 +56,35 @@ def merge_errors(
 
     With `query_moments` [H, c, c] (per source query head, see `attended`), values are weighed by what each
     head's attention averages instead of by single tokens."""
+    error, source_values = value_error_terms(source, merge, moment, query_moments)
+    return {"logit_rel_error": _logit_error(source, merge, moment), "value_rel_error": max(error, 0.0) / source_values}
+
+
+def _logit_error(source: AttentionWeights, merge: KvMerge, moment: torch.Tensor) -> float:
     merged, d = merge.attention, source.head_dim
     order = _source_query_order(merge, source.queries_per_kv_head)
     source_kv = order // source.queries_per_kv_head
     merged_kv = torch.arange(source.num_heads) // merged.queries_per_kv_head
-    q_src = _heads(augmented(source.q, source.q_bias), order, d)
-    q_new = augmented(merged.q, merged.q_bias)
     k_src, k_new = augmented(source.k, source.k_bias), augmented(merged.k, merged.k_bias)
-    q_src_m, q_new_m, k_src_m, k_new_m = (rows @ moment for rows in (q_src, q_new, k_src, k_new))
-    source_energy = _pair_products(q_src_m, q_src, d).real * _pair_products(k_src_m, k_src, d).real[source_kv]
-    merged_energy = _pair_products(q_new_m, q_new, d).real * _pair_products(k_new_m, k_new, d).real[merged_kv]
-    key_cross = _pair_products(_heads(k_new_m, merged_kv, d), _heads(k_src, source_kv, d), d)
-    cross = (_pair_products(q_src_m, q_new, d) * key_cross).real
-    logit_error = (source_energy + merged_energy - 2 * cross).sum() / source_energy.sum()
+    k_new_m = k_new @ moment
+    key_source = _pair_products(k_src @ moment, k_src, d).real  # [KV, J]
+    key_merged = _pair_products(k_new_m, k_new, d).real  # [G, J]
+    error = energy = 0.0
+    for heads in _head_chunks(source.num_heads):
+        q_src = augmented(_heads(source.q, order[heads], d), _head_bias(source.q_bias, order[heads], d))
+        q_new = augmented(_heads(merged.q, heads, d), _head_bias(merged.q_bias, heads, d))
+        q_src_m = q_src @ moment
+        source_energy = _pair_products(q_src_m, q_src, d).real * key_source[source_kv[heads]]
+        merged_energy = _pair_products(q_new @ moment, q_new, d).real * key_merged[merged_kv[heads]]
+        key_cross = _pair_products(_heads(k_new_m, merged_kv[heads], d), _heads(k_src, source_kv[heads], d), d)
+        cross = (_pair_products(q_src_m, q_new, d) * key_cross).real
+        error += float((source_energy + merged_energy - 2 * cross).sum())
+        energy += float(source_energy.sum())
+    return max(error, 0.0) / energy
 
-    error, source_values = value_error_terms(source, merge, moment, query_moments)
-    return {"logit_rel_error": float(logit_error.clamp_min(0)), "value_rel_error": max(error, 0.0) / source_values}
+
+def _head_bias(bias: torch.Tensor | None, index: torch.Tensor, head_dim: int) -> torch.Tensor | None:
+    return None if bias is None else bias.reshape(-1, head_dim)[index].reshape(-1)
 
 
 def value_error_terms(
@@ -76,18 +96,19 @@ def value_error_terms(
     order = _source_query_order(merge, source.queries_per_kv_head)
     source_kv = order // source.queries_per_kv_head
     merged_kv = torch.arange(source.num_heads) // merged.queries_per_kv_head
-    v_src = per_head(augmented(source.v, source.v_bias), d)[source_kv]  # [H, d, c]
-    v_new = per_head(augmented(merged.v, merged.v_bias), d)[merged_kv]
-    values = torch.cat([v_src, v_new], dim=1)  # [H, 2d, c]
-    if query_moments is None:  # one Σ for every head: applied once per KV head's rows, not once per query head
-        src_m = per_head(augmented(source.v, source.v_bias) @ moment, d)[source_kv]
-        new_m = per_head(augmented(merged.v, merged.v_bias) @ moment, d)[merged_kv]
-        covariance = torch.cat([src_m, new_m], dim=1) @ values.mT  # [H, 2d, 2d]
-    else:
-        covariance = values @ query_moments[order] @ values.mT
-    o_src = source.o.double().reshape(source.o.shape[0], source.num_heads, d).permute(1, 0, 2)[order]
+    v_src = per_head(augmented(source.v, source.v_bias), d)  # [KV, d, c]
+    v_new = per_head(augmented(merged.v, merged.v_bias), d)  # [G, d, c]
+    v_src_m, v_new_m = (v_src @ moment, v_new @ moment) if query_moments is None else (None, None)
+    o_src = source.o.double().reshape(source.o.shape[0], source.num_heads, d).permute(1, 0, 2)
     o_new = merged.o.double().reshape(merged.o.shape[0], merged.num_heads, d).permute(1, 0, 2)
-    outputs = torch.cat([o_src, -o_new], dim=2)  # [heads, hidden, 2d]
-    error = torch.einsum("hab,hba->", outputs.mT @ outputs, covariance)
-    source_values = torch.einsum("hab,hba->", o_src.mT @ o_src, covariance[:, :d, :d])
-    return float(error), float(source_values)
+    error = energy = 0.0
+    for heads in _head_chunks(source.num_heads):
+        values = torch.cat([v_src[source_kv[heads]], v_new[merged_kv[heads]]], dim=1)  # [h, 2d, c]
+        if query_moments is None:  # one Σ for every head: applied once per KV head's rows, above
+            covariance = torch.cat([v_src_m[source_kv[heads]], v_new_m[merged_kv[heads]]], dim=1) @ values.mT
+        else:
+            covariance = values @ query_moments[order[heads]] @ values.mT
+        outputs = torch.cat([o_src[order[heads]], -o_new[heads]], dim=2)  # [h, hidden, 2d]
+        error += float(torch.einsum("hab,hba->", outputs.mT @ outputs, covariance))
+        energy += float(torch.einsum("hab,hba->", o_src[order[heads]].mT @ o_src[order[heads]], covariance[:, :d, :d]))
+    return error, energy

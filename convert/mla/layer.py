@@ -28,9 +28,11 @@ from kvshrink.convert.mla.distance import rotation_gains
 from kvshrink.convert.mla.fold import fold_into_slots
 from kvshrink.convert.mla.head_norms import HeadNormFit
 from kvshrink.convert.mla.latent_norm import latent_scale, linearization_error
-from kvshrink.convert.mla.lowrank import joint_latent
+from kvshrink.convert.mla.lowrank import JointLatent, joint_latent
 from kvshrink.convert.mla.rope import RopeBasis, RopeSlots
 from kvshrink.convert.mla.shapes import MlaShape
+
+_ERROR_ROWS = 1024  # residual rows measured at once
 
 
 @dataclass(frozen=True)
@@ -94,26 +96,26 @@ def _output_metric(
     return torch.block_diag(*blocks)
 
 
-def convert_attention(
-    attention: AttentionWeights,
-    calibration: LayerCalibration,
-    slots: RopeSlots,
-    shape: MlaShape,
-    output: OutputFormat,
-    factorization: str,
-    input_norm_bound: float,
-    inv_freq: torch.Tensor,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors named relative to `self_attn.` (float32) and the layer's report entry."""
+@dataclass
+class _AttentionRows:
+    """A layer's attention rewritten as DeepseekV3 rows acting on x̃, before the latent is chosen."""
+
+    query: torch.Tensor  # [H·(nope + rope), n + 1]: every head's no-RoPE and rope query rows, softmax-scaled
+    targets: torch.Tensor  # [G·(nope + d), n + 1]: each KV group's no-RoPE key and value rows, read from the latent
+    rope_key: torch.Tensor  # [rope_dim, n + 1]: the shared rope key
+    folded: int  # dropped rotary components that ride on a slot
+
+
+def _attention_rows(attention: AttentionWeights, calibration: LayerCalibration, slots: RopeSlots, shape: MlaShape,
+                    output: OutputFormat, inv_freq: torch.Tensor) -> _AttentionRows:  # fmt: skip
+    """The rope split of the module docstring; its [G, P, n + 1] complex intermediates die with this call."""
     heads, kv_heads, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
-    hidden = attention.q.shape[1]
     group = torch.arange(heads) // (heads // kv_heads)
-    moment, mixing = calibration.moment, calibration.basis.mixing
+    mixing = calibration.basis.mixing
     queries = to_complex(augmented(attention.q, attention.q_bias), heads, d)  # [H, P, n+1]
     keys = to_complex(augmented(attention.k, attention.k_bias), kv_heads, d)  # [G, P, n+1]
-    values = augmented(attention.v, attention.v_bias).reshape(kv_heads, d, -1)
     rotated = torch.einsum("jcg,gjn->cjn", mixing, keys)
-
+    del keys
     frequency, rank = list(slots.frequency), list(slots.rank)
     rope_key = rotated[rank, frequency]  # [S, n+1]
     rope_query = mixing[frequency, rank][:, group].T[..., None] * queries[:, frequency]  # [H, S, n+1]
@@ -122,34 +124,42 @@ def convert_attention(
     folded = 0
     if calibration.distances is not None:  # every slot turns at its source frequency inv_freq[frequency[s]]
         drift = rotation_gains(calibration.distances, inv_freq[:, None] - inv_freq[frequency][None, :])
-        fold = fold_into_slots(rotated, mixing, queries, kept, (frequency, rank), moment, calibration.gains, drift)
+        fold = fold_into_slots(rotated, mixing, queries, kept, (frequency, rank), calibration.moment,
+                               calibration.gains, drift)  # fmt: skip
         rotated, rope_query, folded = fold.residual, rope_query + fold.slot_queries, fold.count
     dropped = mixing.conj() * (~kept)[:, :, None].to(mixing.dtype)
     residual_key = torch.einsum("jcg,cjn->gjn", dropped, rotated)  # [G, P, n+1]
+    del rotated
     if output.drop_key_bias:
         residual_key[..., -1] = 0
-
-    scale = math.sqrt((shape.nope_dim + shape.rope_dim) / d)
     query_parts = [_rope_rows(rope_query, output.interleave)]
-    latent_parts = [values]
+    latent_parts = [augmented(attention.v, attention.v_bias).reshape(kv_heads, d, -1)]
     if shape.nope_dim:
         query_parts.insert(0, to_rotate_half(calibration.gains[:, :, None] * queries))
         latent_parts.insert(0, to_rotate_half(residual_key))
-    query_rows = torch.cat(query_parts, dim=1).reshape(heads * (shape.nope_dim + shape.rope_dim), -1) * scale
-    targets = torch.cat(latent_parts, dim=1)  # [G, nope + d, n+1]
-    stacked = targets.reshape(-1, targets.shape[-1])
+    scale = math.sqrt((shape.nope_dim + shape.rope_dim) / d)
+    query = torch.cat(query_parts, dim=1).reshape(heads * (shape.nope_dim + shape.rope_dim), -1) * scale
+    targets = torch.cat(latent_parts, dim=1)
+    return _AttentionRows(query, targets.reshape(-1, targets.shape[-1]), _rope_rows(rope_key, output.interleave), folded)
+
+
+def _latent(attention: AttentionWeights, rows: _AttentionRows, calibration: LayerCalibration, shape: MlaShape,
+            factorization: str) -> JointLatent:  # fmt: skip
+    kv_heads = attention.num_kv_heads
+    targets = rows.targets.reshape(kv_heads, -1, rows.targets.shape[-1])
     metric = None
     if factorization == "output":
-        metric = _output_metric(query_parts[0] if shape.nope_dim else None, attention.o, targets, moment, group)
+        group = torch.arange(attention.num_heads) // attention.queries_per_kv_head
+        nope_queries = rows.query.reshape(attention.num_heads, -1, rows.query.shape[-1])[:, : shape.nope_dim]
+        metric = _output_metric(nope_queries if shape.nope_dim else None, attention.o, targets, calibration.moment, group)
     key_rows = (torch.arange(targets.shape[1]) < shape.nope_dim).repeat(kv_heads)
-    latent = joint_latent(stacked, shape.kv_rank, factorization, moment, metric, key_rows)
-    down, rope_key_rows, bias_errors = latent.down, _rope_rows(rope_key, output.interleave), None
-    if output.refit_biases:
-        query_rows, down, rope_key_rows, bias_errors = refit_layer(query_rows, down, rope_key_rows, moment)
-    alpha = latent_scale(down, output.latent_eps, input_norm_bound)
-    up = latent.up.reshape(kv_heads, -1, shape.kv_rank)[group].reshape(-1, shape.kv_rank)
-    kv_a = torch.cat([down * alpha, rope_key_rows])
+    return joint_latent(rows.targets, shape.kv_rank, factorization, calibration.moment, metric, key_rows)
 
+
+def _tensors(attention: AttentionWeights, query: torch.Tensor, up: torch.Tensor, kv_a: torch.Tensor, alpha: float,
+             shape: MlaShape, output: OutputFormat, input_norm_bound: float) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The layer's DeepseekV3 attention tensors (float64) named relative to `self_attn.`."""
+    hidden = attention.q.shape[1]
     tensors = {
         "kv_a_proj_with_mqa.weight": kv_a[:, :hidden],
         "kv_a_layernorm.weight": torch.ones(shape.kv_rank),
@@ -165,23 +175,55 @@ def convert_attention(
         tensors["q_a_proj.weight"] = torch.eye(width, hidden) * query_alpha
         tensors["q_a_proj.bias"] = torch.eye(width)[-1] * query_alpha
         tensors["q_a_layernorm.weight"] = torch.ones(width)
-        tensors["q_b_proj.weight"] = query_rows * (math.sqrt(output.latent_eps) / query_alpha)
+        tensors["q_b_proj.weight"] = query * (math.sqrt(output.latent_eps) / query_alpha)
     else:
-        tensors["q_proj.weight"] = query_rows[:, :hidden]
+        tensors["q_proj.weight"] = query[:, :hidden]
+    return tensors
 
-    # Errors from residual rows through a factor of the moment: sums of squares, so a near-exact latent (rank
-    # close to full) reports a tiny error rather than a negative one from rounding.
+
+def _errors(attention: AttentionWeights, targets: torch.Tensor, latent: JointLatent, moment: torch.Tensor,
+            nope_dim: int) -> dict[str, float]:  # fmt: skip
+    """K/V relative errors from residual rows through a factor of the moment: sums of squares, so a near-exact
+    latent (rank close to full) reports a tiny error rather than a negative one from rounding. Residuals are
+    taken a block of rows at a time: a 7B-width layer's [8192, 4097] residual would be 268 MB in float64."""
     factor = moment_factor(moment)
-    error = factored_energy(stacked - latent.up @ latent.down, factor).reshape(kv_heads, -1).sum(0)
-    nope_rows = shape.nope_dim
-    key_energy = float(factored_energy(keys, factor).sum())
-    value_energy = float(factored_energy(values, factor).sum())
-    key_error = float(error[:nope_rows].sum()) if nope_rows else 0.0
-    report = {
+    error = torch.cat([factored_energy(targets[i : i + _ERROR_ROWS] - latent.up[i : i + _ERROR_ROWS] @ latent.down, factor)
+                       for i in range(0, targets.shape[0], _ERROR_ROWS)])  # fmt: skip
+    error = error.reshape(attention.num_kv_heads, -1).sum(0)
+    key_energy = float(factored_energy(augmented(attention.k, attention.k_bias), factor).sum())
+    value_energy = float(factored_energy(augmented(attention.v, attention.v_bias), factor).sum())
+    key_error = float(error[:nope_dim].sum()) if nope_dim else 0.0
+    return {
         "k_rel_error": math.sqrt(max(key_error, 0.0) / max(key_energy, 1e-300)),
-        "v_rel_error": math.sqrt(max(float(error[nope_rows:].sum()), 0.0) / max(value_energy, 1e-300)),
-        "rope_energy_kept": float(calibration.basis.key_energy[frequency, rank].sum() / calibration.basis.key_energy.sum()),
-        "folded_components": folded,
+        "v_rel_error": math.sqrt(max(float(error[nope_dim:].sum()), 0.0) / max(value_energy, 1e-300)),
+    }
+
+
+def convert_attention(
+    attention: AttentionWeights,
+    calibration: LayerCalibration,
+    slots: RopeSlots,
+    shape: MlaShape,
+    output: OutputFormat,
+    factorization: str,
+    input_norm_bound: float,
+    inv_freq: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors named relative to `self_attn.` (float32) and the layer's report entry."""
+    group = torch.arange(attention.num_heads) // attention.queries_per_kv_head
+    rows = _attention_rows(attention, calibration, slots, shape, output, inv_freq)
+    latent = _latent(attention, rows, calibration, shape, factorization)
+    query, down, rope_key, bias_errors = rows.query, latent.down, rows.rope_key, None
+    if output.refit_biases:
+        query, down, rope_key, bias_errors = refit_layer(query, down, rope_key, calibration.moment)
+    alpha = latent_scale(down, output.latent_eps, input_norm_bound)
+    up = latent.up.reshape(attention.num_kv_heads, -1, shape.kv_rank)[group].reshape(-1, shape.kv_rank)
+    tensors = _tensors(attention, query, up, torch.cat([down * alpha, rope_key]), alpha, shape, output, input_norm_bound)
+    basis = calibration.basis
+    report = {
+        **_errors(attention, rows.targets, latent, calibration.moment, shape.nope_dim),
+        "rope_energy_kept": float(basis.key_energy[list(slots.frequency), list(slots.rank)].sum() / basis.key_energy.sum()),
+        "folded_components": rows.folded,
         "latent_norm_error": linearization_error(calibration.sample[:, : down.shape[1]] @ (down * alpha).T, output.latent_eps),
     }
     if bias_errors is not None:

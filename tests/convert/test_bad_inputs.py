@@ -52,6 +52,18 @@ def test_unsupported_model_type(source, tmp_path):
     assert_refused(run_convert("mha-to-mqa", source, out, "--no-check"), "'gpt2' is not supported", "llama", out=out)
 
 
+def test_tensors_that_do_not_match_the_config(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("llama", tokenizer=True)
+    config = json.loads((source / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (source / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    result = run_convert("mha-to-mqa", source, out)
+    error = result.output.strip().splitlines()[-1]  # after the progress bar
+    assert result.exit_code == 1 and error.startswith("Error: model.layers.0.mlp.gate_proj.weight has shape [96, 64]")
+    assert "does not match its config.json" in error and not out.exists()
+
+
 @pytest.mark.parametrize(
     ("groups", "fragment"),
     [("3", "does not divide the source's 4 KV heads: choose one of 1, 2, 4"), ("0", "positive"),
