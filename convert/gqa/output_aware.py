@@ -35,6 +35,7 @@ from kvshrink.convert.gqa.heads import (
     augmented, fold_key_gains, rotary_pairs, rows_from_pairs, split_augmented,
 )  # fmt: skip
 from kvshrink.convert.gqa.mean import merge as mean_merge
+from kvshrink.convert.mla.complex_heads import pair_covariance
 from kvshrink.convert.gqa.objectives import merge_errors
 
 NEEDS_CALIBRATION = True
@@ -61,26 +62,13 @@ def _group_moments(group: AttentionWeights, moment: torch.Tensor, stats: LayerSt
     return _GroupMoments(values, attended_values, attended_keys.mean(dim=0))
 
 
-def _pair_covariance(key_moment: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """[J, n, n] complex: E[z_aj conj(z_bj)] for the rotary pairs z = r + i r' (rows j and j + d/2 of each head)
-    from the real rows' moment [n·d, n·d]."""
-    half = head_dim // 2
-    blocks = key_moment.reshape(heads, head_dim, heads, head_dim)
-
-    def same_pair(rows: slice, cols: slice) -> torch.Tensor:  # [J, n, n]: entries (head a, pair j; head b, pair j)
-        return torch.diagonal(blocks[:, rows, :, cols], dim1=1, dim2=3).permute(2, 0, 1)
-
-    real, imag = slice(0, half), slice(half, head_dim)
-    return torch.complex(same_pair(real, real) + same_pair(imag, imag), same_pair(imag, real) - same_pair(real, imag))
-
-
 def _shared_keys(attention: AttentionWeights, moment: torch.Tensor, key_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One shared key pair row per rotary pair [J, c] and a gain per source head and pair [n, J] for one group.
 
     Queries are weighed by the input moment, keys by `key_moment` (the group's key rows' moment, [n·d, n·d])."""
     keys = rotary_pairs(augmented(attention.k, attention.k_bias), attention.head_dim)  # [n, J, c]
     weights = query_weights(attention, moment).T  # [J, n]
-    covariance = _pair_covariance(key_moment, attention.num_kv_heads, attention.head_dim)  # [J, n, n]
+    covariance = pair_covariance(key_moment, attention.num_kv_heads, attention.head_dim)  # [J, n, n]
     roots = weights.sqrt().to(torch.complex128)
     gram = roots[:, :, None] * covariance * roots[:, None, :]
     eigenvalues, vectors = torch.linalg.eigh(gram)

@@ -59,3 +59,17 @@ def energy(rows: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
     if rows.is_complex():
         return energy(rows.real, moment) + energy(rows.imag, moment)
     return torch.einsum("...i,ij,...j->...", rows, moment, rows)
+
+
+def pair_covariance(row_moment: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """[d/2, heads, heads] complex: E[z_aj conj(z_bj)] for the rotary pairs z = r + i r' (rows j and j + d/2 of each
+    head, rotate-half) from the real rows' second moment R Σ Rᵀ [heads·d, heads·d]. Σ is then applied once, in real
+    arithmetic, instead of through a complex copy of the [n, n] moment."""
+    half = head_dim // 2
+    blocks = row_moment.reshape(heads, head_dim, heads, head_dim)
+
+    def same_pair(rows: slice, cols: slice) -> torch.Tensor:  # [J, n, n]: entries (head a, pair j; head b, pair j)
+        return torch.diagonal(blocks[:, rows, :, cols], dim1=1, dim2=3).permute(2, 0, 1)
+
+    real, imag = slice(0, half), slice(half, head_dim)
+    return torch.complex(same_pair(real, real) + same_pair(imag, imag), same_pair(imag, real) - same_pair(real, imag))

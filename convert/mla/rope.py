@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.mla.complex_heads import energy
+from kvshrink.convert.mla.complex_heads import energy, pair_covariance, to_rotate_half
 
 ROPE_METHODS = ("partial", "rotate")
 
@@ -52,9 +52,9 @@ def rope_basis(
     heads, pairs = queries.shape[:2]
     kv_heads = keys.shape[0]
     group = torch.arange(heads) // (heads // kv_heads)
-    moment_c = moment.to(torch.complex128)
     if method == "rotate":
-        covariance = torch.einsum("gja,ab,hjb->jgh", keys, moment_c, keys.conj())
+        rows = to_rotate_half(keys).reshape(kv_heads * 2 * pairs, -1)  # the real key rows
+        covariance = pair_covariance(rows @ moment @ rows.T, kv_heads, 2 * pairs)  # [P, G, G]: E[z_gj conj(z_hj)]
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending, columns
         mixing = eigenvectors.conj().transpose(1, 2)  # z' = V^H z
         base = eigenvalues.clamp_min(0)
