@@ -219,8 +219,8 @@ def add_sliding_window_command(source, out, **fields):
 
     The layers that keep full attention are the ones that look furthest back on long calibration text (or evenly
     spaced ones, --layer-choice even). Weights are unchanged. OUT loads in a stock class that runs per-layer
-    windows (layer_types): the source's own (Qwen2, Qwen3, Gemma-2) or Qwen2 for Llama/Mistral (zero q/k/v
-    biases; with no layer windowed it reproduces the source's logits). Works on mha-to-gqa/mqa outputs too; an MLA
+    windows (layer_types): the source's own (Qwen2, Qwen3, Gemma-2) or Ministral for Llama/Mistral (the same
+    layer; with no layer windowed it reproduces the source's logits). Works on mha-to-gqa/mqa outputs too; an MLA
     output (DeepseekV3) has no window and is refused.
     """
     from kvshrink.convert.sliding_window import add_sliding_window

@@ -4,7 +4,8 @@ A DeepseekV3 folder that stock transformers loads is not automatically one vLLM 
 kernels take few cache widths, they rewrite RoPE types, they ignore layout flags and biases. Each rule below names
 the file and commit it was read from (vllm-project/vllm, sgl-project/sglang), so a rule can be re-checked when an
 engine changes. `engine_problems` reads a converted config.json against one engine's rules; `valid_engines` is
-what the report, the printed summary and the model card say.
+what the report, the printed summary and the model card say. `windowed_engines` says the same for an
+`add-sliding-window` output: which engines run its class with the per-layer windows of `layer_types`.
 """
 
 from __future__ import annotations
@@ -21,14 +22,11 @@ VLLM_PREFILL = "vllm-project/vllm vllm/v1/attention/backends/mla/prefill/flash_a
 VLLM_TRITON = "vllm-project/vllm vllm/v1/attention/backends/mla/triton_mla.py @0155494b1dca"
 VLLM_MODEL = "vllm-project/vllm vllm/model_executor/models/deepseek_v2.py @b863fe5bf4e1"
 VLLM_QWEN2 = "vllm-project/vllm vllm/model_executor/models/qwen2.py @cb24295ecafd"
-VLLM_LLAMA = "vllm-project/vllm vllm/model_executor/models/llama.py (a 2026 version; LlamaAttention.__init__)"
-# Per-layer windows (layer_types) in vLLM, as read: its Llama model gives each layer the config's sliding_window when
-# layer_types[i] is "sliding_attention"; the Qwen2 model read refuses a window that covers only some layers.
-WINDOWED_VLLM = (
-    f"not verified: the Qwen2 model code read ({VLLM_QWEN2}) raises 'Sliding window for some but all layers is not "
-    f"supported'; {VLLM_LLAMA} reads layer_types per layer, but transformers' Llama class ignores them, so no "
-    "single class is known to run these windows in both"
-)
+VLLM_QWEN3 = "vllm-project/vllm vllm/model_executor/models/qwen3.py @002456df36fc"
+VLLM_REGISTRY = "vllm-project/vllm vllm/model_executor/models/registry.py @0002bff0b6cb"
+VLLM_TRANSFORMERS_BACKEND = "vllm-project/vllm vllm/model_executor/models/transformers/base.py @810fb5d66ecb"
+VLLM_ENGINE_ARGS = "vllm-project/vllm vllm/engine/arg_utils.py @99d7eb5d6a51"
+SGLANG_QWEN2 = "sgl-project/sglang python/sglang/srt/models/qwen2.py @36ce1f99e8ea"
 SGLANG_MODEL = "sgl-project/sglang python/sglang/srt/models/deepseek_v2.py @00114aef19bb"
 SGLANG_DECODE = "sgl-project/sglang python/sglang/srt/layers/attention/triton_ops/decode_attention.py @83ea222010e3"
 
@@ -108,6 +106,64 @@ SGLANG = EngineRules(
 
 ENGINES = {rules.name: rules for rules in (VLLM, SGLANG)}
 TARGETS = ("vllm", "sglang", "transformers")
+ENGINE_NAMES = ("vllm", "sglang")
+
+
+@dataclass(frozen=True)
+class WindowedServing:
+    """Whether one engine runs a windowed output's class with its per-layer windows (`layer_types`), as read."""
+
+    runs: bool
+    how: str
+
+
+# Per output class (model_type), what each engine's code does with layer_types; a class not listed was not read.
+# Llama and Mistral are no output class: vLLM's Llama model (llama.py @e06c9ba2a6ea, which MistralForCausalLM maps to
+# in the registry read) windows each 'sliding_attention' layer, but transformers 5.23's Llama has no window and its
+# Mistral slides every layer; Ministral is the same layer (no biases) and runs layer_types in both.
+WINDOWED_ENGINES: dict[str, dict[str, WindowedServing]] = {
+    "ministral": {
+        "vllm": WindowedServing(True, (
+            f"no native class registers MinistralForCausalLM ({VLLM_REGISTRY}), so with the default --model-impl auto "
+            "it falls back to the Transformers backend when transformers has the class and it is backend-compatible "
+            f"(transformers 5.23: it is); that backend ({VLLM_TRANSFORMERS_BACKEND}, create_attention_instances) "
+            "gives each layer whose layer_types entry is 'sliding_attention' the config's sliding_window and the other "
+            f"layers none, and {VLLM_ENGINE_ARGS} leaves CacheConfig.sliding_window unset for mixed layer_types, so "
+            "the full layers stay full")),
+    },
+    "qwen2": {
+        "vllm": WindowedServing(False, (
+            f"the native Qwen2 model read ({VLLM_QWEN2}) raises 'Sliding window for some but all layers is not "
+            "supported' when cache_config.sliding_window is set and the config has max_window_layers (a Qwen2Config "
+            "always has), and otherwise builds every layer's Attention with no per-layer window, so every layer attends "
+            "to all tokens; --model-impl transformers would run it through the Transformers backend "
+            f"({VLLM_TRANSFORMERS_BACKEND}), which reads layer_types per layer (not run here)")),
+        "sglang": WindowedServing(False, (
+            f"the Qwen2 model read ({SGLANG_QWEN2}) builds every layer's RadixAttention with no sliding window")),
+    },
+    "qwen3": {
+        "vllm": WindowedServing(False, (
+            f"the native Qwen3 model read ({VLLM_QWEN3}) builds every layer's Attention with no per-layer window "
+            "(its Qwen3Model subclasses qwen2.py's Qwen2Model); --model-impl transformers would run it through the "
+            f"Transformers backend ({VLLM_TRANSFORMERS_BACKEND}), which reads layer_types per layer (not run here)")),
+    },
+}
+NOT_READ = "not verified: kvshrink has not read this engine's model code for the class"
+
+
+def windowed_engines(model_type: str) -> tuple[list[str], dict[str, str], list[str]]:
+    """For a windowed `model_type` checkpoint: (engines that run its per-layer windows, transformers first; {other
+    engine: why not}; how each listed engine runs them), for the report and the model card."""
+    valid, excluded, how = ["transformers"], {}, []
+    read = WINDOWED_ENGINES.get(model_type, {})
+    for engine in ENGINE_NAMES:
+        serving = read.get(engine)
+        if serving and serving.runs:
+            valid.append(engine)
+            how.append(f"{engine}: {serving.how}")
+        else:
+            excluded[engine] = serving.how if serving else NOT_READ
+    return valid, excluded, how
 
 
 def target_rules(target: str) -> EngineRules | None:

@@ -3,8 +3,9 @@
 One visible sequence, one decoder layer in memory at a time: refuse an MLA source -> open the source -> refuse what
 cannot be windowed -> calibrate (long windows of text stand at layer 0; each source layer runs with eager attention,
 and what a window would drop there is measured while the windows pass through it) -> choose the full-attention
-layers -> plan the target config (the stock class that runs per-layer windows: the source's own, or Qwen2 for
-Llama/Mistral, with zero q/k/v biases) -> write every layer (weights unchanged) -> check at long context -> report.
+layers -> plan the target config (the stock class that runs per-layer windows: the source's own, or Ministral for
+Llama/Mistral, the same layer) -> write every layer (weights unchanged) -> check at long context -> report (with
+the engines that run the class's per-layer windows, as read from their code: convert/engines.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from kvshrink.convert.calibration import calibration_windows
 from kvshrink.convert.check import compare_perplexity
 from kvshrink.convert.checkpoint import open_source
 from kvshrink.convert.corpora import calibration_text
-from kvshrink.convert.engines import WINDOWED_VLLM
+from kvshrink.convert.engines import windowed_engines
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.families import load_family_specs
 from kvshrink.convert.kvcache import kv_bytes_at_context
@@ -192,6 +193,7 @@ def add_sliding_window(source: str | Path, out: str | Path, options: SlidingWind
                 window=min(length, options.check_tokens), progress=options.progress,
             )  # fmt: skip
         support = conversion.spec.support("window")
+        valid, excluded, how = windowed_engines(config["model_type"])
         summary = {
             "sliding_window": {
                 "window": options.window, "full_layers": full, "layer_choice": options.layer_choice,
@@ -205,8 +207,9 @@ def add_sliding_window(source: str | Path, out: str | Path, options: SlidingWind
                 for context in REPORTED_CONTEXTS
             },
             "family_support": {"family": conversion.spec.model_type, "level": support.level, "why": support.why},
-            "valid_engines": ["transformers"],
-            "excluded_engines": {"vllm": WINDOWED_VLLM},
+            "valid_engines": valid,
+            "excluded_engines": excluded,
+            "notes": how,
         }
         return finish(conversion, method=f"window/{options.layer_choice}", config=config, summary=summary,
                       layers=[reach.report() for reach in reaches], new_parameters=new_parameters, check=check)  # fmt: skip

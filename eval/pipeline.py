@@ -6,10 +6,11 @@ its own folder atomically, so `--resume` can skip every step whose folder is alr
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,18 @@ from kvshrink.convert.typed_yaml import build_dataclass
 from kvshrink.eval.models import ModelFolder, check_model_dirs
 
 EXAMPLE_PREFIX = "example:"
-Command = Literal["mha-to-gqa", "mha-to-mqa", "mha-to-mla"]
+Command = Literal["mha-to-gqa", "mha-to-mqa", "mha-to-mla", "add-sliding-window"]
+# Each command's library function and options model (convert/options.py, the one its CLI flags come from), imported
+# only when a pipeline runs or validates that command.
+CONVERTERS: dict[str, tuple[str, str, str]] = {
+    "mha-to-gqa": ("kvshrink.convert.mha_to_gqa", "mha_to_gqa", "GqaOptions"),
+    "mha-to-mqa": ("kvshrink.convert.mha_to_gqa", "mha_to_gqa", "GqaOptions"),
+    "mha-to-mla": ("kvshrink.convert.mha_to_mla", "mha_to_mla", "MlaOptions"),
+    "add-sliding-window": ("kvshrink.convert.sliding_window", "add_sliding_window", "SlidingWindowOptions"),
+}
+# The stock class an MLA output is written in has no sliding window (add-sliding-window refuses it as a source).
+UNWINDOWABLE = {"mha-to-mla": "its DeepseekV3 output has no sliding window"}
+REPORTED_CONTEXT = 8192  # the report's KV column at this context shows what a sliding window saves
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,7 @@ class Conversion:
     name: str  # folder name under models/ and the label in every table
     command: Command
     options: dict[str, Any] = field(default_factory=dict)  # fields of the command's options model (convert/options.py)
+    source: str | None = None  # the name of another conversion whose output this one converts; None: the source
 
 
 @dataclass(frozen=True)
@@ -58,15 +71,10 @@ class Pipeline:
 
 def _converter(command: Command):
     """(library function, its options model) of a conversion command."""
-    from kvshrink.convert.options import GqaOptions, MlaOptions
+    from kvshrink.convert import options
 
-    if command == "mha-to-mla":
-        from kvshrink.convert.mha_to_mla import mha_to_mla
-
-        return mha_to_mla, MlaOptions
-    from kvshrink.convert.mha_to_gqa import mha_to_gqa
-
-    return mha_to_gqa, GqaOptions
+    module, function, model = CONVERTERS[command]
+    return getattr(importlib.import_module(module), function), getattr(options, model)
 
 
 def _options(conversion: Conversion, **fixed: Any):
@@ -81,8 +89,32 @@ def _options(conversion: Conversion, **fixed: Any):
     return build_options(_converter(conversion.command)[1], values, f"conversion {conversion.name!r}")
 
 
+def _in_source_order(conversions: list[Conversion], where: Path) -> list[Conversion]:
+    """`conversions` ordered so each runs after the conversion it names as `source`; a one-line error for an
+    unknown name, a cycle, or a window over an output that cannot have one."""
+    by_name = {conversion.name: conversion for conversion in conversions}
+    ordered: list[Conversion] = []
+    for conversion in conversions:
+        chain: list[str] = []
+        step: Conversion | None = conversion
+        while step is not None and step not in ordered:
+            if step.name in chain:
+                cycle = " -> ".join([*chain[chain.index(step.name):], step.name])
+                raise KvshrinkError(f"{where}: conversion sources form a cycle ({cycle}): let one of them read the pipeline's source")
+            chain.append(step.name)
+            if step.source is not None and step.source not in by_name:
+                raise KvshrinkError(f"{where}: conversion {step.name!r} names source {step.source!r}, which is not listed: use one of {', '.join(by_name)} or leave source out")
+            upstream = by_name.get(step.source) if step.source else None
+            if upstream and step.command == "add-sliding-window" and upstream.command in UNWINDOWABLE:
+                raise KvshrinkError(f"{where}: conversion {step.name!r} cannot window {upstream.name!r} ({upstream.command}): {UNWINDOWABLE[upstream.command]}; window the source or a GQA/MQA conversion")
+            step = upstream
+        ordered += [by_name[name] for name in reversed(chain) if by_name[name] not in ordered]
+    return ordered
+
+
 def load_pipeline(path: str | Path) -> Pipeline:
-    """Read and validate a pipeline YAML file (names unique, references resolvable, options known)."""
+    """Read and validate a pipeline YAML file (names unique, references resolvable, options known); its
+    conversions come back in the order they run."""
     path = Path(path)
     if not path.is_file():
         raise KvshrinkError(f"pipeline file {path} does not exist: pass a YAML file such as recipes/pipeline-smollm2-cpu.yaml")
@@ -99,6 +131,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         raise KvshrinkError(f"{path}: conversion names must be unique and not 'source': rename {', '.join(sorted(duplicates))}")
     for conversion in pipeline.conversions:
         _options(conversion)
+    conversions = _in_source_order(pipeline.conversions, path)
     for step in pipeline.uptraining:
         if step.conversion not in names:
             raise KvshrinkError(f"{path}: uptraining names conversion {step.conversion!r}, which is not listed: use one of {', '.join(names)}")
@@ -106,7 +139,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
             raise KvshrinkError(f"{path}: uptraining recipe {step.recipe} does not exist: fix the path")
     if pipeline.source.startswith(EXAMPLE_PREFIX) and pipeline.source != f"{EXAMPLE_PREFIX}smollm2":
         raise KvshrinkError(f"{path}: unknown example {pipeline.source!r}: the embedded example is example:smollm2")
-    return pipeline
+    return replace(pipeline, conversions=conversions)
 
 
 @dataclass
@@ -171,17 +204,19 @@ def _uptrain(step: Uptraining, model: Path, teacher: Path, out: Path, resume: bo
 
 
 def _models_table(models: list[ModelFolder]) -> str:
-    from kvshrink.convert.kvcache import kv_bytes_per_token
+    from kvshrink.convert.kvcache import kv_bytes_at_context, kv_bytes_per_token
 
     lines = [
-        "| model | method | KV bytes/token | KV reduction | check perplexity (source → converted) | uptrain val. perplexity (start → end) |",
-        "|---|---|---:|---:|---|---|",
+        f"| model | method | KV bytes/token | KV reduction | KV bytes/token at {REPORTED_CONTEXT:,} tokens (sliding "
+        "windows counted) | check perplexity (source → converted) | uptrain val. perplexity (start → end) |",
+        "|---|---|---:|---:|---:|---|---|",
     ]
     base_bytes = None
     for model in models:
         label, folder = model.label, model.path
         kv = kv_bytes_per_token(model.config)
         base_bytes = base_bytes or kv
+        at_context = kv_bytes_at_context(model.config, REPORTED_CONTEXT)
         conversion = _read_optional(folder / "kvshrink_report.json")
         uptrained = _read_optional(folder / "uptrain_report.json")
         check = conversion.get("check", {})
@@ -190,7 +225,7 @@ def _models_table(models: list[ModelFolder]) -> str:
         if uptrained:
             up_text = f"{uptrained['val_perplexity_start']:.2f} → {uptrained['val_perplexity_end']:.2f}"
         method = conversion.get("method", "source") + (" + uptrain" if uptrained else "")
-        lines.append(f"| {label} | {method} | {kv:,} | {base_bytes / kv:.2f}× | {check_text} | {up_text} |")
+        lines.append(f"| {label} | {method} | {kv:,} | {base_bytes / kv:.2f}× | {at_context:,.0f} | {check_text} | {up_text} |")
     return "\n".join(lines)
 
 
@@ -213,8 +248,9 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, resume: bool = 
     for conversion in pipeline.conversions:
         out = layout.model(conversion.name)
         if not (resume and out.is_dir()):
-            _announce(f"converting {conversion.name} ({conversion.command})")
-            _converter(conversion.command)[0](source, out, _options(conversion, overwrite=True))
+            origin = layout.model(conversion.source) if conversion.source else source
+            _announce(f"converting {conversion.name} ({conversion.command} of {conversion.source or 'the source'})")
+            _converter(conversion.command)[0](origin, out, _options(conversion, overwrite=True))
         models.append(out)
     for step in pipeline.uptraining:
         out = layout.uptrained(step.conversion)

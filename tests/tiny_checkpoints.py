@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 CONFIG_CLASSES = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",
+    "ministral": "MinistralConfig",
     "qwen2": "Qwen2Config",
     "qwen3": "Qwen3Config",
     "phi3": "Phi3Config",

@@ -12,8 +12,8 @@ A spec names, relative to a layer's prefix, either separate `q_proj`/`k_proj`/`v
 - `sliding_window_switch`: the config flag that turns a configured `sliding_window` on (Qwen2: use_sliding_window),
   or absent where the stock class slides whenever `sliding_window` is set (Mistral, Phi-3);
 - `sliding_window_class`: the model_type of the stock class that runs this family with per-layer windows
-  (`layer_types`) exactly: the family's own where it has them (Qwen2, Qwen3, Gemma-2), Qwen2 for Llama and Mistral
-  (the same layer with zero q/k/v biases); absent where `add-sliding-window` refuses the family;
+  (`layer_types`) exactly: the family's own where it has them (Qwen2, Qwen3, Gemma-2, Ministral), Ministral for
+  Llama and Mistral (the same layer, also without biases); absent where `add-sliding-window` refuses the family;
 - `embeddings`, `final_norm`, `lm_head`: the stock class's modules outside the layers (Gemma's embedding module
   applies its sqrt(hidden_size) scale itself; Gemma-2's final logit softcapping is config.final_logit_softcapping,
   applied by the causal-LM class after lm_head);

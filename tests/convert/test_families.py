@@ -25,6 +25,7 @@ FEATURES = {
     "olmo2": {},
     "gemma2": dict(sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, query_pre_attn_scalar=9),
     "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=9),
+    "ministral": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),  # add-sliding-window's output
 }
 GQA_FAMILIES = list(FEATURES)
 LOUD = dict(initializer_range=0.15)

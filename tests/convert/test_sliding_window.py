@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from kvshrink.convert.cli import kvshrink_cli
+from kvshrink.convert.engines import NOT_READ, WINDOWED_ENGINES, windowed_engines
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.kvcache import kv_bytes_at_context
 from kvshrink.convert.mha_to_gqa import mha_to_gqa
@@ -33,19 +34,39 @@ def llama(tiny_checkpoint):
     return tiny_checkpoint("llama", 4, 2, tokenizer=True, num_hidden_layers=4)
 
 
-def test_no_layer_windowed_reproduces_the_llama_source_in_qwen2(llama, tmp_path):
-    report = add_sliding_window(llama, tmp_path / "out", SlidingWindowOptions(window=16, full_layers=1.0, **QUICK))
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_no_layer_windowed_reproduces_the_source_in_ministral(tiny_checkpoint, tmp_path, model_type):
+    source = tiny_checkpoint(model_type, 4, 2, tokenizer=True, num_hidden_layers=4, sliding_window=None)
+    report = add_sliding_window(source, tmp_path / "out", SlidingWindowOptions(window=16, full_layers=1.0, **QUICK))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["layer_types"] == ["full_attention"] * 4
-    assert all(name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) for name in report["new_parameters"])
+    assert config["architectures"] == ["MinistralForCausalLM"] and config["layer_types"] == ["full_attention"] * 4
+    assert report["new_parameters"] == []  # Ministral's layer is Llama's without biases: nothing to add
     ids = torch.randint(3, 300, (1, 80), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(_logits(tmp_path / "out", ids), _logits(llama, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_logits(tmp_path / "out", ids), _logits(source, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_llama_attention_biases_have_no_place_in_ministral(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("llama", 4, 2, tokenizer=True, num_hidden_layers=4, attention_bias=True)
+    with pytest.raises(KvshrinkError, match="MinistralForCausalLM has no place for the source's"):
+        add_sliding_window(source, tmp_path / "out", SlidingWindowOptions(window=16, **QUICK))
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_report_names_the_engines_that_run_the_windows_as_read(llama, tmp_path):
+    report = add_sliding_window(llama, tmp_path / "out", SlidingWindowOptions(window=16, full_layers=0.5, **QUICK))
+    assert report["valid_engines"] == ["transformers", "vllm"]
+    assert report["excluded_engines"] == {"sglang": NOT_READ}
+    assert report["notes"] == [f"vllm: {WINDOWED_ENGINES['ministral']['vllm'].how}"]
+    valid, excluded, how = windowed_engines("qwen2")
+    assert valid == ["transformers"] and how == [] and "Sliding window for some but all layers" in excluded["vllm"]
+    assert "qwen2.py @cb24295ecafd" in excluded["vllm"] and "RadixAttention" in excluded["sglang"]
+    assert windowed_engines("gemma2") == (["transformers"], {"vllm": NOT_READ, "sglang": NOT_READ}, [])
 
 
 def test_windowed_layers_see_only_the_window(llama, tmp_path):
     report = add_sliding_window(llama, tmp_path / "out", SlidingWindowOptions(window=16, full_layers=0.5, **QUICK))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
-    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert type(model).__name__ == "MinistralForCausalLM"
     full = report["sliding_window"]["full_layers"]
     assert len(full) == 2
     assert model.config.layer_types == ["full_attention" if i in full else "sliding_attention" for i in range(4)]
@@ -157,4 +178,4 @@ def test_cli_prints_the_choice_and_the_cache(llama, tmp_path):
     report = json.loads((tmp_path / "out" / "kvshrink_report.json").read_text())
     assert report["check"]["window"] == 96 and report["method"] == "window/calibrated"
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "Valid in: transformers." in card and "not vllm: not verified" in card
+    assert "Valid in: transformers, vllm." in card and "Transformers backend" in card

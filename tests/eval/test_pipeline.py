@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from click.testing import CliRunner
 
 from kvshrink.convert.cli import kvshrink_cli
+from kvshrink.convert.kvcache import kv_bytes_at_context
+from kvshrink.eval.pipeline import REPORTED_CONTEXT, load_pipeline
+
+WINDOWED = {"name": "mqa-mean-w16", "command": "add-sliding-window", "source": "mqa-mean",
+            "options": {"window": 16, "full_layers": 0.5, "calibration_length": 96, "calibration_tokens": 192,
+                        "check": False}}  # fmt: skip
 
 
 def _write(path, content) -> str:
@@ -28,6 +36,7 @@ def pipeline_file(tmp_path, tiny_models):
             {"name": "gqa2", "command": "mha-to-gqa", "options": {"groups": 2, "check_tokens": 256,
                                                                   "calibration_tokens": 512}},
             {"name": "mqa-mean", "command": "mha-to-mqa", "options": {"method": "mean", "check": False}},
+            WINDOWED,
         ],
         "uptraining": [{"conversion": "mqa-mean", "recipe": recipe}],
         "evaluation": {"tasks": ["kvshrink_kjv_cloze"], "limit": 8, "batch_size": 4},
@@ -39,9 +48,13 @@ def test_pipeline_runs_every_step_and_resumes(pipeline_file, tmp_path):
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
     report = (run / "report.md").read_text()
-    for label in ("| mha |", "| gqa2 |", "| mqa-mean |", "| mqa-mean-uptrained |"):
+    for label in ("| mha |", "| gqa2 |", "| mqa-mean |", "| mqa-mean-uptrained |", "| mqa-mean-w16 |"):
         assert label in report, report
     assert "gqa/mean + uptrain" in report and "2.00×" in report and "4.00×" in report
+    windowed = json.loads((run / "models" / "mqa-mean-w16" / "config.json").read_text())
+    assert windowed["architectures"] == ["MinistralForCausalLM"] and windowed["num_key_value_heads"] == 1
+    row = next(line for line in report.splitlines() if line.startswith("| mqa-mean-w16 |"))
+    assert "window/calibrated" in row and f"{kv_bytes_at_context(windowed, REPORTED_CONTEXT):,.0f}" in row
     assert (run / "compare" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(run / "report.md") in result.output
 
@@ -65,6 +78,12 @@ def test_pipeline_runs_every_step_and_resumes(pipeline_file, tmp_path):
         (lambda p: p["conversions"][0].update(command="mha-to-xyz"), "choose one of mha-to-gqa, mha-to-mqa, mha-to-mla"),
         (lambda p: p["conversions"][0]["options"].pop("groups"), "needs `groups: G`"),
         (lambda p: p.update(source="example:llama"), "unknown example"),
+        (lambda p: p["conversions"][2]["options"].update(window=0), "conversion 'mqa-mean-w16': option 'window': Input should be greater than or equal to 1"),
+        (lambda p: p["conversions"][2]["options"].pop("window"), "conversion 'mqa-mean-w16': option 'window' is required"),
+        (lambda p: p["conversions"][2]["options"].update(full_layers=1.5), "option 'full_layers': Input should be less than or equal to 1"),
+        (lambda p: p["conversions"][2].update(source="mqa"), "names source 'mqa', which is not listed"),
+        (lambda p: p["conversions"][1].update(source="mqa-mean-w16"), "cycle (mqa-mean -> mqa-mean-w16 -> mqa-mean)"),
+        (lambda p: p["conversions"][1].update(command="mha-to-mla", options={}), "cannot window 'mqa-mean' (mha-to-mla)"),
     ],
 )  # fmt: skip
 def test_bad_pipeline_files_are_refused_before_any_work(pipeline_file, tmp_path, change, fragment):
@@ -74,4 +93,11 @@ def test_bad_pipeline_files_are_refused_before_any_work(pipeline_file, tmp_path,
     result = CliRunner().invoke(kvshrink_cli, ["pipeline", bad])
     assert result.exit_code != 0
     assert result.output.startswith("Error: ") and fragment in result.output, result.output
-    assert not (tmp_path / "run").exists()
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_conversion_runs_after_the_one_it_names_as_source(pipeline_file, tmp_path):
+    content = yaml.safe_load(open(pipeline_file))
+    content["conversions"].insert(0, content["conversions"].pop())  # the windowed one listed first
+    pipeline = load_pipeline(_write(tmp_path / "reordered.yaml", content))
+    assert [c.name for c in pipeline.conversions] == ["mqa-mean", "mqa-mean-w16", "gqa2"]
