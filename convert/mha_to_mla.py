@@ -339,6 +339,21 @@ def _convert_layer(conversion: Conversion, plan: MlaPlan, options: MlaOptions, l
     return {prefix + name: tensor for name, tensor in tensors.items()}, {"layer": layer, **report}
 
 
+def _convert_for_plans(conversion: Conversion, options: MlaOptions, plans: dict[Path, MlaPlan], layer: int,
+                       calibration: Calibration, summary: RopeSummary) -> dict[Path, tuple[dict[str, torch.Tensor], dict[str, Any]]]:  # fmt: skip
+    """Layer `layer` converted under every plan: folder -> (its tensors, its report entry). The layer's source
+    weights and calibration statistics die here, before the windows advance through the next materialized layer."""
+    attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
+    statistics = calibration.statistics(layer)
+    head_norms = _head_norms(conversion, attention, statistics, options)
+    layer_calibration = _layer_calibration(statistics, summary, head_norms)
+    del statistics
+    if head_norms is not None:
+        attention = linearized(attention, head_norms)
+    return {folder: _convert_layer(conversion, plan, options, layer, attention, layer_calibration)
+            for folder, plan in plans.items()}  # fmt: skip
+
+
 def _convert_layers(conversion: Conversion, options: MlaOptions, plans: dict[Path, MlaPlan], windows: list[torch.Tensor],
                     summaries: list[RopeSummary]) -> dict[Path, tuple[list[dict[str, Any]], list[str]]]:  # fmt: skip
     """Pass 2: convert each layer for every plan (folder -> plan) and write it there; the calibration windows
@@ -350,23 +365,17 @@ def _convert_layers(conversion: Conversion, options: MlaOptions, plans: dict[Pat
     targets = {folder: conversion.target_model(plan.config, split_rows) for folder, plan in plans.items()}
     require_free_space(conversion, *targets.values())
     main_folder = next(iter(plans))
-    target = targets[main_folder]
     reports: dict[Path, list[dict[str, Any]]] = {folder: [] for folder in plans}
     for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
-        attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
-        statistics = calibration.statistics(layer)
-        head_norms = _head_norms(conversion, attention, statistics, options)
-        layer_calibration = _layer_calibration(statistics, summaries[layer], head_norms)
-        del statistics
-        if head_norms is not None:
-            attention = linearized(attention, head_norms)
-        for folder, plan in plans.items():
-            tensors, report = _convert_layer(conversion, plan, options, layer, attention, layer_calibration)
+        converted = _convert_for_plans(conversion, options, plans, layer, calibration, summaries[layer])
+        for folder, (tensors, report) in converted.items():
             writers[folder].write_layer(layer, tensors)
             reports[folder].append(report)
-            if folder == main_folder and options.error_feedback:
-                calibration.advance(layer, target.layer(layer, tensors), target)
-        if not options.error_feedback:
+        feedback = converted[main_folder][0] if options.error_feedback else None
+        del converted  # written: only error feedback needs the main plan's tensors while the windows advance
+        if feedback is not None:
+            calibration.advance(layer, targets[main_folder].layer(layer, feedback), targets[main_folder])
+        else:
             calibration.advance(layer)
     return {folder: (reports[folder], writers[folder].finish(conversion.counts.num_layers)) for folder in plans}
 
