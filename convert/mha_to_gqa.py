@@ -132,8 +132,8 @@ def _convert_layer(conversion: Conversion, options: GqaOptions, calibration: Cal
                    layer: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
     """One layer's merged attention tensors and report entry; its statistics and source weights die here, before
     the windows advance through the next materialized layer."""
-    attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
     statistics = _with_rope(conversion, calibration.statistics(layer)) if calibration is not None else None
+    attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after the layer ran
     result = _merge(conversion, attention, options, statistics)
     report = {"layer": layer, "groups": result.groups, **gqa.projection_errors(attention, result), **result.details}
     return attention_tensors(result.attention, conversion.spec, layer), report

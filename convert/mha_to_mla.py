@@ -343,8 +343,8 @@ def _convert_for_plans(conversion: Conversion, options: MlaOptions, plans: dict[
                        calibration: Calibration, summary: RopeSummary) -> dict[Path, tuple[dict[str, torch.Tensor], dict[str, Any]]]:  # fmt: skip
     """Layer `layer` converted under every plan: folder -> (its tensors, its report entry). The layer's source
     weights and calibration statistics die here, before the windows advance through the next materialized layer."""
-    attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
     statistics = calibration.statistics(layer)
+    attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after the layer ran
     head_norms = _head_norms(conversion, attention, statistics, options)
     layer_calibration = _layer_calibration(statistics, summary, head_norms)
     del statistics

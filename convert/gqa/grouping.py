@@ -18,7 +18,8 @@ from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.calibration import LayerStatistics
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.gqa.heads import (
-    augmented, consecutive_groups, input_moment, per_head, permute_kv_heads, rotary_pairs,
+    augmented, consecutive_groups, head_bias, head_chunks, head_rows, input_moment, output_columns, per_head,
+    permute_kv_heads, rotary_pairs,
 )  # fmt: skip
 
 # Partitions beyond this count are searched by pairwise swaps from the stock grouping instead of exhaustively.
@@ -28,18 +29,23 @@ _SWAP_SWEEPS = 3
 
 def query_weights(attention: AttentionWeights, moment: torch.Tensor) -> torch.Tensor:
     """E|q̃_ij|² summed over the query heads of each KV head: [KV, d/2], the weight of each key pair's error.
-    Real rows (pair j = rows j and j + d/2) cost a quarter of the complex product."""
-    rows = augmented(attention.q, attention.q_bias)
-    energy = ((rows @ moment) * rows).sum(dim=-1).reshape(attention.num_heads, 2, -1).sum(dim=1)
-    return energy.reshape(attention.num_kv_heads, attention.queries_per_kv_head, -1).sum(dim=1)
+    Real rows (pair j = rows j and j + d/2), a few heads at a time."""
+    d = attention.head_dim
+    energies = []
+    for heads in head_chunks(attention.num_heads):
+        rows = augmented(head_rows(attention.q, heads, d), head_bias(attention.q_bias, heads, d))
+        energies.append(((rows @ moment) * rows).sum(dim=-1).reshape(len(heads), 2, -1).sum(dim=1))
+    return torch.cat(energies).reshape(attention.num_kv_heads, attention.queries_per_kv_head, -1).sum(dim=1)
 
 
 def output_metrics(attention: AttentionWeights) -> torch.Tensor:
     """Σ_i O_iᵀ O_i over the query heads i of each KV head: [KV, d, d], how o_proj weighs each value direction."""
-    d = attention.head_dim
-    outputs = attention.o.double().reshape(attention.o.shape[0], attention.num_heads, d).permute(1, 0, 2)
-    metrics = outputs.mT @ outputs
-    return metrics.reshape(attention.num_kv_heads, attention.queries_per_kv_head, d, d).sum(dim=1)
+    metrics = []
+    for heads in head_chunks(attention.num_heads):
+        outputs = output_columns(attention.o, heads, attention.head_dim)
+        metrics.append(outputs.mT @ outputs)
+    metrics = torch.cat(metrics)
+    return metrics.reshape(attention.num_kv_heads, attention.queries_per_kv_head, *metrics.shape[1:]).sum(dim=1)
 
 
 def _merge_cost(attention: AttentionWeights, moment: torch.Tensor) -> Callable[[tuple[int, ...]], float]:

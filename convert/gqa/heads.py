@@ -39,6 +39,30 @@ def per_head(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
     return rows.reshape(-1, head_dim, rows.shape[-1])
 
 
+# Query heads handled at once where a product per head under the [hidden + 1]² moment would otherwise be alive for
+# all of them (a 70B-width layer's 64 heads: 537 MB per float64 copy of the query rows).
+HEAD_CHUNK = 8
+
+
+def head_chunks(heads: int) -> tuple[torch.Tensor, ...]:
+    """Head indices HEAD_CHUNK at a time."""
+    return torch.arange(heads).split(HEAD_CHUNK)
+
+
+def head_rows(rows: torch.Tensor, index: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The rows of heads `index` (one head's d rows each, in that order) of [heads·d, c] rows."""
+    return rows.reshape(-1, head_dim, rows.shape[-1])[index].reshape(-1, rows.shape[-1])
+
+
+def head_bias(bias: torch.Tensor | None, index: torch.Tensor, head_dim: int) -> torch.Tensor | None:
+    return None if bias is None else bias.reshape(-1, head_dim)[index].reshape(-1)
+
+
+def output_columns(o: torch.Tensor, index: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """o_proj's columns of query heads `index` as float64 [len(index), hidden, d]."""
+    return o.reshape(o.shape[0], -1, head_dim)[:, index].permute(1, 0, 2).double()
+
+
 def rotary_pairs(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
     """[heads * d, cols] real -> [heads, d/2, cols] complex: pair j = row j + i·row (j + d/2) of each head."""
     heads = per_head(rows, head_dim)
@@ -55,6 +79,8 @@ def rows_from_pairs(pairs: torch.Tensor) -> torch.Tensor:
 def permute_kv_heads(attention: AttentionWeights, order: list[int]) -> AttentionWeights:
     """KV head p of the result is source KV head order[p], and its query heads (q rows, q bias, o columns) move
     with it, so the stock pairing i // (H / KV) still holds: the model computes exactly the same function."""
+    if order == sorted(order):  # the stock grouping: nothing moves, and a copy of a wide layer costs its size
+        return attention
     d, ratio = attention.head_dim, attention.queries_per_kv_head
     kv_rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in order])
     q_rows = torch.cat([torch.arange(h * ratio * d, (h + 1) * ratio * d) for h in order])

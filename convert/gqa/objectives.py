@@ -15,9 +15,7 @@ import torch
 
 from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.gqa import KvMerge
-from kvshrink.convert.gqa.heads import augmented, per_head
-
-_HEAD_CHUNK = 8
+from kvshrink.convert.gqa.heads import augmented, head_bias, head_chunks, head_rows, output_columns, per_head
 
 
 def _source_query_order(merge: KvMerge, queries_per_kv_head: int) -> torch.Tensor:
@@ -37,16 +35,6 @@ def _pair_products(left_times_moment: torch.Tensor, right: torch.Tensor, head_di
         (real_left * real_right).sum(-1) + (imag_left * imag_right).sum(-1),
         (real_left * imag_right).sum(-1) - (imag_left * real_right).sum(-1),
     )
-
-
-def _heads(rows: torch.Tensor, index: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """The rows of heads `index` (one head's d rows each, in that order) of [heads·d, c] rows."""
-    return rows.reshape(-1, head_dim, rows.shape[-1])[index].reshape(-1, rows.shape[-1])
-
-
-def _head_chunks(heads: int) -> tuple[torch.Tensor, ...]:
-    """Query heads taken _HEAD_CHUNK at a time, so per-head products under Σ stay small at any width."""
-    return torch.arange(heads).split(_HEAD_CHUNK)
 
 
 def merge_errors(
@@ -70,21 +58,17 @@ def _logit_error(source: AttentionWeights, merge: KvMerge, moment: torch.Tensor)
     key_source = _pair_products(k_src @ moment, k_src, d).real  # [KV, J]
     key_merged = _pair_products(k_new_m, k_new, d).real  # [G, J]
     error = energy = 0.0
-    for heads in _head_chunks(source.num_heads):
-        q_src = augmented(_heads(source.q, order[heads], d), _head_bias(source.q_bias, order[heads], d))
-        q_new = augmented(_heads(merged.q, heads, d), _head_bias(merged.q_bias, heads, d))
+    for heads in head_chunks(source.num_heads):
+        q_src = augmented(head_rows(source.q, order[heads], d), head_bias(source.q_bias, order[heads], d))
+        q_new = augmented(head_rows(merged.q, heads, d), head_bias(merged.q_bias, heads, d))
         q_src_m = q_src @ moment
         source_energy = _pair_products(q_src_m, q_src, d).real * key_source[source_kv[heads]]
         merged_energy = _pair_products(q_new @ moment, q_new, d).real * key_merged[merged_kv[heads]]
-        key_cross = _pair_products(_heads(k_new_m, merged_kv[heads], d), _heads(k_src, source_kv[heads], d), d)
+        key_cross = _pair_products(head_rows(k_new_m, merged_kv[heads], d), head_rows(k_src, source_kv[heads], d), d)
         cross = (_pair_products(q_src_m, q_new, d) * key_cross).real
         error += float((source_energy + merged_energy - 2 * cross).sum())
         energy += float(source_energy.sum())
     return max(error, 0.0) / energy
-
-
-def _head_bias(bias: torch.Tensor | None, index: torch.Tensor, head_dim: int) -> torch.Tensor | None:
-    return None if bias is None else bias.reshape(-1, head_dim)[index].reshape(-1)
 
 
 def value_error_terms(
@@ -99,16 +83,15 @@ def value_error_terms(
     v_src = per_head(augmented(source.v, source.v_bias), d)  # [KV, d, c]
     v_new = per_head(augmented(merged.v, merged.v_bias), d)  # [G, d, c]
     v_src_m, v_new_m = (v_src @ moment, v_new @ moment) if query_moments is None else (None, None)
-    o_src = source.o.double().reshape(source.o.shape[0], source.num_heads, d).permute(1, 0, 2)
-    o_new = merged.o.double().reshape(merged.o.shape[0], merged.num_heads, d).permute(1, 0, 2)
     error = energy = 0.0
-    for heads in _head_chunks(source.num_heads):
+    for heads in head_chunks(source.num_heads):
         values = torch.cat([v_src[source_kv[heads]], v_new[merged_kv[heads]]], dim=1)  # [h, 2d, c]
         if query_moments is None:  # one Σ for every head: applied once per KV head's rows, above
             covariance = torch.cat([v_src_m[source_kv[heads]], v_new_m[merged_kv[heads]]], dim=1) @ values.mT
         else:
             covariance = values @ query_moments[order[heads]] @ values.mT
-        outputs = torch.cat([o_src[order[heads]], -o_new[heads]], dim=2)  # [h, hidden, 2d]
+        o_src = output_columns(source.o, order[heads], d)
+        outputs = torch.cat([o_src, -output_columns(merged.o, heads, d)], dim=2)  # [h, hidden, 2d]
         error += float(torch.einsum("hab,hba->", outputs.mT @ outputs, covariance))
-        energy += float(torch.einsum("hab,hba->", o_src[order[heads]].mT @ o_src[order[heads]], covariance[:, :d, :d]))
+        energy += float(torch.einsum("hab,hba->", o_src.mT @ o_src, covariance[:, :d, :d]))
     return error, energy

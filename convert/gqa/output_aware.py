@@ -32,7 +32,7 @@ from kvshrink.convert.gqa import KvMerge
 from kvshrink.convert.gqa.attended import RotaryLayerStatistics, attended_moments
 from kvshrink.convert.gqa.grouping import output_metrics, query_weights, regroup_similar_heads
 from kvshrink.convert.gqa.heads import (
-    augmented, fold_key_gains, rotary_pairs, rows_from_pairs, split_augmented,
+    augmented, fold_key_gains, head_chunks, output_columns, rotary_pairs, rows_from_pairs, split_augmented,
 )  # fmt: skip
 from kvshrink.convert.gqa.mean import merge as mean_merge
 from kvshrink.convert.mla.complex_heads import pair_covariance
@@ -108,8 +108,8 @@ def _shared_values(attention: AttentionWeights, moments: _GroupMoments) -> tuple
     gram = combination @ per_query @ combination.T  # [H, d, d]: E[(A V z)(A V z)ᵀ]
     source_rows = per_query.reshape(heads, -1, d, per_query.shape[-1])[torch.arange(heads), kv_of_query]
     cross = source_rows @ combination.T  # [H, d, d]: E[(V_h z)(A V z)ᵀ]
-    outputs = attention.o.double().reshape(attention.o.shape[0], heads, d).permute(1, 0, 2)
-    refit = outputs @ (cross @ torch.linalg.pinv(gram, hermitian=True))
+    solve = cross @ torch.linalg.pinv(gram, hermitian=True)  # [H, d, d]: each head's new columns from its old ones
+    refit = torch.cat([(output_columns(attention.o, chunk, d) @ solve[chunk]).float() for chunk in head_chunks(heads)])
     return combination, refit.permute(1, 0, 2).reshape(attention.o.shape[0], -1)
 
 
@@ -118,16 +118,16 @@ def _attended_value_error(
 ) -> tuple[float, float]:
     """(Σ_i E‖O_i V_h z_i − O'_i A V z_i‖², Σ_i E‖O_i V_h z_i‖²) over the group's query heads i, from the attended
     moments V E[z_i z_iᵀ] Vᵀ: the value error of the merge and its scale, so the groups' errors add up."""
-    d, heads, hidden = group.head_dim, group.num_heads, group.o.shape[0]
-    rows = attended.shape[-1]
-    selection = torch.eye(rows, dtype=attended.dtype).reshape(-1, d, rows)[torch.arange(heads) // group.queries_per_kv_head]
-    both = torch.cat([selection, combination.expand(heads, -1, -1)], dim=1)  # [H, 2d, n·d]: V_h and A V
-    o_source = group.o.double().reshape(hidden, heads, d).permute(1, 0, 2)
-    o_merged = merged.o.double().reshape(hidden, heads, d).permute(1, 0, 2)
-    outputs = torch.cat([o_source, -o_merged], dim=2)
-    error = torch.einsum("hab,hba->", outputs.mT @ outputs, both @ attended @ both.mT)
-    source = torch.einsum("hab,hba->", o_source.mT @ o_source, selection @ attended @ selection.mT)
-    return float(error), float(source)
+    d, rows = group.head_dim, attended.shape[-1]
+    error = source = 0.0
+    for heads in head_chunks(group.num_heads):
+        selection = torch.eye(rows, dtype=attended.dtype).reshape(-1, d, rows)[heads // group.queries_per_kv_head]
+        both = torch.cat([selection, combination.expand(len(heads), -1, -1)], dim=1)  # [h, 2d, n·d]: V_h and A V
+        o_source = output_columns(group.o, heads, d)
+        outputs = torch.cat([o_source, -output_columns(merged.o, heads, d)], dim=2)
+        error += float(torch.einsum("hab,hba->", outputs.mT @ outputs, both @ attended[heads] @ both.mT))
+        source += float(torch.einsum("hab,hba->", o_source.mT @ o_source, selection @ attended[heads] @ selection.mT))
+    return error, source
 
 
 def _group(attention: AttentionWeights, group: int, size: int) -> AttentionWeights:
@@ -164,7 +164,7 @@ def _merge_group(
         key_merge = "mean (per-head q/k norms: a gain folded into queries would not be exact)"
     combination, o = _shared_values(group, moments)
     v, v_bias = split_augmented(combination @ augmented(group.v, group.v_bias), group.v_bias is not None)
-    merged = group.with_kv(q=q, q_bias=q_bias, k=k, k_bias=k_bias, v=v, v_bias=v_bias, o=o.float().contiguous(),
+    merged = group.with_kv(q=q, q_bias=q_bias, k=k, k_bias=k_bias, v=v, v_bias=v_bias, o=o.contiguous(),
                            num_kv_heads=1)  # fmt: skip
     attended = None
     if moments.attended_values is not None:
@@ -173,6 +173,9 @@ def _merge_group(
 
 
 def _concatenated(parts: list[AttentionWeights], template: AttentionWeights) -> AttentionWeights:
+    if len(parts) == 1:  # MQA: the one group is the layer
+        return parts[0]
+
     def joined(name: str) -> torch.Tensor | None:
         tensors = [getattr(part, name) for part in parts]
         return None if tensors[0] is None else torch.cat(tensors)
