@@ -151,8 +151,10 @@ def _convert_layers(
         tensors, report = _convert_layer(conversion, options, calibration, layer)
         writer.write_layer(layer, tensors)
         reports.append(report)
-        if calibration is not None and options.error_feedback:
-            calibration.advance(layer, target.layer(layer, tensors), target)
+        feedback = tensors if options.error_feedback else None
+        del tensors  # written: only error feedback needs them while the windows advance
+        if calibration is not None and feedback is not None:
+            calibration.advance(layer, target.layer(layer, feedback), target)
         elif calibration is not None:
             calibration.advance(layer)
     return reports, writer.finish(conversion.counts.num_layers)

@@ -55,8 +55,9 @@ def attended_moments(
     angles = torch.arange(length, dtype=torch.float64)[:, None] * stats.inv_freq.double()[None, :]
     rotation = (torch.polar(torch.ones_like(angles), angles) * stats.attention_scaling).to(torch.complex64)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    moments = torch.zeros(heads, value_rows.shape[0], value_rows.shape[0], dtype=torch.float64)
-    key_moments = torch.zeros(heads, key_rows.shape[0], key_rows.shape[0], dtype=torch.float64)
+    # Summed in place over at most _MAX_WINDOWS windows in float32, as each window's products are computed.
+    moments = torch.zeros(heads, value_rows.shape[0], value_rows.shape[0])
+    key_moments = torch.zeros(heads, key_rows.shape[0], key_rows.shape[0])
     q_rows, k_rows = augmented(attention.q, attention.q_bias).float(), augmented(attention.k, attention.k_bias).float()
     value_rows, key_rows = value_rows.float(), key_rows.float()
     half = d // 2
@@ -71,8 +72,11 @@ def attended_moments(
             logits = stats.logit_softcap * torch.tanh(logits / stats.logit_softcap)
         weights = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # [H, T, T]
         attended = weights @ (x @ value_rows.T)  # [H, T, rv]
-        moments += (attended.mT @ attended).double()
+        moments.baddbmm_(attended.mT, attended)
+        del attended
         received = weights.sum(dim=1)  # [H, T]: attention each key position receives
         seen_keys = x @ key_rows.T  # [T, rk]
-        key_moments += ((seen_keys.T * received[:, None]) @ seen_keys).double()
-    return moments / (windows * length), key_moments / (windows * length)
+        key_moments.baddbmm_(seen_keys.T * received[:, None], seen_keys.expand(heads, -1, -1))
+    values = (moments / (windows * length)).double()
+    del moments
+    return values, (key_moments / (windows * length)).double()

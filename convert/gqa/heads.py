@@ -108,9 +108,21 @@ def fold_key_gains(attention: AttentionWeights, gains: torch.Tensor) -> tuple[to
     The logit of pair j is Re(q̃ conj(k̃) e^{iθ(m−n)}); multiplying q̃ by conj(gain) compensates exactly, at every
     relative position, because a complex gain commutes with RoPE's rotation.
     """
-    queries = rotary_pairs(augmented(attention.q, attention.q_bias), attention.head_dim)
-    per_query = gains.repeat_interleave(attention.queries_per_kv_head, dim=0)
-    return split_augmented(rows_from_pairs(queries * per_query.conj()[..., None]), attention.q_bias is not None)
+    d, half = attention.head_dim, attention.head_dim // 2
+    per_query = gains.repeat_interleave(attention.queries_per_kv_head, dim=0)  # [H, d/2]
+    real, imag = per_query.real[..., None], per_query.imag[..., None]
+
+    def folded(rows: torch.Tensor) -> torch.Tensor:  # (r + i r')·conj(a + ib) = (a r + b r') + i (a r' − b r)
+        result = torch.empty_like(rows)
+        for heads in head_chunks(attention.num_heads):  # in float64, a few heads at a time
+            block = rows.reshape(attention.num_heads, d, -1)[heads].double()
+            pair, partner = block[:, :half], block[:, half:]
+            mixed = torch.cat([real[heads] * pair + imag[heads] * partner, real[heads] * partner - imag[heads] * pair], 1)
+            result.view(attention.num_heads, d, -1)[heads] = mixed.to(rows.dtype)
+        return result
+
+    q_bias = attention.q_bias
+    return folded(attention.q), None if q_bias is None else folded(q_bias[:, None])[:, 0]
 
 
 def rotate_keys(attention: AttentionWeights, gains: torch.Tensor) -> AttentionWeights:
