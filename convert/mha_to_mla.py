@@ -339,10 +339,12 @@ def _convert_layer(conversion: Conversion, plan: MlaPlan, options: MlaOptions, l
     return {prefix + name: tensor for name, tensor in tensors.items()}, {"layer": layer, **report}
 
 
-def _convert_for_plans(conversion: Conversion, options: MlaOptions, plans: dict[Path, MlaPlan], layer: int,
-                       calibration: Calibration, summary: RopeSummary) -> dict[Path, tuple[dict[str, torch.Tensor], dict[str, Any]]]:  # fmt: skip
-    """Layer `layer` converted under every plan: folder -> (its tensors, its report entry). The layer's source
-    weights and calibration statistics die here, before the windows advance through the next materialized layer."""
+def _convert_for_plans(conversion: Conversion, options: MlaOptions, plans: dict[Path, MlaPlan],
+                       writers: dict[Path, LayerWriter], layer: int, calibration: Calibration,
+                       summary: RopeSummary) -> tuple[dict[Path, dict[str, Any]], dict[str, torch.Tensor] | None]:  # fmt: skip
+    """Layer `layer` converted under every plan and written to its folder: (folder -> report entry, the first plan's
+    tensors when error feedback needs them). The layer's source weights, statistics and each plan's tensors die
+    here, before the windows advance through the next materialized layer."""
     statistics = calibration.statistics(layer)
     attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after the layer ran
     head_norms = _head_norms(conversion, attention, statistics, options)
@@ -350,8 +352,14 @@ def _convert_for_plans(conversion: Conversion, options: MlaOptions, plans: dict[
     del statistics
     if head_norms is not None:
         attention = linearized(attention, head_norms)
-    return {folder: _convert_layer(conversion, plan, options, layer, attention, layer_calibration)
-            for folder, plan in plans.items()}  # fmt: skip
+    reports, feedback = {}, None
+    for folder, plan in plans.items():
+        tensors, reports[folder] = _convert_layer(conversion, plan, options, layer, attention, layer_calibration)
+        writers[folder].write_layer(layer, tensors)
+        if options.error_feedback and feedback is None:
+            feedback = tensors
+        del tensors
+    return reports, feedback
 
 
 def _convert_layers(conversion: Conversion, options: MlaOptions, plans: dict[Path, MlaPlan], windows: list[torch.Tensor],
@@ -364,19 +372,18 @@ def _convert_layers(conversion: Conversion, options: MlaOptions, plans: dict[Pat
     writers = {folder: LayerWriter(conversion, folder, split_rows) for folder in plans}
     targets = {folder: conversion.target_model(plan.config, split_rows) for folder, plan in plans.items()}
     require_free_space(conversion, *targets.values())
-    main_folder = next(iter(plans))
+    main_target = targets[next(iter(plans))]
     reports: dict[Path, list[dict[str, Any]]] = {folder: [] for folder in plans}
     for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
-        converted = _convert_for_plans(conversion, options, plans, layer, calibration, summaries[layer])
-        for folder, (tensors, report) in converted.items():
-            writers[folder].write_layer(layer, tensors)
+        layer_reports, feedback = _convert_for_plans(conversion, options, plans, writers, layer, calibration,
+                                                     summaries[layer])  # fmt: skip
+        for folder, report in layer_reports.items():
             reports[folder].append(report)
-        feedback = converted[main_folder][0] if options.error_feedback else None
-        del converted  # written: only error feedback needs the main plan's tensors while the windows advance
         if feedback is not None:
-            calibration.advance(layer, targets[main_folder].layer(layer, feedback), targets[main_folder])
+            calibration.advance(layer, main_target.layer(layer, feedback), main_target)
         else:
             calibration.advance(layer)
+        del feedback
     return {folder: (reports[folder], writers[folder].finish(conversion.counts.num_layers)) for folder in plans}
 
 

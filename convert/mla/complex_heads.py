@@ -38,12 +38,16 @@ def moment_factor(moment: torch.Tensor) -> torch.Tensor:
     """F with F Fᵀ = moment (plus a ridge of 1e-12 of its largest diagonal entry, so that a rank-deficient moment,
     e.g. fewer calibration tokens than inputs, still factors). Energies computed as ‖r F‖² are sums of squares:
     never negative, however small the rows, where rᵀ·moment·r of a tiny residual can round below zero."""
-    ridge = 1e-12 * float(moment.diagonal().abs().max()) + 1e-300
-    eye = torch.eye(moment.shape[0], dtype=moment.dtype)
-    factor, info = torch.linalg.cholesky_ex((moment + moment.T) / 2 + ridge * eye)
+    symmetric = moment + moment.T  # one [n, n] copy at a time: a 70B-width moment is 537 MB
+    symmetric.mul_(0.5)
+    ridge = 1e-12 * float(symmetric.diagonal().abs().max()) + 1e-300
+    symmetric.diagonal().add_(ridge)
+    factor, info = torch.linalg.cholesky_ex(symmetric)
     if int(info) == 0:
         return factor
-    values, vectors = torch.linalg.eigh((moment + moment.T) / 2)  # indefinite by rounding beyond the ridge
+    del factor
+    symmetric.diagonal().sub_(ridge)
+    values, vectors = torch.linalg.eigh(symmetric)  # indefinite by rounding beyond the ridge
     return vectors * values.clamp_min(0).sqrt()
 
 

@@ -47,7 +47,8 @@ def fold_into_slots(
     frequency, rank = slot_index
     slot_keys = rotated[rank, frequency]  # [S, n]
     slot_energy = energy(slot_keys, moment).clamp_min(1e-300)
-    slot_reads = moment.to(torch.complex128) @ slot_keys.conj().T  # [n, S]: E[z' conj(z_s)] = z' · slot_reads
+    # [n, S]: E[z' conj(z_s)] = z' · slot_reads, in real products (no complex copy of the [n, n] moment)
+    slot_reads = torch.complex(moment @ slot_keys.real.T, -(moment @ slot_keys.imag.T))
     beta = (rotated @ slot_reads) / slot_energy  # [C, P, S]: z' ≈ β z_s
     query_weight = mixing[:, :, group].abs() ** 2 * energy(queries, moment).T[:, None, :]  # [P, C, H]
     kept_gain = drift_gains.abs() ** 2 - constant_gains.abs()[:, :, None] ** 2  # [H, P, S]

@@ -137,8 +137,9 @@ def _attention_rows(attention: AttentionWeights, calibration: LayerCalibration, 
     if shape.nope_dim:
         query_parts.insert(0, to_rotate_half(calibration.gains[:, :, None] * queries))
         latent_parts.insert(0, to_rotate_half(residual_key))
-    scale = math.sqrt((shape.nope_dim + shape.rope_dim) / d)
-    query = torch.cat(query_parts, dim=1).reshape(heads * (shape.nope_dim + shape.rope_dim), -1) * scale
+    del queries, rope_query  # a 70B-width layer's complex queries alone are 537 MB
+    query = torch.cat(query_parts, dim=1).reshape(heads * (shape.nope_dim + shape.rope_dim), -1)
+    query *= math.sqrt((shape.nope_dim + shape.rope_dim) / d)
     targets = torch.cat(latent_parts, dim=1)
     return _AttentionRows(query, targets.reshape(-1, targets.shape[-1]), _rope_rows(rope_key, output.interleave), folded)
 
