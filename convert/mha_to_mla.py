@@ -128,12 +128,13 @@ def _summarize(conversion: Conversion, options: MlaOptions, windows: list[torch.
     calibration = Calibration(conversion.source_model(), conversion.spec, windows)
     summaries = []
     for layer in tqdm(range(conversion.counts.num_layers), desc="calibrating", unit="layer", disable=not options.progress):
-        attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)
         statistics = calibration.statistics(layer)
+        attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after it ran
         head_norms = _head_norms(conversion, attention, statistics, options)
         if head_norms is not None:
             attention = linearized(attention, head_norms)
         summaries.append(_summarize_layer(attention, statistics, options, inv_freq))
+        del attention, statistics  # before the next materialized layer
         calibration.advance(layer)
     return summaries
 
