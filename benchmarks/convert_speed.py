@@ -15,7 +15,8 @@ token counts (--calibration-tokens, --check-tokens) are printed and the same in 
     python benchmarks/convert_speed.py --shape llama2-7b                   # 13.5 GB on disk, needs ~45 GB free
     python benchmarks/convert_speed.py --shape llama-1b --mode forward --tokenizer runs/smollm2
     python benchmarks/convert_speed.py --shape llama2-7b-2l --mode default --tokenizer runs/smollm2
-    python benchmarks/convert_speed.py --shape 70b-slice-4 --mode default --tokenizer runs/smollm2 --groups 8
+    python benchmarks/convert_speed.py --shape 70b-slice-4 --mode default --tokenizer runs/smollm2 --groups 1 \
+        --calibration-tokens 512 --check-tokens 512   # 8 KV heads already: --groups 8 would merge nothing
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ Heads are first regrouped by similarity (exact permutation). Then, per group:
   without RoPE information single tokens stand in for it. On SmolLM2 the attended form cuts MQA held-out
   perplexity by about a quarter.
 
-Σ is the second moment of the layer's calibration inputs (with a constant 1 for biases). Per-head norms
+Σ is the second moment of the layer's calibration inputs (with a constant 1 for biases). Both solutions are linear
+in the group's source rows, so every moment is read through those rows (`_GroupMoments`): a group's memory is its
+[n·d]² moments per query head, whatever the model's width. Per-head norms
 (q_norm/k_norm, Qwen3) make the key path nonlinear — a gain folded into the query rows would change the
 norm — so such layers fall back to mean-pooled keys; values are still merged output-aware.
 """
