@@ -276,6 +276,22 @@ def test_attended_moments_through_rows_are_the_projected_moments():
         assert float((projected - full).norm() / full.norm()) < 1e-5  # float32 accumulation either way
 
 
+def test_output_aware_does_not_depend_on_how_many_heads_are_taken_at_once(monkeypatch):
+    """Wide layers are merged a few query heads at a time; chunks that split a KV head's query heads (3 of 8
+    heads, 2 per KV head) must give the same merge and the same reported errors."""
+    import kvshrink.convert.gqa.heads as heads
+
+    model = tiny("llama")
+    attention, stats = layer_attention(model, 1), rotary_stats(model)[1]
+    whole = get_method("output-aware")(attention, 2, stats)
+    monkeypatch.setattr(heads, "HEAD_CHUNK", 3)
+    chunked = get_method("output-aware")(attention, 2, stats)
+    for name in ("q", "k", "v", "o"):
+        torch.testing.assert_close(getattr(chunked.attention, name), getattr(whole.attention, name), rtol=1e-6, atol=1e-7)
+    for key in ("logit_rel_error", "value_rel_error", "attended_value_rel_error"):
+        assert chunked.details[key] == pytest.approx(whole.details[key], rel=1e-9)
+
+
 def test_output_aware_fits_values_to_what_attention_averages():
     model = tiny("llama")
     tie_heads(model, [[0, 2], [1, 3]], noise=0.2, twist=True)
