@@ -68,11 +68,13 @@ def _random_biases(model):
 
 @pytest.mark.parametrize(
     ("model_type", "kv_heads", "edit"),
-    [("llama", 4, None), ("llama", 2, None), ("mistral", 1, None), ("qwen2", 2, _random_biases)],
-    ids=["llama-mha", "llama-gqa", "mistral-mqa", "qwen2-biases"],
+    [("llama", 4, None), ("llama", 2, None), ("mistral", 1, None), ("qwen2", 2, _random_biases), ("ministral", 2, None)],
+    ids=["llama-mha", "llama-gqa", "mistral-mqa", "qwen2-biases", "ministral-full-attention"],
 )
 def test_lossless_configuration_reproduces_the_source(tiny_source, tmp_path, model_type, kv_heads, edit):
-    source = tiny_source(model_type, 4, kv_heads, edit=edit)
+    # Ministral as add-sliding-window writes it with no layer windowed: every layer full, the window unused
+    full_attention = {"layer_types": ["full_attention"] * 2} if model_type == "ministral" else {}
+    source = tiny_source(model_type, 4, kv_heads, edit=edit, **full_attention)
     report = mha_to_mla(source, tmp_path / "out", MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **QUICK))
     model = _load(tmp_path / "out")
     assert isinstance(model, DeepseekV3ForCausalLM)
