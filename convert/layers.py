@@ -11,6 +11,8 @@ forward would.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -24,6 +26,21 @@ from kvshrink.convert.errors import KvshrinkError
 
 # LM-head rows turned into logits at once: bounds the [tokens, rows] logits of the chunked loss.
 VOCAB_CHUNK = 8192
+
+
+def _load_malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0), or nothing where the C library has none (macOS, musl)."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+# Hands freed heap memory back to the OS. glibc keeps freed blocks under its mmap threshold (which grows to 32 MB as
+# large blocks are freed) in the heap, so the per-layer temporaries of a conversion would otherwise stay resident
+# under the next layer: measured on a 70B-width slice, the check's peak then grew by about 0.1 GiB a layer.
+release_freed_memory = _load_malloc_trim()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -82,6 +99,7 @@ class StockModel:
         """A real, float32, eval-mode copy of a meta submodule with its weights read from the checkpoint, or from
         `replaced` (full names) where it has them."""
         path, replaced = self.path(module), replaced or {}
+        release_freed_memory()  # the previous piece's and the last layer's temporaries, before this piece's weights
         real = copy.deepcopy(module).to_empty(device=self.device)
         for submodule in real.modules():  # non-persistent buffers (Gemma's embedding scale) come from the config
             if any(name in submodule._non_persistent_buffers_set for name, _ in submodule.named_buffers(recurse=False)):
