@@ -37,9 +37,9 @@ def _load_malloc_trim() -> Callable[[], None]:
     return lambda: trim(0)
 
 
-# Hands freed heap memory back to the OS. glibc keeps freed blocks under its mmap threshold (which grows to 32 MB as
-# large blocks are freed) in the heap, so the per-layer temporaries of a conversion would otherwise stay resident
-# under the next layer: measured on a 70B-width slice, the check's peak then grew by about 0.1 GiB a layer.
+# Hands freed heap memory back to the OS. glibc keeps freed blocks under its mmap threshold (which rises to 32 MB as
+# large blocks are freed, mallopt(3)) in the heap, where the per-layer temporaries of a conversion would stay
+# resident under the next layer's weights, the largest allocation of every step.
 release_freed_memory = _load_malloc_trim()
 
 
