@@ -90,8 +90,17 @@ def value_error_terms(
             covariance = torch.cat([v_src_m[source_kv[heads]], v_new_m[merged_kv[heads]]], dim=1) @ values.mT
         else:
             covariance = values @ query_moments[order[heads]] @ values.mT
-        o_src = output_columns(source.o, order[heads], d)
-        outputs = torch.cat([o_src, -output_columns(merged.o, heads, d)], dim=2)  # [h, hidden, 2d]
-        error += float(torch.einsum("hab,hba->", outputs.mT @ outputs, covariance))
-        energy += float(torch.einsum("hab,hba->", o_src.mT @ o_src, covariance[:, :d, :d]))
+        chunk_error, chunk_energy = output_error(output_columns(source.o, order[heads], d),
+                                                 output_columns(merged.o, heads, d), covariance)  # fmt: skip
+        error, energy = error + chunk_error, energy + chunk_energy
     return error, energy
+
+
+def output_error(o_source: torch.Tensor, o_merged: torch.Tensor, covariance: torch.Tensor) -> tuple[float, float]:
+    """(Σ_h E‖O_h v − O'_h v'‖², Σ_h E‖O_h v‖²) for o_proj columns [h, hidden, d] and the second moment of the
+    stacked values [v; v'] per head [h, 2d, 2d]."""
+    d = o_source.shape[-1]
+    outputs = torch.cat([o_source, -o_merged], dim=2)  # [h, hidden, 2d]
+    error = torch.einsum("hab,hba->", outputs.mT @ outputs, covariance)
+    energy = torch.einsum("hab,hba->", o_source.mT @ o_source, covariance[:, :d, :d])
+    return float(error), float(energy)

@@ -38,7 +38,7 @@ from kvshrink.convert.gqa.heads import (
 )  # fmt: skip
 from kvshrink.convert.gqa.mean import merge as mean_merge
 from kvshrink.convert.mla.complex_heads import pair_covariance
-from kvshrink.convert.gqa.objectives import merge_errors
+from kvshrink.convert.gqa.objectives import merge_errors, output_error
 
 NEEDS_CALIBRATION = True
 FOLDS_KEY_GAINS = True
@@ -125,10 +125,9 @@ def _attended_value_error(
     for heads in head_chunks(group.num_heads):
         selection = torch.eye(rows, dtype=attended.dtype).reshape(-1, d, rows)[heads // group.queries_per_kv_head]
         both = torch.cat([selection, combination.expand(len(heads), -1, -1)], dim=1)  # [h, 2d, n·d]: V_h and A V
-        o_source = output_columns(group.o, heads, d)
-        outputs = torch.cat([o_source, -output_columns(merged.o, heads, d)], dim=2)
-        error += float(torch.einsum("hab,hba->", outputs.mT @ outputs, both @ attended[heads] @ both.mT))
-        source += float(torch.einsum("hab,hba->", o_source.mT @ o_source, selection @ attended[heads] @ selection.mT))
+        chunk_error, chunk_source = output_error(output_columns(group.o, heads, d), output_columns(merged.o, heads, d),
+                                                 both @ attended[heads] @ both.mT)  # fmt: skip
+        error, source = error + chunk_error, source + chunk_source
     return error, source
 
 
