@@ -67,6 +67,11 @@ class Conversion:
     options: ConvertOptions
     started: float
 
+    @property
+    def written_dtype(self) -> torch.dtype:
+        """The dtype converted tensors are written in: the source's attention weights' (copied ones keep theirs)."""
+        return self.checkpoint.dtype(self.spec.tensor_name(0, next(iter(self.spec.attention))))
+
     def source_model(self) -> StockModel:
         """The source in its stock classes, read one layer at a time."""
         return StockModel.of_checkpoint(self.checkpoint, self.device)
@@ -144,9 +149,8 @@ def open_conversion(source: str | Path, out: str | Path, options: ConvertOptions
         ) from None
 
 
-def _tensor_bytes(model: StockModel) -> int:
-    """Bytes of every tensor a checkpoint of this stock model holds, in the config's dtype (tied heads once)."""
-    dtype = getattr(torch, str(model.config.dtype or "float32").removeprefix("torch."), torch.float32)
+def _tensor_bytes(model: StockModel, dtype: torch.dtype) -> int:
+    """Bytes of every tensor a checkpoint of this stock model holds in `dtype` (tied heads once)."""
     state = model.skeleton.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop(f"{model.path(model.skeleton.get_output_embeddings())}.weight", None)
@@ -155,7 +159,8 @@ def _tensor_bytes(model: StockModel) -> int:
 
 def require_free_space(conversion: Conversion, *targets: StockModel) -> None:
     """Refuse before writing when the output folder's disk cannot hold the outputs (the models in `targets`)."""
-    needed = sum(_tensor_bytes(target) + _FREE_SPACE_MARGIN for target in targets)
+    # the written dtype, not the config's: StockModel configs say float32 (the dtype layers compute in)
+    needed = sum(_tensor_bytes(target, conversion.written_dtype) + _FREE_SPACE_MARGIN for target in targets)
     free = shutil.disk_usage(conversion.staging).free
     if free < needed:
         raise KvshrinkError(
@@ -178,7 +183,7 @@ class LayerWriter:
             folder, parse_size(conversion.options.out_shard_size), header_reserve=2 * header_size_bound(self.names) + 65536
         )  # fmt: skip
         self.changed: list[str] = []
-        self.dtype = self.checkpoint.dtype(self.spec.tensor_name(0, next(iter(self.spec.attention))))
+        self.dtype = conversion.written_dtype
 
     def _copy(self, name: str) -> None:
         if name in self.split_rows:

@@ -203,6 +203,26 @@ def test_a_disk_too_small_for_the_output_is_refused_before_writing(tiny_checkpoi
     assert_refused(run_convert("mha-to-mqa", source, out, "--method", "mean"), "GB free", "needs about", out=out)
 
 
+@pytest.mark.parametrize("command", [["mha-to-mqa"], ["mha-to-mla", "--kv-rank", "32", "--rope-dim", "8", "--target", "transformers"]])
+def test_a_disk_with_room_for_a_bfloat16_output_is_not_refused(tiny_checkpoint, tmp_path, monkeypatch, command):
+    """The space needed is counted in the dtype written (the source's bfloat16), not the float32 layers compute in:
+    a disk with room for 1.2 times the source's size per output (plus the fixed margin) is enough."""
+    import shutil
+    from collections import namedtuple
+
+    from kvshrink.convert import rewrite
+
+    source, out = tiny_checkpoint("llama", tokenizer=True, dtype=torch.bfloat16), tmp_path / "out"
+    source_bytes = sum(path.stat().st_size for path in source.glob("*.safetensors"))
+    outputs = 2 if command[0] == "mha-to-mla" else 1  # the MLA check also writes the other target, then deletes it
+    free = outputs * (int(1.2 * source_bytes) + rewrite._FREE_SPACE_MARGIN)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - free, free))
+    result = run_convert(*command, "--calibration-tokens", "512", "--check-tokens", "512", source, out)
+    assert result.exit_code == 0, result.output
+    assert (out / "kvshrink_report.json").is_file()
+
+
 def test_a_tensor_holding_inf_is_refused_by_name(tiny_checkpoint, tmp_path):
     def corrupt(model):
         model.model.layers[0].self_attn.k_proj.weight[3, 1] = float("inf")
