@@ -265,6 +265,48 @@ def _rope_parameters(conversion: Conversion, serving: bool, shape: MlaShape, slo
     return yarn.parameters, yarn
 
 
+def _target_config(conversion: Conversion, shape: MlaShape, output: OutputFormat, rope_parameters: dict[str, Any],
+                   serving: bool) -> dict[str, Any]:  # fmt: skip
+    config = conversion.checkpoint.config
+    return deepseek.deepseek_config(
+        config, kv_rank=shape.kv_rank, rope_dim=shape.rope_dim, nope_dim=shape.nope_dim,
+        head_dim=conversion.counts.head_dim, rope_parameters=rope_parameters, interleave=output.interleave,
+        attention_bias=output.attention_bias, q_lora_rank=conversion.counts.hidden_size + 1 if output.query_latent else None,
+        rms_norm_eps=output.latent_eps if serving else float(config.get("rms_norm_eps", 1e-6)),
+    )  # fmt: skip
+
+
+def _require_room(conversion: Conversion, options: MlaOptions, biases: list[AttentionBiases]) -> None:
+    """Refuse before calibrating when the disk cannot hold what will be written: the output and, with --check, the
+    other target's scratch copy. Tensor sizes follow from the shape and the source's biases alone; calibration
+    only chooses which RoPE frequencies the slots carry, so any rope_parameters size the skeleton."""
+    targets = [options.target] + ([OTHER_TARGET[options.target]] if options.check else [])
+    split_rows = deepseek.split_gate_up(conversion.spec, conversion.checkpoint.config)
+    models, main_shape = [], None
+    for target in targets:
+        serving = engines.target_rules(target) is not None
+        try:
+            shape = _shape(conversion, _target_options(options, target, main_shape), target, biases)
+        except KvshrinkError:
+            if main_shape is None:
+                raise
+            continue  # the other target refuses this source: the check reports why, and nothing is written for it
+        main_shape = main_shape or shape
+        output = _output_format(conversion, serving, biases, rope_biases=[], exact_biases=False)
+        sizing_rope = {"rope_type": "default", "rope_theta": 10000.0}
+        models.append(conversion.target_model(_target_config(conversion, shape, output, sizing_rope, serving), split_rows))
+    require_free_space(conversion, *models)
+
+
+def _target_options(options: MlaOptions, target: str, main_shape: MlaShape | None) -> MlaOptions:
+    """The options a target is planned with: the user's, except that the other target checked against the serving
+    one keeps the main shape (so the difference is the serving layout alone)."""
+    if target == options.target or target != "transformers" or main_shape is None:
+        return options
+    return options.model_copy(update={"kv_rank": None, "kv_budget": None, "rope_dim": None,
+                                      "mla_shape": f"{main_shape.kv_rank}+{main_shape.rope_dim}"})  # fmt: skip
+
+
 def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: list[RopeSummary]) -> MlaPlan:
     rules = engines.target_rules(target)
     serving = rules is not None
@@ -280,12 +322,7 @@ def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: l
     slot_frequencies = inv_freq[list(slots.frequency)]
     rope_parameters, yarn = _rope_parameters(conversion, serving, shape, slots, slot_frequencies)
     source_eps = float(config.get("rms_norm_eps", 1e-6))
-    target_config = deepseek.deepseek_config(
-        config, kv_rank=shape.kv_rank, rope_dim=shape.rope_dim, nope_dim=shape.nope_dim, head_dim=counts.head_dim,
-        rope_parameters=rope_parameters, interleave=output.interleave, attention_bias=output.attention_bias,
-        q_lora_rank=counts.hidden_size + 1 if output.query_latent else None,
-        rms_norm_eps=output.latent_eps if serving else source_eps,
-    )  # fmt: skip
+    target_config = _target_config(conversion, shape, output, rope_parameters, serving)
     free_slots = choose_slots(bases, shape.rope_dim // 2, geometric=False)
 
     notes = _notes(conversion, options, rules, shape, output, yarn)
@@ -371,9 +408,7 @@ def _convert_layers(conversion: Conversion, options: MlaOptions, plans: dict[Pat
     calibration = Calibration(conversion.source_model(), conversion.spec, windows)
     split_rows = deepseek.split_gate_up(conversion.spec, conversion.checkpoint.config)
     writers = {folder: LayerWriter(conversion, folder, split_rows) for folder in plans}
-    targets = {folder: conversion.target_model(plan.config, split_rows) for folder, plan in plans.items()}
-    require_free_space(conversion, *targets.values())
-    main_target = targets[next(iter(plans))]
+    main_target = conversion.target_model(next(iter(plans.values())).config, split_rows)
     reports: dict[Path, list[dict[str, Any]]] = {folder: [] for folder in plans}
     for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
         layer_reports, feedback = _convert_for_plans(conversion, options, plans, writers, layer, calibration,
@@ -396,12 +431,8 @@ def _other_target(conversion: Conversion, options: MlaOptions, main: MlaPlan, su
     """The other target's plan, which the check scores too (what the serving constraint costs), or the reason
     that target refuses this source."""
     other = OTHER_TARGET[options.target]
-    if other == "transformers":  # the same shape, so the difference is the serving layout alone
-        shape = main.shape
-        options = options.model_copy(update={"kv_rank": None, "kv_budget": None, "rope_dim": None,
-                                             "mla_shape": f"{shape.kv_rank}+{shape.rope_dim}"})  # fmt: skip
     try:
-        return _plan(conversion, options, other, summaries)
+        return _plan(conversion, _target_options(options, other, main.shape), other, summaries)
     except KvshrinkError as refusal:
         return str(refusal)
 
@@ -456,7 +487,7 @@ def mha_to_mla(source: str | Path, out: str | Path, options: MlaOptions) -> dict
     with open_conversion(source, out, options) as conversion:
         _refuse_unsupported(conversion, options.exact_only)
         inv_freq = deepseek.source_rope(conversion.checkpoint.config, conversion.counts.head_dim)[0]
-        _shape(conversion, options, options.target, _biases(conversion))
+        _require_room(conversion, options, _biases(conversion))  # also refuses a shape the target cannot hold
         conversion.require_tokenizer("mha-to-mla calibrates on text", "")
         windows = calibration_windows(conversion.checkpoint.folder, calibration_text(options.calibration),
                                       options.calibration_tokens)  # fmt: skip

@@ -203,6 +203,24 @@ def test_a_disk_too_small_for_the_output_is_refused_before_writing(tiny_checkpoi
     assert_refused(run_convert("mha-to-mqa", source, out, "--method", "mean"), "GB free", "needs about", out=out)
 
 
+def test_mla_refuses_a_disk_too_small_before_calibrating(tiny_checkpoint, tmp_path, monkeypatch):
+    """The size of what MLA writes (the output and the checked other target) is known from the shape alone, so a
+    small disk is refused before the calibration pass, which on a 70B takes an hour."""
+    import shutil
+    from collections import namedtuple
+
+    from kvshrink.convert import mha_to_mla
+
+    def calibration_started(*args, **kwargs):
+        raise AssertionError("calibration started before the free-space check")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(mha_to_mla, "calibration_windows", calibration_started)
+    source, out = tiny_checkpoint("llama", tokenizer=True), tmp_path / "out"
+    assert_refused(run_convert("mha-to-mla", "--kv-budget", "0.5", "--target", "sglang", source, out), "GB free", "needs about", out=out)
+
+
 @pytest.mark.parametrize("command", [["mha-to-mqa"], ["mha-to-mla", "--kv-rank", "32", "--rope-dim", "8", "--target", "transformers"]])
 def test_a_disk_with_room_for_a_bfloat16_output_is_not_refused(tiny_checkpoint, tmp_path, monkeypatch, command):
     """The space needed is counted in the dtype written (the source's bfloat16), not the float32 layers compute in:
