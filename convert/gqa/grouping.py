@@ -19,8 +19,9 @@ from kvshrink.convert.calibration import LayerStatistics
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.gqa.heads import (
     augmented, consecutive_groups, head_bias, head_chunks, head_rows, input_moment, output_columns, per_head,
-    permute_kv_heads, rotary_pairs,
+    permute_kv_heads,
 )  # fmt: skip
+from kvshrink.convert.mla.complex_heads import rows_pair_covariance
 
 # Partitions beyond this count are searched by pairwise swaps from the stock grouping instead of exhaustively.
 _EXHAUSTIVE_LIMIT = 2000
@@ -50,10 +51,9 @@ def output_metrics(attention: AttentionWeights) -> torch.Tensor:
 
 def _merge_cost(attention: AttentionWeights, moment: torch.Tensor) -> Callable[[tuple[int, ...]], float]:
     d = attention.head_dim
-    keys = rotary_pairs(augmented(attention.k, attention.k_bias), d)  # [KV, J, c]
-    weights = query_weights(attention, moment).sqrt()
-    weighted_keys = keys * weights[..., None]
-    key_gram = torch.einsum("ajc,cd,bjd->jab", weighted_keys, moment.to(torch.complex128), weighted_keys.conj())
+    roots = query_weights(attention, moment).sqrt().T  # [J, KV]
+    covariance = rows_pair_covariance(augmented(attention.k, attention.k_bias), moment, attention.num_kv_heads, d)
+    key_gram = roots[:, :, None] * covariance * roots[:, None, :]  # [J, KV, KV], query-weighted
     metric_roots = _symmetric_sqrt(output_metrics(attention))
     values = metric_roots @ per_head(augmented(attention.v, attention.v_bias), d)  # [KV, d, c]
     value_gram = torch.einsum("adc,ce,bfe->adbf", values, moment, values)  # [KV, d, KV, d]

@@ -69,11 +69,28 @@ def pair_covariance(row_moment: torch.Tensor, heads: int, head_dim: int) -> torc
     """[d/2, heads, heads] complex: E[z_aj conj(z_bj)] for the rotary pairs z = r + i r' (rows j and j + d/2 of each
     head, rotate-half) from the real rows' second moment R Σ Rᵀ [heads·d, heads·d]. Σ is then applied once, in real
     arithmetic, instead of through a complex copy of the [n, n] moment."""
-    half = head_dim // 2
     blocks = row_moment.reshape(heads, head_dim, heads, head_dim)
 
     def same_pair(rows: slice, cols: slice) -> torch.Tensor:  # [J, n, n]: entries (head a, pair j; head b, pair j)
         return torch.diagonal(blocks[:, rows, :, cols], dim1=1, dim2=3).permute(2, 0, 1)
 
+    return _paired(same_pair, head_dim)
+
+
+def rows_pair_covariance(rows: torch.Tensor, moment: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """`pair_covariance(rows @ moment @ rows.T)` without the products between different pairs, which it discards:
+    one [heads·d, n] x [n, n] product instead of two."""
+    weighted = (rows @ moment).reshape(heads, head_dim, -1)
+    plain = rows.reshape(heads, head_dim, -1)
+
+    def same_pair(rows: slice, cols: slice) -> torch.Tensor:
+        return torch.einsum("ajn,bjn->jab", weighted[:, rows], plain[:, cols])
+
+    return _paired(same_pair, head_dim)
+
+
+def _paired(same_pair, head_dim: int) -> torch.Tensor:
+    """E[z_a conj(z_b)] = E[r_a r_b + r'_a r'_b] + i E[r'_a r_b - r_a r'_b], from the blocks `same_pair(rows, cols)`."""
+    half = head_dim // 2
     real, imag = slice(0, half), slice(half, head_dim)
     return torch.complex(same_pair(real, real) + same_pair(imag, imag), same_pair(imag, real) - same_pair(real, imag))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.mla.complex_heads import energy, pair_covariance, to_rotate_half
+from kvshrink.convert.mla.complex_heads import energy, rows_pair_covariance, to_rotate_half
 
 ROPE_METHODS = ("partial", "rotate")
 
@@ -54,7 +54,7 @@ def rope_basis(
     group = torch.arange(heads) // (heads // kv_heads)
     if method == "rotate":
         rows = to_rotate_half(keys).reshape(kv_heads * 2 * pairs, -1)  # the real key rows
-        covariance = pair_covariance(rows @ moment @ rows.T, kv_heads, 2 * pairs)  # [P, G, G]: E[z_gj conj(z_hj)]
+        covariance = rows_pair_covariance(rows, moment, kv_heads, 2 * pairs)  # [P, G, G]: E[z_gj conj(z_hj)]
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending, columns
         mixing = eigenvectors.conj().transpose(1, 2)  # z' = V^H z
         base = eigenvalues.clamp_min(0)

@@ -276,6 +276,24 @@ def test_attended_moments_through_rows_are_the_projected_moments():
         assert float((projected - full).norm() / full.norm()) < 1e-5  # float32 accumulation either way
 
 
+def test_rotary_pair_covariance_equals_its_complex_definition():
+    """E[z_aj conj(z_bj)] for the rotary pairs z = r + i r' of every head, computed from the real rows with the
+    moment applied once, equals the definition through complex rows and a complex copy of the moment."""
+    from kvshrink.convert.mla.complex_heads import pair_covariance, rows_pair_covariance
+
+    generator = torch.Generator().manual_seed(3)
+    heads, head_dim, width = 3, 8, 21
+    rows = torch.randn(heads * head_dim, width, dtype=torch.float64, generator=generator)
+    tokens = torch.randn(50, width, dtype=torch.float64, generator=generator)
+    moment = tokens.T @ tokens / 50
+    pairs = torch.complex(*rows.reshape(heads, 2, head_dim // 2, width).unbind(1))  # [heads, J, width]
+    definition = torch.einsum("ajc,cd,bjd->jab", pairs, moment.to(torch.complex128), pairs.conj())
+    for covariance in (rows_pair_covariance(rows, moment, heads, head_dim),
+                       pair_covariance(rows @ moment @ rows.T, heads, head_dim)):  # fmt: skip
+        assert covariance.shape == (head_dim // 2, heads, heads)
+        assert torch.allclose(covariance, definition, rtol=1e-12, atol=1e-12)
+
+
 def test_output_aware_does_not_depend_on_how_many_heads_are_taken_at_once(monkeypatch):
     """Wide layers are merged a few query heads at a time; chunks that split a KV head's query heads (3 of 8
     heads, 2 per KV head) must give the same merge and the same reported errors."""
