@@ -42,9 +42,11 @@ def _rms_normed(heads: torch.Tensor, weight: torch.Tensor | None, offset: float)
 def attended_moments(
     attention: AttentionWeights, stats: RotaryLayerStatistics, value_rows: torch.Tensor, key_rows: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query head i, float64: R_v E[z_i z_iᵀ] R_vᵀ [H, rv, rv] (what its values are averaged over) and
-    R_k (E_m Σ_n a_i(m, n) x̃_n x̃_nᵀ) R_kᵀ [H, rk, rk] (its keys, weighted by the attention they receive), seen
-    through `value_rows` [rv, hidden + 1] and `key_rows` [rk, hidden + 1] acting on x̃ = [x; 1].
+    """Float64: per query head i, R_v E[z_i z_iᵀ] R_vᵀ [H, rv, rv] (what its values are averaged over); and over
+    all of them, R_k (mean_i E_m Σ_n a_i(m, n) x̃_n x̃_nᵀ) R_kᵀ [rk, rk] (the keys, weighted by the attention they
+    receive from the layer's query heads), seen through `value_rows` [rv, hidden + 1] and `key_rows`
+    [rk, hidden + 1] acting on x̃ = [x; 1]. The key moment is needed only as that mean, so it is summed once
+    instead of per head (a 70B-width layer's 64 heads would each add a [1024, T] x [T, 1024] product).
 
     A merge reads these moments only through the source's value and key rows, so projecting them keeps each
     head's moment at the group's K/V width instead of [hidden + 1]² (a 70B-width MQA group would otherwise hold
@@ -57,7 +59,7 @@ def attended_moments(
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     # Summed in place over at most _MAX_WINDOWS windows in float32, as each window's products are computed.
     moments = torch.zeros(heads, value_rows.shape[0], value_rows.shape[0])
-    key_moments = torch.zeros(heads, key_rows.shape[0], key_rows.shape[0])
+    key_moment = torch.zeros(key_rows.shape[0], key_rows.shape[0])
     q_rows, k_rows = augmented(attention.q, attention.q_bias).float(), augmented(attention.k, attention.k_bias).float()
     value_rows, key_rows = value_rows.float(), key_rows.float()
     half = d // 2
@@ -74,9 +76,9 @@ def attended_moments(
         attended = weights @ (x @ value_rows.T)  # [H, T, rv]
         moments.baddbmm_(attended.mT, attended)
         del attended
-        received = weights.sum(dim=1)  # [H, T]: attention each key position receives
+        received = weights.sum(dim=1).mean(dim=0)  # [T]: attention each key position receives, mean over heads
         seen_keys = x @ key_rows.T  # [T, rk]
-        key_moments.baddbmm_(seen_keys.T * received[:, None], seen_keys.expand(heads, -1, -1))
+        key_moment.addmm_(seen_keys.T * received, seen_keys)
     values = (moments / (windows * length)).double()
     del moments
-    return values, (key_moments / (windows * length)).double()
+    return values, (key_moment / (windows * length)).double()

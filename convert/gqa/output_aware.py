@@ -61,7 +61,7 @@ def _group_moments(group: AttentionWeights, moment: torch.Tensor, stats: LayerSt
     if not isinstance(stats, RotaryLayerStatistics):
         return _GroupMoments(values, None, key_rows @ moment @ key_rows.T)
     attended_values, attended_keys = attended_moments(group, stats, value_rows, key_rows)
-    return _GroupMoments(values, attended_values, attended_keys.mean(dim=0))
+    return _GroupMoments(values, attended_values, attended_keys)
 
 
 def _shared_keys(attention: AttentionWeights, moment: torch.Tensor, key_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -294,7 +294,7 @@ def test_attended_moments_follow_gemma_attention(model_type):
     expected_keys = torch.einsum("whmn,wnc,wne->hce", probabilities, x, x) / (4 * 64)
     identity = torch.eye(x.shape[-1], dtype=torch.float64)
     _, keys = attended_moments(attention, stats, identity, identity)
-    torch.testing.assert_close(keys.float(), expected_keys, atol=1e-5, rtol=2e-3)
+    torch.testing.assert_close(keys.float(), expected_keys.mean(dim=0), atol=1e-5, rtol=2e-3)
 
 
 def _interleaved_equal_heads(model):

@@ -258,7 +258,7 @@ def test_attended_moments_follow_the_stock_attention(model_type):
     identity = torch.eye(x.shape[-1], dtype=torch.float64)
     values, keys = attended_moments(layer_attention(model, 1), stats[1], identity, identity)
     torch.testing.assert_close(values.float(), expected_values, atol=1e-5, rtol=2e-3)
-    torch.testing.assert_close(keys.float(), expected_keys, atol=1e-5, rtol=2e-3)
+    torch.testing.assert_close(keys.float(), expected_keys.mean(dim=0), atol=1e-5, rtol=2e-3)
 
 
 def test_attended_moments_through_rows_are_the_projected_moments():
@@ -271,7 +271,7 @@ def test_attended_moments_through_rows_are_the_projected_moments():
     rows = torch.randn(24, width, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     full_values, full_keys = attended_moments(attention, stats, identity, identity)
     values, keys = attended_moments(attention, stats, rows, rows[:8])
-    assert values.shape == (8, 24, 24) and keys.shape == (8, 8, 8)
+    assert values.shape == (8, 24, 24) and keys.shape == (8, 8)
     for projected, full in ((values, rows @ full_values @ rows.T), (keys, rows[:8] @ full_keys @ rows[:8].T)):
         assert float((projected - full).norm() / full.norm()) < 1e-5  # float32 accumulation either way
 
