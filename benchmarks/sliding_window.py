@@ -9,9 +9,12 @@ KV bytes per token at 8,192 tokens come from the config (a sliding layer holds w
 checks that this is what transformers' cache holds).
 
 Writes OUT/sliding_window.md, OUT/sliding_window.json and OUT/sliding_window.png; prints rows as they finish.
+With `--score DIR...` it only scores those folders as saved (e.g. windowed outputs before and after uptraining) on
+the same held-out windows, and writes OUT/sliding_window_scored.json.
 
     python benchmarks/sliding_window.py --model DIR [--mqa DIR] [--out DIR] [--windows 512,1024]
                                         [--fractions 0.25,0.5] [--eval-tokens 8192] [--keep DIR]
+    python benchmarks/sliding_window.py --model DIR --score DIR [DIR ...] --eval-tokens 4096
 """
 
 from __future__ import annotations
@@ -75,11 +78,15 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=2 * EVAL_WINDOW)
     parser.add_argument("--calibration-tokens", type=int, default=EVAL_WINDOW)
     parser.add_argument("--keep", type=Path, help="keep the converted folders here (default: a temporary folder)")
+    parser.add_argument("--score", type=Path, nargs="+", help="only score these folders as saved, then stop")
     args = parser.parse_args()
     windows_tokens = [int(w) for w in args.windows.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
     text = corpus_text("kjv", "heldout")
     windows = token_windows(load_tokenizer(args.model), text, args.eval_tokens, EVAL_WINDOW)
+    if args.score:
+        _score_folders(args.score, windows, args.out)
+        return
     sources = {"SmolLM2": args.model, **({"SmolLM2 MQA": args.mqa} if args.mqa else {})}
     rows, masses = [], {}
     with tempfile.TemporaryDirectory() as temporary:
@@ -105,6 +112,16 @@ def main() -> None:
     (args.out / "sliding_window.json").write_text(json.dumps({"rows": rows, "mass_beyond_window": masses}, indent=2) + "\n")
     (args.out / "sliding_window.md").write_text(_table(rows, len(windows) * EVAL_WINDOW))
     _plot(rows, args.out / "sliding_window.png")
+
+
+def _score_folders(folders: list[Path], windows, out: Path) -> None:
+    rows = []
+    for folder in folders:
+        ppl, kv = _score(folder, None, windows)
+        rows.append({"model": str(folder), "perplexity": round(ppl, 3), "kv_bytes_per_token_8k": kv})
+        print(rows[-1], flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sliding_window_scored.json").write_text(json.dumps({"eval_window": EVAL_WINDOW, "rows": rows}, indent=2) + "\n")
 
 
 def _table(rows: list[dict], tokens: int) -> str:

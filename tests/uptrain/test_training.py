@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,28 @@ def test_an_existing_run_needs_resume(tiny_llama_dir, write_recipe):
     uptrain(recipe)
     with pytest.raises(KvshrinkError, match="already holds a run: pass --resume"):
         uptrain(recipe)
+
+
+def test_a_windowed_conversion_distils_and_stays_windowed(tmp_path, tiny_llama_teacher_dir, write_recipe):
+    """A sliding-window output (convert add-sliding-window) trains end to end against its source on blocks longer
+    than the window: distillation starts above zero (the windows drop context), the weights move, and the output
+    is the same stock class with the same per-layer windows."""
+    from transformers import AutoConfig
+
+    from kvshrink.convert.options import SlidingWindowOptions
+    from kvshrink.convert.sliding_window import add_sliding_window
+
+    windowed = tmp_path / "windowed"
+    add_sliding_window(tiny_llama_teacher_dir, windowed, SlidingWindowOptions(
+        window=8, full_layers=0.5, calibration_tokens=512, calibration_length=64, check=False, progress=False))  # fmt: skip
+    report = uptrain(load_recipe(write_recipe(
+        model=str(windowed), teacher=str(tiny_llama_teacher_dir), loss={"kind": "distill"}, trainable="all",
+        seq_len=64, max_steps=3,
+    )))
+    assert report["loss_start"] > 0.0 and math.isfinite(report["loss_end"])
+    start, end = _weights(windowed), _weights(tmp_path / "out")
+    assert not torch.equal(start["model.layers.0.self_attn.q_proj.weight"], end["model.layers.0.self_attn.q_proj.weight"])
+    before, after = AutoConfig.from_pretrained(windowed), AutoConfig.from_pretrained(tmp_path / "out")
+    assert type(after).__name__ == type(before).__name__ == "MinistralConfig"
+    assert after.layer_types == before.layer_types and after.sliding_window == before.sliding_window == 8
+    assert "sliding_attention" in after.layer_types
