@@ -40,6 +40,7 @@ def test_attention_transfer_starts_exact_on_a_lossless_conversion(tmp_path, mla_
                              attention_transfer={**TRANSFER, "steps": 1}))  # fmt: skip
     assert [row["layer"] for row in report["attention_transfer"]["layers"]] == [0, 1]
     assert all(row["relative_start"] < 1e-9 for row in report["attention_transfer"]["layers"])
+    assert all(row["heldout_relative_start"] < 1e-9 for row in report["attention_transfer"]["layers"])
 
 
 def test_attention_transfer_fits_each_layer_and_the_output_holds_it(mla_source_dir, mla_converted_dir, write_recipe):
@@ -48,6 +49,9 @@ def test_attention_transfer_fits_each_layer_and_the_output_holds_it(mla_source_d
     layers = report["attention_transfer"]["layers"]
     assert [row["layer"] for row in layers] == [0, 1] and report["steps"] == 0
     assert all(row["relative_end"] < 0.5 * row["relative_start"] for row in layers)
+    # measured on validation blocks the fit never saw: reported apart, and above zero
+    assert all(0 < row["heldout_relative_end"] and 0 < row["heldout_relative_start"] for row in layers)
+    assert report["attention_transfer"]["heldout_relative_error_mean_end"] is not None
     output = Path(recipe.output_dir)
     metrics = (output / "metrics.csv").read_text()
     assert "0,attention_transfer/relative_end," in metrics and "1,attention_transfer/mse_end," in metrics
