@@ -287,12 +287,12 @@ def _require_room(conversion: Conversion, options: MlaOptions, biases: list[Atte
         serving = engines.target_rules(target) is not None
         try:
             shape = _shape(conversion, _target_options(options, target, main_shape), target, biases)
+            output = _output_format(conversion, serving, biases, rope_biases=[], exact_biases=False)
         except KvshrinkError:
             if main_shape is None:
                 raise
             continue  # the other target refuses this source: the check reports why, and nothing is written for it
         main_shape = main_shape or shape
-        output = _output_format(conversion, serving, biases, rope_biases=[], exact_biases=False)
         sizing_rope = {"rope_type": "default", "rope_theta": 10000.0}
         models.append(conversion.target_model(_target_config(conversion, shape, output, sizing_rope, serving), split_rows))
     require_free_space(conversion, *models)

@@ -238,6 +238,20 @@ def test_vllm_target_folds_no_rope_key_bias_and_refuses_what_it_cannot_carry(tin
     assert not (tmp_path / "refused").exists()
 
 
+def test_an_other_target_refusing_the_source_is_reported_not_raised(servable_source, tmp_path):
+    """An o_proj bias has no place in the serving layout: with --target transformers the checked other target
+    (vllm) refuses it, which the check reports; the conversion itself goes ahead."""
+    def output_bias(model):
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.bias.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+
+    source = servable_source("llama", 4, 4, attention_bias=True, edit=output_bias)
+    checked = dict(QUICK, check=True, check_tokens=512)
+    report = mha_to_mla(source, tmp_path / "out", MlaOptions(mla_shape="256+64", target="transformers", **checked))
+    assert "o_proj.bias" in report["check"]["other_target"]["refused"]
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
 def test_check_scores_both_targets_from_one_calibration_and_leaves_nothing_behind(servable_source, tiny_source, tmp_path, monkeypatch):
     # Proportional KV heads: one key component per frequency, so 256+64 is exact in both layouts.
     source = servable_source("llama", 4, 4, rms_norm_eps=1e-6, edit=_duplicate_kv_heads)
