@@ -10,7 +10,8 @@ checks that this is what transformers' cache holds).
 
 Writes OUT/sliding_window.md, OUT/sliding_window.json and OUT/sliding_window.png; prints rows as they finish.
 With `--score DIR...` it only scores those folders as saved (e.g. windowed outputs before and after uptraining) on
-the same held-out windows, and writes OUT/sliding_window_scored.json.
+the same held-out windows, writes OUT/sliding_window_scored.json, and redraws OUT/sliding_window.png with them
+(triangles) when OUT/sliding_window.json holds the untrained rows.
 
     python benchmarks/sliding_window.py --model DIR [--mqa DIR] [--out DIR] [--windows 512,1024]
                                         [--fractions 0.25,0.5] [--eval-tokens 8192] [--keep DIR]
@@ -115,6 +116,7 @@ def main() -> None:
 
 
 def _score_folders(folders: list[Path], windows, out: Path) -> None:
+    """Score each folder as saved; redraw the plot with them when OUT holds the untrained rows."""
     rows = []
     for folder in folders:
         ppl, kv = _score(folder, None, windows)
@@ -122,6 +124,9 @@ def _score_folders(folders: list[Path], windows, out: Path) -> None:
         print(rows[-1], flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sliding_window_scored.json").write_text(json.dumps({"eval_window": EVAL_WINDOW, "rows": rows}, indent=2) + "\n")
+    untrained = out / "sliding_window.json"
+    if untrained.is_file():
+        _plot(json.loads(untrained.read_text())["rows"], out / "sliding_window.png", scored=rows)
 
 
 def _table(rows: list[dict], tokens: int) -> str:
@@ -135,7 +140,8 @@ def _table(rows: list[dict], tokens: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], path: Path, scored: list[dict] = ()) -> None:
+    """Perplexity against KV bytes: untrained layouts, and `scored` folders (e.g. after uptraining) as triangles."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,6 +152,8 @@ def _plot(rows: list[dict], path: Path) -> None:
         marker = "*" if row["window"] is None else "o" if "calibrated" in row["layout"] else "x"
         label = f"{row['source']}, {row['layout']}" + (f", w={row['window']}" if row["window"] else "")
         axis.scatter(row["kv_bytes_per_token_8k"], row["perplexity"], marker=marker, s=60, label=label)
+    for row in scored:
+        axis.scatter(row["kv_bytes_per_token_8k"], row["perplexity"], marker="^", s=60, label=Path(row["model"]).name)
     axis.set_xlabel(f"KV cache bytes per token at {KV_CONTEXT} tokens")
     axis.set_ylabel(f"held-out KJV perplexity ({EVAL_WINDOW}-token windows)")
     axis.set_yscale("log")

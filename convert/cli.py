@@ -151,7 +151,7 @@ def _print_summary(report: dict, out: Path) -> None:
 
 def _print_exclusions(report: dict) -> None:
     for engine, reason in report["excluded_engines"].items():
-        click.echo(f"  not valid in {engine}: {reason}")
+        click.echo(f"  not claimed for {engine}: {reason}")
 
 
 def _gqa_command(name: str, fixed_groups: int | None, help_text: str):
