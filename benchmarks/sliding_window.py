@@ -147,7 +147,7 @@ def _plot(rows: list[dict], path: Path, scored: list[dict] = ()) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = plt.subplots(figsize=(11, 5))
     for row in rows:
         marker = "*" if row["window"] is None else "o" if "calibrated" in row["layout"] else "x"
         label = f"{row['source']}, {row['layout']}" + (f", w={row['window']}" if row["window"] else "")
@@ -157,7 +157,7 @@ def _plot(rows: list[dict], path: Path, scored: list[dict] = ()) -> None:
     axis.set_xlabel(f"KV cache bytes per token at {KV_CONTEXT} tokens")
     axis.set_ylabel(f"held-out KJV perplexity ({EVAL_WINDOW}-token windows)")
     axis.set_yscale("log")
-    axis.legend(fontsize=6, ncol=2)
+    axis.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: points sit everywhere
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
