@@ -175,6 +175,7 @@ def test_cli_prints_the_choice_and_the_cache(llama, tmp_path):
                                                "--calibration-tokens", "192", "--check-tokens", "96"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "full attention kept in layers" in result.output and "KV cache per token at 8,192 tokens" in result.output
+    assert f"not claimed for sglang: {NOT_READ}" in result.output  # unread is not a failure, so not "not valid"
     report = json.loads((tmp_path / "out" / "kvshrink_report.json").read_text())
     assert report["check"]["window"] == 96 and report["method"] == "window/calibrated"
     card = (tmp_path / "out" / "README.md").read_text()
