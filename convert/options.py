@@ -78,8 +78,8 @@ class MlaOptions(ConvertOptions):
     )  # fmt: skip
     rope_dim: int | Literal["all"] | None = Field(
         None, description="Width of the shared rope key (qk_rope_head_dim), even; 'all' keeps every rotary pair of "
-        "every KV head (--target transformers). Default: 64 (at most head_dim) for vllm/sglang, head_dim / 2 for "
-        "transformers.", json_schema_extra={"metavar": "D|all"},
+        "every KV head (--target transformers). Default: 64 for vllm; 64 but at most head_dim / 2 for sglang; "
+        "head_dim / 2 for transformers.", json_schema_extra={"metavar": "D|all"},
     )  # fmt: skip
     rope_method: Literal["rotate", "partial"] = Field(
         "rotate", description="rotate: RoRoPE, a complex unitary per frequency across KV heads concentrates key "

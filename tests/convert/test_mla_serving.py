@@ -11,11 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kvshrink.convert import engines
+from kvshrink.convert.attention import HeadCounts
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.mha_to_gqa import mha_to_gqa
 from kvshrink.convert.mha_to_mla import mha_to_mla
 from kvshrink.convert.options import GqaOptions, MlaOptions
 from kvshrink.convert.mla.biases import refit_without_bias
+from kvshrink.convert.mla.shapes import resolve_shape
 from kvshrink.convert.mla.complex_heads import energy, factored_energy, moment_factor
 
 QUICK = dict(check=False, progress=False, calibration_tokens=1024, overwrite=True)
@@ -97,6 +99,14 @@ def test_vllm_target_refuses_unservable_requests_naming_the_nearest_servable_cho
     with pytest.raises(KvshrinkError, match=message):
         mha_to_mla(source, tmp_path / "out", MlaOptions(**{**QUICK, **options}))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("head_dim", "rope_dim", "kv_rank"), [(64, 32, 160), (128, 64, 320)])
+def test_sglang_default_rope_key_is_at_most_half_a_head(head_dim, rope_dim, kv_rank):
+    # SmolLM2's 64-wide heads get 160+32 at 50% KV (it trained better than 128+64), 128-wide heads DeepSeek's 64.
+    counts = HeadCounts(num_heads=9, num_kv_heads=3, head_dim=head_dim, hidden_size=4096, num_layers=1)
+    shape = resolve_shape(counts, MlaOptions(kv_budget=0.5, target="sglang"), engines.SGLANG, latent_inputs=4096)
+    assert (shape.rope_dim, shape.kv_rank, shape.nope_dim) == (rope_dim, kv_rank, head_dim)
 
 
 def test_budget_snaps_to_the_largest_servable_shape_within_it(servable_source, tmp_path):
