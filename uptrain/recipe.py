@@ -94,7 +94,7 @@ class AttentionTransfer:
     attention's output (MSE after o_proj) on the source's own inputs to that layer."""
 
     steps: int = 40  # optimizer steps per converted layer
-    sequences: int = 16  # training blocks (seq_len tokens each) whose source attention inputs every layer fits
+    sequences: int = 64  # training blocks (seq_len tokens each) whose source attention inputs every layer fits; 16 overfit
     micro_batch_size: int = 4  # blocks per optimizer step
     lr: float = 1e-3  # AdamW, constant after a 10% warmup, no weight decay
 
