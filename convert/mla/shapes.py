@@ -78,8 +78,9 @@ def free_shape(counts: HeadCounts, request: MlaOptions, latent_inputs: int, one_
     kv_rank, rope_dim = _parse_mla_shape(request)
     if rope_dim is None:
         # At most half a head: 64-wide heads keep more latent rank, which trained better (SmolLM2 at 50% KV: README,
-        # "Shipped recipes"); heads of 128 and wider get the 64 of DeepSeek's shapes.
-        rope_dim = min(ENGINE_ROPE_DIM, max(2, d // 2)) if one_per_frequency else max(2, d // 2)
+        # "Shipped recipes"); under a serving layout heads of 128 and wider get the 64 of DeepSeek's shapes.
+        half_head = max(2, d // 2)
+        rope_dim = min(ENGINE_ROPE_DIM, half_head) if one_per_frequency else half_head
     elif rope_dim == "all":
         if one_per_frequency and kv_heads > 1:
             raise KvshrinkError(
