@@ -54,22 +54,15 @@ def transfer_attention(recipe: Recipe, accelerator: Accelerator) -> dict[str, An
         fitting, heldout = _windows(recipe, accelerator)
         stream = LayerStream(source, fitting + heldout)
         progress = tqdm(total=len(todo), unit="layer", desc="attention transfer", disable=not accelerator.is_local_main_process)
-        for index in range(max(todo) + 1):
-            source_layer = source.layer(index)
-            if index not in todo:
-                stream.run(source_layer, index)
-                continue
-            inputs = stream.inputs_of(source_layer, index, _checked(source_layer, ATTENTION_INPUT, index))
-            targets: list[torch.Tensor] = []
-            handle = _submodule(source_layer, ATTENTION_OUTPUT, index).register_forward_hook(
-                lambda module, args, out: targets.append(out[0].detach().float())
-            )
-            try:
-                stream.run(source_layer, index)
-            finally:
-                handle.remove()
-            _fit_layer(recipe, student, index, (inputs, targets), len(fitting), output)
-            progress.update(1)
+        with accelerator.autocast():  # precision bf16: the source layers and the fits multiply in bf16
+            for index in range(max(todo) + 1):
+                source_layer = source.layer(index)
+                if index in todo:
+                    pairs = _attention_pairs(stream, source_layer, index)
+                    _fit_layer(recipe, student, index, pairs, len(fitting), output)
+                    progress.update(1)
+                else:
+                    stream.run(source_layer, index)
         progress.close()
     accelerator.wait_for_everyone()
     return _stage_report(output, layers, time.perf_counter() - start, accelerator)
@@ -97,6 +90,20 @@ def _windows(recipe: Recipe, accelerator: Accelerator) -> tuple[list[torch.Tenso
     count = min(HELDOUT_BLOCKS, len(validation))
     heldout = [validation.tokens[i, : int(validation.lengths[i])].long() for i in range(count)]
     return fitting, heldout
+
+
+def _attention_pairs(stream: LayerStream, source_layer: torch.nn.Module, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Advance the windows through source layer `index`; what its attention received and what its o_proj gave."""
+    inputs = stream.inputs_of(source_layer, index, _checked(source_layer, ATTENTION_INPUT, index))
+    targets: list[torch.Tensor] = []
+    handle = _submodule(source_layer, ATTENTION_OUTPUT, index).register_forward_hook(
+        lambda module, args, out: targets.append(out[0].detach().float())
+    )
+    try:
+        stream.run(source_layer, index)
+    finally:
+        handle.remove()
+    return inputs, targets
 
 
 def _fit_layer(recipe: Recipe, student: StockModel, index: int, pairs: tuple[list[torch.Tensor], list[torch.Tensor]],

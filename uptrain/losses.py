@@ -20,8 +20,11 @@ def distill_loss(
     """KL(teacher || student) of the softened next-token distributions, times temperature² (Hinton et al.) so
     gradients keep their scale across temperatures; averaged over the positions lm_loss scores."""
     keep = attention_mask[:, 1:].bool()
-    student = F.log_softmax(student_logits[:, :-1][keep].float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits[:, :-1][keep].float() / temperature, dim=-1)
+    student, teacher = student_logits[:, :-1], teacher_logits[:, :-1]
+    if not bool(keep.all()):  # selecting rows copies the (tokens x vocabulary) logits: only when padding is there
+        student, teacher = student[keep], teacher[keep]
+    student = F.log_softmax(student.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
     kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
     return kl.mean() * temperature**2
 

@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.uptrain.attention_transfer import TRANSFER_DIR, transfer_attention, transferred_weights
 from kvshrink.uptrain.checkpoints import checkpoint_dirs, newest_checkpoint, read_trainer_state, save_checkpoint
 from kvshrink.uptrain.data import Blocks, TrainingStream, build_data
+from kvshrink.uptrain.host_memory import keep_freed_memory
 from kvshrink.uptrain.losses import training_loss
 from kvshrink.uptrain.optimizer import SizeScaledRows, off_scale_parameters, parameter_groups, reference_rms
 from kvshrink.uptrain.recipe import CONVERSION_REPORT, Recipe, Schedule
@@ -56,6 +57,8 @@ def uptrain(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
             f"but the recipe for {recipe.gradient_accumulation}: remove gradient_accumulation_steps from the "
             "accelerate config or command line (the recipe decides)"
         )
+    if accelerator.device.type == "cpu":  # each step's large tensors: reuse their memory, do not fault it in again
+        keep_freed_memory()
     accelerator.init_trackers("kvshrink-uptrain", config=_flat(recipe.to_dict()))
     transfer = transfer_attention(recipe, accelerator) if "attention_transfer" in recipe.stages else None
     run = setup(recipe, accelerator, checkpoint, resume)
@@ -122,7 +125,7 @@ def setup(recipe: Recipe, accelerator: Accelerator, checkpoint: Path | None, res
     teacher = _load_teacher(recipe, accelerator)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, recipe.optimizer.weight_decay),
-        lr=recipe.optimizer.lr, betas=recipe.optimizer.betas, eps=recipe.optimizer.eps,
+        lr=recipe.optimizer.lr, betas=recipe.optimizer.betas, eps=recipe.optimizer.eps, fused=_fused_step(accelerator),
     )
     total_steps = recipe.total_steps(accelerator.num_processes)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -139,6 +142,12 @@ def setup(recipe: Recipe, accelerator: Accelerator, checkpoint: Path | None, res
               trained_names, total_steps, per_step, checkpoint)
     run.state = _restored_state(run) if checkpoint is not None else _fresh_state(run, resume)
     return run
+
+
+def _fused_step(accelerator: Accelerator) -> bool:
+    # AdamW's fused kernel makes one pass over each tensor instead of a dozen: about 0.17 s instead of 1 s a step
+    # for SmolLM2's 135M parameters on two CPU cores. DeepSpeed brings its own optimizer step.
+    return accelerator.device.type in ("cpu", "cuda") and accelerator.distributed_type != DistributedType.DEEPSPEED
 
 
 def _load_student(recipe: Recipe) -> torch.nn.Module:
