@@ -43,6 +43,19 @@ def test_attention_transfer_starts_exact_on_a_lossless_conversion(tmp_path, mla_
     assert all(row["heldout_relative_start"] < 1e-9 for row in report["attention_transfer"]["layers"])
 
 
+def test_attention_transfer_multiplies_in_bf16_under_precision_bf16(tmp_path, mla_source_dir, write_recipe):
+    """The same lossless conversion under precision=bf16: the source layers and the fit run under bf16 autocast,
+    so the starting error is bf16 rounding, above float32's and far below any conversion's."""
+    from kvshrink.convert.mha_to_mla import mha_to_mla
+    from kvshrink.convert.options import MlaOptions
+
+    exact = tmp_path / "exact"
+    mha_to_mla(mla_source_dir, exact, MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **QUICK))
+    report = uptrain(_recipe(write_recipe, mla_source_dir, exact, stages=["attention_transfer"], precision="bf16",
+                             attention_transfer={**TRANSFER, "steps": 1}))  # fmt: skip
+    assert all(1e-9 < row["relative_start"] < 1e-3 for row in report["attention_transfer"]["layers"])
+
+
 def test_attention_transfer_fits_each_layer_and_the_output_holds_it(mla_source_dir, mla_converted_dir, write_recipe):
     recipe = _recipe(write_recipe, mla_source_dir, mla_converted_dir, stages=["attention_transfer"])
     report = uptrain(recipe)
