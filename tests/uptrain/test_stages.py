@@ -56,8 +56,11 @@ def test_attention_transfer_multiplies_in_bf16_under_precision_bf16(tmp_path, ml
     assert all(1e-9 < row["relative_start"] < 1e-3 for row in report["attention_transfer"]["layers"])
 
 
-def test_attention_transfer_fits_each_layer_and_the_output_holds_it(mla_source_dir, mla_converted_dir, write_recipe):
-    recipe = _recipe(write_recipe, mla_source_dir, mla_converted_dir, stages=["attention_transfer"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_attention_transfer_fits_each_layer_and_the_output_holds_it(mla_source_dir, mla_converted_dir, write_recipe,
+                                                                   precision):  # fmt: skip
+    """Each layer's error halves at least, in bf16 too (each step's forward sees the previous step's update)."""
+    recipe = _recipe(write_recipe, mla_source_dir, mla_converted_dir, stages=["attention_transfer"], precision=precision)
     report = uptrain(recipe)
     layers = report["attention_transfer"]["layers"]
     assert [row["layer"] for row in layers] == [0, 1] and report["steps"] == 0
