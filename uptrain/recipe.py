@@ -119,7 +119,8 @@ class Recipe:
     optimizer: Optimizer = field(default_factory=Optimizer)
     schedule: Schedule = field(default_factory=Schedule)
     loss: Loss = field(default_factory=Loss)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: mixed precision (fp32 master weights), teacher in bf16
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"  # bf16: autocast, fp32 master weights, teacher in bf16;
+    # auto: bf16 where the device multiplies bf16 natively (precision.py), else fp32
     gradient_checkpointing: bool = False
     trainable: Literal["all", "attention", "new"] = "all"  # new: the tensors kvshrink_report.json lists
     freeze: list[str] = field(default_factory=list)  # glob patterns of parameter names kept frozen anyway

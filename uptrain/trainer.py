@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
@@ -27,6 +27,7 @@ from kvshrink.uptrain.data import Blocks, TrainingStream, build_data
 from kvshrink.uptrain.host_memory import keep_freed_memory
 from kvshrink.uptrain.losses import training_loss
 from kvshrink.uptrain.optimizer import SizeScaledRows, off_scale_parameters, parameter_groups, reference_rms
+from kvshrink.uptrain.precision import resolved_precision
 from kvshrink.uptrain.recipe import CONVERSION_REPORT, Recipe, Schedule
 from kvshrink.uptrain.trackers import tracker_for
 from kvshrink.uptrain.trainable import select_trainable
@@ -44,9 +45,10 @@ def uptrain(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
     resume = recipe.resume if resume is None else resume
     checkpoint = _checkpoint_to_resume(Path(recipe.output_dir), resume)
     session = Session(start=time.perf_counter())
+    precision = resolved_precision(recipe.precision, PartialState().device)
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.gradient_accumulation,
-        mixed_precision="bf16" if recipe.precision == "bf16" else "no",
+        mixed_precision="bf16" if precision == "bf16" else "no",
         log_with=tracker_for(recipe.tracker, recipe.output_dir),
         project_dir=recipe.output_dir,
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
@@ -175,7 +177,7 @@ def _load_teacher(recipe: Recipe, accelerator: Accelerator) -> torch.nn.Module |
         return None
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if recipe.precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher, dtype=dtype)
     teacher.requires_grad_(False).eval()
     if accelerator.is_fsdp2:
@@ -313,6 +315,7 @@ def final_report(run: Run, session: Session, transfer: dict[str, Any] | None) ->
         "teacher": recipe.teacher,
         "architecture": type(unwrapped).__name__,
         "stages": list(recipe.stages),
+        "precision": "bf16" if accelerator.mixed_precision == "bf16" else "fp32",
         "attention_transfer": transfer,
         "steps": state["step"],
         "tokens_seen": state["tokens_seen"],
