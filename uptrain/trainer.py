@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
 from kvshrink.convert.errors import KvshrinkError
@@ -45,7 +45,7 @@ def uptrain(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
     resume = recipe.resume if resume is None else resume
     checkpoint = _checkpoint_to_resume(Path(recipe.output_dir), resume)
     session = Session(start=time.perf_counter())
-    precision = resolved_precision(recipe.precision, PartialState().device)
+    precision = resolved_precision(recipe.precision, _training_device())
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.gradient_accumulation,
         mixed_precision="bf16" if precision == "bf16" else "no",
@@ -74,6 +74,12 @@ def uptrain(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
     )
     accelerator.end_training()
     return report
+
+
+def _training_device() -> torch.device:
+    """The device the Accelerator will train on, known before it exists (its precision is a constructor argument):
+    the process state it would start, with ACCELERATE_USE_CPU read as AcceleratorState reads it."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
 
 
 @dataclass
