@@ -4,7 +4,8 @@
 
 Both runs train every parameter with next-token loss on the same packed pydoc blocks, in fp32 or in bf16 mixed
 precision, with AdamW's fused kernel on CPU and CUDA (as uptrain uses it); tokens/s counts the training steps only
-(uptrain's validation passes and file writing are outside its own step timer). The runs alternate `--repeats` times and the best of each is kept, because the CPU may be shared. Target: ratio >= 0.9.
+(uptrain's validation passes and file writing are outside its own step timer). The runs alternate `--repeats`
+times and the best of each is kept, because the CPU may be shared. Target: ratio >= 0.9.
 """
 
 from __future__ import annotations
