@@ -32,3 +32,8 @@ def native_bf16(device: torch.device) -> bool:
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
     return False
+
+
+def running_precision(mixed_precision: str) -> Precision:
+    """What an Accelerator with this `mixed_precision` setting multiplies in ("no" is fp32)."""
+    return "bf16" if mixed_precision == "bf16" else "fp32"

@@ -27,7 +27,7 @@ from kvshrink.uptrain.data import Blocks, TrainingStream, build_data
 from kvshrink.uptrain.host_memory import keep_freed_memory
 from kvshrink.uptrain.losses import training_loss
 from kvshrink.uptrain.optimizer import SizeScaledRows, off_scale_parameters, parameter_groups, reference_rms
-from kvshrink.uptrain.precision import resolved_precision
+from kvshrink.uptrain.precision import resolved_precision, running_precision
 from kvshrink.uptrain.recipe import CONVERSION_REPORT, Recipe, Schedule
 from kvshrink.uptrain.trackers import tracker_for
 from kvshrink.uptrain.trainable import select_trainable
@@ -183,7 +183,7 @@ def _load_teacher(recipe: Recipe, accelerator: Accelerator) -> torch.nn.Module |
         return None
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if running_precision(accelerator.mixed_precision) == "bf16" else torch.float32
     teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher, dtype=dtype)
     teacher.requires_grad_(False).eval()
     if accelerator.is_fsdp2:
@@ -321,7 +321,7 @@ def final_report(run: Run, session: Session, transfer: dict[str, Any] | None) ->
         "teacher": recipe.teacher,
         "architecture": type(unwrapped).__name__,
         "stages": list(recipe.stages),
-        "precision": "bf16" if accelerator.mixed_precision == "bf16" else "fp32",
+        "precision": running_precision(accelerator.mixed_precision),
         "attention_transfer": transfer,
         "steps": state["step"],
         "tokens_seen": state["tokens_seen"],

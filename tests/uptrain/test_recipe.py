@@ -44,6 +44,7 @@ def test_token_budgets_become_whole_steps(tiny_llama_dir, write_recipe):
         ({"seq_len": 3.5}, "recipe key seq_len must be a whole number, got 3.5"),
         ({"trainable": "mlp"}, "recipe key trainable is 'mlp': choose one of all, attention, new"),
         ({"packing": "yes"}, "recipe key packing must be true or false"),
+        ({"precision": "fp16"}, "recipe key precision is 'fp16': choose one of auto, fp32, bf16"),
         ({"max_tokens": 10}, "exactly one budget, got max_steps, max_tokens"),
         ({"max_steps": None}, "exactly one budget, got none"),
         ({"max_steps": 0}, "recipe key max_steps is 0: it must be greater than 0"),
