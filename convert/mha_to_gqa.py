@@ -124,7 +124,7 @@ def _merge(conversion: Conversion, attention: AttentionWeights, options: GqaOpti
         return merge(attention, options.groups, statistics)
     # OLMo-2: q/k norms span the whole projection; merge per-head stand-ins, then carry the norms over
     result = merge(per_head_stand_in(attention), options.groups, statistics)
-    eps = float(conversion.checkpoint.config.get("rms_norm_eps", 1e-6))
+    eps = conversion.rms_norm_eps
     return restore_projection_norms(attention, result, statistics, eps)
 
 

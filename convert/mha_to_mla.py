@@ -99,7 +99,7 @@ def _head_norms(conversion: Conversion, attention: AttentionWeights, statistics:
     """The calibrated linear maps that stand in for per-head q/k norms (Qwen3), fitted on this layer's inputs."""
     if attention.q_norm is None and attention.k_norm is None:
         return None
-    eps = float(conversion.checkpoint.config.get("rms_norm_eps", 1e-6))
+    eps = conversion.rms_norm_eps
     return fit_head_norms(attention, statistics.flat_inputs, eps, options.head_norm_fit)
 
 
@@ -272,7 +272,7 @@ def _target_config(conversion: Conversion, shape: MlaShape, output: OutputFormat
         config, kv_rank=shape.kv_rank, rope_dim=shape.rope_dim, nope_dim=shape.nope_dim,
         head_dim=conversion.counts.head_dim, rope_parameters=rope_parameters, interleave=output.interleave,
         attention_bias=output.attention_bias, q_lora_rank=conversion.counts.hidden_size + 1 if output.query_latent else None,
-        rms_norm_eps=output.latent_eps if serving else float(config.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=output.latent_eps if serving else conversion.rms_norm_eps,
     )  # fmt: skip
 
 
@@ -321,7 +321,7 @@ def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: l
     output = _output_format(conversion, serving, layers, rope_biases, options.exact_biases)
     slot_frequencies = inv_freq[list(slots.frequency)]
     rope_parameters, yarn = _rope_parameters(conversion, serving, shape, slots, slot_frequencies)
-    source_eps = float(config.get("rms_norm_eps", 1e-6))
+    source_eps = conversion.rms_norm_eps
     target_config = _target_config(conversion, shape, output, rope_parameters, serving)
     free_slots = choose_slots(bases, shape.rope_dim // 2, geometric=False)
 

@@ -72,6 +72,11 @@ class Conversion:
         """The dtype converted tensors are written in: the source's attention weights' (copied ones keep theirs)."""
         return self.checkpoint.dtype(self.spec.tensor_name(0, next(iter(self.spec.attention))))
 
+    @property
+    def rms_norm_eps(self) -> float:
+        """The source's norm epsilon (transformers' default where the config leaves it out)."""
+        return float(self.checkpoint.config.get("rms_norm_eps", 1e-6))
+
     def source_model(self) -> StockModel:
         """The source in its stock classes, read one layer at a time."""
         return StockModel.of_checkpoint(self.checkpoint, self.device)
