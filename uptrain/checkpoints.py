@@ -42,7 +42,7 @@ def save_checkpoint(
 ) -> Path:
     """Save model, optimizer, scheduler and RNG states plus `trainer_state`; keep the newest `keep_last`.
 
-    Every process calls this (FSDP and DeepSpeed write shards from each rank); the main one renames and prunes.
+    Every process calls this (FSDP writes shards from each rank); the main one renames and prunes.
     """
     final = Path(output_dir) / CHECKPOINTS / f"step-{step:08d}"
     partial = final.with_name(f".{final.name}.partial")

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
 from kvshrink.convert.errors import KvshrinkError
@@ -42,6 +42,14 @@ def uptrain(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
     resume (default: recipe.resume) continues where the run in output_dir stopped: at the next layer of
     attention transfer, or at the newest end-to-end checkpoint.
     """
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        # accelerate 1.15 installs transformers' HfDeepSpeedConfig whatever zero3_init_flag says, so under ZeRO-3
+        # every model loaded here comes up partitioned (empty tensors); DeepSpeed's own optimizer step would
+        # also bypass the size-scaled rows that keep MLA latents in range
+        raise KvshrinkError(
+            "uptrain does not run under DeepSpeed: launch with recipes/accelerate/fsdp.yaml (FSDP2 shards the "
+            "student and the teacher) or recipes/accelerate/ddp.yaml"
+        )
     resume = recipe.resume if resume is None else resume
     checkpoint = _checkpoint_to_resume(Path(recipe.output_dir), resume)
     session = Session(start=time.perf_counter())
@@ -154,8 +162,8 @@ def setup(recipe: Recipe, accelerator: Accelerator, checkpoint: Path | None, res
 
 def _fused_step(accelerator: Accelerator) -> bool:
     # AdamW's fused kernel makes one pass over each tensor instead of a dozen: about 0.17 s instead of 1 s a step
-    # for SmolLM2's 135M parameters on two CPU cores. DeepSpeed brings its own optimizer step.
-    return accelerator.device.type in ("cpu", "cuda") and accelerator.distributed_type != DistributedType.DEEPSPEED
+    # for SmolLM2's 135M parameters on two CPU cores
+    return accelerator.device.type in ("cpu", "cuda")
 
 
 def _load_student(recipe: Recipe) -> torch.nn.Module:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kvshrink.convert.errors import KvshrinkError
 from kvshrink.uptrain import load_recipe, uptrain
 
 
@@ -66,3 +67,12 @@ def test_two_processes_split_attention_transfer_and_distil_mla_like_one_process(
     single_weights, ddp_weights = load_file(tmp_path / "single" / "model.safetensors"), load_file(tmp_path / "ddp" / "model.safetensors")
     for name in single_weights:
         torch.testing.assert_close(ddp_weights[name], single_weights[name], rtol=1e-3, atol=1e-5)
+
+
+def test_a_deepspeed_launch_is_refused_before_any_model_loads(monkeypatch, tiny_llama_dir, write_recipe):
+    """accelerate launch with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED in every process."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    recipe = load_recipe(write_recipe(model=str(tiny_llama_dir)))
+    with pytest.raises(KvshrinkError, match="uptrain does not run under DeepSpeed: launch with recipes/accelerate/fsdp.yaml"):
+        uptrain(recipe)
+    assert not Path(recipe.output_dir).exists()
