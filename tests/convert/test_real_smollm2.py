@@ -58,4 +58,6 @@ def test_streamed_check_equals_the_whole_model_on_smollm2(smollm2_dir):
     with open_source(smollm2_dir) as checkpoint:
         streamed = stream_perplexity(StockModel.of_checkpoint(checkpoint, torch.device("cpu")), windows)
     whole = perplexity(load_causal_lm(smollm2_dir, "cpu"), windows, progress=False)
-    assert abs(streamed - whole) / whole < 1e-5
+    # float32 through 30 layers by two kernel paths (per-layer sdpa with a built mask, chunked LM head against the
+    # whole model): 1.9e-5 apart on one AMD EPYC, 1e-5 on another; a wrong mask, norm or RoPE is 1e-2 and more
+    assert abs(streamed - whole) / whole < 1e-4
