@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from kvshrink.convert.mla.complex_heads import factored_energy, moment_factor
+from kvshrink.convert.mla.complex_heads import factored_energy
 
 
-def refit_without_bias(rows: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, float]:
+def refit_without_bias(rows: torch.Tensor, moment: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Bias-free rows [r, n] closest to `rows` [r, n + 1] (float64, last column the bias) on the inputs whose
-    augmented second moment is `moment` [n + 1, n + 1]; and their relative output error there (0 when no bias)."""
+    augmented second moment is `moment` [n + 1, n + 1] (`factor`: its moment_factor); and their relative output
+    error there (0 when no bias)."""
     weights, bias = rows[:, :-1], rows[:, -1:]
     if not bool(bias.abs().max() > 0):
         return weights, 0.0
@@ -25,17 +26,17 @@ def refit_without_bias(rows: torch.Tensor, moment: torch.Tensor) -> tuple[torch.
     ridge = 1e-10 * float(inputs_moment.diagonal().abs().max())
     direction = torch.linalg.solve(inputs_moment + ridge * torch.eye(inputs_moment.shape[0], dtype=moment.dtype), mean)
     refit = weights + bias @ direction.T
-    factor = moment_factor(moment)
     residual = rows - torch.cat([refit, torch.zeros_like(bias)], dim=1)
     error = factored_energy(residual, factor).sum() / factored_energy(rows, factor).sum().clamp_min(1e-300)
     return refit, float(error.sqrt())
 
 
 def refit_layer(
-    query_rows: torch.Tensor, latent_down: torch.Tensor, rope_key_rows: torch.Tensor, moment: torch.Tensor
+    query_rows: torch.Tensor, latent_down: torch.Tensor, rope_key_rows: torch.Tensor, moment: torch.Tensor,
+    factor: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
     """The bias-free query rows, latent rows and rope key rows of one layer, with each part's relative error."""
-    query, query_error = refit_without_bias(query_rows, moment)
-    latent, latent_error = refit_without_bias(latent_down, moment)
-    rope_key, rope_error = refit_without_bias(rope_key_rows, moment)
+    query, query_error = refit_without_bias(query_rows, moment, factor)
+    latent, latent_error = refit_without_bias(latent_down, moment, factor)
+    rope_key, rope_error = refit_without_bias(rope_key_rows, moment, factor)
     return query, latent, rope_key, {"query": query_error, "latent": latent_error, "rope_key": rope_error}

@@ -144,8 +144,8 @@ def _attention_rows(attention: AttentionWeights, calibration: LayerCalibration, 
     return _AttentionRows(query, targets.reshape(-1, targets.shape[-1]), _rope_rows(rope_key, output.interleave), folded)
 
 
-def _latent(attention: AttentionWeights, rows: _AttentionRows, calibration: LayerCalibration, shape: MlaShape,
-            factorization: str) -> JointLatent:  # fmt: skip
+def _latent(attention: AttentionWeights, rows: _AttentionRows, calibration: LayerCalibration, factor: torch.Tensor,
+            shape: MlaShape, factorization: str) -> JointLatent:  # fmt: skip
     kv_heads = attention.num_kv_heads
     targets = rows.targets.reshape(kv_heads, -1, rows.targets.shape[-1])
     metric = None
@@ -154,7 +154,7 @@ def _latent(attention: AttentionWeights, rows: _AttentionRows, calibration: Laye
         nope_queries = rows.query.reshape(attention.num_heads, -1, rows.query.shape[-1])[:, : shape.nope_dim]
         metric = _output_metric(nope_queries if shape.nope_dim else None, attention.o, targets, calibration.moment, group)
     key_rows = (torch.arange(targets.shape[1]) < shape.nope_dim).repeat(kv_heads)
-    return joint_latent(rows.targets, shape.kv_rank, factorization, calibration.moment, metric, key_rows)
+    return joint_latent(rows.targets, shape.kv_rank, factorization, factor, metric, key_rows)
 
 
 def _tensors(attention: AttentionWeights, query: torch.Tensor, up: torch.Tensor, kv_a: torch.Tensor, alpha: float,
@@ -182,12 +182,11 @@ def _tensors(attention: AttentionWeights, query: torch.Tensor, up: torch.Tensor,
     return tensors
 
 
-def _errors(attention: AttentionWeights, targets: torch.Tensor, latent: JointLatent, moment: torch.Tensor,
+def _errors(attention: AttentionWeights, targets: torch.Tensor, latent: JointLatent, factor: torch.Tensor,
             nope_dim: int) -> dict[str, float]:  # fmt: skip
     """K/V relative errors from residual rows through a factor of the moment: sums of squares, so a near-exact
     latent (rank close to full) reports a tiny error rather than a negative one from rounding. Residuals are
     taken a block of rows at a time: a 7B-width layer's [8192, 4097] residual would be 268 MB in float64."""
-    factor = moment_factor(moment)
     error = torch.cat([factored_energy(targets[i : i + _ERROR_ROWS] - latent.up[i : i + _ERROR_ROWS] @ latent.down, factor)
                        for i in range(0, targets.shape[0], _ERROR_ROWS)])  # fmt: skip
     error = error.reshape(attention.num_kv_heads, -1).sum(0)
@@ -213,16 +212,19 @@ def convert_attention(
     """Tensors named relative to `self_attn.` (float32) and the layer's report entry."""
     group = torch.arange(attention.num_heads) // attention.queries_per_kv_head
     rows = _attention_rows(attention, calibration, slots, shape, output, inv_freq)
-    latent = _latent(attention, rows, calibration, shape, factorization)
+    # one factor of the moment for the latent, the bias refit and the errors: at 70B width (8193²) each
+    # float64 Cholesky is seconds, and up to five were computed per layer
+    factor = moment_factor(calibration.moment)
+    latent = _latent(attention, rows, calibration, factor, shape, factorization)
     query, down, rope_key, bias_errors = rows.query, latent.down, rows.rope_key, None
     if output.refit_biases:
-        query, down, rope_key, bias_errors = refit_layer(query, down, rope_key, calibration.moment)
+        query, down, rope_key, bias_errors = refit_layer(query, down, rope_key, calibration.moment, factor)
     alpha = latent_scale(down, output.latent_eps, input_norm_bound)
     up = latent.up.reshape(attention.num_kv_heads, -1, shape.kv_rank)[group].reshape(-1, shape.kv_rank)
     tensors = _tensors(attention, query, up, torch.cat([down * alpha, rope_key]), alpha, shape, output, input_norm_bound)
     basis = calibration.basis
     report = {
-        **_errors(attention, rows.targets, latent, calibration.moment, shape.nope_dim),
+        **_errors(attention, rows.targets, latent, factor, shape.nope_dim),
         "rope_energy_kept": float(basis.key_energy[list(slots.frequency), list(slots.rank)].sum() / basis.key_energy.sum()),
         "folded_components": rows.folded,
         "latent_norm_error": linearization_error(calibration.sample[:, : down.shape[1]] @ (down * alpha).T, output.latent_eps),

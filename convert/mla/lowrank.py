@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.mla.complex_heads import moment_factor
 
 FACTORIZATIONS = ("weight", "activation", "balanced", "output")
 
@@ -30,11 +29,12 @@ def joint_latent(
     targets: torch.Tensor,
     rank: int,
     factorization: str,
-    moment: torch.Tensor,
+    factor: torch.Tensor,
     output_metric: torch.Tensor | None = None,
     key_rows: torch.Tensor | None = None,
 ) -> JointLatent:
-    """Best rank-`rank` factorization of `targets` [rows, n] under `factorization`.
+    """Best rank-`rank` factorization of `targets` [rows, n] under `factorization`; `factor` is F with F Fᵀ the
+    calibration second moment (complex_heads.moment_factor, computed once per layer by the caller).
 
     'output' also weighs each output row by how much the model reads it (`output_metric` [rows, rows], positive
     definite): for keys the queries' second moment, for values o_proj's Gram matrix, so the latent spends its
@@ -42,7 +42,7 @@ def joint_latent(
     'balanced' needs `key_rows` (a boolean mask of the rows that are keys).
     """
     if factorization == "balanced":
-        weighted = targets @ moment_factor(moment)  # row r: r·F, with ‖r·F‖² = E|r·x̃|², its energy
+        weighted = targets @ factor  # row r: r·F, with ‖r·F‖² = E|r·x̃|², its energy
         energy = weighted.pow(2).sum(dim=1)
         key_energy, value_energy = energy[key_rows].sum(), energy[~key_rows].sum()
         if key_energy <= 0 or value_energy <= 0:  # nothing to balance (no keys in the latent, or silent ones)
@@ -55,10 +55,10 @@ def joint_latent(
         values, vectors = torch.linalg.eigh(output_metric)
         values = values.clamp_min(values.max() * 1e-8)
         root, inverse_root = (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
-        whitened = joint_latent(root @ targets, rank, "activation", moment)
+        whitened = joint_latent(root @ targets, rank, "activation", factor)
         return JointLatent(down=whitened.down, up=inverse_root @ whitened.up)
     if factorization == "activation":
-        weighted = targets @ moment_factor(moment)  # (T F)(T F)ᵀ = T·moment·Tᵀ, the output covariance
+        weighted = targets @ factor  # (T F)(T F)ᵀ = T·moment·Tᵀ, the output covariance
     elif factorization == "weight":
         weighted = targets
     else:

@@ -455,11 +455,11 @@ def test_balanced_factorization_keeps_values_that_loud_keys_would_crowd_out():
     generator = torch.Generator().manual_seed(0)
     keys = 30 * torch.randn(8, 32, generator=generator, dtype=torch.float64)
     values = torch.randn(8, 32, generator=generator, dtype=torch.float64)
-    targets, moment = torch.cat([keys, values]), torch.eye(32, dtype=torch.float64)
+    targets, factor = torch.cat([keys, values]), torch.eye(32, dtype=torch.float64)  # the identity moment's factor
     key_rows = torch.arange(16) < 8
 
     def value_error(factorization):
-        latent = joint_latent(targets, 8, factorization, moment, key_rows=key_rows)
+        latent = joint_latent(targets, 8, factorization, factor, key_rows=key_rows)
         return float(((latent.up @ latent.down)[~key_rows] - values).norm() / values.norm())
 
     assert value_error("activation") > 0.85  # the rank all goes to the keys, 900 times louder

@@ -231,14 +231,15 @@ def test_bias_refit_is_the_least_squares_fit_and_exact_when_a_constant_input_exi
     rows = torch.randn(3, 7, generator=generator, dtype=torch.float64)  # [w | b]
     augmented = torch.cat([inputs, torch.ones(4000, 1, dtype=torch.float64)], dim=1)
     moment = augmented.T @ augmented / 4000
-    refit, error = refit_without_bias(rows, moment)
+    refit, error = refit_without_bias(rows, moment, moment_factor(moment))
     wanted = augmented @ rows.T
     best = torch.linalg.lstsq(inputs, wanted).solution.T  # min over w' of Σ|w'·x - (w·x + b)|²
     torch.testing.assert_close(refit, best, rtol=1e-6, atol=1e-8)
     assert error == pytest.approx(float((inputs @ refit.T - wanted).norm() / wanted.norm()), rel=1e-6) and 0 < error < 1
     inputs[:, 0] = 0.5  # a constant channel: the bias is a multiple of it, so the refit is exact
     augmented = torch.cat([inputs, torch.ones(4000, 1, dtype=torch.float64)], dim=1)
-    refit, error = refit_without_bias(rows, augmented.T @ augmented / 4000)
+    moment = augmented.T @ augmented / 4000
+    refit, error = refit_without_bias(rows, moment, moment_factor(moment))
     assert error < 1e-4
     torch.testing.assert_close(inputs @ refit.T, augmented @ rows.T, rtol=0, atol=1e-3)
 
