@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.uptrain import load_recipe, uptrain
-from kvshrink.uptrain.attention_transfer import TRANSFER_DIR
+from kvshrink.uptrain.attention_transfer import TRANSFER_DIR, _epochs
 from kvshrink.uptrain.optimizer import SizeScaledRows
 
 STAGES = ["attention_transfer", "end_to_end"]
@@ -136,6 +136,16 @@ def test_bad_stage_recipes_are_refused_before_any_model_loads(tmp_path, mla_sour
     raw = {"model": str(mla_converted_dir), "teacher": str(mla_source_dir), "stages": STAGES, "loss": {"kind": "distill"}}
     with pytest.raises(KvshrinkError, match=message):
         load_recipe(write_recipe(**{**raw, **keys}))
+
+
+def test_attention_transfer_fits_every_window_once_before_repeating_any():
+    batches = _epochs(128, 2, torch.Generator().manual_seed(0))
+    first_pass = [index for _ in range(64) for index in next(batches)]
+    assert sorted(first_pass) == list(range(128)) and first_pass != list(range(128))
+    assert sorted(index for _ in range(64) for index in next(batches)) == list(range(128))
+    odd = _epochs(5, 2, torch.Generator().manual_seed(0))
+    assert all(len(set(next(odd) + next(odd))) == 4 for _ in range(10))  # a pass never repeats a window
+    assert sorted(next(_epochs(3, 4, torch.Generator()))) == [0, 1, 2]  # fewer windows than a batch: all of them
 
 
 def test_size_scaled_rows_move_by_their_size_and_the_rest_by_plain_adam():
