@@ -11,10 +11,10 @@ Heads are first regrouped by similarity (exact permutation). Then, per group:
 - Values: the shared d-dimensional value map S minimizing Σ_i E‖O_i V_h z_i − O'_i S z_i‖² over the group's
   query heads — a rank-d reduced-rank regression, solved by an eigenproblem of size |group|·d — and the
   least-squares refit of every query head's o_proj columns (with 1% of the single-token error added, so value
-  directions the calibration's attention never averages keep a bounded output). z_i is what head i's attention averages (its
-  attention-weighted inputs, recomputed with the source's RoPE when the statistics carry it, see `attended`);
-  without RoPE information single tokens stand in for it. On SmolLM2 the attended form cuts MQA held-out
-  perplexity by about a quarter.
+  directions the calibration's attention never averages keep a bounded output). z_i is what head i's attention
+  averages (its attention-weighted inputs, recomputed with the source's RoPE when the statistics carry it, see
+  `attended`); without RoPE information single tokens stand in for it. On SmolLM2 the attended form cuts MQA
+  held-out perplexity by about a quarter.
 
 Σ is the second moment of the layer's calibration inputs (with a constant 1 for biases). Both solutions are linear
 in the group's source rows, so every moment is read through those rows (`_GroupMoments`): a group's memory is its
