@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -136,31 +136,81 @@ def collect_blocks(pairs: Iterable[tuple[list[int], int]], seq_len: int) -> Bloc
     return Blocks(tokens, lengths)
 
 
-class TrainingStream:
-    """Global sequence of training blocks. Local text is shuffled once per epoch with a generator seeded by
-    (seed, epoch); a streamed HF dataset is read in its own order and re-opened at its end."""
+@dataclass(frozen=True)
+class SourceShare:
+    """Where one local source's blocks sit in the training Blocks, and how many draws a pass gives them."""
 
-    def __init__(self, recipe: Recipe, tokenizer, blocks: Blocks | None):
+    source: str
+    start: int
+    count: int
+    draws: int
+
+
+def source_shares(sources: list[DataSource], sizes: list[int]) -> list[SourceShare]:
+    """How many draws each source gets in a pass, which is as long as all the blocks together. Without weights
+    every block is drawn once, so sources count in proportion to their size; with weights source i gets
+    weight_i / sum(weights) of the pass, repeating a small source's blocks and leaving out part of a large one's."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    if all(source.weight is None for source in sources):
+        draws = sizes
+    else:
+        weight_sum = sum(source.weight for source in sources)
+        draws = [max(1, round(sum(sizes) * source.weight / weight_sum)) for source in sources]
+    return [
+        SourceShare(source.describe(), start, size, count)
+        for source, start, size, count in zip(sources, starts, sizes, draws)
+        if size
+    ]
+
+
+class TrainingStream:
+    """Global sequence of training blocks. Local text is read in passes, each shuffled with a generator seeded by
+    (seed, pass); a streamed HF dataset is read in its own order and re-opened at its end."""
+
+    def __init__(self, recipe: Recipe, tokenizer, blocks: Blocks | None, shares: list[SourceShare]):
         self.recipe = recipe
         self.tokenizer = tokenizer
         self.blocks = blocks
+        self.shares = shares
 
     def blocks_from(self, position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(input_ids [seq_len], attention_mask [seq_len]) for global positions position, position + 1, ..."""
         if self.blocks is not None:
-            count = len(self.blocks)
+            length = sum(share.draws for share in self.shares)
             epoch, order = -1, None
             for index in itertools.count(position):
-                if index // count != epoch:
-                    epoch = index // count
-                    generator = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + epoch)
-                    order = torch.randperm(count, generator=generator)
-                ids, mask = self.blocks.batch([int(order[index % count])])
+                if index // length != epoch:
+                    epoch = index // length
+                    order = self._pass_order(epoch)
+                ids, mask = self.blocks.batch([int(order[index % length])])
                 yield ids[0], mask[0]
         else:
             for block, length in itertools.islice(self._streamed_epochs(), position, None):
                 ids = torch.tensor(block, dtype=torch.long)
                 yield ids, (torch.arange(len(block)) < length).long()
+
+    def mix(self) -> list[dict[str, Any]] | None:
+        """Each local source's block count and share of the blocks drawn (None for a streamed dataset)."""
+        if self.blocks is None:
+            return None
+        length = sum(share.draws for share in self.shares)
+        return [{"source": s.source, "blocks": s.count, "share": round(s.draws / length, 4)} for s in self.shares]
+
+    def _pass_order(self, epoch: int) -> torch.Tensor:
+        """The block indices of one pass: every source's draws, shuffled together."""
+        seed = self.recipe.seed * 1_000_003 + epoch
+        draws = torch.cat([self._source_draws(share, seed * 1_009 + i) for i, share in enumerate(self.shares)])
+        return draws[torch.randperm(len(draws), generator=torch.Generator().manual_seed(seed))]
+
+    @staticmethod
+    def _source_draws(share: SourceShare, seed: int) -> torch.Tensor:
+        """Each of the source's blocks draws // count times, plus draws % count of them picked afresh each pass."""
+        whole, rest = divmod(share.draws, share.count)
+        picked = torch.arange(share.count).repeat(whole)
+        if rest:
+            subset = torch.randperm(share.count, generator=torch.Generator().manual_seed(seed))[:rest]
+            picked = torch.cat([picked, subset])
+        return share.start + picked
 
     def _streamed_epochs(self) -> Iterator[tuple[list[int], int]]:
         while True:
@@ -179,10 +229,7 @@ class TrainingStream:
 def build_data(recipe: Recipe, tokenizer) -> tuple[TrainingStream, Blocks]:
     """The training stream and the validation blocks a recipe describes."""
     streamed = any(source.hf for source in recipe.data)
-    training: Blocks | None = None
-    if not streamed:
-        texts = itertools.chain.from_iterable(documents(s, "train") for s in recipe.data)
-        training = collect_blocks(token_blocks(texts, tokenizer, recipe.seq_len, recipe.packing), recipe.seq_len)
+    training, sizes = (None, []) if streamed else _local_training_blocks(recipe, tokenizer)
     validation_sources = recipe.validation.sources
     if not validation_sources and recipe.validation.fraction == 0:
         validation_sources = [s for s in recipe.data if s.corpus]
@@ -195,6 +242,7 @@ def build_data(recipe: Recipe, tokenizer) -> tuple[TrainingStream, Blocks]:
         held = min(max_blocks, max(1, round(len(training) * recipe.validation.fraction)))
         validation = Blocks(training.tokens[-held:], training.lengths[-held:])
         training = Blocks(training.tokens[:-held], training.lengths[:-held])
+        sizes = _without_last(sizes, held)
     if training is not None and len(training) == 0:
         raise KvshrinkError(
             f"the training data holds less than one {recipe.seq_len}-token block: add text or lower seq_len"
@@ -203,4 +251,27 @@ def build_data(recipe: Recipe, tokenizer) -> tuple[TrainingStream, Blocks]:
         raise KvshrinkError(
             f"the validation text holds less than one {recipe.seq_len}-token block: add text or lower seq_len"
         )
-    return TrainingStream(recipe, tokenizer, training), validation
+    return TrainingStream(recipe, tokenizer, training, source_shares(recipe.data, sizes)), validation
+
+
+def _local_training_blocks(recipe: Recipe, tokenizer) -> tuple[Blocks, list[int]]:
+    """Every local source's training blocks, one source after another (each packs its own text), and their counts."""
+    per_source = [
+        collect_blocks(token_blocks(documents(s, "train"), tokenizer, recipe.seq_len, recipe.packing), recipe.seq_len)
+        for s in recipe.data
+    ]
+    for source, blocks in zip(recipe.data, per_source):
+        if source.weight is not None and len(blocks) == 0:
+            raise KvshrinkError(
+                f"data source {source.describe()} has a weight but holds less than one {recipe.seq_len}-token block: "
+                "add text, lower seq_len, or remove the source"
+            )
+    tokens = torch.cat([blocks.tokens for blocks in per_source])
+    lengths = torch.cat([blocks.lengths for blocks in per_source])
+    return Blocks(tokens, lengths), [len(blocks) for blocks in per_source]
+
+
+def _without_last(sizes: list[int], removed: int) -> list[int]:
+    """Source block counts after `removed` blocks are taken off the end of their concatenation."""
+    kept = sum(sizes) - removed
+    return [max(0, min(size, kept - sum(sizes[:i]))) for i, size in enumerate(sizes)]

@@ -36,6 +36,8 @@ class DataSource:
     split: str = "train"  # the HF dataset's split
     data_files: str | None = None  # passed to `datasets.load_dataset` (e.g. with hf: json)
     text_field: str = "text"  # the column holding the text (.jsonl, .parquet, HF datasets)
+    weight: float | None = None  # share of the training blocks drawn from this source, relative to the other
+    # sources' weights (set on every source or none; local sources only); unset: every block once per pass
 
     def describe(self) -> str:
         if self.corpus:
@@ -295,6 +297,12 @@ def _check_data(recipe: Recipe) -> None:
             raise KvshrinkError(f"{key} must set exactly one of corpus, path, hf (it sets {kinds or 'none'})")
         if source.corpus is not None and source.corpus not in CORPORA:
             raise KvshrinkError(f"{key}.corpus is {source.corpus!r}: choose one of {', '.join(CORPORA)}")
+    _check_weights(recipe.data)
+    for i, source in enumerate(recipe.validation.sources):
+        if source.weight is not None:
+            raise KvshrinkError(
+                f"validation.sources.{i} has a weight, which only sets the training mix: remove it"
+            )
     if not recipe.validation.sources and recipe.validation.fraction == 0 and not any(s.corpus for s in recipe.data):
         raise KvshrinkError(
             "no validation text: set validation.sources (e.g. `- corpus: pydoc`) or validation.fraction (e.g. 0.02)"
@@ -303,6 +311,20 @@ def _check_data(recipe: Recipe) -> None:
         raise KvshrinkError(
             "validation.fraction cannot split a streamed HF dataset: set validation.sources to its validation split"
         )
+
+
+def _check_weights(sources: list[DataSource]) -> None:
+    weighted = [source.weight is not None for source in sources]
+    if any(weighted) and not all(weighted):
+        raise KvshrinkError("some data sources have a weight and some do not: give every source a weight, or none")
+    for i, source in enumerate(sources):
+        if source.weight is not None and not source.weight > 0:
+            raise KvshrinkError(f"data.{i}.weight is {source.weight}: it must be greater than 0")
+        if source.weight is not None and source.hf is not None:
+            raise KvshrinkError(
+                f"data.{i} is a streamed HF dataset, which is read in its own order and cannot be weighted: "
+                "remove the weights, or download the data and use path"
+            )
 
 
 def check_recipe_inputs(recipe: Recipe) -> None:

@@ -333,6 +333,7 @@ def final_report(run: Run, session: Session, transfer: dict[str, Any] | None) ->
         "attention_transfer": transfer,
         "steps": state["step"],
         "tokens_seen": state["tokens_seen"],
+        "training_data": run.stream.mix(),
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type.value) + ("2" if accelerator.is_fsdp2 else ""),
         "trained_parameters": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),

@@ -72,6 +72,30 @@ def test_data_order_is_a_pure_function_of_position(tiny_llama_dir, write_recipe)
     assert not torch.equal(first_epoch, stream.blocks.tokens.long())  # shuffled
 
 
+def test_weights_set_each_sources_share_of_every_pass(tiny_llama_dir, write_recipe):
+    """pydoc's train split holds about a tenth of kjv's blocks; weights 1 and 1 draw them half and half, each pydoc
+    block about five times a pass, and reading from a later position still gives what an uninterrupted read had."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    by_size = load_recipe(write_recipe(model=str(tiny_llama_dir), seq_len=256, data=[{"corpus": "pydoc"}, {"corpus": "kjv"}]))
+    weighted = load_recipe(write_recipe(
+        model=str(tiny_llama_dir), seq_len=256, data=[{"corpus": "pydoc", "weight": 1}, {"corpus": "kjv", "weight": 1}]
+    ))
+    pydoc, kjv = build_data(by_size, tokenizer)[0].shares
+    assert (pydoc.draws, kjv.draws) == (pydoc.count, kjv.count) and kjv.count > 5 * pydoc.count
+    stream, _ = build_data(weighted, tokenizer)
+    length = sum(share.draws for share in stream.shares)
+    assert stream.shares[0].draws == stream.shares[1].draws and abs(length - pydoc.count - kjv.count) <= 1
+    assert [(row["source"], row["share"]) for row in stream.mix()] == [("corpus pydoc", 0.5), ("corpus kjv", 0.5)]
+    first_pass = [tuple(ids.tolist()) for (ids, _), _ in zip(stream.blocks_from(0), range(length))]
+    pydoc_blocks = {tuple(row) for row in stream.blocks.tokens[: pydoc.count].tolist()}
+    assert sum(block in pydoc_blocks for block in first_pass) == length // 2
+    assert len({block for block in first_pass if block in pydoc_blocks}) == pydoc.count  # every pydoc block drawn
+    later = [tuple(ids.tolist()) for (ids, _), _ in zip(stream.blocks_from(length - 3), range(6))]
+    assert later[:3] == first_pass[-3:]
+
+
 def test_streamed_datasets_resume_at_the_same_block(tmp_path, tiny_llama_dir, write_recipe):
     """An `hf:` source (here the packaged json builder on a local file, offline) is read in stream order, and
     reading from position p gives the blocks an uninterrupted read had at p."""

@@ -163,6 +163,7 @@ def test_output_loads_in_the_stock_class(request, fixture, write_recipe, tiny_ll
     assert (output / "tokenizer.json").is_file()
     saved = json.loads((output / "uptrain_report.json").read_text())
     assert saved["steps"] == 4 and saved["tokens_seen"] == 4 * 2 * 32
+    assert [(row["source"], row["share"]) for row in saved["training_data"]] == [("corpus pydoc", 1.0)]
     assert saved["recipe"]["model"] == str(source) and saved == json.loads(json.dumps(report))
     assert "train/loss" in (output / "metrics.csv").read_text()
     ids = torch.arange(20)[None] % trained.config.vocab_size
