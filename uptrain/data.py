@@ -173,10 +173,15 @@ class TrainingStream:
         self.blocks = blocks
         self.shares = shares
 
+    @property
+    def pass_length(self) -> int:
+        """Blocks drawn in one pass over local data: every source's draws."""
+        return sum(share.draws for share in self.shares)
+
     def blocks_from(self, position: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(input_ids [seq_len], attention_mask [seq_len]) for global positions position, position + 1, ..."""
         if self.blocks is not None:
-            length = sum(share.draws for share in self.shares)
+            length = self.pass_length
             epoch, order = -1, None
             for index in itertools.count(position):
                 if index // length != epoch:
@@ -193,8 +198,9 @@ class TrainingStream:
         """Each local source's block count and share of the blocks drawn (None for a streamed dataset)."""
         if self.blocks is None:
             return None
-        length = sum(share.draws for share in self.shares)
-        return [{"source": s.source, "blocks": s.count, "share": round(s.draws / length, 4)} for s in self.shares]
+        return [
+            {"source": s.source, "blocks": s.count, "share": round(s.draws / self.pass_length, 4)} for s in self.shares
+        ]
 
     def _pass_order(self, epoch: int) -> torch.Tensor:
         """The block indices of one pass: every source's draws, shuffled together."""

@@ -297,12 +297,9 @@ def _check_data(recipe: Recipe) -> None:
             raise KvshrinkError(f"{key} must set exactly one of corpus, path, hf (it sets {kinds or 'none'})")
         if source.corpus is not None and source.corpus not in CORPORA:
             raise KvshrinkError(f"{key}.corpus is {source.corpus!r}: choose one of {', '.join(CORPORA)}")
+        if key.startswith("validation") and source.weight is not None:
+            raise KvshrinkError(f"{key} has a weight, which only sets the training mix: remove it")
     _check_weights(recipe.data)
-    for i, source in enumerate(recipe.validation.sources):
-        if source.weight is not None:
-            raise KvshrinkError(
-                f"validation.sources.{i} has a weight, which only sets the training mix: remove it"
-            )
     if not recipe.validation.sources and recipe.validation.fraction == 0 and not any(s.corpus for s in recipe.data):
         raise KvshrinkError(
             "no validation text: set validation.sources (e.g. `- corpus: pydoc`) or validation.fraction (e.g. 0.02)"

@@ -85,7 +85,7 @@ def test_weights_set_each_sources_share_of_every_pass(tiny_llama_dir, write_reci
     pydoc, kjv = build_data(by_size, tokenizer)[0].shares
     assert (pydoc.draws, kjv.draws) == (pydoc.count, kjv.count) and kjv.count > 5 * pydoc.count
     stream, _ = build_data(weighted, tokenizer)
-    length = sum(share.draws for share in stream.shares)
+    length = stream.pass_length
     assert stream.shares[0].draws == stream.shares[1].draws and abs(length - pydoc.count - kjv.count) <= 1
     assert [(row["source"], row["share"]) for row in stream.mix()] == [("corpus pydoc", 0.5), ("corpus kjv", 0.5)]
     first_pass = [tuple(ids.tolist()) for (ids, _), _ in zip(stream.blocks_from(0), range(length))]
@@ -94,6 +94,19 @@ def test_weights_set_each_sources_share_of_every_pass(tiny_llama_dir, write_reci
     assert len({block for block in first_pass if block in pydoc_blocks}) == pydoc.count  # every pydoc block drawn
     later = [tuple(ids.tolist()) for (ids, _), _ in zip(stream.blocks_from(length - 3), range(6))]
     assert later[:3] == first_pass[-3:]
+
+
+def test_a_weighted_source_without_a_whole_block_is_named(tmp_path, tiny_llama_dir, write_recipe):
+    from transformers import AutoTokenizer
+
+    short = tmp_path / "short.txt"
+    short.write_text("Too short for one block.")
+    recipe = load_recipe(write_recipe(
+        model=str(tiny_llama_dir), seq_len=256,
+        data=[{"path": str(short), "weight": 1}, {"corpus": "pydoc", "weight": 1}],
+    ))
+    with pytest.raises(KvshrinkError, match=f"data source path {short} has a weight but holds less than one 256-token block"):
+        build_data(recipe, AutoTokenizer.from_pretrained(tiny_llama_dir))
 
 
 def test_streamed_datasets_resume_at_the_same_block(tmp_path, tiny_llama_dir, write_recipe):
