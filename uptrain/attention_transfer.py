@@ -146,7 +146,7 @@ def fit_attention(attention: torch.nn.Module, rotary: torch.nn.Module, inputs: l
     attention.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(attention.parameters(), lr=spec.lr, weight_decay=0.0)
     watched = dict(attention.named_parameters())
-    off_scale = off_scale_parameters(attention, reference)
+    off_scale = off_scale_parameters(attention.named_parameters(), reference)
     if off_scale:
         SizeScaledRows([watched[name] for name in off_scale], reference).attach(optimizer)
     warmup = max(1, spec.steps // 10)

@@ -14,7 +14,7 @@ HELP = """Uptrain a converted checkpoint as RECIPE.yaml says; key=value pairs ov
 Dotted keys reach nested ones and values are read as YAML:
   uptrain recipes/smollm2-mqa-cpu.yaml max_steps=20 optimizer.lr=3e-4 teacher=null loss.kind=lm
 \b
-On GPUs, launch the same command through accelerate (one GPU, DDP, FSDP2, several nodes; not DeepSpeed):
+On GPUs, launch the same command through accelerate (one GPU, DDP, FSDP2, DeepSpeed ZeRO-3, several nodes):
   accelerate launch --config_file recipes/accelerate/fsdp.yaml -m kvshrink.uptrain RECIPE.yaml
 \b
 The trained model, in the input's stock transformers format, and uptrain_report.json are written to the

@@ -10,6 +10,7 @@ the same relative change an ordinary weight gets. Every other row takes plain Ad
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -18,11 +19,13 @@ OFF_SCALE = 100.0  # rows this many times smaller or larger than the reference g
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters, with weight decay on matrices only (norm gains and biases are 1-d)."""
+    """Trainable parameters, with weight decay on matrices only (norm gains and biases are 1-d); the matrices
+    first. A ZeRO-3 partitioned parameter is judged by its whole shape (ds_shape): its own is flat and empty."""
     trainable = [p for p in model.parameters() if p.requires_grad]
+    matrices = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2]
     return [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        {"params": matrices, "weight_decay": weight_decay},
+        {"params": [p for p in trainable if all(p is not m for m in matrices)], "weight_decay": 0.0},
     ]
 
 
@@ -33,11 +36,11 @@ def reference_rms(parameters) -> float:
     return sizes[len(sizes) // 2]
 
 
-def off_scale_parameters(model: torch.nn.Module, reference: float) -> list[str]:
+def off_scale_parameters(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], reference: float) -> list[str]:
     """Names of the trainable matrices holding at least one nonzero row more than OFF_SCALE times off `reference`."""
     return [
-        name for name, parameter in model.named_parameters()
-        if parameter.requires_grad and parameter.ndim >= 2 and bool(_off_scale(_row_rms(parameter.detach()), reference).any())
+        name for name, parameter in named_parameters
+        if parameter.requires_grad and parameter.ndim >= 2 and bool(off_scale_rows(_row_rms(parameter.detach()), reference).any())
     ]  # fmt: skip
 
 
@@ -68,20 +71,27 @@ class SizeScaledRows:
         groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         for parameter, old in zip(self.parameters, self.before):
             rms = _row_rms(old)
-            rows = _off_scale(rms, self.reference)
+            rows = off_scale_rows(rms, self.reference)
             if parameter not in optimizer.state or not bool(rows.any()):
                 continue
             group, state = groups[id(parameter)], optimizer.state[parameter]
-            (beta1, beta2), step = group["betas"], float(state["step"])
-            first = _local(state["exp_avg"])[rows] / (1 - beta1**step)
-            second = _local(state["exp_avg_sq"])[rows] / (1 - beta2**step)
-            factor = (rms[rows] / self.reference).to(old.dtype).view(-1, *[1] * (old.ndim - 1))
-            decayed = old[rows] * (1 - group["lr"] * group["weight_decay"])
-            _local(parameter)[rows] = decayed - group["lr"] * factor * first / (second.sqrt() + group["eps"])
+            first, second = _local(state["exp_avg"])[rows], _local(state["exp_avg_sq"])[rows]
+            factor = (rms[rows] / self.reference).view(-1, *[1] * (old.ndim - 1))
+            _local(parameter)[rows] = adam_update(old[rows], first, second, factor, group, int(state["step"]))
         self.before = []
 
 
-def _off_scale(rms: torch.Tensor, reference: float) -> torch.Tensor:
+def adam_update(old: torch.Tensor, first: torch.Tensor, second: torch.Tensor, factor: torch.Tensor,
+                group: dict[str, Any], step: int) -> torch.Tensor:
+    """`old` after AdamW step number `step` of `group` (lr, betas, eps, weight_decay), with Adam's normalized
+    update (from the moments `first` and `second`) times `factor`."""
+    (beta1, beta2), lr = group["betas"], group["lr"]
+    normalized = (first / (1 - beta1**step)) / ((second / (1 - beta2**step)).sqrt() + group["eps"])
+    return old * (1 - lr * group["weight_decay"]) - lr * factor.to(old.dtype) * normalized
+
+
+def off_scale_rows(rms: torch.Tensor, reference: float) -> torch.Tensor:
+    """Which rows (by their RMS) are more than OFF_SCALE times off `reference`; all-zero rows are not."""
     return (rms > 0) & ((rms < reference / OFF_SCALE) | (rms > reference * OFF_SCALE))
 
 

@@ -31,6 +31,18 @@ from kvshrink.uptrain.precision import resolved_precision, running_precision
 from kvshrink.uptrain.recipe import CONVERSION_REPORT, Recipe, Schedule
 from kvshrink.uptrain.trackers import tracker_for
 from kvshrink.uptrain.trainable import select_trainable
+from kvshrink.uptrain.zero3 import (
+    Zero3SizeScaledRows,
+    configure_zero3,
+    deepspeed_cpu_backend,
+    full_parameters,
+    full_state_dict,
+    load_tensors,
+    numel,
+    sharded_teacher,
+    uses_deepspeed,
+    whole_modules,
+)
 
 UPTRAIN_REPORT = "uptrain_report.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,14 +54,6 @@ def uptrain(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
     resume (default: recipe.resume) continues where the run in output_dir stopped: at the next layer of
     attention transfer, or at the newest end-to-end checkpoint.
     """
-    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        # accelerate 1.15 installs transformers' HfDeepSpeedConfig whatever zero3_init_flag says, so under ZeRO-3
-        # every model loaded here comes up partitioned (empty tensors); DeepSpeed's own optimizer step would
-        # also bypass the size-scaled rows that keep MLA latents in range
-        raise KvshrinkError(
-            "uptrain does not run under DeepSpeed: launch with recipes/accelerate/fsdp.yaml (FSDP2 shards the "
-            "student and the teacher) or recipes/accelerate/ddp.yaml"
-        )
     resume = recipe.resume if resume is None else resume
     checkpoint = _checkpoint_to_resume(Path(recipe.output_dir), resume)
     session = Session(start=time.perf_counter())
@@ -67,10 +71,15 @@ def uptrain(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
             f"but the recipe for {recipe.gradient_accumulation}: remove gradient_accumulation_steps from the "
             "accelerate config or command line (the recipe decides)"
         )
+    if uses_deepspeed(accelerator):
+        configure_zero3(accelerator, recipe)
     if accelerator.device.type == "cpu":  # each step's large tensors: reuse their memory, do not fault it in again
         keep_freed_memory()
     accelerator.init_trackers("kvshrink-uptrain", config=_flat(recipe.to_dict()))
-    transfer = transfer_attention(recipe, accelerator) if "attention_transfer" in recipe.stages else None
+    transfer = None
+    if "attention_transfer" in recipe.stages:
+        with whole_modules(accelerator):
+            transfer = transfer_attention(recipe, accelerator)
     run = setup(recipe, accelerator, checkpoint, resume)
     train(run, session)
     report = final_report(run, session, transfer)
@@ -86,8 +95,8 @@ def uptrain(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
 
 def _training_device() -> torch.device:
     """The device the Accelerator will train on, known before it exists (its precision is a constructor argument):
-    the process state it would start, with ACCELERATE_USE_CPU read as AcceleratorState reads it."""
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
+    the process state it would start (and will reuse), with ACCELERATE_USE_CPU read as AcceleratorState reads it."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), backend=deepspeed_cpu_backend()).device
 
 
 @dataclass
@@ -116,6 +125,7 @@ class Run:
     total_steps: int
     per_step: int
     checkpoint: Path | None
+    zero3_rows: Zero3SizeScaledRows | None = None  # size-scaled rows under DeepSpeed, redone after each step
     state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -147,15 +157,19 @@ def setup(recipe: Recipe, accelerator: Accelerator, checkpoint: Path | None, res
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_factor, recipe.schedule, total_steps=total_steps)
     )
-    reference = reference_rms(model.parameters())
-    off_scale = off_scale_parameters(model, reference) if recipe.optimizer.size_scaled_rows else []
+    reference = reference_rms(parameter for _, parameter in full_parameters(model))
+    off_scale = off_scale_parameters(full_parameters(model), reference) if recipe.optimizer.size_scaled_rows else []
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if off_scale:
-        by_name = dict(accelerator.unwrap_model(model).named_parameters())
+    teacher = _sharded_teacher(accelerator, teacher)
+    by_name = dict(accelerator.unwrap_model(model).named_parameters())
+    zero3_rows = None
+    if off_scale and uses_deepspeed(accelerator):  # DeepSpeed steps its own flat copies, not these parameters
+        zero3_rows = Zero3SizeScaledRows([by_name[name] for name in off_scale], reference)
+    elif off_scale:
         SizeScaledRows([by_name[name] for name in off_scale], reference).attach(optimizer.optimizer)
     per_step = recipe.micro_batch_size * recipe.gradient_accumulation * accelerator.num_processes
     run = Run(recipe, accelerator, tokenizer, model, teacher, optimizer, scheduler, stream, validation,
-              trained_names, total_steps, per_step, checkpoint)
+              trained_names, total_steps, per_step, checkpoint, zero3_rows)
     run.state = _restored_state(run) if checkpoint is not None else _fresh_state(run, resume)
     return run
 
@@ -173,31 +187,40 @@ def _load_student(recipe: Recipe) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=torch.float32)
     if "attention_transfer" in recipe.stages:
         transferred = transferred_weights(Path(recipe.output_dir))
-        missing, unexpected = model.load_state_dict(transferred, strict=False)
+        unexpected = sorted(set(transferred) - {name for name, _ in model.named_parameters()})
         if unexpected:
             raise KvshrinkError(
                 f"{Path(recipe.output_dir) / TRANSFER_DIR} holds {unexpected[0]!r}, which {type(model).__name__} "
                 "does not have: it was written for another model; use a fresh output_dir"
             )
+        load_tensors(model, transferred)  # one parameter at a time: under ZeRO-3 the model is partitioned
     if recipe.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
 def _load_teacher(recipe: Recipe, accelerator: Accelerator) -> torch.nn.Module | None:
-    """The teacher in eval mode without gradients; under FSDP2 sharded like the student (accelerate's own
-    fsdp2_prepare_model, not registered with the accelerator, so checkpoints hold the student only)."""
+    """The teacher in eval mode without gradients (under ZeRO-3 it loads partitioned, like the student)."""
     if recipe.loss.kind == "lm":
         return None
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if running_precision(accelerator.mixed_precision) == "bf16" else torch.float32
     teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher, dtype=dtype)
-    teacher.requires_grad_(False).eval()
+    return teacher.requires_grad_(False).eval()
+
+
+def _sharded_teacher(accelerator: Accelerator, teacher: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The teacher sharded like the student, not registered with the accelerator (checkpoints hold the student
+    only): under FSDP2 by accelerate's own fsdp2_prepare_model, under ZeRO-3 as its own engine; else moved whole."""
+    if teacher is None:
+        return None
     if accelerator.is_fsdp2:
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
         return fsdp2_prepare_model(accelerator, teacher).eval()
+    if uses_deepspeed(accelerator):
+        return sharded_teacher(accelerator, teacher)
     return teacher.to(accelerator.device)
 
 
@@ -255,7 +278,7 @@ def train_step(run: Run, step_blocks: list[tuple[torch.Tensor, torch.Tensor]]) -
         rows = slice(start, start + recipe.micro_batch_size)
         with accelerator.accumulate(run.model):
             loss, parts = _micro_step_loss(run, ids[rows].to(accelerator.device), masks[rows].to(accelerator.device))
-            accelerator.backward(loss)
+            _backward(run, loss)
             if accelerator.sync_gradients and recipe.optimizer.grad_clip is not None:
                 accelerator.clip_grad_norm_(run.model.parameters(), recipe.optimizer.grad_clip)
             run.optimizer.step()
@@ -273,6 +296,17 @@ def train_step(run: Run, step_blocks: list[tuple[torch.Tensor, torch.Tensor]]) -
             f"precision=fp32; the last good checkpoint is {last if last else 'none (nothing was saved)'}"
         )
     return losses
+
+
+def _backward(run: Run, loss: torch.Tensor) -> None:
+    """accelerator.backward; under DeepSpeed it also takes the optimizer step when accumulation ends, so the
+    ZeRO-3 size-scaled rows are remembered before and redone after it."""
+    stepping = run.zero3_rows is not None and run.accelerator.sync_gradients
+    if stepping:
+        run.zero3_rows.remember()
+    run.accelerator.backward(loss)
+    if stepping:
+        run.zero3_rows.rescale(run.optimizer.param_groups[0], step=run.state["step"] + 1)
 
 
 def _micro_step_loss(run: Run, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -336,7 +370,7 @@ def final_report(run: Run, session: Session, transfer: dict[str, Any] | None) ->
         "training_data": run.stream.mix(),
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type.value) + ("2" if accelerator.is_fsdp2 else ""),
-        "trained_parameters": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
+        "trained_parameters": sum(numel(p) for p in unwrapped.parameters() if p.requires_grad),
         "trained_tensors": len(run.trained_names),
         "wall_time_s": round(state["wall_seconds"], 3),
         "train_time_s": round(state["train_seconds"], 3),
@@ -401,7 +435,12 @@ def validation_perplexity(accelerator: Accelerator, model, blocks: Blocks, batch
 def save_final_model(accelerator: Accelerator, model, tokenizer, recipe: Recipe, report: dict[str, Any]) -> None:
     """Write the trained weights in the input's own stock format: the input's config.json and
     generation_config.json are copied, so only the weights change (cast back to the input's dtype)."""
-    state_dict = accelerator.get_state_dict(model)  # every process: FSDP/ZeRO-3 gather collectively
+    # every process: FSDP and ZeRO-3 gather collectively; ZeRO-3 one parameter at a time, whatever the DeepSpeed
+    # config's stage3_gather_16bit_weights_on_model_save (accelerate's get_state_dict needs it true)
+    if uses_deepspeed(accelerator):
+        state_dict = full_state_dict(accelerator.unwrap_model(model), keep=accelerator.is_main_process)
+    else:
+        state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         source = Path(recipe.model)
         output = Path(recipe.output_dir)
