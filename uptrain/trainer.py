@@ -35,6 +35,7 @@ from kvshrink.uptrain.zero3 import (
     Zero3SizeScaledRows,
     configure_zero3,
     deepspeed_cpu_backend,
+    elements_held,
     full_parameters,
     full_state_dict,
     load_tensors,
@@ -371,6 +372,7 @@ def final_report(run: Run, session: Session, transfer: dict[str, Any] | None) ->
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type.value) + ("2" if accelerator.is_fsdp2 else ""),
         "trained_parameters": sum(numel(p) for p in unwrapped.parameters() if p.requires_grad),
+        "parameters_held_by_main_process": _parameters_held(run),
         "trained_tensors": len(run.trained_names),
         "wall_time_s": round(state["wall_seconds"], 3),
         "train_time_s": round(state["train_seconds"], 3),
@@ -388,6 +390,17 @@ def final_report(run: Run, session: Session, transfer: dict[str, Any] | None) ->
         "val_tokens": int(run.validation.lengths.sum()),
         "recipe": recipe.to_dict(),
     }
+
+
+def _parameters_held(run: Run) -> dict[str, int | None]:
+    """How much of the student and the teacher the main process keeps between steps, against their sizes: a
+    sharded engine keeps about 1/processes of each."""
+    teacher = getattr(run.teacher, "module", run.teacher)  # a DeepSpeed engine wraps the model
+    counts: dict[str, int | None] = {}
+    for name, model in {"student": run.accelerator.unwrap_model(run.model), "teacher": teacher}.items():
+        counts[f"{name}_held"] = elements_held(model) if model is not None else None
+        counts[f"{name}_total"] = sum(numel(p) for p in model.parameters()) if model is not None else None
+    return counts
 
 
 def lr_factor(schedule: Schedule, step: int, total_steps: int) -> float:

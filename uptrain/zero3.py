@@ -131,6 +131,20 @@ def numel(parameter: torch.nn.Parameter) -> int:
     return getattr(parameter, "ds_numel", parameter.numel())
 
 
+def elements_held(model: torch.nn.Module) -> int:
+    """Parameter elements this process owns: its ZeRO-3 slices plus the small parameters DeepSpeed keeps whole
+    (not the whole copies forward gathers, which DeepSpeed caches up to stage3_max_live_parameters), its FSDP2
+    shards, or the whole model."""
+    held = 0
+    for parameter in model.parameters():
+        if hasattr(parameter, "ds_tensor"):
+            held += parameter.ds_tensor.numel() + (parameter.ds_numel if parameter.ds_persist else 0)
+        else:
+            to_local = getattr(parameter, "to_local", None)
+            held += to_local().numel() if to_local is not None else parameter.numel()
+    return held
+
+
 def sharded_teacher(accelerator: Accelerator, teacher: torch.nn.Module) -> torch.nn.Module:
     """The (partitioned) teacher as a DeepSpeed ZeRO-3 engine without optimizer, in eval mode: its forward gathers
     one module's weights at a time, like the student's. Call after the student is prepared (its config is then

@@ -102,6 +102,8 @@ def test_deepspeed_zero3_runs_the_mla_stages_like_one_process(tmp_path, mla_sour
     recipe = _mla_stages_one_process(tmp_path, mla_source_dir, mla_converted_dir, write_recipe, "zero3")
     _launch_zero3(recipe)
     _assert_like_one_process(tmp_path / "zero3", tmp_path / "single", "DEEPSPEED")
+    single = json.loads((tmp_path / "single" / "uptrain_report.json").read_text())["parameters_held_by_main_process"]
+    assert single["student_held"] == single["student_total"] and single["teacher_held"] == single["teacher_total"]
 
 
 def test_deepspeed_zero3_with_every_parameter_sliced_resumes_exactly(tmp_path, mla_source_dir, mla_converted_dir,
@@ -119,6 +121,7 @@ def test_deepspeed_zero3_with_every_parameter_sliced_resumes_exactly(tmp_path, m
     launched = _launch(recipe, *launcher)
     assert launched.returncode == 0, launched.stdout + launched.stderr
     _assert_like_one_process(output, tmp_path / "single", "DEEPSPEED")
+    _assert_each_process_holds_half(output)
     uninterrupted = load_file(output / "model.safetensors")
 
     shutil.rmtree(output / "checkpoints" / "step-00000003")
@@ -128,6 +131,13 @@ def test_deepspeed_zero3_with_every_parameter_sliced_resumes_exactly(tmp_path, m
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout + resumed.stderr, resumed.stdout + resumed.stderr
     final = load_file(output / "model.safetensors")
     assert all(torch.equal(final[name], uninterrupted[name]) for name in uninterrupted)
+    _assert_each_process_holds_half(output)
+
+
+def _assert_each_process_holds_half(output: Path) -> None:
+    held = json.loads((output / "uptrain_report.json").read_text())["parameters_held_by_main_process"]
+    for model in ("student", "teacher"):  # half of each, give or take DeepSpeed's padding of each slice
+        assert 0.45 < held[f"{model}_held"] / held[f"{model}_total"] < 0.55
 
 
 @pytest.mark.parametrize(
