@@ -219,7 +219,7 @@ class Zero3SizeScaledRows:
         start = torch.distributed.get_rank() * count
         row_length = parameter.ds_shape[1:].numel()
         elements = torch.arange(start, start + count, device=parameter.ds_tensor.device)
-        return torch.minimum(elements // row_length, torch.tensor(parameter.ds_shape[0]))
+        return (elements // row_length).clamp(max=parameter.ds_shape[0])
 
     @staticmethod
     def _row_rms(parameter: torch.nn.Parameter, local: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
