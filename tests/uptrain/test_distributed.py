@@ -36,10 +36,11 @@ def _launch(recipe, *launcher_arguments: str, environment: dict[str, str] | None
     )  # fmt: skip
 
 
-def _launch_zero3(recipe) -> None:
+def _launch_zero3(recipe, mixed_precision: str = "no") -> None:
     """`uptrain recipe` under the shipped DeepSpeed ZeRO-3 config on 2 CPU processes (DeepSpeed's CPU accelerator,
-    gloo), in fp32."""
-    launched = _launch(recipe, "--config_file", str(ZERO3_CONFIG), "--num_processes", "2", "--mixed_precision", "no")
+    gloo), in fp32 unless asked."""
+    launched = _launch(recipe, "--config_file", str(ZERO3_CONFIG), "--num_processes", "2", "--mixed_precision",
+                       mixed_precision)  # fmt: skip
     assert launched.returncode == 0, launched.stdout + launched.stderr
 
 
@@ -104,6 +105,26 @@ def test_deepspeed_zero3_runs_the_mla_stages_like_one_process(tmp_path, mla_sour
     _assert_like_one_process(tmp_path / "zero3", tmp_path / "single", "DEEPSPEED")
     single = json.loads((tmp_path / "single" / "uptrain_report.json").read_text())["parameters_held_by_main_process"]
     assert single["student_held"] == single["student_total"] and single["teacher_held"] == single["teacher_total"]
+
+
+def test_deepspeed_zero3_in_bf16_keeps_the_latent_rows_in_range(tmp_path, mla_source_dir, mla_converted_dir,
+                                                                 write_recipe):  # fmt: skip
+    """The shipped config's precision: DeepSpeed holds bf16 weights with fp32 master copies, where one process runs
+    bf16 autocast on fp32 weights, so the two agree to bf16's precision only; the ~1e-8 latent rows of
+    kv_a_proj_with_mqa keep their size (a plain Adam step at lr 1e-3 would make them ~1e-3)."""
+    recipe = _mla_stages_one_process(tmp_path, mla_source_dir, mla_converted_dir, write_recipe, "zero3", precision="bf16")
+    _launch_zero3(recipe, mixed_precision="bf16")
+    report = json.loads((tmp_path / "zero3" / "uptrain_report.json").read_text())
+    expected = json.loads((tmp_path / "single" / "uptrain_report.json").read_text())
+    assert report["distributed_type"] == "DEEPSPEED" and report["precision"] == "bf16"
+    assert report["loss_end"] == pytest.approx(expected["loss_end"], rel=2e-2)
+    assert report["val_perplexity_end"] == pytest.approx(expected["val_perplexity_end"], rel=1e-2)
+    latent = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    source_rows = load_file(mla_converted_dir / "model.safetensors")[latent].float().pow(2).mean(1).sqrt()
+    trained_rows = load_file(tmp_path / "zero3" / "model.safetensors")[latent].float().pow(2).mean(1).sqrt()
+    shrunk = source_rows < 1e-6
+    assert shrunk.any()
+    torch.testing.assert_close(trained_rows[shrunk], source_rows[shrunk], rtol=0.05, atol=0.0)
 
 
 def test_deepspeed_zero3_with_every_parameter_sliced_resumes_exactly(tmp_path, mla_source_dir, mla_converted_dir,
