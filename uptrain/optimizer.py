@@ -22,10 +22,10 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     """Trainable parameters, with weight decay on matrices only (norm gains and biases are 1-d); the matrices
     first. A ZeRO-3 partitioned parameter is judged by its whole shape (ds_shape): its own is flat and empty."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    matrices = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    is_matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in trainable]
     return [
-        {"params": matrices, "weight_decay": weight_decay},
-        {"params": [p for p in trainable if all(p is not m for m in matrices)], "weight_decay": 0.0},
+        {"params": [p for p, matrix in zip(trainable, is_matrix) if matrix], "weight_decay": weight_decay},
+        {"params": [p for p, matrix in zip(trainable, is_matrix) if not matrix], "weight_decay": 0.0},
     ]
 
 
