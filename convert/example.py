@@ -43,11 +43,11 @@ def materialize_gguf(gguf_file: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def materialize_smollm2(out: Path, overwrite: bool = False) -> Path:
+def materialize_smollm2(out: Path, overwrite: bool = False, break_lock: bool = False) -> Path:
     """Write SmolLM2-135M-Instruct (dequantized to float32) as a safetensors folder with its tokenizer."""
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, break_lock=break_lock)
     gguf_file = smollm2_gguf_path()
-    with atomic_output_dir(out, overwrite) as staging:
+    with atomic_output_dir(out, overwrite, break_lock) as staging:
         materialize_gguf(gguf_file, staging)
     return out.resolve()

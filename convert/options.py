@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.gqa import DEFAULT_METHOD as GQA_DEFAULT_METHOD
+from kvshrink.convert.staging import BREAK_LOCK_HELP
 
 GqaMethod = Literal["mean", "grouped", "aligned", "output-aware"]
 
@@ -42,11 +43,7 @@ class ConvertOptions(BaseModel):
         "auto", description="Where each layer runs during calibration and the check (auto: CUDA when present)."
     )
     overwrite: bool = Field(False, description="Replace OUT if it exists.")
-    break_lock: bool = Field(
-        False, description="Write OUT even when another run seems to be writing it (a live process on this host, or "
-        "one on another host, which cannot be checked): its staging folder or lock is removed. Staging that killed "
-        "runs left is removed without this flag.",
-    )  # fmt: skip
+    break_lock: bool = Field(False, description=BREAK_LOCK_HELP)
     out_shard_size: str = Field("5GB", description="Largest output shard, e.g. 5GB or 500MB.")
     allow_pickle: bool = Field(False, description="Read pickled .bin weights (torch.load with weights_only=True); "
                                "refused otherwise.")  # fmt: skip

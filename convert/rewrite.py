@@ -136,13 +136,13 @@ def open_conversion(source: str | Path, out: str | Path, options: ConvertOptions
     out = Path(out)
     parse_size(options.out_shard_size)
     source_path = Path(source)
-    check_output_dir(out, options.overwrite, source_path if source_path.exists() else None)
+    check_output_dir(out, options.overwrite, source_path if source_path.exists() else None, options.break_lock)
     device = resolve_device(options.device)
     try:
         with open_source(source, allow_pickle=options.allow_pickle) as checkpoint:
             spec = family_for(checkpoint.config)
             counts = HeadCounts.from_config(checkpoint.config)
-            with atomic_output_dir(out, options.overwrite) as staging:
+            with atomic_output_dir(out, options.overwrite, options.break_lock) as staging:
                 conversion = Conversion(str(source), out, checkpoint, spec, counts, staging, device, options, started)
                 _refuse_missing_tensors(conversion)
                 yield conversion

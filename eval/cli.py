@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from kvshrink.convert.cli import KvshrinkGroup
+from kvshrink.convert.staging import break_lock_option
 from kvshrink.eval.offline_suite import OFFLINE_ALIAS, OFFLINE_TASKS
 
 
@@ -49,13 +50,15 @@ def eval_cli():
               help="Items per forward pass, or 'auto'.")
 @click.option("--device", help="torch device, e.g. cpu or cuda:0  [default: cuda if available, else cpu]")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def run_command(models, tasks, out, limit, batch_size, device, overwrite):
+@break_lock_option
+def run_command(models, tasks, out, limit, batch_size, device, overwrite, break_lock):
     """Score MODELS (Hugging Face folders; the first is the base) on lm-eval tasks; write results to OUT."""
     from kvshrink.eval.compare import comparison_tables, render_table
     from kvshrink.eval.run import run_eval
 
     task_names = [task.strip() for task in tasks.split(",") if task.strip()]
-    run_eval(models, task_names, out, limit=limit, batch_size=batch_size, device=device, overwrite=overwrite)
+    run_eval(models, task_names, out, limit=limit, batch_size=batch_size, device=device, overwrite=overwrite,
+             break_lock=break_lock)
     _, tables = comparison_tables([out])
     click.echo("\n\n".join(render_table(table) for table in tables))
     click.echo(f"\nResults written to {out.resolve()}; compare runs with `kvshrink eval compare {out} ... --out DIR`")
@@ -66,11 +69,12 @@ def run_command(models, tasks, out, limit, batch_size, device, overwrite):
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Folder for comparison.md, comparison.png and comparison.json (must not exist).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def compare_command(result_dirs, out, overwrite):
+@break_lock_option
+def compare_command(result_dirs, out, overwrite, break_lock):
     """Compare RESULT_DIRS written by `eval run` (the first model is the base): tables and a quality-vs-KV plot."""
     from kvshrink.eval.compare import compare_results
 
-    comparison = compare_results(result_dirs, out, overwrite=overwrite)
+    comparison = compare_results(result_dirs, out, overwrite=overwrite, break_lock=break_lock)
     click.echo(comparison.terminal_text())
     click.echo(f"\nTable: {comparison.markdown_path}\nPlot:  {comparison.plot_path}")
 

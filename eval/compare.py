@@ -243,12 +243,14 @@ def comparison_tables(result_dirs: Sequence[str | Path]) -> tuple[list[Evaluated
     return models, [_task_table(task, models) for task in _check_same_tasks(models)]
 
 
-def compare_results(result_dirs: Sequence[str | Path], out: Path, *, overwrite: bool = False) -> Comparison:
+def compare_results(
+    result_dirs: Sequence[str | Path], out: Path, *, overwrite: bool = False, break_lock: bool = False
+) -> Comparison:
     """Compare `eval run` results (the first model is the base) and write comparison.md/.png/.json under `out`."""
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, break_lock=break_lock)
     models, tables = comparison_tables(result_dirs)
-    with atomic_output_dir(out, overwrite=overwrite) as staging:
+    with atomic_output_dir(out, overwrite=overwrite, break_lock=break_lock) as staging:
         intro = (
             f"# kvshrink evaluation\n\nBase: {models[0].label}. Scores from lm-evaluation-harness; "
             "± is lm-eval's standard error; retention is relative to the base (below 100% = worse).\n\n"

@@ -181,7 +181,7 @@ def build_offline_suite(cache_dir: Path | None = None) -> Path:
     if (suite_dir / "suite.json").is_file():
         return suite_dir
     try:
-        with atomic_output_dir(suite_dir) as staging:
+        with atomic_output_dir(suite_dir, shared=True) as staging:
             for name, content in files.items():
                 (staging / name).write_text(content, encoding="utf-8")
             # The YAMLs name the final folder, which exists once the staging folder is renamed into place.

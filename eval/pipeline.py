@@ -19,6 +19,7 @@ import yaml
 
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.outdir import check_output_dir
+from kvshrink.convert.staging import break_lock_option, run_lock
 from kvshrink.convert.typed_yaml import build_dataclass
 from kvshrink.eval.models import ModelFolder, check_model_dirs
 
@@ -175,7 +176,7 @@ def _announce(step: str) -> None:
     click.secho(f"==> {step}", bold=True, err=True)
 
 
-def _source_folder(source: str, layout: _Layout, resume: bool) -> Path:
+def _source_folder(source: str, layout: _Layout, resume: bool, break_lock: bool) -> Path:
     """A Hugging Face folder for the source: given, or materialized from the example or a .gguf file."""
     from kvshrink.convert.checkpoint import open_source
     from kvshrink.convert.example import materialize_gguf, smollm2_gguf_path
@@ -187,20 +188,20 @@ def _source_folder(source: str, layout: _Layout, resume: bool) -> Path:
         if not (resume and layout.source.is_dir()):
             _announce(f"materializing {source}")
             gguf = smollm2_gguf_path() if source.startswith(EXAMPLE_PREFIX) else Path(source)
-            with atomic_output_dir(layout.source, overwrite=True) as staging:
+            with atomic_output_dir(layout.source, overwrite=True, break_lock=break_lock) as staging:
                 materialize_gguf(gguf, staging)
         return layout.source
     with open_source(source) as checkpoint:  # a hub id: the cached snapshot folder stays after closing
         return checkpoint.folder
 
 
-def _uptrain(step: Uptraining, model: Path, teacher: Path, out: Path, resume: bool) -> None:
+def _uptrain(step: Uptraining, model: Path, teacher: Path, out: Path, resume: bool, break_lock: bool) -> None:
     from kvshrink.uptrain import load_recipe, uptrain
 
     distills = (yaml.safe_load(Path(step.recipe).read_text()) or {}).get("teacher") is not None
     overrides = [f"teacher={teacher}"] if distills else []
     overrides += [*step.overrides, f"model={model}", f"output_dir={out}", f"resume={str(resume).lower()}"]
-    uptrain(load_recipe(step.recipe, overrides))
+    uptrain(load_recipe(step.recipe, overrides), break_lock=break_lock)
 
 
 def _models_table(models: list[ModelFolder]) -> str:
@@ -233,39 +234,49 @@ def _read_optional(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """Run every step of `pipeline`; returns the path of the report.md it writes."""
+def run_pipeline(
+    pipeline: Pipeline, *, overwrite: bool = False, resume: bool = False, break_lock: bool = False
+) -> Path:
+    """Run every step of `pipeline`; returns the path of the report.md it writes. A lock beside the output folder,
+    held meanwhile, makes a second pipeline (or any writer) that targets it refuse."""
+    started = time.perf_counter()
+    with run_lock(pipeline.output_dir, break_lock) as root:
+        layout = _Layout(root)
+        if layout.root.exists() and not resume:
+            check_output_dir(layout.root, overwrite)
+            shutil.rmtree(layout.root)
+        return _run_steps(pipeline, layout, resume, break_lock, started)
+
+
+def _run_steps(pipeline: Pipeline, layout: _Layout, resume: bool, break_lock: bool, started: float) -> Path:
+    """Convert, uptrain, evaluate, compare and report into `layout`; with `resume`, skip the finished steps."""
     from kvshrink.eval.compare import compare_results
     from kvshrink.eval.run import run_eval
 
-    started = time.perf_counter()
-    layout = _Layout(Path(pipeline.output_dir).resolve())
-    if layout.root.exists() and not resume:
-        check_output_dir(layout.root, overwrite)
-        shutil.rmtree(layout.root)
-    source = _source_folder(pipeline.source, layout, resume)
+    source = _source_folder(pipeline.source, layout, resume, break_lock)
     models: list[Path] = [source]
     for conversion in pipeline.conversions:
         out = layout.model(conversion.name)
         if not (resume and out.is_dir()):
             origin = layout.model(conversion.source) if conversion.source else source
             _announce(f"converting {conversion.name} ({conversion.command} of {conversion.source or 'the source'})")
-            _converter(conversion.command)[0](origin, out, _options(conversion, overwrite=True))
+            _converter(conversion.command)[0](origin, out, _options(conversion, overwrite=True, break_lock=break_lock))
         models.append(out)
     for step in pipeline.uptraining:
         out = layout.uptrained(step.conversion)
         if not (resume and (out / "uptrain_report.json").is_file()):
             _announce(f"uptraining {step.conversion} with {step.recipe}")
-            _uptrain(step, layout.model(step.conversion), source, out, resume and out.is_dir())
+            _uptrain(step, layout.model(step.conversion), source, out, resume and out.is_dir(), break_lock)
         models.append(out)
     evaluation = pipeline.evaluation
     if not (resume and layout.eval.is_dir()):
         _announce(f"evaluating {len(models)} models on {', '.join(evaluation.tasks)}")
-        run_eval(models, evaluation.tasks, layout.eval, limit=evaluation.limit,
-                 batch_size=evaluation.batch_size, device=evaluation.device, overwrite=True)  # fmt: skip
+        run_eval(models, evaluation.tasks, layout.eval, limit=evaluation.limit, batch_size=evaluation.batch_size,
+                 device=evaluation.device, overwrite=True, break_lock=break_lock)  # fmt: skip
     _announce("comparing")
     labelled = check_model_dirs(models)
-    comparison = compare_results([layout.eval / model.label for model in labelled], layout.compare, overwrite=True)
+    comparison = compare_results([layout.eval / model.label for model in labelled], layout.compare, overwrite=True,
+                                 break_lock=break_lock)
     report = (
         f"# kvshrink pipeline report\n\nSource: `{pipeline.source}`. Output folder: `{layout.root}`. "
         f"Wall time {time.perf_counter() - started:.0f} s.\n\n## Models\n\n{_models_table(labelled)}\n\n"
@@ -281,7 +292,8 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, resume: bool = 
 @click.argument("pipeline_file", metavar="PIPELINE.yaml", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Delete the pipeline's output folder first if it exists.")
 @click.option("--resume", is_flag=True, help="Keep finished steps in the output folder and run only the rest.")
-def pipeline_cli(pipeline_file: Path, overwrite: bool, resume: bool):
+@break_lock_option
+def pipeline_cli(pipeline_file: Path, overwrite: bool, resume: bool, break_lock: bool):
     """Convert, optionally uptrain, evaluate and compare in one go; writes report.md and a plot.
 
     The output folder holds models/ (source, conversions, uptrained models), eval/ (lm-eval results),
@@ -290,5 +302,5 @@ def pipeline_cli(pipeline_file: Path, overwrite: bool, resume: bool):
     if overwrite and resume:
         raise KvshrinkError("--overwrite and --resume contradict each other: pass one of them")
     pipeline = load_pipeline(pipeline_file)
-    report = run_pipeline(pipeline, overwrite=overwrite, resume=resume)
+    report = run_pipeline(pipeline, overwrite=overwrite, resume=resume, break_lock=break_lock)
     click.echo(f"\nreport: {report}")

@@ -77,6 +77,7 @@ def run_eval(
     batch_size: int | str = 8,
     device: str | None = None,
     overwrite: bool = False,
+    break_lock: bool = False,
 ) -> list[Path]:
     """Evaluate each model folder on `tasks` with lm-eval; return the per-model result folders under `out`.
 
@@ -86,7 +87,7 @@ def run_eval(
     folders = check_model_dirs(list(models))
     task_names = expand_tasks(tasks)
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, break_lock=break_lock)
     if limit is not None and limit < 1:
         raise KvshrinkError(f"--limit must be a positive number of items per task, got {limit}")
     _stay_offline_for_local_tasks(task_names)
@@ -100,7 +101,7 @@ def run_eval(
     _check_known(task_names, task_manager.all_tasks)
     device = device or default_device()
 
-    with atomic_output_dir(out, overwrite=overwrite) as staging:
+    with atomic_output_dir(out, overwrite=overwrite, break_lock=break_lock) as staging:
         for folder in tqdm(folders, desc="models", unit="model"):
             model = load_model(folder, device)
             lm = HFLM(pretrained=model, tokenizer=load_tokenizer(folder), batch_size=batch_size)
