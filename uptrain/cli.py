@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.staging import break_lock_option
 
 HELP = """Uptrain a converted checkpoint as RECIPE.yaml says; key=value pairs override recipe keys.
 
@@ -26,13 +27,14 @@ recipe's output_dir; checkpoints go to output_dir/checkpoints.
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.argument("overrides", nargs=-1)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in output_dir (if there is one).")
-def uptrain_cli(recipe: Path, overrides: tuple[str, ...], resume: bool):
+@break_lock_option
+def uptrain_cli(recipe: Path, overrides: tuple[str, ...], resume: bool, break_lock: bool):
     from kvshrink.uptrain.recipe import load_recipe
 
     try:
         loaded = load_recipe(recipe, overrides)
         from kvshrink.uptrain.trainer import uptrain
 
-        uptrain(loaded, resume=resume or None)
+        uptrain(loaded, resume=resume or None, break_lock=break_lock)
     except KvshrinkError as error:
         raise click.ClickException(str(error)) from None

@@ -22,7 +22,14 @@ from tqdm.auto import tqdm
 
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.uptrain.attention_transfer import TRANSFER_DIR, transfer_attention, transferred_weights
-from kvshrink.uptrain.checkpoints import checkpoint_dirs, newest_checkpoint, read_trainer_state, save_checkpoint
+from kvshrink.uptrain.checkpoints import (
+    FINAL_STAGING,
+    checkpoint_dirs,
+    claim_output_dir,
+    newest_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
 from kvshrink.uptrain.data import Blocks, TrainingStream, build_data
 from kvshrink.uptrain.host_memory import keep_freed_memory
 from kvshrink.uptrain.losses import training_loss
@@ -49,13 +56,20 @@ UPTRAIN_REPORT = "uptrain_report.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def uptrain(recipe: Recipe, resume: bool | None = None) -> dict[str, Any]:
+def uptrain(recipe: Recipe, resume: bool | None = None, break_lock: bool = False) -> dict[str, Any]:
     """Run a recipe's stages to their budget and write the trained model into recipe.output_dir; return the report.
 
     resume (default: recipe.resume) continues where the run in output_dir stopped: at the next layer of
-    attention transfer, or at the newest end-to-end checkpoint.
+    attention transfer, or at the newest end-to-end checkpoint. Another run on output_dir meanwhile refuses;
+    break_lock takes output_dir from one that seems to run (convert/staging.py).
     """
-    resume = recipe.resume if resume is None else resume
+    _training_device()  # starts accelerate's process state as the run will, so the main process is known
+    with claim_output_dir(recipe.output_dir, break_lock, PartialState().is_main_process):
+        return _uptrain(recipe, recipe.resume if resume is None else resume)
+
+
+def _uptrain(recipe: Recipe, resume: bool) -> dict[str, Any]:
+    """The run itself, with output_dir claimed."""
     checkpoint = _checkpoint_to_resume(Path(recipe.output_dir), resume)
     session = Session(start=time.perf_counter())
     precision = resolved_precision(recipe.precision, _training_device())
@@ -459,7 +473,7 @@ def save_final_model(accelerator: Accelerator, model, tokenizer, recipe: Recipe,
         output = Path(recipe.output_dir)
         config = json.loads((source / "config.json").read_text(encoding="utf-8"))
         dtype = _DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)
-        staging = output / ".final.partial"
+        staging = output / FINAL_STAGING
         shutil.rmtree(staging, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(
             staging, state_dict={name: tensor.to(dtype) for name, tensor in state_dict.items()}
