@@ -138,6 +138,25 @@ class _Reached(Exception):
     """Stops a layer's forward once the input of interest has been captured."""
 
 
+def causal_mask(owner: StockModel, index: int, hidden: torch.Tensor):
+    """The mask the stock model's forward gives layer `index` for unpadded windows like `hidden` ([1, T, hidden]):
+    causal, or sliding-window causal for a sliding layer (None where the attention kernel is causal by itself)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    build = create_sliding_window_causal_mask if owner.attention_kind(index) == "sliding_attention" else create_causal_mask
+    return build(
+        config=owner.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
+        position_ids=torch.arange(hidden.shape[1], device=hidden.device)[None],
+    )  # fmt: skip
+
+
+def position_embeddings(rotary: nn.Module, owner: StockModel, index: int, hidden: torch.Tensor, positions: torch.Tensor):
+    """(cos, sin) of `owner`'s rotary embedding `rotary` for layer `index` at `positions`."""
+    if "layer_type" in inspect.signature(rotary.forward).parameters:  # Gemma-3: one RoPE per layer type
+        return rotary(hidden, positions, owner.attention_kind(index))
+    return rotary(hidden, positions)
+
+
 @dataclass
 class _Window:
     hidden: torch.Tensor  # [1, T, hidden] float32 on the device
@@ -162,25 +181,15 @@ class LayerStream:
         self._masks: dict[tuple[str, int], Any] = {}
 
     def _mask(self, owner: StockModel, index: int, hidden: torch.Tensor):
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        kind = owner.attention_kind(index)
-        key = (id(owner), kind, hidden.shape[1])
+        key = (id(owner), owner.attention_kind(index), hidden.shape[1])
         if key not in self._masks:
-            build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-            self._masks[key] = build(
-                config=owner.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-                position_ids=torch.arange(hidden.shape[1], device=hidden.device)[None],
-            )  # fmt: skip
+            self._masks[key] = causal_mask(owner, index, hidden)
         return self._masks[key]
 
     def _position_embeddings(self, owner: StockModel, index: int, hidden: torch.Tensor, positions: torch.Tensor):
         if id(owner) not in self._rotary:
             self._rotary[id(owner)] = owner.rotary_embedding()
-        rotary = self._rotary[id(owner)]
-        if "layer_type" in inspect.signature(rotary.forward).parameters:  # Gemma-3: one RoPE per layer type
-            return rotary(hidden, positions, owner.attention_kind(index))
-        return rotary(hidden, positions)
+        return position_embeddings(self._rotary[id(owner)], owner, index, hidden, positions)
 
     def _forward(self, layer: nn.Module, index: int, window: _Window, owner: StockModel) -> torch.Tensor:
         positions = torch.arange(window.hidden.shape[1], device=window.hidden.device)[None]

@@ -5,7 +5,8 @@ first `attention_transfer.sequences` training blocks; at every layer the convers
 inputs the source layer received and the outputs its o_proj produced become a small training set, and the
 converted layer's own stock attention module (DeepseekV3Attention, LlamaAttention with fewer KV heads, ...)
 is fitted to it by AdamW on the mean squared error (attention transfer, LoLCATs arXiv 2410.10254; layer-wise
-teacher forcing, arXiv 2604.05688). Memory is one source layer, one converted attention module and the
+teacher forcing, arXiv 2604.05688) with the same loop the conversions' block-wise fit runs (convert/fitting.py).
+A conversion that already fitted its layers skips the stage unless `attention_transfer.after_fit`. Memory is one source layer, one converted attention module and the
 windows' hidden states.
 
 Layers are independent: under accelerate every process runs the source stream and fits the layers whose index
@@ -32,7 +33,8 @@ from tqdm.auto import tqdm
 from kvshrink.convert.checkpoint import open_folder
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.layers import LayerStream, StockModel
-from kvshrink.uptrain.optimizer import SizeScaledRows, off_scale_parameters, reference_rms
+from kvshrink.convert.fitting import AttentionRunner, FitSettings, WindowPairs, fit_attention
+from kvshrink.convert.optimizer import reference_rms
 from kvshrink.uptrain.recipe import AttentionTransfer, Recipe, changed_attention_layers
 
 TRANSFER_DIR = "attention_transfer"
@@ -40,9 +42,6 @@ ATTENTION = "self_attn"
 ATTENTION_INPUT = "self_attn.q_proj"  # the source attention's first projection reads its normalized input
 ATTENTION_OUTPUT = "self_attn.o_proj"
 HELDOUT_BLOCKS = 4  # validation blocks each layer's held-out error is measured on
-# fitted windows the fitting error is measured on before and after: measured over all 128 of the shipped recipes,
-# the two passes were about a fifth of the stage's work
-MEASURED_WINDOWS = 16
 
 
 def transfer_attention(recipe: Recipe, accelerator: Accelerator) -> dict[str, Any]:
@@ -120,14 +119,13 @@ def _fit_layer(recipe: Recipe, student: StockModel, index: int, pairs: tuple[lis
         raise KvshrinkError(f"layer {index} of {recipe.model} uses sliding-window attention: remove attention_transfer from stages")
     layer = student.layer(index)
     attention = layer.get_submodule(ATTENTION)
-    rotary = student.rotary_embedding()
     generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + index)
     inputs, targets = pairs
-    heldout_start = _errors(attention, rotary, inputs[fitting:], targets[fitting:])[1]
-    losses = fit_attention(attention, rotary, inputs[:fitting], targets[:fitting], recipe.attention_transfer,
-                           generator, reference_rms(layer.parameters()))  # fmt: skip
-    losses.update(heldout_relative_start=heldout_start,
-                  heldout_relative_end=_errors(attention, rotary, inputs[fitting:], targets[fitting:])[1])
+    spec = recipe.attention_transfer
+    settings = FitSettings(steps=spec.steps, lr=spec.lr, micro_batch_size=spec.micro_batch_size)
+    losses = fit_attention(attention, dict(attention.named_parameters()), AttentionRunner(student, index),
+                           WindowPairs(inputs[:fitting], targets[:fitting]), settings, generator,
+                           reference_rms(layer.parameters()), heldout=WindowPairs(inputs[fitting:], targets[fitting:]))  # fmt: skip
     prefix = student.path(student.decoder.layers[index].get_submodule(ATTENTION))
     tensors = {f"{prefix}.{name}": t.detach().contiguous() for name, t in attention.state_dict().items()}
     output.mkdir(parents=True, exist_ok=True)
@@ -135,64 +133,6 @@ def _fit_layer(recipe: Recipe, student: StockModel, index: int, pairs: tuple[lis
     partial = _layer_file(output, index, ".partial")
     save_file(tensors, partial)
     partial.replace(_layer_file(output, index, ".safetensors"))  # present only when complete
-
-
-def fit_attention(attention: torch.nn.Module, rotary: torch.nn.Module, inputs: list[torch.Tensor],
-                  targets: list[torch.Tensor], spec: AttentionTransfer, generator: torch.Generator,
-                  reference: float) -> dict[str, float]:  # fmt: skip
-    """AdamW on the mean squared error between attention(inputs) and targets, micro_batch_size windows a step,
-    rows far off `reference` size-scaled; the error before and after on the first MEASURED_WINDOWS windows (the
-    same ones both times), absolute and relative."""
-    attention.requires_grad_(True).train()
-    optimizer = torch.optim.AdamW(attention.parameters(), lr=spec.lr, weight_decay=0.0)
-    watched = dict(attention.named_parameters())
-    off_scale = off_scale_parameters(attention.named_parameters(), reference)
-    if off_scale:
-        SizeScaledRows([watched[name] for name in off_scale], reference).attach(optimizer)
-    warmup = max(1, spec.steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    measured = inputs[:MEASURED_WINDOWS], targets[:MEASURED_WINDOWS]
-    start = _errors(attention, rotary, *measured)
-    order = _epochs(len(inputs), spec.micro_batch_size, generator)
-    for _ in range(spec.steps):
-        chosen = next(order)
-        loss = sum(_squared_error(attention, rotary, inputs[i], targets[i]) for i in chosen) / len(chosen)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step()
-    attention.eval()
-    end = _errors(attention, rotary, *measured)
-    return {"mse_start": start[0], "mse_end": end[0], "relative_start": start[1], "relative_end": end[1]}
-
-
-def _epochs(count: int, size: int, generator: torch.Generator):
-    """Batches of `size` window indices from shuffled passes over the windows, none repeated within a pass (a
-    remainder under `size` waits for the next pass; fewer windows than `size`: all of them each step). The
-    shipped 64 steps of 2 then fit each of 128 windows once, where independent draws left about 37% unseen."""
-    while True:
-        order = torch.randperm(count, generator=generator).tolist()
-        for start in range(0, count - size + 1, size):
-            yield order[start : start + size]
-        if count < size:
-            yield order
-
-
-def _squared_error(attention, rotary, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of the attention's output on one window ([T, hidden]) against the source's."""
-    states = hidden[None]
-    positions = torch.arange(states.shape[1], device=states.device)[None]
-    # no mask: stock sdpa attention is then causal, as the source layer was on these unpadded windows
-    out = attention(hidden_states=states, position_embeddings=rotary(states, positions), attention_mask=None)[0]
-    return (out[0].float() - target).pow(2).mean()
-
-
-@torch.no_grad()
-def _errors(attention, rotary, inputs, targets) -> tuple[float, float]:
-    """(mean squared error, that error over the targets' mean square) over all windows."""
-    error = sum(float(_squared_error(attention, rotary, x, y)) for x, y in zip(inputs, targets)) / len(inputs)
-    energy = sum(float(y.pow(2).mean()) for y in targets) / len(targets)
-    return error, error / energy
 
 
 def _submodule(layer: torch.nn.Module, name: str, index: int) -> torch.nn.Module:

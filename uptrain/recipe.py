@@ -99,6 +99,7 @@ class AttentionTransfer:
     sequences: int = 64  # training blocks (seq_len tokens each) whose source attention inputs every layer fits; 16 overfit
     micro_batch_size: int = 4  # blocks per optimizer step
     lr: float = 1e-3  # AdamW, constant after a 10% warmup, no weight decay
+    after_fit: bool = False  # run even when the conversion already fitted its layers (its report's "fit")
 
 
 @dataclass(frozen=True)
@@ -372,6 +373,23 @@ def new_parameter_names(model_dir: str | Path, needed_by: str = "trainable: new"
             "or set trainable to all or attention"
         )
     return names
+
+
+def runs_attention_transfer(recipe: Recipe) -> bool:
+    """Whether the attention_transfer stage runs: listed in stages, and the conversion did not already fit its
+    layers to the source (convert's block-wise fit, the same loop) unless `attention_transfer.after_fit`."""
+    if "attention_transfer" not in recipe.stages:
+        return False
+    return recipe.attention_transfer.after_fit or not conversion_fitted(recipe.model)
+
+
+def conversion_fitted(model_dir: str | Path) -> bool:
+    """Whether the conversion that wrote `model_dir` fitted at least one layer (its kvshrink_report.json says)."""
+    report = Path(model_dir) / CONVERSION_REPORT
+    if not report.is_file():
+        return False
+    fit = json.loads(report.read_text(encoding="utf-8")).get("fit") or {}
+    return bool(fit.get("layers_fitted"))
 
 
 def changed_attention_layers(model_dir: str | Path, needed_by: str) -> list[int]:

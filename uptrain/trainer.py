@@ -33,9 +33,9 @@ from kvshrink.uptrain.checkpoints import (
 from kvshrink.uptrain.data import Blocks, TrainingStream, build_data
 from kvshrink.uptrain.host_memory import keep_freed_memory
 from kvshrink.uptrain.losses import training_loss
-from kvshrink.uptrain.optimizer import SizeScaledRows, off_scale_parameters, parameter_groups, reference_rms
+from kvshrink.convert.optimizer import SizeScaledRows, off_scale_parameters, parameter_groups, reference_rms
 from kvshrink.uptrain.precision import resolved_precision, running_precision
-from kvshrink.uptrain.recipe import CONVERSION_REPORT, Recipe, Schedule
+from kvshrink.uptrain.recipe import CONVERSION_REPORT, Recipe, Schedule, runs_attention_transfer
 from kvshrink.uptrain.trackers import tracker_for
 from kvshrink.uptrain.trainable import select_trainable
 from kvshrink.uptrain.zero3 import (
@@ -53,6 +53,8 @@ from kvshrink.uptrain.zero3 import (
 )
 
 UPTRAIN_REPORT = "uptrain_report.json"
+SKIPPED_TRANSFER = ("the conversion already fitted each converted layer to the source's (its report's \"fit\"); "
+                    "set attention_transfer.after_fit=true to run it anyway")  # fmt: skip
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -92,9 +94,12 @@ def _uptrain(recipe: Recipe, resume: bool) -> dict[str, Any]:
         keep_freed_memory()
     accelerator.init_trackers("kvshrink-uptrain", config=_flat(recipe.to_dict()))
     transfer = None
-    if "attention_transfer" in recipe.stages:
+    if runs_attention_transfer(recipe):
         with whole_modules(accelerator):
             transfer = transfer_attention(recipe, accelerator)
+    elif "attention_transfer" in recipe.stages:
+        transfer = {"skipped": SKIPPED_TRANSFER}
+        accelerator.print(f"stage attention_transfer skipped: {SKIPPED_TRANSFER}")
     run = setup(recipe, accelerator, checkpoint, resume)
     train(run, session)
     report = final_report(run, session, transfer)
@@ -200,7 +205,7 @@ def _load_student(recipe: Recipe) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=torch.float32)
-    if "attention_transfer" in recipe.stages:
+    if runs_attention_transfer(recipe):
         transferred = transferred_weights(Path(recipe.output_dir))
         unexpected = sorted(set(transferred) - {name for name, _ in model.named_parameters()})
         if unexpected:

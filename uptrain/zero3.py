@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, parse_flag_from_env
 
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.uptrain.optimizer import adam_update, off_scale_rows
+from kvshrink.convert.optimizer import adam_update, off_scale_rows
 from kvshrink.uptrain.recipe import Recipe
 
 ZERO_CONFIG = "recipes/accelerate/deepspeed-zero3.yaml"

@@ -12,13 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.fitting import window_batches
+from kvshrink.convert.optimizer import SizeScaledRows
 from kvshrink.uptrain import load_recipe, uptrain
-from kvshrink.uptrain.attention_transfer import TRANSFER_DIR, _epochs
-from kvshrink.uptrain.optimizer import SizeScaledRows
+from kvshrink.uptrain.attention_transfer import TRANSFER_DIR
 
 STAGES = ["attention_transfer", "end_to_end"]
 TRANSFER = {"steps": 20, "sequences": 4, "micro_batch_size": 2, "lr": 1e-3}
-QUICK = dict(check=False, progress=False, calibration_tokens=1024, overwrite=True)
+QUICK = dict(check=False, progress=False, calibration_tokens=1024, overwrite=True, fit="none")
 
 
 def _recipe(write_recipe, source: Path, model: Path, **keys):
@@ -139,13 +140,13 @@ def test_bad_stage_recipes_are_refused_before_any_model_loads(tmp_path, mla_sour
 
 
 def test_attention_transfer_fits_every_window_once_before_repeating_any():
-    batches = _epochs(128, 2, torch.Generator().manual_seed(0))
+    batches = window_batches(128, 2, torch.Generator().manual_seed(0))
     first_pass = [index for _ in range(64) for index in next(batches)]
     assert sorted(first_pass) == list(range(128)) and first_pass != list(range(128))
     assert sorted(index for _ in range(64) for index in next(batches)) == list(range(128))
-    odd = _epochs(5, 2, torch.Generator().manual_seed(0))
+    odd = window_batches(5, 2, torch.Generator().manual_seed(0))
     assert all(len(set(next(odd) + next(odd))) == 4 for _ in range(10))  # a pass never repeats a window
-    assert sorted(next(_epochs(3, 4, torch.Generator()))) == [0, 1, 2]  # fewer windows than a batch: all of them
+    assert sorted(next(window_batches(3, 4, torch.Generator()))) == [0, 1, 2]  # fewer windows than a batch: all of them
 
 
 def test_size_scaled_rows_move_by_their_size_and_the_rest_by_plain_adam():
@@ -186,3 +187,21 @@ def test_training_every_mla_parameter_keeps_the_latent_in_range_only_with_size_s
         assert abs(after / before - 1) < 0.1
     else:
         assert after / before > 100
+
+
+def test_attention_transfer_is_skipped_after_a_fitted_conversion_unless_asked(tmp_path, mla_source_dir, write_recipe):
+    """The conversion's block-wise fit is the same loop on the same kind of targets: a recipe that lists
+    attention_transfer skips it for a fitted conversion, and runs it when attention_transfer.after_fit says so."""
+    from kvshrink.convert.mha_to_mla import mha_to_mla
+    from kvshrink.convert.options import MlaOptions
+
+    fitted = tmp_path / "fitted"
+    conversion = mha_to_mla(mla_source_dir, fitted, MlaOptions(kv_budget=0.5, target="sglang", fit_steps=8,
+                                                               **{**QUICK, "calibration_tokens": 2048, "fit": "attention"}))  # fmt: skip
+    assert conversion["fit"]["layers_fitted"] >= 1
+    skipped = uptrain(_recipe(write_recipe, mla_source_dir, fitted, max_steps=1))
+    assert "already fitted" in skipped["attention_transfer"]["skipped"]
+    assert not (tmp_path / "out" / TRANSFER_DIR).exists()
+    asked = uptrain(_recipe(write_recipe, mla_source_dir, fitted, max_steps=1, output_dir=str(tmp_path / "asked"),
+                            attention_transfer={**TRANSFER, "steps": 2, "after_fit": True}))  # fmt: skip
+    assert [row["layer"] for row in asked["attention_transfer"]["layers"]] == [0, 1]

@@ -1,4 +1,5 @@
-"""AdamW for uptraining, with updates scaled to the size of rows far off the model's typical weight size.
+"""AdamW for the block-wise fit (convert/fitting.py) and uptraining, with updates scaled to the size of rows far
+off the model's typical weight size.
 
 Adam moves every weight by about lr per step, whatever its size. MLA conversions keep the latent RMSNorm exactly
 linear by shrinking the latent rows of kv_a_proj_with_mqa to ~1e-8 and growing kv_b_proj to match

@@ -1,0 +1,278 @@
+"""Block-wise fitting: a converted attention module, alone, fitted to reproduce its source attention's output.
+
+The closed-form conversions (gqa/, mla/) keep second moments of the calibration inputs; what the model needs is
+each layer's output. Here the converted layer's own stock attention module (LlamaAttention with fewer KV heads,
+DeepseekV3Attention, ...) is fitted by AdamW on the mean squared error to what the source attention gave on the
+same inputs: attention transfer (LoLCATs, arXiv 2410.10254), as AutoRound and OmniQuant fit each block to its
+float output when quantizing. One layer is in memory, on the layer's device, in float32 whatever the source dtype.
+
+`fit_attention` is the one loop: the conversions' per-layer step (`fit_converted_attention`, early-stopped on
+calibration windows held out of the fit) and uptrain's attention_transfer stage both run it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.layers import StockModel, causal_mask, position_embeddings
+from kvshrink.convert.optimizer import SizeScaledRows, off_scale_parameters, reference_rms
+
+# fitted windows the fitting error is measured on before and after: measured over all 128 of the shipped uptrain
+# recipes, the two passes were about a fifth of the stage's work
+MEASURED_WINDOWS = 16
+EXACT = 1e-6  # held-out relative error of a closed form that already reproduces the source: nothing to fit
+MIN_GAIN = 0.01  # least relative drop of the held-out error for a fit to replace the closed form
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How one attention module is fitted."""
+
+    steps: int  # optimizer steps at most
+    lr: float  # AdamW, constant after a 10% warmup, no weight decay
+    micro_batch_size: int  # windows a step
+    checks: int = 0  # held-out checks over the steps (early stopping); 0: none, every step runs
+
+
+@dataclass
+class WindowPairs:
+    """What an attention received on each window ([T, hidden]) and what the source attention gave ([T, hidden])."""
+
+    inputs: list[torch.Tensor]
+    targets: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def first(self, count: int) -> WindowPairs:
+        return WindowPairs(self.inputs[:count], self.targets[:count])
+
+
+class AttentionRunner:
+    """Runs a layer's attention module on one unpadded window, with the rotary embedding and mask `owner`'s stock
+    forward gives layer `index`. The tables of each window length are kept by this object, for its layer only."""
+
+    def __init__(self, owner: StockModel, index: int):
+        self.owner, self.index = owner, index
+        self.rotary = owner.rotary_embedding()
+        self._tables: dict[int, tuple[Any, Any]] = {}
+
+    def __call__(self, attention: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        states = hidden[None]
+        length = states.shape[1]
+        if length not in self._tables:
+            positions = torch.arange(length, device=states.device)[None]
+            with torch.no_grad():
+                embeddings = position_embeddings(self.rotary, self.owner, self.index, states, positions)
+            self._tables[length] = embeddings, causal_mask(self.owner, self.index, states)
+        embeddings, mask = self._tables[length]
+        return attention(hidden_states=states, position_embeddings=embeddings, attention_mask=mask)[0][0]
+
+
+def _squared_error(attention: nn.Module, runner: AttentionRunner, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (runner(attention, hidden).float() - target).pow(2).mean()
+
+
+@torch.no_grad()
+def output_errors(attention: nn.Module, runner: AttentionRunner, pairs: WindowPairs) -> tuple[float, float]:
+    """(mean squared error, that error over the targets' mean square) over every window of `pairs`."""
+    error = sum(float(_squared_error(attention, runner, x, y)) for x, y in zip(pairs.inputs, pairs.targets)) / len(pairs)
+    energy = sum(float(y.pow(2).mean()) for y in pairs.targets) / len(pairs)
+    return error, error / energy
+
+
+def window_batches(count: int, size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Batches of `size` window indices from shuffled passes over the windows, none repeated within a pass (a
+    remainder under `size` waits for the next pass; fewer windows than `size`: all of them each step). 64 steps of
+    2 then fit each of 128 windows once, where independent draws left about 37% unseen."""
+    while True:
+        order = torch.randperm(count, generator=generator).tolist()
+        for start in range(0, count - size + 1, size):
+            yield order[start : start + size]
+        if count < size:
+            yield order
+
+
+def _optimizer(parameters: dict[str, nn.Parameter], settings: FitSettings, reference: float):
+    optimizer = torch.optim.AdamW(parameters.values(), lr=settings.lr, weight_decay=0.0)
+    off_scale = off_scale_parameters(parameters.items(), reference)
+    if off_scale:  # MLA's shrunken latent rows: plain Adam steps would throw them out of the norm's linear range
+        SizeScaledRows([parameters[name] for name in off_scale], reference).attach(optimizer)
+    warmup = max(1, settings.steps // 10)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+
+
+class _Best:
+    """The trained tensors at the lowest held-out error seen so far (the starting point counts)."""
+
+    def __init__(self, parameters: dict[str, nn.Parameter], error: float):
+        self.parameters, self.error, self.stale = parameters, error, 0
+        self.saved = {name: p.detach().clone() for name, p in parameters.items()}
+
+    def offer(self, error: float) -> None:
+        if error < self.error:
+            self.error, self.stale = error, 0
+            self.saved = {name: p.detach().clone() for name, p in self.parameters.items()}
+        else:
+            self.stale += 1
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, parameter in self.parameters.items():
+            parameter.copy_(self.saved[name])
+
+
+def fit_attention(attention: nn.Module, parameters: dict[str, nn.Parameter], runner: AttentionRunner,
+                  fitting: WindowPairs, settings: FitSettings, generator: torch.Generator, reference: float,
+                  heldout: WindowPairs | None = None) -> dict[str, Any]:  # fmt: skip
+    """AdamW on the mean squared error between attention(inputs) and targets over `fitting`, micro_batch_size
+    windows a step, training `parameters` only (rows far off `reference` size-scaled). With `heldout` and
+    `settings.checks`, the held-out error is measured `checks` times over the steps: the fit stops after two checks
+    without a new best, or at a non-finite loss, and ends at the best tensors seen (the start included). Returns
+    the errors before and after on the first MEASURED_WINDOWS fitting windows (and on `heldout`), and the steps run."""
+    for parameter in attention.parameters():
+        parameter.requires_grad_(False)
+    for parameter in parameters.values():
+        parameter.requires_grad_(True)
+    attention.train()
+    optimizer, scheduler = _optimizer(parameters, settings, reference)
+    measured = fitting.first(MEASURED_WINDOWS)
+    start = output_errors(attention, runner, measured)
+    checking = heldout is not None and settings.checks > 0
+    heldout_start = output_errors(attention, runner, heldout)[1] if heldout is not None else None
+    best = _Best(parameters, heldout_start if checking else math.inf)
+    interval = max(1, math.ceil(settings.steps / settings.checks)) if checking else 0
+    order, steps_run, stopped = window_batches(len(fitting), settings.micro_batch_size, generator), 0, "steps"
+    for step in range(settings.steps):
+        chosen = next(order)
+        loss = sum(_squared_error(attention, runner, fitting.inputs[i], fitting.targets[i]) for i in chosen) / len(chosen)
+        if not torch.isfinite(loss):
+            stopped = "diverged"
+            break
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        steps_run = step + 1
+        if checking and (steps_run % interval == 0 or steps_run == settings.steps):
+            best.offer(_finite_or_inf(output_errors(attention, runner, heldout)[1]))
+            if best.stale >= 2:
+                stopped = "early"
+                break
+    attention.eval()
+    if checking or stopped == "diverged":  # the best held-out point; without checks, a divergence ends at the start
+        best.restore()
+    end = output_errors(attention, runner, measured)
+    result = {"mse_start": start[0], "mse_end": end[0], "relative_start": start[1], "relative_end": end[1],
+              "steps": steps_run, "stopped": stopped}  # fmt: skip
+    if heldout is not None:
+        result.update(heldout_relative_start=heldout_start,
+                      heldout_relative_end=output_errors(attention, runner, heldout)[1])  # fmt: skip
+    return result
+
+
+def _finite_or_inf(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
+
+
+def attention_module(tensor_name: str, prefix: str) -> str:
+    """The attention module's path inside a decoder layer, from one of its tensors' full names ('self_attn')."""
+    return tensor_name[len(prefix) :].split(".", 1)[0]
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    """One converted layer's fit: `inputs` ([windows, T, hidden]) are what the source attention of decoder layer
+    `layer` received on the calibration windows; `tensors` the converted attention (full names, float32), of which
+    `trainable` are fitted; every `heldout`-th window decides early stopping instead of being fitted."""
+
+    source: StockModel
+    target: StockModel
+    layer: int
+    inputs: torch.Tensor
+    tensors: dict[str, torch.Tensor]
+    trainable: Collection[str]
+    settings: FitSettings
+    heldout_windows: int
+
+
+def heldout_indices(windows: int, heldout: int) -> list[int]:
+    """`heldout` window indices spread evenly over `windows` (calibration text changes along its length)."""
+    return sorted({min(windows - 1, int((i + 0.5) * windows / heldout)) for i in range(heldout)})
+
+
+def _source_pairs(fit: LayerFit, module: str) -> WindowPairs:
+    """The windows on the layer's device and what the source attention gave on them."""
+    source_attention = fit.source.layer(fit.layer).get_submodule(module)
+    runner = AttentionRunner(fit.source, fit.layer)
+    inputs = [window.to(fit.source.device) for window in fit.inputs]
+    with torch.no_grad():
+        targets = [runner(source_attention, window).float() for window in inputs]
+    return WindowPairs(inputs, targets)
+
+
+def fit_converted_attention(fit: LayerFit) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The layer's converted attention tensors fitted to the source attention's output, and the fit's report entry
+    (errors before and after on fitted and held-out windows, steps, seconds). The closed-form tensors are returned
+    unchanged, the report saying why, where they are already exact (nothing to fit), or where the fit diverges or
+    lowers the held-out error by less than MIN_GAIN."""
+    started = time.perf_counter()
+    prefix = fit.target.path(fit.target.decoder.layers[fit.layer]) + "."
+    module = attention_module(next(iter(fit.tensors)), prefix)
+    fitting, heldout = _split(_source_pairs(fit, module), fit.heldout_windows)
+    layer = fit.target.layer(fit.layer, fit.tensors)
+    attention, runner = layer.get_submodule(module), AttentionRunner(fit.target, fit.layer)
+    closed_form = output_errors(attention, runner, heldout)[1]
+    if closed_form < EXACT:
+        return fit.tensors, {"heldout_relative_start": closed_form, "kept_closed_form": "already exact"}
+    parameters = {name: p for key, p in attention.named_parameters() if (name := f"{prefix}{module}.{key}") in fit.trainable}
+    generator = torch.Generator().manual_seed(fit.layer)
+    result = fit_attention(attention, parameters, runner, fitting, fit.settings, generator,
+                           reference_rms(layer.parameters()), heldout=heldout)  # fmt: skip
+    report = {**result, "windows": len(fitting), "heldout_windows": len(heldout), "trained": sorted(parameters),
+              "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+    if result["stopped"] == "diverged" or result["heldout_relative_end"] > (1 - MIN_GAIN) * closed_form:
+        report["kept_closed_form"] = "the fit diverged" if result["stopped"] == "diverged" else "no held-out gain"
+        return fit.tensors, report
+    fitted = {name: p.detach().to("cpu", torch.float32).clone() for name, p in parameters.items()}
+    return {**fit.tensors, **fitted}, report
+
+
+def _split(pairs: WindowPairs, heldout: int) -> tuple[WindowPairs, WindowPairs]:
+    """(fitted, held-out) windows, the held-out ones spread evenly over the calibration text."""
+    held = set(heldout_indices(len(pairs), heldout))
+    sides = [[i for i in range(len(pairs)) if (i in held) == side] for side in (False, True)]
+    return tuple(WindowPairs([pairs.inputs[i] for i in s], [pairs.targets[i] for i in s]) for s in sides)
+
+
+def fit_summary(settings: dict[str, Any], layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's summary of every layer's fit (`layers`: per-layer report entries, with a "fit" where one was
+    tried) beside the `settings` it ran with: the mean held-out error before and after (closed-form layers count
+    with their own error), the layers that kept their closed form and why, seconds."""
+    fits = {entry["layer"]: entry["fit"] for entry in layers if "fit" in entry}
+    kept = {layer: fit["kept_closed_form"] for layer, fit in fits.items() if "kept_closed_form" in fit}
+    summary = {**settings, "layers_fitted": len(fits) - len(kept), "kept_closed_form": kept,
+               "seconds": round(sum(fit.get("seconds", 0.0) for fit in fits.values()), 1)}  # fmt: skip
+    if fits:
+        start = [fit["heldout_relative_start"] for fit in fits.values()]
+        end = [fit["heldout_relative_start"] if layer in kept else fit["heldout_relative_end"] for layer, fit in fits.items()]
+        summary.update(heldout_relative_start_mean=round(sum(start) / len(start), 6),
+                       heldout_relative_end_mean=round(sum(end) / len(end), 6))  # fmt: skip
+    return summary
+
+
+def require_fit_windows(windows: int, heldout: int) -> None:
+    """Refuse a fit that would have no calibration window left to fit once `heldout` are held out."""
+    if windows <= heldout:
+        raise KvshrinkError(
+            f"the fit holds out {heldout} of the {windows} calibration windows, leaving none to fit: pass more "
+            "--calibration-tokens (512 a window), fewer --fit-heldout-windows, or --fit none"
+        )
