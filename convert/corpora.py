@@ -83,10 +83,36 @@ def read_text_file(path: str | Path) -> str:
         raise KvshrinkError(f"{path} is not UTF-8 text: pass a .txt or .jsonl file") from None
 
 
+MIXED = "pydoc+kjv"
+_MIX_CHUNK = 2048  # characters of one corpus before the other's turn: about half a 512-token window
+
+
+def _interleaved(texts: list[str]) -> str:
+    """The texts in turns of about _MIX_CHUNK characters (cut at line ends), so every stretch of a few windows
+    holds each of them, until the shortest runs out."""
+    pieces = []
+    for text in texts:
+        chunks, start = [], 0
+        while start < len(text):
+            end = text.find("\n", start + _MIX_CHUNK)
+            end = len(text) if end < 0 else end + 1
+            chunks.append(text[start:end])
+            start = end
+        pieces.append(chunks)
+    return "".join(chunk for turn in zip(*pieces) for chunk in turn)
+
+
+def default_calibration() -> str:
+    """The default calibration text's name: pydoc and KJV interleaved, or pydoc alone where `bible` is missing."""
+    return MIXED if shutil.which("bible") is not None else "pydoc"
+
+
 def calibration_text(source: str | Path | None = None) -> str:
-    """The text calibration runs on: a file the user names, a corpus name, or by default pydoc's train split."""
-    if source is None:
-        return corpus_text("pydoc", "train")
-    if str(source) in CORPORA:
-        return corpus_text(str(source), "train")
+    """The text calibration runs on: a file the user names, a corpus name ('pydoc', 'kjv', or 'pydoc+kjv': the two
+    interleaved), or by default the train splits of pydoc and KJV interleaved (pydoc alone without `bible`)."""
+    source = default_calibration() if source is None else str(source)
+    if source == MIXED:
+        return _interleaved([corpus_text(name, "train") for name in CORPORA])
+    if source in CORPORA:
+        return corpus_text(source, "train")
     return read_text_file(source)

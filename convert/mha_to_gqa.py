@@ -21,8 +21,10 @@ from kvshrink.convert.calibration import Calibration, LayerStatistics, calibrati
 from kvshrink.convert.check import compare_perplexity
 from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.fitting import LayerFit, fit_converted_attention, fit_summary, require_fit_windows
 from kvshrink.convert.gqa.attended import RotaryLayerStatistics
 from kvshrink.convert.gqa.projection_norms import per_head_stand_in, restore_projection_norms
+from kvshrink.convert.layers import StockModel
 from kvshrink.convert.options import GqaOptions
 from kvshrink.convert.rewrite import (
     Conversion, LayerWriter, finish, open_conversion, require_free_space, write_metadata,
@@ -102,6 +104,8 @@ def _calibrate(conversion: Conversion, options: GqaOptions) -> Calibration:
     windows = calibration_windows(
         conversion.checkpoint.folder, calibration_text(options.calibration), options.calibration_tokens
     )
+    if options.fit != "none":
+        require_fit_windows(len(windows), options.fit_heldout_windows)
     return Calibration(conversion.source_model(), conversion.spec, windows)
 
 
@@ -128,15 +132,26 @@ def _merge(conversion: Conversion, attention: AttentionWeights, options: GqaOpti
     return restore_projection_norms(attention, result, statistics, eps)
 
 
-def _convert_layer(conversion: Conversion, options: GqaOptions, calibration: Calibration | None,
+def _fit(conversion: Conversion, options: GqaOptions, calibration: Calibration, target: StockModel, layer: int,
+         inputs: torch.Tensor, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
+    """The merged tensors fitted to the source attention's output on the layer's calibration inputs."""
+    trainable = list(tensors) if options.fit_scope == "attention" else conversion.changed_tensors(tensors)
+    return fit_converted_attention(LayerFit(calibration.model, target, layer, inputs, tensors, trainable,
+                                            options.fit_settings(), options.fit_heldout_windows))  # fmt: skip
+
+
+def _convert_layer(conversion: Conversion, options: GqaOptions, calibration: Calibration | None, target: StockModel,
                    layer: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
-    """One layer's merged attention tensors and report entry; its statistics and source weights die here, before
-    the windows advance through the next materialized layer."""
-    statistics = _with_rope(conversion, calibration.statistics(layer)) if calibration is not None else None
+    """One layer's merged (and fitted) attention tensors and report entry; its statistics and source weights die
+    here, before the windows advance through the next materialized layer."""
+    statistics = calibration.statistics(layer) if calibration is not None else None
     attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after the layer ran
-    result = _merge(conversion, attention, options, statistics)
+    result = _merge(conversion, attention, options, _with_rope(conversion, statistics) if statistics else None)
     report = {"layer": layer, "groups": result.groups, **gqa.projection_errors(attention, result), **result.details}
-    return attention_tensors(result.attention, conversion.spec, layer), report
+    tensors = attention_tensors(result.attention, conversion.spec, layer)
+    if statistics is not None and options.fit != "none":
+        tensors, report["fit"] = _fit(conversion, options, calibration, target, layer, statistics.inputs, tensors)
+    return tensors, report
 
 
 def _convert_layers(
@@ -148,7 +163,7 @@ def _convert_layers(
     require_free_space(conversion, target)
     reports = []
     for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
-        tensors, report = _convert_layer(conversion, options, calibration, layer)
+        tensors, report = _convert_layer(conversion, options, calibration, target, layer)
         writer.write_layer(layer, tensors)
         reports.append(report)
         feedback = tensors if options.error_feedback else None
@@ -188,5 +203,6 @@ def mha_to_gqa(source: str | Path, out: str | Path, options: GqaOptions) -> dict
         }
         if calibrated:
             summary["calibration"] = {"tokens": calibration.tokens, "error_feedback": options.error_feedback}
+            summary["fit"] = fit_summary(options.fit_report(), layers) if options.fit != "none" else None
         return finish(conversion, method=f"gqa/{options.method}", config=config, summary=summary, layers=layers,
                       new_parameters=new_parameters, check=check)  # fmt: skip

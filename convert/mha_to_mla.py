@@ -27,6 +27,8 @@ from kvshrink.convert.check import compare_perplexity
 from kvshrink.convert import engines
 from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.fitting import LayerFit, fit_converted_attention, fit_summary, require_fit_windows
+from kvshrink.convert.layers import StockModel
 from kvshrink.convert.mla import deepseek
 from kvshrink.convert.mla.complex_heads import augmented, to_complex
 from kvshrink.convert.mla.distance import attention_distances, rotation_gains
@@ -377,22 +379,32 @@ def _convert_layer(conversion: Conversion, plan: MlaPlan, options: MlaOptions, l
     return {prefix + name: tensor for name, tensor in tensors.items()}, {"layer": layer, **report}
 
 
+def _fit(conversion: Conversion, options: MlaOptions, calibration: Calibration, target: StockModel, layer: int,
+         inputs: torch.Tensor, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
+    """The layer's DeepseekV3 attention fitted to the source attention's output (every tensor is new)."""
+    return fit_converted_attention(LayerFit(calibration.model, target, layer, inputs, tensors, list(tensors),
+                                            options.fit_settings(), options.fit_heldout_windows))  # fmt: skip
+
+
 def _convert_for_plans(conversion: Conversion, options: MlaOptions, plans: dict[Path, MlaPlan],
-                       writers: dict[Path, LayerWriter], layer: int, calibration: Calibration,
-                       summary: RopeSummary) -> tuple[dict[Path, dict[str, Any]], dict[str, torch.Tensor] | None]:  # fmt: skip
-    """Layer `layer` converted under every plan and written to its folder: (folder -> report entry, the first plan's
-    tensors when error feedback needs them). The layer's source weights, statistics and each plan's tensors die
-    here, before the windows advance through the next materialized layer."""
+                       writers: dict[Path, LayerWriter], targets: dict[Path, StockModel], layer: int,
+                       calibration: Calibration, summary: RopeSummary) -> tuple[dict[Path, dict[str, Any]], dict[str, torch.Tensor] | None]:  # fmt: skip
+    """Layer `layer` converted (and fitted) under every plan and written to its folder: (folder -> report entry, the
+    first plan's tensors when error feedback needs them). The layer's source weights, statistics and each plan's
+    tensors die here, before the windows advance through the next materialized layer."""
     statistics = calibration.statistics(layer)
     attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after the layer ran
     head_norms = _head_norms(conversion, attention, statistics, options)
     layer_calibration = _layer_calibration(statistics, summary, head_norms)
+    inputs = statistics.inputs if options.fit != "none" else None
     del statistics
     if head_norms is not None:
         attention = linearized(attention, head_norms)
     reports, feedback = {}, None
     for folder, plan in plans.items():
         tensors, reports[folder] = _convert_layer(conversion, plan, options, layer, attention, layer_calibration)
+        if inputs is not None:
+            tensors, reports[folder]["fit"] = _fit(conversion, options, calibration, targets[folder], layer, inputs, tensors)
         writers[folder].write_layer(layer, tensors)
         if options.error_feedback and feedback is None:
             feedback = tensors
@@ -408,10 +420,11 @@ def _convert_layers(conversion: Conversion, options: MlaOptions, plans: dict[Pat
     calibration = Calibration(conversion.source_model(), conversion.spec, windows)
     split_rows = deepseek.split_gate_up(conversion.spec, conversion.checkpoint.config)
     writers = {folder: LayerWriter(conversion, folder, split_rows) for folder in plans}
-    main_target = conversion.target_model(next(iter(plans.values())).config, split_rows)
+    targets = {folder: conversion.target_model(plan.config, split_rows) for folder, plan in plans.items()}
+    main_target = targets[next(iter(plans))]
     reports: dict[Path, list[dict[str, Any]]] = {folder: [] for folder in plans}
     for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
-        layer_reports, feedback = _convert_for_plans(conversion, options, plans, writers, layer, calibration,
+        layer_reports, feedback = _convert_for_plans(conversion, options, plans, writers, targets, layer, calibration,
                                                      summaries[layer])  # fmt: skip
         for folder, report in layer_reports.items():
             reports[folder].append(report)
@@ -491,6 +504,8 @@ def mha_to_mla(source: str | Path, out: str | Path, options: MlaOptions) -> dict
         conversion.require_tokenizer("mha-to-mla calibrates on text", "")
         windows = calibration_windows(conversion.checkpoint.folder, calibration_text(options.calibration),
                                       options.calibration_tokens)  # fmt: skip
+        if options.fit != "none":
+            require_fit_windows(len(windows), options.fit_heldout_windows)
         summaries = _summarize(conversion, options, windows, inv_freq)
         plan = _plan(conversion, options, options.target, summaries)
         other = _other_target(conversion, options, plan, summaries) if options.check else None
@@ -503,5 +518,6 @@ def mha_to_mla(source: str | Path, out: str | Path, options: MlaOptions) -> dict
                 write_metadata(conversion, folder_plan.config, folder)
             check = _check(conversion, options, other, Path(scratch)) if options.check else None
         layers, new_parameters = written[conversion.staging]
-        return finish(conversion, method=_method(options), config=plan.config, summary=plan.summary, layers=layers,
+        summary = {**plan.summary, "fit": fit_summary(options.fit_report(), layers) if options.fit != "none" else None}
+        return finish(conversion, method=_method(options), config=plan.config, summary=summary, layers=layers,
                       new_parameters=new_parameters, check=check)  # fmt: skip

@@ -26,6 +26,20 @@ def _shape_lines(report: dict[str, Any]) -> list[str]:
             f"({heads.get('query', report['source_heads']['query'])} query heads)"]  # fmt: skip
 
 
+def _fit_lines(report: dict[str, Any]) -> list[str]:
+    fit = report.get("fit")
+    if not fit:
+        return ["- layers: the closed-form conversion alone (not fitted)"]
+    kept = fit["kept_closed_form"]
+    return [
+        f"- layers: {fit['layers_fitted']} converted attention layers fitted, one at a time, to the source attention's "
+        f"output on the calibration text `{fit['text']}` (AdamW, at most {fit['steps']} steps of "
+        f"{fit['micro_batch_size']} windows, early-stopped on {fit['heldout_windows']} held-out windows): mean "
+        f"held-out relative error {fit.get('heldout_relative_start_mean', 0):.4f} -> {fit.get('heldout_relative_end_mean', 0):.4f}"
+        + (f"; {len(kept)} kept their closed form ({', '.join(f'layer {k}: {v}' for k, v in kept.items())})" if kept else "")
+    ]  # fmt: skip
+
+
 def _check_lines(report: dict[str, Any]) -> list[str]:
     check = report.get("check")
     if not check:
@@ -74,6 +88,7 @@ def model_card(report: dict[str, Any], folder: str) -> str:
         "## Conversion", "",
         f"- method: `{report['method']}`",
         *_shape_lines(report),
+        *(_fit_lines(report) if "fit" in report else []),
         f"- KV cache per token: {kv['source']:,} -> {kv['target']:,} bytes ({report['kv_fraction']:.1%} of the "
         f"source, {kv['source'] / kv['target']:.2f}x smaller)",
         *[f"- note: {note}" for note in report.get("notes", [])],

@@ -94,6 +94,10 @@ class Conversion:
 
         return StockModel(config, read, set(self.checkpoint.names) | set(parts), self.device)
 
+    def changed_tensors(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Names among `tensors` (full names, float32) that the source lacks or holds with other values."""
+        return [name for name, tensor in tensors.items() if not same_as_source(self.checkpoint, name, tensor)]
+
     def require_tokenizer(self, why: str, alternative: str) -> None:
         """Refuse a source without a tokenizer, saying `why` one is needed and which `alternative` flags avoid it."""
         try:
@@ -103,6 +107,11 @@ class Conversion:
                 f"{self.source} has no usable tokenizer (no tokenizer files), and {why}: add the source's tokenizer "
                 "files to the folder" + (f", or pass {alternative}" if alternative else "")
             ) from None
+
+
+def same_as_source(checkpoint: SourceCheckpoint, name: str, tensor: torch.Tensor) -> bool:
+    """Whether the source holds `name` with exactly the values of `tensor` (float32)."""
+    return name in checkpoint and torch.equal(checkpoint.tensor(name).float(), tensor)
 
 
 def _refuse_missing_tensors(conversion: Conversion) -> None:
@@ -208,7 +217,7 @@ class LayerWriter:
             if name.startswith(prefix) and name not in self.attention:
                 self._copy(name)
         for name, tensor in tensors.items():
-            unchanged = name in self.checkpoint and torch.equal(self.checkpoint.tensor(name).float(), tensor)
+            unchanged = same_as_source(self.checkpoint, name, tensor)
             if unchanged and self.checkpoint.pickled is None:
                 self.writer.add_copy(name, self.checkpoint.entries[name])
             else:

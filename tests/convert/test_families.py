@@ -80,7 +80,7 @@ def test_identity_groups_copy_every_tensor_bit_for_bit(tiny_checkpoint, tmp_path
 def test_equal_heads_merge_losslessly_in_the_stock_class(tiny_checkpoint, tmp_path, model_type, method, groups):
     source = tiny_checkpoint(model_type, 4, 4, edit=_equal_heads_within(groups), tokenizer=True,
                              **LOUD, **FEATURES[model_type])  # fmt: skip
-    report = mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=groups, method=method, check=False, progress=False, calibration_tokens=512))  # fmt: skip
+    report = mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=groups, method=method, check=False, progress=False, calibration_tokens=512, fit="none"))  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert type(model).__name__ == json.loads((source / "config.json").read_text())["architectures"][0]
     expected = _logits(source)
@@ -106,7 +106,7 @@ def test_gemma_features_are_carried_unchanged(tiny_checkpoint, tmp_path, model_t
 
 def test_olmo2_key_norm_is_refitted_and_its_error_reported(tiny_checkpoint, tmp_path):
     source = tiny_checkpoint("olmo2", 4, 4, edit=_random_norms, tokenizer=True, **LOUD)
-    report = mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=2, method="grouped", check=True, check_tokens=256, calibration_tokens=1024, progress=False))  # fmt: skip
+    report = mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=2, method="grouped", check=True, check_tokens=256, calibration_tokens=1024, progress=False, fit="none"))  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.model.layers[0].self_attn.k_norm.weight.shape == (2 * 16,)
     assert report["family_support"]["level"] == "approximate"
@@ -150,7 +150,7 @@ def test_families_the_target_cannot_hold_are_refused_with_the_reason(tiny_checkp
     assert "\n" not in str(refusal.value) and not out.exists()
 
 
-MLA_QUICK = dict(check=False, progress=False, calibration_tokens=1024)
+MLA_QUICK = dict(check=False, progress=False, calibration_tokens=1024, fit="none")
 
 
 def test_phi3_to_mla_splits_gate_up_exactly_and_reproduces_the_source(tiny_checkpoint, tmp_path):
@@ -224,7 +224,7 @@ def qwen3_to_mla(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen3-mla")
     source = save_tiny_checkpoint(folder / "source", "qwen3", 4, 2, edit=_random_norms, tokenizer=True, **LOUD)
     reports = {
-        fit: mha_to_mla(source, folder / fit, MlaOptions(rope_dim="all", kv_rank="full", target="transformers", head_norm_fit=fit, calibration_tokens=2048, check=True, check_tokens=512, progress=False))
+        fit: mha_to_mla(source, folder / fit, MlaOptions(rope_dim="all", kv_rank="full", target="transformers", head_norm_fit=fit, calibration_tokens=2048, check=True, check_tokens=512, progress=False, fit="none"))
         for fit in ("least-squares", "head-matrix", "mean-gain")
     }  # fmt: skip
     return source, folder, reports
@@ -315,7 +315,7 @@ def _interleaved_equal_heads(model):
 def test_regrouped_equal_heads_merge_losslessly(tiny_checkpoint, tmp_path, model_type):
     source = tiny_checkpoint(model_type, 8, 4, edit=_interleaved_equal_heads, tokenizer=True, head_dim=16,
                              **LOUD, **FEATURES[model_type])  # fmt: skip
-    report = mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=2, method="grouped", check=False, progress=False, calibration_tokens=512))  # fmt: skip
+    report = mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=2, method="grouped", check=False, progress=False, calibration_tokens=512, fit="none"))  # fmt: skip
     assert report["layers"][0]["groups"] == [[0, 2], [1, 3]]
     torch.testing.assert_close(_logits(tmp_path / "out"), _logits(source), rtol=0, atol=1e-4)
 

@@ -96,9 +96,9 @@ def test_one_layer_is_alive_at_a_time_whatever_the_depth(tiny_checkpoint, tmp_pa
         source = tiny_checkpoint("llama", 4, 2, tokenizer=True, num_hidden_layers=depth)
         seen.clear()
         if converter == "gqa":
-            mha_to_gqa(source, tmp_path / f"out{depth}", GqaOptions(groups=1, calibration_tokens=1024, check=False, progress=False))
+            mha_to_gqa(source, tmp_path / f"out{depth}", GqaOptions(groups=1, calibration_tokens=1024, check=False, progress=False, fit="none"))
         else:
-            mha_to_mla(source, tmp_path / f"out{depth}", MlaOptions(kv_budget=0.5, target="sglang", calibration_tokens=1024, check=False, progress=False))
+            mha_to_mla(source, tmp_path / f"out{depth}", MlaOptions(kv_budget=0.5, target="sglang", calibration_tokens=1024, check=False, progress=False, fit="none"))
         assert max(alive for alive, _ in seen) <= 1
         peaks[depth] = max(size for _, size in seen)
     layer_bytes = 4 * (4 * 64 * 64 + 3 * 64 * 96)

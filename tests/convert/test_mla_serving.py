@@ -20,7 +20,7 @@ from kvshrink.convert.mla.biases import refit_without_bias
 from kvshrink.convert.mla.complex_heads import energy, factored_energy, moment_factor
 from kvshrink.convert.mla.shapes import resolve_shape
 
-QUICK = dict(check=False, progress=False, calibration_tokens=1024, overwrite=True)
+QUICK = dict(check=False, progress=False, calibration_tokens=1024, overwrite=True, fit="none")
 LOUD = dict(initializer_range=0.15, max_position_embeddings=512)
 
 

@@ -22,7 +22,7 @@ HELDOUT_PERPLEXITY_BOUND = 17.7
 def smollm2_mla_dir(smollm2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "smollm2-mla"
     result = CliRunner().invoke(convert_cli, [
-        "mha-to-mla", str(smollm2_dir), str(out), "--kv-budget", "0.9", "--calibration-tokens", "4096",
+        "mha-to-mla", str(smollm2_dir), str(out), "--kv-budget", "0.9", "--calibration-tokens", "4096", "--fit-steps", "16",
         "--check-tokens", "1024",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output

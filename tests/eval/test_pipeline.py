@@ -34,7 +34,7 @@ def pipeline_file(tmp_path, tiny_models):
         "output_dir": str(tmp_path / "run"),
         "conversions": [
             {"name": "gqa2", "command": "mha-to-gqa", "options": {"groups": 2, "check_tokens": 256,
-                                                                  "calibration_tokens": 512}},
+                                                                  "calibration_tokens": 2048}},
             {"name": "mqa-mean", "command": "mha-to-mqa", "options": {"method": "mean", "check": False}},
             WINDOWED,
         ],
