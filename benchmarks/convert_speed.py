@@ -140,7 +140,10 @@ def io_mode(args, workdir: Path, source: Path, copy_seconds: float) -> None:
 
 def default_mode(args, workdir: Path, source: Path, copy_seconds: float) -> None:
     tokens = ["--calibration-tokens", str(args.calibration_tokens), "--check-tokens", str(args.check_tokens)]
-    print(f"default commands with {args.calibration_tokens} calibration and {args.check_tokens} check tokens")
+    if args.fit_steps is not None:  # the fit's memory does not depend on its steps; its time is linear in them
+        tokens += ["--fit-steps", str(args.fit_steps)]
+    print(f"default commands with {args.calibration_tokens} calibration and {args.check_tokens} check tokens"
+          + (f", {args.fit_steps} fit steps a layer" if args.fit_steps is not None else ""))
     for name, command in (("mha-to-gqa", ["mha-to-gqa", "--groups", str(args.groups)]),
                           ("mha-to-mla", ["mha-to-mla", "--mla-shape", "512+64"])):  # fmt: skip
         out = workdir / name
@@ -164,6 +167,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, help="folder with SmolLM2's tokenizer files (mode default)")
     parser.add_argument("--calibration-tokens", type=int, default=1024)
     parser.add_argument("--check-tokens", type=int, default=512)
+    parser.add_argument("--fit-steps", type=int, help="mode default: the converters' --fit-steps (default: theirs)")
     parser.add_argument("--workdir", type=Path, help="where to build (default: a temporary folder, removed after)")
     args = parser.parse_args()
     if args.mode != "io" and args.tokenizer is None:

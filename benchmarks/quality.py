@@ -1,9 +1,11 @@
 """Quality of kvshrink's conversions on SmolLM2-135M before any training: held-out perplexity per KV budget.
 
 Rows: the source; every GQA method at MQA (SmolLM2 has 3 KV heads, so 1 KV head = 1/3 of the KV cache is its
-only real GQA budget); MLA's default and its published baseline (MHA2MLA: partial RoPE + weight SVD) at 50% and
-25%. Every conversion calibrates on the train split of pydoc topics (the converters' default) and is scored on
-the held-out split, which calibration never sees, in 512-token windows. Conversion time includes calibration.
+only real GQA budget), the default also without its block-wise fit (--fit none); MLA's default (with and without
+the fit) and its published baseline (MHA2MLA: partial RoPE + weight SVD) at 50% and 25%, and the 256+64 shape vLLM
+serves. Every conversion calibrates on the converters' default text (pydoc and KJV train splits interleaved) and
+is scored on the held-out split of each corpus (--heldout, default pydoc and KJV), which calibration never sees,
+in 512-token windows. Conversion time includes calibration and the fit.
 
 With `--uptrain-steps N`, the default and the published baseline of each family and budget are then distilled
 from the source for N steps with the shipped CPU recipe of their family (recipes/smollm2-{mqa,mla}-cpu.yaml, same
@@ -13,7 +15,7 @@ Writes OUT/quality.md (markdown table), OUT/quality.png (plot) and OUT/quality.j
 About 3-6 minutes per conversion on 2 busy CPU cores, plus about 8 s per uptraining step.
 
     python benchmarks/quality.py [--model DIR] [--out DIR] [--families gqa,mla] [--eval-tokens N]
-                                 [--uptrain-steps N [--compared-only]]
+                                 [--heldout pydoc,kjv] [--uptrain-steps N [--compared-only]]
 """
 
 from __future__ import annotations
@@ -49,12 +51,14 @@ def gqa_rows() -> list[Row]:
     from kvshrink.convert.options import GqaOptions
 
     names = [DEFAULT_METHOD, "mean"] + [name for name in method_names() if name not in ("mean", DEFAULT_METHOD)]
-    return [
+    rows = [
         Row("GQA", name + (" (default)" if name == DEFAULT_METHOD else " (GQA paper)" if name == "mean" else ""),
             partial(mha_to_gqa, options=GqaOptions(groups=1, method=name, check=False, progress=False)),
             GQA_RECIPE if name in (DEFAULT_METHOD, "mean") else None)
         for name in names
     ]  # fmt: skip
+    closed = GqaOptions(groups=1, check=False, progress=False, fit="none")
+    return rows[:1] + [Row("GQA", f"{DEFAULT_METHOD}, --fit none", partial(mha_to_gqa, options=closed))] + rows[1:]
 
 
 def mla_rows(budgets: list[float]) -> list[Row]:
@@ -65,12 +69,17 @@ def mla_rows(budgets: list[float]) -> list[Row]:
     for budget in budgets:
         baseline = partial(mha_to_mla, options=MlaOptions(
             kv_budget=budget, rope_dim=64 if budget == 0.5 else 32, rope_method="partial",
-            factorization="weight", distance_aware=False, target="transformers", check=False, progress=False,
+            factorization="weight", distance_aware=False, target="transformers", check=False, progress=False, fit="none",
         ))  # fmt: skip
         rows.append(Row("MLA", "partial RoPE + weight SVD (MHA2MLA)", baseline, MLA_RECIPE))
         # SmolLM2 has no vLLM shape at these budgets: the serving layout at any shape is --target sglang
         default = partial(mha_to_mla, options=MlaOptions(kv_budget=budget, target="sglang", check=False, progress=False))
         rows.append(Row("MLA", "default", default, MLA_RECIPE))
+        closed = MlaOptions(kv_budget=budget, target="sglang", check=False, progress=False, fit="none")
+        rows.append(Row("MLA", "default, --fit none", partial(mha_to_mla, options=closed)))
+    for fit in ("attention", "none"):  # the shape vLLM serves (SmolLM2 keeps 256+64 of its 3 x 2 x 64 per token)
+        servable = MlaOptions(mla_shape="256+64", check=False, progress=False, fit=fit)
+        rows.append(Row("MLA", "256+64 (vLLM)" + (", --fit none" if fit == "none" else ""), partial(mha_to_mla, options=servable)))
     return rows
 
 
@@ -79,14 +88,20 @@ GQA_RECIPE = str(REPOSITORY / "recipes" / "smollm2-mqa-cpu.yaml")
 MLA_RECIPE = str(REPOSITORY / "recipes" / "smollm2-mla-cpu.yaml")
 
 
-def uptrained_perplexity(recipe: str, steps: int, converted: Path, source: Path, windows) -> float:
+def scores(folder: Path, windows: dict[str, list]) -> dict[str, float]:
+    """Perplexity of the model in `folder` on each held-out split's windows."""
+    model = load_causal_lm(folder)
+    return {corpus: perplexity(model, split, progress=False) for corpus, split in windows.items()}
+
+
+def uptrained_perplexity(recipe: str, steps: int, converted: Path, source: Path, windows) -> dict[str, float]:
     from kvshrink.uptrain import load_recipe, uptrain
 
     trained = converted.parent / "uptrained"
     overrides = [f"model={converted}", f"teacher={source}", f"output_dir={trained}", f"max_steps={steps}",
                  "eval_interval=0", "save_interval=0", "tracker=none"]  # fmt: skip
     uptrain(load_recipe(recipe, overrides))
-    return perplexity(load_causal_lm(trained), windows, progress=False)
+    return scores(trained, windows)
 
 
 def measure(row: Row, model: Path, windows, uptrain_steps: int) -> dict:
@@ -95,7 +110,7 @@ def measure(row: Row, model: Path, windows, uptrain_steps: int) -> dict:
         started = time.perf_counter()
         report = row.convert(model, converted)
         seconds = time.perf_counter() - started
-        value = perplexity(load_causal_lm(converted), windows, progress=False)
+        value = scores(converted, windows)
         trained = None
         if uptrain_steps and row.recipe:
             trained = uptrained_perplexity(row.recipe, uptrain_steps, converted, model, windows)
@@ -103,28 +118,38 @@ def measure(row: Row, model: Path, windows, uptrain_steps: int) -> dict:
         "family": row.family,
         "method": row.method,
         "kv_fraction": report["kv_fraction"],
-        "perplexity": value,
-        "uptrained_perplexity": trained,
+        "perplexity": next(iter(value.values())),  # the first --heldout split
+        "heldout": value,
+        "uptrained_perplexity": trained and next(iter(trained.values())),
+        "uptrained_heldout": trained,
         "convert_seconds": round(seconds, 1),
         "calibration_seconds": (report.get("calibration") or {}).get("seconds"),
     }
 
 
-def markdown(results: list[dict], source: float, tokens: int, uptrain_steps: int) -> str:
+def _pair(values: dict[str, float] | None, source: dict[str, float] | None = None) -> str:
+    if values is None:
+        return ""
+    if source is None:
+        return " / ".join(f"{values[c]:,.2f}" for c in values)
+    return " / ".join(f"{values[c] / source[c]:,.2f}" for c in values)
+
+
+def markdown(results: list[dict], source: dict[str, float], tokens: int, uptrain_steps: int) -> str:
     trained = f"after {uptrain_steps} uptraining steps" if uptrain_steps else "after uptraining (not run)"
+    splits = " / ".join(source)
     lines = [
-        f"SmolLM2-135M, perplexity on {tokens} held-out tokens of pydoc topics (512-token windows). "
-        f"Source: {source:.2f}.",
+        f"SmolLM2-135M, perplexity on {tokens} held-out tokens of each of {splits} (512-token windows). "
+        f"Source: {_pair(source)}.",
         "",
-        f"| family | method | KV cache | perplexity, no training | × source | {trained} | convert s | of which calibration s |",
+        f"| family | method | KV cache | perplexity, no training ({splits}) | × source | {trained} | convert s | of which calibration s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         calibration = "n/r" if r["calibration_seconds"] is None else f"{r['calibration_seconds']:.0f}"
-        uptrained = "" if r["uptrained_perplexity"] is None else f"{r['uptrained_perplexity']:,.1f}"
         lines.append(
-            f"| {r['family']} | {r['method']} | {r['kv_fraction']:.0%} | {r['perplexity']:,.1f} | "
-            f"{r['perplexity'] / source:,.1f} | {uptrained} | {r['convert_seconds']:.0f} | {calibration} |"
+            f"| {r['family']} | {r['method']} | {r['kv_fraction']:.0%} | {_pair(r['heldout'])} | "
+            f"{_pair(r['heldout'], source)} | {_pair(r['uptrained_heldout'])} | {r['convert_seconds']:.0f} | {calibration} |"
         )
     lines += ["", "n/r: the conversion's report has no separate calibration time (mean-pooling calibrates nothing; the MLA "
               "converter reports only its total)."]
@@ -167,23 +192,26 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per model")
     parser.add_argument("--uptrain-steps", type=int, default=0, help="also score default and baseline after N steps")
     parser.add_argument("--compared-only", action="store_true", help="only the default and baseline rows")
+    parser.add_argument("--heldout", default="pydoc,kjv", help="comma-separated corpora whose held-out splits are scored (the first is plotted)")
     parser.add_argument("--mla-budgets", default="0.5,0.25", help="comma-separated KV fractions of the MLA rows")
     args = parser.parse_args()
     families = {"gqa": gqa_rows, "mla": partial(mla_rows, [float(b) for b in args.mla_budgets.split(",")])}
     rows = [row for family in args.families.split(",") for row in families[family.strip()]()]
     rows = [row for row in rows if row.recipe or not args.compared_only]
     args.out.mkdir(parents=True, exist_ok=True)
-    windows = token_windows(load_tokenizer(args.model), corpus_text("pydoc", "heldout"), args.eval_tokens, 512)
-    tokens = sum(w.numel() for w in windows)
-    source = perplexity(load_causal_lm(args.model), windows, progress=False)
-    print(f"source perplexity: {source:.2f} ({tokens} held-out tokens)", flush=True)
+    tokenizer = load_tokenizer(args.model)
+    windows = {corpus: token_windows(tokenizer, corpus_text(corpus, "heldout"), args.eval_tokens, 512)
+               for corpus in args.heldout.split(",")}  # fmt: skip
+    tokens = sum(w.numel() for w in next(iter(windows.values())))
+    source = scores(args.model, windows)
+    print(f"source perplexity: {_pair(source)} ({tokens} held-out tokens each)", flush=True)
     results = []
     for row in rows:
         results.append(measure(row, args.model, windows, args.uptrain_steps))
         print(json.dumps(results[-1]), flush=True)
         (args.out / "quality.json").write_text(json.dumps({"source": source, "tokens": tokens, "rows": results}, indent=2))
         (args.out / "quality.md").write_text(markdown(results, source, tokens, args.uptrain_steps))
-        plot(results, source, args.out / "quality.png")
+        plot(results, next(iter(source.values())), args.out / "quality.png")
     print(markdown(results, source, tokens, args.uptrain_steps))
 
 

@@ -63,13 +63,14 @@ def perplexity(model, windows: list[torch.Tensor], desc: str = "perplexity", pro
 
 
 def compare_perplexity(
-    tokenizer_folder: Path, models: dict[str, Path], text: str, max_tokens: int, device: torch.device,
+    tokenizer_folder: Path, models: dict[str, Path], text: tuple[str, str], max_tokens: int, device: torch.device,
     window: int = 512, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
-    """Perplexity of each model folder (label -> folder) over the same token windows of `text`, each run one
-    stock layer at a time (equal to the whole-model perplexity, in a fraction of its memory)."""
-    windows = token_windows(load_tokenizer(tokenizer_folder), text, max_tokens, window)
-    result: dict[str, Any] = {"tokens": sum(w.numel() for w in windows), "window": window}
+    """Perplexity of each model folder (label -> folder) over the same token windows of `text` ((text, what it is),
+    e.g. corpora.check_text's), each run one stock layer at a time (equal to the whole-model perplexity, in a
+    fraction of its memory)."""
+    windows = token_windows(load_tokenizer(tokenizer_folder), text[0], max_tokens, window)
+    result: dict[str, Any] = {"tokens": sum(w.numel() for w in windows), "window": window, "text": text[1]}
     for label, folder in models.items():
         result[f"{label}_perplexity"] = folder_perplexity(folder, windows, device, f"check {label}" if progress else None)
     return result

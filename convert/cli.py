@@ -138,7 +138,7 @@ def _print_summary(report: dict, out: Path) -> None:
     if "check" in report:
         check = report["check"]
         click.echo(
-            f"  perplexity on {check['tokens']} calibration tokens: source {check['source_perplexity']:.3f}, "
+            f"  perplexity on {check['tokens']} tokens of the {check['text']}: source {check['source_perplexity']:.3f}, "
             f"converted {check['converted_perplexity']:.3f}"
         )
     support = report.get("family_support", {})

@@ -107,12 +107,27 @@ def default_calibration() -> str:
     return MIXED if shutil.which("bible") is not None else "pydoc"
 
 
+def _named_text(source: str | None, split: Split) -> str | None:
+    """A built-in corpus (or the default mix) in `split`, or None where `source` names a file."""
+    source = default_calibration() if source is None else source
+    if source == MIXED:
+        return _interleaved([corpus_text(name, split) for name in ("pydoc", "kjv")])
+    if source in CORPORA:
+        return corpus_text(source, split)
+    return None
+
+
 def calibration_text(source: str | Path | None = None) -> str:
     """The text calibration runs on: a file the user names, a corpus name ('pydoc', 'kjv', or 'pydoc+kjv': the two
     interleaved), or by default the train splits of pydoc and KJV interleaved (pydoc alone without `bible`)."""
-    source = default_calibration() if source is None else str(source)
-    if source == MIXED:
-        return _interleaved([corpus_text(name, "train") for name in CORPORA])
-    if source in CORPORA:
-        return corpus_text(source, "train")
-    return read_text_file(source)
+    text = _named_text(None if source is None else str(source), "train")
+    return text if text is not None else read_text_file(source)
+
+
+def check_text(source: str | Path | None = None) -> tuple[str, str]:
+    """(text, what it is) the post-conversion check scores: the held-out split of the calibration corpus, which
+    neither calibration nor the block-wise fit read; a user's file has no such split, so its own text."""
+    text = _named_text(None if source is None else str(source), "heldout")
+    if text is not None:
+        return text, f"held-out split of {source or default_calibration()}"
+    return read_text_file(source), f"{source} (the calibration text itself)"

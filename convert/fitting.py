@@ -83,8 +83,12 @@ def _squared_error(attention: nn.Module, runner: AttentionRunner, hidden: torch.
 
 @torch.no_grad()
 def output_errors(attention: nn.Module, runner: AttentionRunner, pairs: WindowPairs) -> tuple[float, float]:
-    """(mean squared error, that error over the targets' mean square) over every window of `pairs`."""
+    """(mean squared error, that error over the targets' mean square) over every window of `pairs`, measured in
+    eval mode (no attention dropout) whatever mode the module is in."""
+    training = attention.training
+    attention.eval()
     error = sum(float(_squared_error(attention, runner, x, y)) for x, y in zip(pairs.inputs, pairs.targets)) / len(pairs)
+    attention.train(training)
     energy = sum(float(y.pow(2).mean()) for y in pairs.targets) / len(pairs)
     return error, error / energy
 
@@ -135,9 +139,10 @@ def fit_attention(attention: nn.Module, parameters: dict[str, nn.Parameter], run
                   heldout: WindowPairs | None = None) -> dict[str, Any]:  # fmt: skip
     """AdamW on the mean squared error between attention(inputs) and targets over `fitting`, micro_batch_size
     windows a step, training `parameters` only (rows far off `reference` size-scaled). With `heldout` and
-    `settings.checks`, the held-out error is measured `checks` times over the steps: the fit stops after two checks
-    without a new best, or at a non-finite loss, and ends at the best tensors seen (the start included). Returns
-    the errors before and after on the first MEASURED_WINDOWS fitting windows (and on `heldout`), and the steps run."""
+    `settings.checks`, the held-out error is measured every ceil(steps / checks) steps and after the last: the fit
+    stops after two checks without a new best, or at a non-finite loss, and ends at the best tensors seen (the
+    start included); without checks a non-finite loss or end ends at the start. Returns the errors before and after
+    on the first MEASURED_WINDOWS fitting windows (and on `heldout`), the steps run and why it stopped."""
     for parameter in attention.parameters():
         parameter.requires_grad_(False)
     for parameter in parameters.values():
@@ -171,6 +176,9 @@ def fit_attention(attention: nn.Module, parameters: dict[str, nn.Parameter], run
     if checking or stopped == "diverged":  # the best held-out point; without checks, a divergence ends at the start
         best.restore()
     end = output_errors(attention, runner, measured)
+    if not math.isfinite(end[0]):  # the last step blew up, after the last loss was seen
+        best.restore()
+        stopped, end = "diverged", output_errors(attention, runner, measured)
     result = {"mse_start": start[0], "mse_end": end[0], "relative_start": start[1], "relative_end": end[1],
               "steps": steps_run, "stopped": stopped}  # fmt: skip
     if heldout is not None:
@@ -232,18 +240,33 @@ def fit_converted_attention(fit: LayerFit) -> tuple[dict[str, torch.Tensor], dic
     attention, runner = layer.get_submodule(module), AttentionRunner(fit.target, fit.layer)
     closed_form = output_errors(attention, runner, heldout)[1]
     if closed_form < EXACT:
-        return fit.tensors, {"heldout_relative_start": closed_form, "kept_closed_form": "already exact"}
-    parameters = {name: p for key, p in attention.named_parameters() if (name := f"{prefix}{module}.{key}") in fit.trainable}
+        return fit.tensors, {"heldout_relative_start": closed_form, "kept_closed_form": "already exact", "seconds": 0.0}
+    parameters = _trainable(attention, f"{prefix}{module}.", fit.trainable)
     generator = torch.Generator().manual_seed(fit.layer)
     result = fit_attention(attention, parameters, runner, fitting, fit.settings, generator,
                            reference_rms(layer.parameters()), heldout=heldout)  # fmt: skip
-    report = {**result, "windows": len(fitting), "heldout_windows": len(heldout), "trained": sorted(parameters),
-              "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+    seconds = round(time.perf_counter() - started, 2)
     if result["stopped"] == "diverged" or result["heldout_relative_end"] > (1 - MIN_GAIN) * closed_form:
-        report["kept_closed_form"] = "the fit diverged" if result["stopped"] == "diverged" else "no held-out gain"
-        return fit.tensors, report
+        reason = "the fit diverged" if result["stopped"] == "diverged" else "no held-out gain"
+        # the written tensors are the closed form's: its errors stand as the layer's, the discarded fit's apart
+        return fit.tensors, {"heldout_relative_start": closed_form, "kept_closed_form": reason, "tried": result,
+                             "seconds": seconds}  # fmt: skip
+    report = {**result, "windows": len(fitting), "heldout_windows": len(heldout), "trained": sorted(parameters),
+              "seconds": seconds}  # fmt: skip
     fitted = {name: p.detach().to("cpu", torch.float32).clone() for name, p in parameters.items()}
     return {**fit.tensors, **fitted}, report
+
+
+def _trainable(attention: nn.Module, prefix: str, names: Collection[str]) -> dict[str, nn.Parameter]:
+    """The attention's parameters named (with `prefix`, their full checkpoint names) in `names`, all of them."""
+    parameters = {prefix + key: p for key, p in attention.named_parameters() if prefix + key in names}
+    missing = sorted(set(names) - set(parameters))
+    if missing or not parameters:
+        raise KvshrinkError(
+            f"the fit would train {missing[0] if missing else 'nothing'}, which the converted attention module does "
+            "not hold as a parameter: pass --fit none (and report this as a bug)"
+        )
+    return parameters
 
 
 def _split(pairs: WindowPairs, heldout: int) -> tuple[WindowPairs, WindowPairs]:
@@ -258,12 +281,12 @@ def fit_summary(settings: dict[str, Any], layers: list[dict[str, Any]]) -> dict[
     tried) beside the `settings` it ran with: the mean held-out error before and after (closed-form layers count
     with their own error), the layers that kept their closed form and why, seconds."""
     fits = {entry["layer"]: entry["fit"] for entry in layers if "fit" in entry}
-    kept = {layer: fit["kept_closed_form"] for layer, fit in fits.items() if "kept_closed_form" in fit}
+    kept = {str(layer): fit["kept_closed_form"] for layer, fit in fits.items() if "kept_closed_form" in fit}
     summary = {**settings, "layers_fitted": len(fits) - len(kept), "kept_closed_form": kept,
                "seconds": round(sum(fit.get("seconds", 0.0) for fit in fits.values()), 1)}  # fmt: skip
     if fits:
         start = [fit["heldout_relative_start"] for fit in fits.values()]
-        end = [fit["heldout_relative_start"] if layer in kept else fit["heldout_relative_end"] for layer, fit in fits.items()]
+        end = [fit.get("heldout_relative_end", fit["heldout_relative_start"]) for fit in fits.values()]
         summary.update(heldout_relative_start_mean=round(sum(start) / len(start), 6),
                        heldout_relative_end_mean=round(sum(end) / len(end), 6))  # fmt: skip
     return summary

@@ -19,7 +19,7 @@ from kvshrink.convert import gqa
 from kvshrink.convert.attention import AttentionWeights, attention_tensors, read_attention
 from kvshrink.convert.calibration import Calibration, LayerStatistics, calibration_windows
 from kvshrink.convert.check import compare_perplexity
-from kvshrink.convert.corpora import calibration_text
+from kvshrink.convert.corpora import calibration_text, check_text
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.fitting import LayerFit, fit_converted_attention, fit_summary, require_fit_windows
 from kvshrink.convert.gqa.attended import RotaryLayerStatistics
@@ -194,7 +194,7 @@ def mha_to_gqa(source: str | Path, out: str | Path, options: GqaOptions) -> dict
         if options.check:
             check = compare_perplexity(
                 conversion.checkpoint.folder, {"source": conversion.checkpoint.folder, "converted": conversion.staging},
-                calibration_text(options.calibration), options.check_tokens, conversion.device, progress=options.progress,
+                check_text(options.calibration), options.check_tokens, conversion.device, progress=options.progress,
             )  # fmt: skip
         support = conversion.spec.support("gqa")
         summary = {

@@ -25,7 +25,7 @@ from kvshrink.convert.attention import AttentionBiases, AttentionWeights, HeadCo
 from kvshrink.convert.calibration import CALIBRATION_WINDOW, Calibration, LayerStatistics, calibration_windows
 from kvshrink.convert.check import compare_perplexity
 from kvshrink.convert import engines
-from kvshrink.convert.corpora import calibration_text
+from kvshrink.convert.corpora import calibration_text, check_text
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.fitting import LayerFit, fit_converted_attention, fit_summary, require_fit_windows
 from kvshrink.convert.layers import StockModel
@@ -456,7 +456,7 @@ def _check(conversion: Conversion, options: MlaOptions, other: MlaPlan | str, ot
     folders = {"source": conversion.checkpoint.folder, "converted": conversion.staging}
     if isinstance(other, MlaPlan):
         folders["other"] = other_folder
-    result = compare_perplexity(conversion.checkpoint.folder, folders, calibration_text(options.calibration),
+    result = compare_perplexity(conversion.checkpoint.folder, folders, check_text(options.calibration),
                                 options.check_tokens, conversion.device, progress=options.progress)  # fmt: skip
     other_target = OTHER_TARGET[options.target]
     entry: dict[str, Any] = {"target": other_target}

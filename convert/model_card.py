@@ -45,7 +45,8 @@ def _check_lines(report: dict[str, Any]) -> list[str]:
     if not check:
         return ["Not checked (converted with --no-check)."]
     lines = [
-        f"Perplexity on {check['tokens']} calibration tokens ({check['window']}-token windows): source "
+        f"Perplexity on {check['tokens']} tokens of the {check.get('text', 'calibration text')} "
+        f"({check['window']}-token windows): source "
         f"{check['source_perplexity']:.3f}, this checkpoint {check['converted_perplexity']:.3f}."
     ]
     other = check.get("other_target")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from kvshrink.convert.calibration import calibration_windows
 from kvshrink.convert.check import compare_perplexity
 from kvshrink.convert.checkpoint import open_source
-from kvshrink.convert.corpora import calibration_text
+from kvshrink.convert.corpora import calibration_text, check_text
 from kvshrink.convert.engines import windowed_engines
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.families import load_family_specs
@@ -189,7 +189,7 @@ def add_sliding_window(source: str | Path, out: str | Path, options: SlidingWind
         if options.check:
             check = compare_perplexity(
                 conversion.checkpoint.folder, {"source": conversion.checkpoint.folder, "converted": conversion.staging},
-                calibration_text(options.calibration), options.check_tokens, conversion.device,
+                check_text(options.calibration), options.check_tokens, conversion.device,
                 window=min(length, options.check_tokens), progress=options.progress,
             )  # fmt: skip
         support = conversion.spec.support("window")

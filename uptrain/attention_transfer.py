@@ -6,7 +6,7 @@ inputs the source layer received and the outputs its o_proj produced become a sm
 converted layer's own stock attention module (DeepseekV3Attention, LlamaAttention with fewer KV heads, ...)
 is fitted to it by AdamW on the mean squared error (attention transfer, LoLCATs arXiv 2410.10254; layer-wise
 teacher forcing, arXiv 2604.05688) with the same loop the conversions' block-wise fit runs (convert/fitting.py).
-A conversion that already fitted its layers skips the stage unless `attention_transfer.after_fit`. Memory is one source layer, one converted attention module and the
+Layers the conversion already fitted (or found exact) are skipped unless `attention_transfer.after_fit`. Memory is one source layer, one converted attention module and the
 windows' hidden states.
 
 Layers are independent: under accelerate every process runs the source stream and fits the layers whose index
@@ -35,7 +35,7 @@ from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.layers import LayerStream, StockModel
 from kvshrink.convert.fitting import AttentionRunner, FitSettings, WindowPairs, fit_attention
 from kvshrink.convert.optimizer import reference_rms
-from kvshrink.uptrain.recipe import AttentionTransfer, Recipe, changed_attention_layers
+from kvshrink.uptrain.recipe import Recipe, transfer_layers
 
 TRANSFER_DIR = "attention_transfer"
 ATTENTION = "self_attn"
@@ -47,7 +47,7 @@ HELDOUT_BLOCKS = 4  # validation blocks each layer's held-out error is measured 
 def transfer_attention(recipe: Recipe, accelerator: Accelerator) -> dict[str, Any]:
     """Fit every converted attention layer this process owns, then return every layer's losses (all processes)."""
     output = Path(recipe.output_dir) / TRANSFER_DIR
-    layers = changed_attention_layers(recipe.model, "stage attention_transfer")
+    layers = transfer_layers(recipe)
     mine = [index for position, index in enumerate(layers) if position % accelerator.num_processes == accelerator.process_index]
     todo = [index for index in mine if not _layer_file(output, index, ".safetensors").is_file()]
     start = time.perf_counter()
@@ -159,8 +159,8 @@ def _stage_report(output: Path, layers: list[int], seconds: float, accelerator: 
     logged per layer under attention_transfer/*, with tracker step = layer index."""
     rows = [json.loads(_layer_file(output, index, ".json").read_text(encoding="utf-8")) for index in layers]
     for row in rows:
-        accelerator.log({f"attention_transfer/{key}": value for key, value in row.items() if key != "layer"},
-                        step=row["layer"])  # fmt: skip
+        accelerator.log({f"attention_transfer/{key}": value for key, value in row.items()
+                         if key != "layer" and isinstance(value, (int, float))}, step=row["layer"])  # fmt: skip
     means = {f"{name}_error_mean_{end}": _mean(rows, f"{name}_{end}")
              for name in ("relative", "heldout_relative") for end in ("start", "end")}  # fmt: skip
     return {"layers": rows, "seconds_this_session": round(seconds, 3), **means}

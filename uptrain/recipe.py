@@ -376,20 +376,28 @@ def new_parameter_names(model_dir: str | Path, needed_by: str = "trainable: new"
 
 
 def runs_attention_transfer(recipe: Recipe) -> bool:
-    """Whether the attention_transfer stage runs: listed in stages, and the conversion did not already fit its
-    layers to the source (convert's block-wise fit, the same loop) unless `attention_transfer.after_fit`."""
-    if "attention_transfer" not in recipe.stages:
-        return False
-    return recipe.attention_transfer.after_fit or not conversion_fitted(recipe.model)
+    """Whether the attention_transfer stage runs: listed in stages, with a layer left to transfer."""
+    return "attention_transfer" in recipe.stages and bool(transfer_layers(recipe))
 
 
-def conversion_fitted(model_dir: str | Path) -> bool:
-    """Whether the conversion that wrote `model_dir` fitted at least one layer (its kvshrink_report.json says)."""
+def transfer_layers(recipe: Recipe) -> list[int]:
+    """The layers attention_transfer fits: those the conversion changed, less those its block-wise fit already
+    fitted (the same loop) or found exact, unless `attention_transfer.after_fit`."""
+    layers = changed_attention_layers(recipe.model, "stage attention_transfer")
+    if recipe.attention_transfer.after_fit:
+        return layers
+    done = fitted_layers(recipe.model)
+    return [layer for layer in layers if layer not in done]
+
+
+def fitted_layers(model_dir: str | Path) -> set[int]:
+    """Layers the conversion's block-wise fit fitted, or found already exact (from its kvshrink_report.json)."""
     report = Path(model_dir) / CONVERSION_REPORT
     if not report.is_file():
-        return False
-    fit = json.loads(report.read_text(encoding="utf-8")).get("fit") or {}
-    return bool(fit.get("layers_fitted"))
+        return set()
+    entries = json.loads(report.read_text(encoding="utf-8")).get("layers") or []
+    return {entry["layer"] for entry in entries
+            if "fit" in entry and entry["fit"].get("kept_closed_form") in (None, "already exact")}  # fmt: skip
 
 
 def changed_attention_layers(model_dir: str | Path, needed_by: str) -> list[int]:

@@ -53,7 +53,7 @@ from kvshrink.uptrain.zero3 import (
 )
 
 UPTRAIN_REPORT = "uptrain_report.json"
-SKIPPED_TRANSFER = ("the conversion already fitted each converted layer to the source's (its report's \"fit\"); "
+SKIPPED_TRANSFER = ("the conversion already fitted every converted layer to the source's (its report's \"fit\"); "
                     "set attention_transfer.after_fit=true to run it anyway")  # fmt: skip
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -129,10 +129,14 @@ def test_bad_fit_options_get_one_line_and_write_nothing(tiny_checkpoint, tmp_pat
     assert [p.name for p in tmp_path.iterdir() if p.name != "tiny-0"] == []
 
 
-def test_the_report_records_every_layers_fit(tiny_checkpoint, tmp_path):
+def test_the_report_records_every_layers_fit_and_the_check_reads_held_out_text(tiny_checkpoint, tmp_path):
     source = tiny_checkpoint("llama", **LOSSY)
-    mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=1, **QUICK))
+    mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=1, **{**QUICK, "check": True, "check_tokens": 256}))
     report = json.loads((tmp_path / "out" / "kvshrink_report.json").read_text())
     assert {"steps", "lr", "heldout_windows", "scope", "text", "seconds"} <= set(report["fit"])
-    assert all({"relative_start", "relative_end", "heldout_relative_start", "heldout_relative_end", "seconds"}
-               <= set(layer["fit"]) for layer in report["layers"])  # fmt: skip
+    for layer in report["layers"]:
+        kept = "kept_closed_form" in layer["fit"]
+        keys = {"heldout_relative_start", "tried"} if kept else {"relative_end", "heldout_relative_end", "steps"}
+        assert keys | {"seconds"} <= set(layer["fit"])
+    # the check reads the corpus's held-out split: text neither calibration nor the fit saw
+    assert report["check"]["text"] == "held-out split of pydoc+kjv"
