@@ -135,6 +135,12 @@ def _print_summary(report: dict, out: Path) -> None:
         worst_k = max(layer["k_rel_error"] for layer in layers)
         worst_v = max(layer["v_rel_error"] for layer in layers)
         click.echo(f"  worst layer relative error: K {worst_k:.3f}, V {worst_v:.3f}")
+    fit = report.get("fit")
+    if fit and "heldout_relative_start_mean" in fit:
+        kept = f", {len(fit['kept_closed_form'])} kept their closed form" if fit["kept_closed_form"] else ""
+        click.echo(f"  fit: {fit['layers_fitted']} layers fitted to the source's attention output{kept}; mean held-out "
+                   f"relative error {fit['heldout_relative_start_mean']:.3f} -> {fit['heldout_relative_end_mean']:.3f} "
+                   f"({fit['seconds']:.0f} s)")  # fmt: skip
     if "check" in report:
         check = report["check"]
         click.echo(

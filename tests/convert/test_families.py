@@ -224,7 +224,7 @@ def qwen3_to_mla(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen3-mla")
     source = save_tiny_checkpoint(folder / "source", "qwen3", 4, 2, edit=_random_norms, tokenizer=True, **LOUD)
     reports = {
-        fit: mha_to_mla(source, folder / fit, MlaOptions(rope_dim="all", kv_rank="full", target="transformers", head_norm_fit=fit, calibration_tokens=2048, check=True, check_tokens=512, progress=False, fit="none"))
+        fit: mha_to_mla(source, folder / fit, MlaOptions(rope_dim="all", kv_rank="full", target="transformers", head_norm_fit=fit, calibration="pydoc", calibration_tokens=2048, check=True, check_tokens=512, progress=False, fit="none"))
         for fit in ("least-squares", "head-matrix", "mean-gain")
     }  # fmt: skip
     return source, folder, reports
@@ -236,7 +236,7 @@ def test_qwen3_to_mla_linearizes_the_head_norms_and_beats_transmla_gain(qwen3_to
     from kvshrink.convert.corpora import calibration_text
 
     source, folder, reports = qwen3_to_mla
-    # Held out: calibrated on the default pydoc text, scored on KJV prose.
+    # Held out: calibrated on pydoc, scored on KJV prose.
     held_out = torch.tensor(byte_level_tokenizer()(calibration_text("kjv")[:4000])["input_ids"][:1024]).reshape(4, 256)
     errors = {fit: _relative_logit_error(folder / fit, source, held_out) for fit in reports}
     # Measured: least squares 0.028, head-matrix 0.032, TransMLA's mean 1/rms gain 0.058 relative logit error.
@@ -249,7 +249,11 @@ def test_qwen3_to_mla_linearizes_the_head_norms_and_beats_transmla_gain(qwen3_to
         for part in ("q", "k"):
             assert 0 < layer[f"{part}_norm_rel_error"] < layer[f"{part}_norm_rel_error_mean_gain"]
     check = report["check"]
-    assert check["converted_perplexity"] < reports["mean-gain"]["check"]["converted_perplexity"]
+    # the check (held-out pydoc) lands closer to the source's perplexity than with TransMLA's gain: a random model's
+    # perplexity is no quality, its distance from the source's is the conversion's error
+    gain = reports["mean-gain"]["check"]
+    assert check["text"] == "held-out split of pydoc"
+    assert abs(check["converted_perplexity"] - check["source_perplexity"]) < abs(gain["converted_perplexity"] - gain["source_perplexity"])
 
 
 def test_qwen3_to_mla_exact_only_refuses(tiny_checkpoint, tmp_path):

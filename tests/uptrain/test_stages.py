@@ -189,19 +189,24 @@ def test_training_every_mla_parameter_keeps_the_latent_in_range_only_with_size_s
         assert after / before > 100
 
 
-def test_attention_transfer_is_skipped_after_a_fitted_conversion_unless_asked(tmp_path, mla_source_dir, write_recipe):
-    """The conversion's block-wise fit is the same loop on the same kind of targets: a recipe that lists
-    attention_transfer skips it for a fitted conversion, and runs it when attention_transfer.after_fit says so."""
+def test_attention_transfer_fits_only_what_the_conversions_fit_left_unless_asked(tmp_path, mla_source_dir, write_recipe):
+    """The conversion's block-wise fit is the same loop: attention_transfer fits only the layers that kept an
+    approximate closed form (here layer 1, where the fit found no held-out gain), is skipped when every layer was
+    fitted or exact, and fits every changed layer with attention_transfer.after_fit."""
     from kvshrink.convert.mha_to_mla import mha_to_mla
     from kvshrink.convert.options import MlaOptions
 
+    fitting = {**QUICK, "calibration_tokens": 2048, "fit": "attention", "fit_steps": 8}
     fitted = tmp_path / "fitted"
-    conversion = mha_to_mla(mla_source_dir, fitted, MlaOptions(kv_budget=0.5, target="sglang", fit_steps=8,
-                                                               **{**QUICK, "calibration_tokens": 2048, "fit": "attention"}))  # fmt: skip
-    assert conversion["fit"]["layers_fitted"] >= 1
-    skipped = uptrain(_recipe(write_recipe, mla_source_dir, fitted, max_steps=1))
-    assert "already fitted" in skipped["attention_transfer"]["skipped"]
-    assert not (tmp_path / "out" / TRANSFER_DIR).exists()
+    conversion = mha_to_mla(mla_source_dir, fitted, MlaOptions(kv_budget=0.5, target="sglang", **fitting))
+    assert conversion["fit"]["kept_closed_form"] == {"1": "no held-out gain"}
+    partly = uptrain(_recipe(write_recipe, mla_source_dir, fitted, max_steps=1))
+    assert [row["layer"] for row in partly["attention_transfer"]["layers"]] == [1]
     asked = uptrain(_recipe(write_recipe, mla_source_dir, fitted, max_steps=1, output_dir=str(tmp_path / "asked"),
                             attention_transfer={**TRANSFER, "steps": 2, "after_fit": True}))  # fmt: skip
     assert [row["layer"] for row in asked["attention_transfer"]["layers"]] == [0, 1]
+    exact = tmp_path / "exact"  # every layer already exact: nothing is left to transfer
+    mha_to_mla(mla_source_dir, exact, MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **fitting))
+    skipped = uptrain(_recipe(write_recipe, mla_source_dir, exact, max_steps=1, output_dir=str(tmp_path / "skipped")))
+    assert "already fitted" in skipped["attention_transfer"]["skipped"]
+    assert not (tmp_path / "skipped" / TRANSFER_DIR).exists()
