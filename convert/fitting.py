@@ -77,7 +77,8 @@ class AttentionRunner:
         return attention(hidden_states=states, position_embeddings=embeddings, attention_mask=mask)[0][0]
 
 
-def _squared_error(attention: nn.Module, runner: AttentionRunner, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _squared_error(attention: nn.Module, runner: AttentionRunner, hidden: torch.Tensor,
+                   target: torch.Tensor) -> torch.Tensor:  # fmt: skip
     return (runner(attention, hidden).float() - target).pow(2).mean()
 
 
@@ -87,7 +88,8 @@ def output_errors(attention: nn.Module, runner: AttentionRunner, pairs: WindowPa
     eval mode (no attention dropout) whatever mode the module is in."""
     training = attention.training
     attention.eval()
-    error = sum(float(_squared_error(attention, runner, x, y)) for x, y in zip(pairs.inputs, pairs.targets)) / len(pairs)
+    squared = [float(_squared_error(attention, runner, x, y)) for x, y in zip(pairs.inputs, pairs.targets)]
+    error = sum(squared) / len(pairs)
     attention.train(training)
     energy = sum(float(y.pow(2).mean()) for y in pairs.targets) / len(pairs)
     return error, error / energy
@@ -158,7 +160,8 @@ def fit_attention(attention: nn.Module, parameters: dict[str, nn.Parameter], run
     order, steps_run, stopped = window_batches(len(fitting), settings.micro_batch_size, generator), 0, "steps"
     for step in range(settings.steps):
         chosen = next(order)
-        loss = sum(_squared_error(attention, runner, fitting.inputs[i], fitting.targets[i]) for i in chosen) / len(chosen)
+        losses = [_squared_error(attention, runner, fitting.inputs[i], fitting.targets[i]) for i in chosen]
+        loss = sum(losses) / len(chosen)
         if not torch.isfinite(loss):
             stopped = "diverged"
             break

@@ -404,7 +404,8 @@ def _convert_for_plans(conversion: Conversion, options: MlaOptions, plans: dict[
     for folder, plan in plans.items():
         tensors, reports[folder] = _convert_layer(conversion, plan, options, layer, attention, layer_calibration)
         if inputs is not None:
-            tensors, reports[folder]["fit"] = _fit(conversion, options, calibration, targets[folder], layer, inputs, tensors)
+            fitted = _fit(conversion, options, calibration, targets[folder], layer, inputs, tensors)
+            tensors, reports[folder]["fit"] = fitted
         writers[folder].write_layer(layer, tensors)
         if options.error_feedback and feedback is None:
             feedback = tensors

@@ -6,8 +6,8 @@ inputs the source layer received and the outputs its o_proj produced become a sm
 converted layer's own stock attention module (DeepseekV3Attention, LlamaAttention with fewer KV heads, ...)
 is fitted to it by AdamW on the mean squared error (attention transfer, LoLCATs arXiv 2410.10254; layer-wise
 teacher forcing, arXiv 2604.05688) with the same loop the conversions' block-wise fit runs (convert/fitting.py).
-Layers the conversion already fitted (or found exact) are skipped unless `attention_transfer.after_fit`. Memory is one source layer, one converted attention module and the
-windows' hidden states.
+Layers the conversion already fitted (or found exact) are skipped unless `attention_transfer.after_fit`.
+Memory is one source layer, one converted attention module and the windows' hidden states.
 
 Layers are independent: under accelerate every process runs the source stream and fits the layers whose index
 is its rank modulo the process count. Each layer's error is also measured, before and after fitting, on a few
