@@ -17,7 +17,7 @@ from torch import nn
 
 from kvshrink.convert.check import load_tokenizer, token_windows
 from kvshrink.convert.families import FamilySpec
-from kvshrink.convert.layers import LayerStream, StockModel
+from kvshrink.convert.layers import AttentionTables, LayerStream, StockModel
 
 CALIBRATION_WINDOW = 512
 
@@ -61,5 +61,8 @@ class Calibration:
 
     def advance(self, layer: int, converted: nn.Module | None = None, owner: StockModel | None = None) -> None:
         """Move the windows past layer `layer`: through the source's layer, or through the `converted` one (error
-        feedback; `owner` is then the converted model, whose rotary embedding and masks it runs with)."""
-        self.stream.run(converted if converted is not None else self.model.layer(layer), layer, owner)
+        feedback; `owner` is then the converted model, whose rotary tables and masks it runs with)."""
+        if converted is None:
+            self.stream.run(self.model.layer(layer), layer)
+        else:  # one layer's tables: the windows share one length, so they are built once and used by every window
+            self.stream.run(converted, layer, AttentionTables(owner))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.layers import StockModel, causal_mask, position_embeddings
+from kvshrink.convert.layers import AttentionTables, StockModel
 from kvshrink.convert.optimizer import SizeScaledRows, off_scale_parameters, reference_rms
 
 # fitted windows the fitting error is measured on before and after: measured over all 128 of the shipped uptrain
@@ -57,23 +57,15 @@ class WindowPairs:
 
 
 class AttentionRunner:
-    """Runs a layer's attention module on one unpadded window, with the rotary embedding and mask `owner`'s stock
-    forward gives layer `index`. The tables of each window length are kept by this object, for its layer only."""
+    """Runs the attention module of decoder layer `index` on one unpadded window, with the rotary embedding and
+    mask that the stock forward of the model `tables` belong to gives that layer."""
 
-    def __init__(self, owner: StockModel, index: int):
-        self.owner, self.index = owner, index
-        self.rotary = owner.rotary_embedding()
-        self._tables: dict[int, tuple[Any, Any]] = {}
+    def __init__(self, tables: AttentionTables, index: int):
+        self.tables, self.index = tables, index
 
     def __call__(self, attention: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         states = hidden[None]
-        length = states.shape[1]
-        if length not in self._tables:
-            positions = torch.arange(length, device=states.device)[None]
-            with torch.no_grad():
-                embeddings = position_embeddings(self.rotary, self.owner, self.index, states, positions)
-            self._tables[length] = embeddings, causal_mask(self.owner, self.index, states)
-        embeddings, mask = self._tables[length]
+        embeddings, mask = self.tables(self.index, states)
         return attention(hidden_states=states, position_embeddings=embeddings, attention_mask=mask)[0][0]
 
 
@@ -116,6 +108,18 @@ def _optimizer(parameters: dict[str, nn.Parameter], settings: FitSettings, refer
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """Windows a fit is checked on instead of fitted, and the relative error the attention starts from on them."""
+
+    pairs: WindowPairs
+    start: float
+
+    @classmethod
+    def measured(cls, attention: nn.Module, runner: AttentionRunner, pairs: WindowPairs) -> HeldOut:
+        return cls(pairs, output_errors(attention, runner, pairs)[1])
+
+
 class _Best:
     """The trained tensors at the lowest held-out error seen so far (the starting point counts)."""
 
@@ -138,7 +142,7 @@ class _Best:
 
 def fit_attention(attention: nn.Module, parameters: dict[str, nn.Parameter], runner: AttentionRunner,
                   fitting: WindowPairs, settings: FitSettings, generator: torch.Generator, reference: float,
-                  heldout: WindowPairs | None = None) -> dict[str, Any]:  # fmt: skip
+                  heldout: HeldOut | None = None) -> dict[str, Any]:  # fmt: skip
     """AdamW on the mean squared error between attention(inputs) and targets over `fitting`, micro_batch_size
     windows a step, training `parameters` only (rows far off `reference` size-scaled). With `heldout` and
     `settings.checks`, the held-out error is measured every ceil(steps / checks) steps and after the last: the fit
@@ -154,8 +158,7 @@ def fit_attention(attention: nn.Module, parameters: dict[str, nn.Parameter], run
     measured = fitting.first(MEASURED_WINDOWS)
     start = output_errors(attention, runner, measured)
     checking = heldout is not None and settings.checks > 0
-    heldout_start = output_errors(attention, runner, heldout)[1] if heldout is not None else None
-    best = _Best(parameters, heldout_start if checking else math.inf)
+    best = _Best(parameters, heldout.start if checking else math.inf)
     interval = max(1, math.ceil(settings.steps / settings.checks)) if checking else 0
     order, steps_run, stopped = window_batches(len(fitting), settings.micro_batch_size, generator), 0, "steps"
     for step in range(settings.steps):
@@ -171,7 +174,7 @@ def fit_attention(attention: nn.Module, parameters: dict[str, nn.Parameter], run
         scheduler.step()
         steps_run = step + 1
         if checking and (steps_run % interval == 0 or steps_run == settings.steps):
-            best.offer(_finite_or_inf(output_errors(attention, runner, heldout)[1]))
+            best.offer(_finite_or_inf(output_errors(attention, runner, heldout.pairs)[1]))
             if best.stale >= 2:
                 stopped = "early"
                 break
@@ -184,9 +187,9 @@ def fit_attention(attention: nn.Module, parameters: dict[str, nn.Parameter], run
         stopped, end = "diverged", output_errors(attention, runner, measured)
     result = {"mse_start": start[0], "mse_end": end[0], "relative_start": start[1], "relative_end": end[1],
               "steps": steps_run, "stopped": stopped}  # fmt: skip
-    if heldout is not None:
-        result.update(heldout_relative_start=heldout_start,
-                      heldout_relative_end=output_errors(attention, runner, heldout)[1])  # fmt: skip
+    if heldout is not None:  # with checks the fit ends at the best point, whose held-out error `best` holds
+        end_heldout = best.error if checking else output_errors(attention, runner, heldout.pairs)[1]
+        result.update(heldout_relative_start=heldout.start, heldout_relative_end=end_heldout)
     return result
 
 
@@ -223,7 +226,7 @@ def heldout_indices(windows: int, heldout: int) -> list[int]:
 def _source_pairs(fit: LayerFit, module: str) -> WindowPairs:
     """The windows on the layer's device and what the source attention gave on them."""
     source_attention = fit.source.layer(fit.layer).get_submodule(module)
-    runner = AttentionRunner(fit.source, fit.layer)
+    runner = AttentionRunner(AttentionTables(fit.source), fit.layer)
     inputs = [window.to(fit.source.device) for window in fit.inputs]
     with torch.no_grad():
         targets = [runner(source_attention, window).float() for window in inputs]
@@ -238,10 +241,11 @@ def fit_converted_attention(fit: LayerFit) -> tuple[dict[str, torch.Tensor], dic
     started = time.perf_counter()
     prefix = fit.target.path(fit.target.decoder.layers[fit.layer]) + "."
     module = attention_module(next(iter(fit.tensors)), prefix)
-    fitting, heldout = _split(_source_pairs(fit, module), fit.heldout_windows)
+    fitting, heldout_pairs = _split(_source_pairs(fit, module), fit.heldout_windows)
     layer = fit.target.layer(fit.layer, fit.tensors)
-    attention, runner = layer.get_submodule(module), AttentionRunner(fit.target, fit.layer)
-    closed_form = output_errors(attention, runner, heldout)[1]
+    attention, runner = layer.get_submodule(module), AttentionRunner(AttentionTables(fit.target), fit.layer)
+    heldout = HeldOut.measured(attention, runner, heldout_pairs)
+    closed_form = heldout.start
     if closed_form < EXACT:
         return fit.tensors, {"heldout_relative_start": closed_form, "kept_closed_form": "already exact", "seconds": 0.0}
     parameters = _trainable(attention, f"{prefix}{module}.", fit.trainable)
@@ -254,7 +258,7 @@ def fit_converted_attention(fit: LayerFit) -> tuple[dict[str, torch.Tensor], dic
         # the written tensors are the closed form's: its errors stand as the layer's, the discarded fit's apart
         return fit.tensors, {"heldout_relative_start": closed_form, "kept_closed_form": reason, "tried": result,
                              "seconds": seconds}  # fmt: skip
-    report = {**result, "windows": len(fitting), "heldout_windows": len(heldout), "trained": sorted(parameters),
+    report = {**result, "windows": len(fitting), "heldout_windows": len(heldout_pairs), "trained": sorted(parameters),
               "seconds": seconds}  # fmt: skip
     fitted = {name: p.detach().to("cpu", torch.float32).clone() for name, p in parameters.items()}
     return {**fit.tensors, **fitted}, report

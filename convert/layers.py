@@ -28,19 +28,22 @@ from kvshrink.convert.errors import KvshrinkError
 VOCAB_CHUNK = 8192
 
 
-def _load_malloc_trim() -> Callable[[], None]:
-    """glibc's malloc_trim(0), or nothing where the C library has none (macOS, musl)."""
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
+class HeapTrim:
+    """Hands freed heap memory back to the OS when called (glibc's malloc_trim(0); nothing where the C library has
+    none: macOS, musl). A StockModel given one calls it before each piece's weights: glibc keeps freed blocks under
+    its mmap threshold (which rises to 32 MB as large blocks are freed, mallopt(3)) in the heap, where the per-layer
+    temporaries of a conversion would stay resident under the next layer's weights, the largest allocation of every
+    step."""
 
+    def __init__(self):
+        try:
+            self._malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            self._malloc_trim = None
 
-# Hands freed heap memory back to the OS. glibc keeps freed blocks under its mmap threshold (which rises to 32 MB as
-# large blocks are freed, mallopt(3)) in the heap, where the per-layer temporaries of a conversion would stay
-# resident under the next layer's weights, the largest allocation of every step.
-release_freed_memory = _load_malloc_trim()
+    def __call__(self) -> None:
+        if self._malloc_trim is not None:
+            self._malloc_trim(0)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -55,23 +58,25 @@ def resolve_device(device: str) -> torch.device:
 class StockModel:
     """A config's stock transformers causal LM whose weights are read tensor by tensor when a piece runs.
 
-    `read(name)` returns a checkpoint tensor by its full name, `names` holds every name it can read.
+    `read(name)` returns a checkpoint tensor by its full name, `names` holds every name it can read; `heap_trim`,
+    where given, runs before each piece is materialized (a conversion's models: the peak is one layer's weights).
     """
 
-    def __init__(self, config: dict[str, Any], read: Callable[[str], torch.Tensor], names: set[str], device: torch.device):
+    def __init__(self, config: dict[str, Any], read: Callable[[str], torch.Tensor], names: set[str],
+                 device: torch.device, heap_trim: HeapTrim | None = None):  # fmt: skip
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.config = AutoConfig.for_model(**config)
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
-        self.read, self.names, self.device = read, names, device
+        self.read, self.names, self.device, self.heap_trim = read, names, device, heap_trim
         self.decoder = self.skeleton.get_decoder()
         self._path = {id(module): path for path, module in self.skeleton.named_modules()}
 
     @classmethod
-    def of_checkpoint(cls, checkpoint, device: torch.device) -> StockModel:
+    def of_checkpoint(cls, checkpoint, device: torch.device, heap_trim: HeapTrim | None = None) -> StockModel:
         """The stock model of a `checkpoint.SourceCheckpoint`, reading its tensors."""
-        return cls(checkpoint.config, checkpoint.tensor, set(checkpoint.names), device)
+        return cls(checkpoint.config, checkpoint.tensor, set(checkpoint.names), device, heap_trim)
 
     def path(self, module: nn.Module) -> str:
         return self._path[id(module)]
@@ -99,7 +104,8 @@ class StockModel:
         """A real, float32, eval-mode copy of a meta submodule with its weights read from the checkpoint, or from
         `replaced` (full names) where it has them."""
         path, replaced = self.path(module), replaced or {}
-        release_freed_memory()  # the previous piece's and the last layer's temporaries, before this piece's weights
+        if self.heap_trim is not None:  # the previous piece's and the last layer's temporaries, before these weights
+            self.heap_trim()
         real = copy.deepcopy(module).to_empty(device=self.device)
         for submodule in real.modules():  # non-persistent buffers (Gemma's embedding scale) come from the config
             if any(name in submodule._non_persistent_buffers_set for name, _ in submodule.named_buffers(recurse=False)):
@@ -138,23 +144,36 @@ class _Reached(Exception):
     """Stops a layer's forward once the input of interest has been captured."""
 
 
-def causal_mask(owner: StockModel, index: int, hidden: torch.Tensor):
-    """The mask the stock model's forward gives layer `index` for unpadded windows like `hidden` ([1, T, hidden]):
-    causal, or sliding-window causal for a sliding layer (None where the attention kernel is causal by itself)."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+class AttentionTables:
+    """The rotary (cos, sin) and the mask that `model`'s stock forward gives a decoder layer on unpadded windows:
+    causal, or sliding-window causal for a sliding layer (None where the attention kernel is causal by itself).
+    Built once per attention kind, window length and dtype, for whoever runs windows through `model`'s layers."""
 
-    build = create_sliding_window_causal_mask if owner.attention_kind(index) == "sliding_attention" else create_causal_mask
-    return build(
-        config=owner.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-        position_ids=torch.arange(hidden.shape[1], device=hidden.device)[None],
-    )  # fmt: skip
+    def __init__(self, model: StockModel):
+        self.model = model
+        self.rotary = model.rotary_embedding()
+        self._built: dict[tuple[str, int, torch.dtype], tuple[Any, Any]] = {}
 
+    def __call__(self, index: int, hidden: torch.Tensor) -> tuple[Any, Any]:
+        """(position embeddings, attention mask) for layer `index` on windows like `hidden` ([1, T, hidden])."""
+        key = (self.model.attention_kind(index), hidden.shape[1], hidden.dtype)
+        if key not in self._built:
+            self._built[key] = self._build(key[0], hidden)
+        return self._built[key]
 
-def position_embeddings(rotary: nn.Module, owner: StockModel, index: int, hidden: torch.Tensor, positions: torch.Tensor):
-    """(cos, sin) of `owner`'s rotary embedding `rotary` for layer `index` at `positions`."""
-    if "layer_type" in inspect.signature(rotary.forward).parameters:  # Gemma-3: one RoPE per layer type
-        return rotary(hidden, positions, owner.attention_kind(index))
-    return rotary(hidden, positions)
+    @torch.no_grad()
+    def _build(self, kind: str, hidden: torch.Tensor) -> tuple[Any, Any]:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        if "layer_type" in inspect.signature(self.rotary.forward).parameters:  # Gemma-3: one RoPE per layer type
+            embeddings = self.rotary(hidden, positions, kind)
+        else:
+            embeddings = self.rotary(hidden, positions)
+        build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        mask = build(config=self.model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
+                     position_ids=positions)  # fmt: skip
+        return embeddings, mask
 
 
 @dataclass
@@ -167,44 +186,31 @@ class LayerStream:
     """Hidden states of token windows, at the input of one decoder layer of a StockModel at a time.
 
     `run` passes them through a stock layer (the source's, or a converted one); `inputs_of` reads what one of
-    its submodules receives without moving them.
+    its submodules receives without moving them. `tables` are the rotary tables and masks of the stream's model.
     """
 
     def __init__(self, model: StockModel, windows: list[torch.Tensor]):
         self.model = model
-        self._rotary: dict[int, nn.Module] = {}
         embeddings = model.materialize(model.skeleton.get_input_embeddings())
         with torch.no_grad():
             self.windows = [
                 _Window(embeddings(w[None].to(model.device)).float(), w[None].to(model.device)) for w in windows
             ]
-        self._masks: dict[tuple[str, int], Any] = {}
+        self.tables = AttentionTables(model)
 
-    def _mask(self, owner: StockModel, index: int, hidden: torch.Tensor):
-        key = (id(owner), owner.attention_kind(index), hidden.shape[1])
-        if key not in self._masks:
-            self._masks[key] = causal_mask(owner, index, hidden)
-        return self._masks[key]
-
-    def _position_embeddings(self, owner: StockModel, index: int, hidden: torch.Tensor, positions: torch.Tensor):
-        if id(owner) not in self._rotary:
-            self._rotary[id(owner)] = owner.rotary_embedding()
-        return position_embeddings(self._rotary[id(owner)], owner, index, hidden, positions)
-
-    def _forward(self, layer: nn.Module, index: int, window: _Window, owner: StockModel) -> torch.Tensor:
+    @staticmethod
+    def _forward(layer: nn.Module, index: int, window: _Window, tables: AttentionTables) -> torch.Tensor:
         positions = torch.arange(window.hidden.shape[1], device=window.hidden.device)[None]
-        output = layer(
-            window.hidden, attention_mask=self._mask(owner, index, window.hidden), position_ids=positions,
-            position_embeddings=self._position_embeddings(owner, index, window.hidden, positions),
-        )  # fmt: skip
+        embeddings, mask = tables(index, window.hidden)
+        output = layer(window.hidden, attention_mask=mask, position_ids=positions, position_embeddings=embeddings)
         return (output[0] if isinstance(output, tuple) else output).float()
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, index: int, owner: StockModel | None = None) -> None:
-        """Advance every window through `layer`, the stock layer at position `index` of `owner` (default: the
-        stream's model; a converted model's layer brings its own rotary embedding and masks)."""
+    def run(self, layer: nn.Module, index: int, tables: AttentionTables | None = None) -> None:
+        """Advance every window through `layer`, the stock layer at position `index` of the model `tables` were
+        built for (default: the stream's model; a converted model's layer brings its own rotary tables and masks)."""
         for window in self.windows:
-            window.hidden = self._forward(layer, index, window, owner or self.model)
+            window.hidden = self._forward(layer, index, window, tables if tables is not None else self.tables)
 
     @torch.no_grad()
     def inputs_of(self, layer: nn.Module, index: int, submodule: str) -> list[torch.Tensor]:
@@ -220,7 +226,7 @@ class LayerStream:
         try:
             for window in self.windows:
                 try:
-                    self._forward(layer, index, window, self.model)
+                    self._forward(layer, index, window, self.tables)
                 except _Reached:
                     pass
         finally:

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from kvshrink.convert.checkpoint import open_folder
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.layers import LayerStream, StockModel
-from kvshrink.convert.fitting import AttentionRunner, FitSettings, WindowPairs, fit_attention
+from kvshrink.convert.layers import AttentionTables, HeapTrim, LayerStream, StockModel
+from kvshrink.convert.fitting import AttentionRunner, FitSettings, HeldOut, WindowPairs, fit_attention
 from kvshrink.convert.optimizer import reference_rms
 from kvshrink.uptrain.recipe import Recipe, transfer_layers
 
@@ -52,8 +52,9 @@ def transfer_attention(recipe: Recipe, accelerator: Accelerator) -> dict[str, An
     todo = [index for index in mine if not _layer_file(output, index, ".safetensors").is_file()]
     start = time.perf_counter()
     if todo:
-        source = StockModel.of_checkpoint(open_folder(Path(recipe.teacher)), accelerator.device)
-        student = StockModel.of_checkpoint(open_folder(Path(recipe.model)), accelerator.device)
+        heap_trim = HeapTrim()
+        source = StockModel.of_checkpoint(open_folder(Path(recipe.teacher)), accelerator.device, heap_trim)
+        student = StockModel.of_checkpoint(open_folder(Path(recipe.model)), accelerator.device, heap_trim)
         fitting, heldout = _windows(recipe, accelerator)
         stream = LayerStream(source, fitting + heldout)
         progress = tqdm(total=len(todo), unit="layer", desc="attention transfer", disable=not accelerator.is_local_main_process)
@@ -123,9 +124,11 @@ def _fit_layer(recipe: Recipe, student: StockModel, index: int, pairs: tuple[lis
     inputs, targets = pairs
     spec = recipe.attention_transfer
     settings = FitSettings(steps=spec.steps, lr=spec.lr, micro_batch_size=spec.micro_batch_size)
-    losses = fit_attention(attention, dict(attention.named_parameters()), AttentionRunner(student, index),
+    runner = AttentionRunner(AttentionTables(student), index)
+    heldout = HeldOut.measured(attention, runner, WindowPairs(inputs[fitting:], targets[fitting:]))
+    losses = fit_attention(attention, dict(attention.named_parameters()), runner,
                            WindowPairs(inputs[:fitting], targets[:fitting]), settings, generator,
-                           reference_rms(layer.parameters()), heldout=WindowPairs(inputs[fitting:], targets[fitting:]))  # fmt: skip
+                           reference_rms(layer.parameters()), heldout=heldout)  # fmt: skip
     prefix = student.path(student.decoder.layers[index].get_submodule(ATTENTION))
     tensors = {f"{prefix}.{name}": t.detach().contiguous() for name, t in attention.state_dict().items()}
     output.mkdir(parents=True, exist_ok=True)

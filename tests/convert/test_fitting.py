@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 from kvshrink.convert.checkpoint import open_folder
 from kvshrink.convert.cli import convert_cli
 from kvshrink.convert.corpora import corpus_text
-from kvshrink.convert.fitting import AttentionRunner, FitSettings, WindowPairs, fit_attention, heldout_indices
-from kvshrink.convert.layers import StockModel
+from kvshrink.convert.fitting import AttentionRunner, FitSettings, HeldOut, WindowPairs, fit_attention, heldout_indices
+from kvshrink.convert.layers import AttentionTables, StockModel
 from kvshrink.convert.mha_to_gqa import mha_to_gqa
 from kvshrink.convert.mha_to_mla import mha_to_mla
 from kvshrink.convert.options import GqaOptions, MlaOptions
@@ -99,14 +99,15 @@ def test_fit_attention_stops_early_and_ends_at_the_best_point(tiny_checkpoint):
     attention, teacher = (model.layer(0).self_attn for _ in range(2))
     with torch.no_grad():
         teacher.k_proj.weight.mul_(-1.5)
-    runner = AttentionRunner(model, 0)
+    runner = AttentionRunner(AttentionTables(model), 0)
     inputs = [torch.randn(32, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     with torch.no_grad():
         targets = [runner(teacher, x) for x in inputs]
     before = {name: p.detach().clone() for name, p in attention.named_parameters()}
+    heldout = HeldOut.measured(attention, runner, WindowPairs(inputs, [-t for t in targets]))
     result = fit_attention(attention, dict(attention.named_parameters()), runner, WindowPairs(inputs, targets),
                            FitSettings(steps=40, lr=1e-2, micro_batch_size=2, checks=8), torch.Generator().manual_seed(0),
-                           0.1, heldout=WindowPairs(inputs, [-t for t in targets]))  # fmt: skip
+                           0.1, heldout=heldout)  # fmt: skip
     assert result["stopped"] == "early" and result["steps"] < 40
     assert result["heldout_relative_end"] == result["heldout_relative_start"]
     assert all(torch.equal(p, before[name]) for name, p in attention.named_parameters())

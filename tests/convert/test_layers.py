@@ -9,7 +9,7 @@ import torch
 from kvshrink.convert.check import load_causal_lm, perplexity
 from kvshrink.convert.checkpoint import open_source
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.layers import StockModel, stream_perplexity
+from kvshrink.convert.layers import HeapTrim, StockModel, stream_perplexity
 
 FAMILIES = [
     ("llama", 4, 2, {}),
@@ -34,6 +34,18 @@ def test_streamed_perplexity_equals_the_whole_model(tiny_checkpoint, model_type,
         streamed = stream_perplexity(StockModel.of_checkpoint(checkpoint, torch.device("cpu")), _windows())
     whole = perplexity(load_causal_lm(folder, "cpu"), _windows(), progress=False)
     assert streamed == pytest.approx(whole, rel=1e-5)
+
+
+def test_a_given_heap_trim_runs_before_each_piece_is_materialized(tiny_checkpoint):
+    trims = []
+
+    class CountingTrim(HeapTrim):
+        def __call__(self) -> None:
+            trims.append(None)
+
+    with open_source(tiny_checkpoint("llama", 4, 2)) as checkpoint:
+        stream_perplexity(StockModel.of_checkpoint(checkpoint, torch.device("cpu"), CountingTrim()), _windows())
+    assert len(trims) == 4  # the embeddings, two decoder layers, the final norm
 
 
 def test_a_tensor_holding_nan_is_refused_by_name(tiny_checkpoint):
