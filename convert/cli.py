@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -11,7 +10,7 @@ import click
 from pydantic import BaseModel
 
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.options import GqaOptions, MlaOptions, SlidingWindowOptions, build_options
+from kvshrink.convert.options import FIXED_OPTIONS, GqaOptions, MlaOptions, SlidingWindowOptions, build_options
 from kvshrink.convert.staging import break_lock_option
 
 
@@ -84,6 +83,11 @@ def _click_type(annotation: Any) -> Any:
     return str
 
 
+def _as_text(default: Any) -> Any:
+    """A list default as the command line gives it: comma-separated (the model's validator splits it)."""
+    return ",".join(map(str, default)) if isinstance(default, list) else default
+
+
 def options_from(model: type[BaseModel], skip: tuple[str, ...] = ()):
     """Click options for every field of an options model, each once: the field's default, its description as
     help, flags for booleans (--x/--no-x when on by default)."""
@@ -93,18 +97,19 @@ def options_from(model: type[BaseModel], skip: tuple[str, ...] = ()):
             extra = field.json_schema_extra or {}
             if name in skip or extra.get("cli") is False:
                 continue
-            flags = ["--" + name.replace("_", "-"), *([extra["short"]] if "short" in extra else [])]
+            flags = [*([extra["short"]] if "short" in extra else []), "--" + name.replace("_", "-")]
             if field.annotation is bool:
                 if field.default:
-                    flags = [f"{flags[0]}/--no-{flags[0][2:]}"]
+                    flags = [f"{flags[-1]}/--no-{flags[-1][2:]}"]
                 command = click.option(*flags, is_flag=True, default=field.default,
                                        show_default=bool(field.default), help=field.description)(command)  # fmt: skip
                 continue
-            required = field.is_required()
+            # A required option gets no default at all: click reports it missing only when none is given.
+            default = {} if field.is_required() else {"default": _as_text(field.default),
+                                                      "show_default": field.default is not None}  # fmt: skip
             command = click.option(
-                *flags, type=_click_type(field.annotation), required=required, metavar=extra.get("metavar"),
-                default=None if required else field.default, show_default=field.default is not None and not required,
-                help=field.description,
+                *flags, type=_click_type(field.annotation), required=field.is_required(), metavar=extra.get("metavar"),
+                help=field.description, **default,
             )(command)  # fmt: skip
         return command
 
@@ -161,29 +166,29 @@ def _print_exclusions(report: dict) -> None:
         click.echo(f"  not claimed for {engine}: {reason}")
 
 
-def _gqa_command(name: str, fixed_groups: int | None, help_text: str):
+def _gqa_command(name: str, help_text: str):
+    fixed = FIXED_OPTIONS.get(name, {})
+
     @convert_cli.command(name, help=help_text)
     @source_and_out
-    @options_from(GqaOptions, skip=("groups",) if fixed_groups else ())
+    @options_from(GqaOptions, skip=tuple(fixed))
     def command(source, out, **fields):
         from kvshrink.convert.mha_to_gqa import mha_to_gqa
 
-        if fixed_groups is not None:
-            fields["groups"] = fixed_groups
-        report = mha_to_gqa(source, out, build_options(GqaOptions, fields, cli=True))
+        report = mha_to_gqa(source, out, build_options(GqaOptions, {**fields, **fixed}, cli=True))
         _print_summary(report, Path(out).resolve())
 
     return command
 
 
 mha_to_gqa_command = _gqa_command(
-    "mha-to-gqa", None,
+    "mha-to-gqa",
     "Merge the KV heads of SRC (a model folder, hub id or .gguf file) into --groups heads; write OUT.\n\n"
     "OUT loads with stock transformers as the source's own class with num_key_value_heads = groups. Calibration "
     "and the check run one decoder layer at a time, so memory is one layer plus the calibration hidden states.",
 )
 mha_to_mqa_command = _gqa_command(
-    "mha-to-mqa", 1,
+    "mha-to-mqa",
     "Merge all KV heads of SRC into one (multi-query attention); write OUT. Same as mha-to-gqa --groups 1.",
 )
 
@@ -264,7 +269,3 @@ def example_smollm2(out: Path, overwrite: bool, break_lock: bool):
 
     path = materialize_smollm2(out, overwrite=overwrite, break_lock=break_lock)
     click.echo(f"SmolLM2-135M-Instruct written to {path}")
-
-
-def main() -> None:
-    kvshrink_cli(sys.argv[1:])

@@ -3,29 +3,32 @@
 One pydantic model per command: the click options (`cli.py` builds them from the fields), the Python API
 (`mha_to_gqa(source, out, GqaOptions(...))`), the pipeline's validation and the benchmarks all come from it.
 A field's description is its `--help` text; json_schema_extra may give a `metavar`, a `short` flag, or
-`cli: False` to keep it off the command line.
+`cli: False` to keep it off the command line. Rules between options that need no source model are validators
+here, so every entry point refuses the same option sets with the same message.
 """
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, model_validator
 
+from kvshrink.convert import gqa
+from kvshrink.convert.calibration import CALIBRATION_WINDOW
 from kvshrink.convert.corpora import default_calibration
-from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.fitting import FitSettings
-from kvshrink.convert.gqa import DEFAULT_METHOD as GQA_DEFAULT_METHOD
+from kvshrink.convert.option_models import OptionsModel, build_options
 from kvshrink.convert.staging import BREAK_LOCK_HELP
 
+__all__ = ["FIXED_OPTIONS", "ConvertOptions", "GqaOptions", "MlaOptions", "SlidingWindowOptions", "build_options"]
+
 GqaMethod = Literal["mean", "grouped", "aligned", "output-aware"]
+# Options a command sets itself: multi-query attention is grouped-query attention with one KV group.
+FIXED_OPTIONS: dict[str, dict[str, Any]] = {"mha-to-mqa": {"groups": 1}}
 
 
-class ConvertOptions(BaseModel):
+class ConvertOptions(OptionsModel):
     """What every conversion takes."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     check: bool = Field(True, description="Compare source and output perplexity on the calibration text after "
                         "converting (both run one layer at a time).")  # fmt: skip
@@ -96,10 +99,16 @@ class GqaOptions(FittedOptions):
     groups: int = Field(..., description="Number of KV heads in the output; must divide the source's KV heads.",
                         json_schema_extra={"short": "-g"})  # fmt: skip
     method: GqaMethod = Field(
-        GQA_DEFAULT_METHOD, description="How KV heads are merged: 'mean' averages them (the GQA paper); 'grouped' "
+        gqa.DEFAULT_METHOD, description="How KV heads are merged: 'mean' averages them (the GQA paper); 'grouped' "
         "first groups similar heads; 'aligned' also rotates heads onto each other; 'output-aware' fits the shared "
         "K/V to keep logits and o_proj outputs. All but 'mean' calibrate on text.",
     )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _enough_calibration_text(self) -> GqaOptions:
+        if gqa.needs_calibration(self.method) and self.calibration_tokens < 2:
+            raise ValueError(f"--calibration-tokens must be at least 2, got {self.calibration_tokens}")
+        return self
 
 
 class MlaOptions(FittedOptions):
@@ -154,6 +163,14 @@ class MlaOptions(FittedOptions):
         "refitting them into the weights on the calibration text (approximate; the report gives each layer's error).",
     )  # fmt: skip
 
+    @model_validator(mode="after")
+    def _a_whole_calibration_window(self) -> MlaOptions:
+        if self.calibration_tokens < CALIBRATION_WINDOW:
+            raise ValueError(
+                f"--calibration-tokens {self.calibration_tokens} is less than one {CALIBRATION_WINDOW}-token window: "
+                f"pass at least {CALIBRATION_WINDOW}"
+            )
+        return self
 
 
 class SlidingWindowOptions(ConvertOptions):
@@ -175,26 +192,3 @@ class SlidingWindowOptions(ConvertOptions):
     )  # fmt: skip
     sink_tokens: int = Field(4, ge=0, description="First tokens of a text whose dropped attention mass is reported "
                              "apart (attention sinks, which a plain window drops).")  # fmt: skip
-
-
-def _one_line(error: ValidationError, model: type[BaseModel], what: str, cli: bool) -> str:
-    first = error.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else "options"
-    named = "--" + field.replace("_", "-") if cli else repr(field)
-    if first["type"] == "extra_forbidden":
-        guess = difflib.get_close_matches(field, list(model.model_fields), n=1)
-        hint = f"did you mean {guess[0]}?" if guess else f"options are {', '.join(model.model_fields)}"
-        return f"{what}: unknown option {field!r}: {hint}"
-    if first["type"] == "missing":
-        return f"{what}: option {named} is required"
-    reasons = [e["msg"] for e in error.errors() if e["loc"][:1] == first["loc"][:1]]  # one per member of a union
-    return f"{what}: option {named}: {' or '.join(reasons)} (got {first.get('input')!r})"
-
-
-def build_options(model: type[BaseModel], values: dict[str, Any], what: str = "options", cli: bool = False) -> Any:
-    """`model` validated from plain values, or a one-line KvshrinkError naming the bad option (as a command-line
-    flag when `cli`)."""
-    try:
-        return model.model_validate(values)
-    except ValidationError as error:
-        raise KvshrinkError(_one_line(error, model, what, cli)) from None
