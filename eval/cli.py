@@ -6,17 +6,10 @@ from pathlib import Path
 
 import click
 
-from kvshrink.convert.cli import KvshrinkGroup
+from kvshrink.convert.cli import KvshrinkGroup, options_from
+from kvshrink.convert.option_models import build_options
 from kvshrink.convert.staging import break_lock_option
-from kvshrink.eval.offline_suite import OFFLINE_ALIAS, OFFLINE_TASKS
-
-
-def _batch_size(value: str) -> int | str:
-    if value == "auto":
-        return value
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    raise click.BadParameter(f"{value!r} is neither a positive integer nor 'auto'")
+from kvshrink.eval.options import EvalOptions
 
 
 def _int_list(value: str | None) -> list[int] | None:
@@ -38,27 +31,16 @@ def eval_cli():
 
 @eval_cli.command("run")
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--tasks",
-    required=True,
-    help=f"Comma-separated lm-eval task names; '{OFFLINE_ALIAS}' is kvshrink's offline suite "
-    f"({', '.join(OFFLINE_TASKS)}), which needs no download.",
-)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the results (must not exist).")
-@click.option("--limit", type=click.IntRange(min=1), help="Only the first N items of each task (faster, wider error bars).")
-@click.option("--batch-size", default="8", show_default=True, callback=lambda _c, _p, v: _batch_size(v),
-              help="Items per forward pass, or 'auto'.")
-@click.option("--device", help="torch device, e.g. cpu or cuda:0  [default: cuda if available, else cpu]")
+@options_from(EvalOptions)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @break_lock_option
-def run_command(models, tasks, out, limit, batch_size, device, overwrite, break_lock):
+def run_command(models, out, overwrite, break_lock, **fields):
     """Score MODELS (Hugging Face folders; the first is the base) on lm-eval tasks; write results to OUT."""
     from kvshrink.eval.compare import comparison_tables, render_table
     from kvshrink.eval.run import run_eval
 
-    task_names = [task.strip() for task in tasks.split(",") if task.strip()]
-    run_eval(models, task_names, out, limit=limit, batch_size=batch_size, device=device, overwrite=overwrite,
-             break_lock=break_lock)
+    run_eval(models, out, build_options(EvalOptions, fields, cli=True), overwrite=overwrite, break_lock=break_lock)
     _, tables = comparison_tables([out])
     click.echo("\n\n".join(render_table(table) for table in tables))
     click.echo(f"\nResults written to {out.resolve()}; compare runs with `kvshrink eval compare {out} ... --out DIR`")

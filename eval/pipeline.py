@@ -1,6 +1,6 @@
 """`kvshrink pipeline`: convert -> optional uptrain -> eval -> compare -> report.md, all in one output folder.
 
-A pipeline file is plain YAML validated into the dataclasses below before any model is loaded. Each step writes
+A pipeline file is plain YAML validated into the pydantic models below before any model is loaded. Each step writes
 its own folder atomically, so `--resume` can skip every step whose folder is already complete.
 """
 
@@ -10,18 +10,20 @@ import importlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import click
 import yaml
+from pydantic import Field, model_validator
 
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.option_models import Naming, OptionsModel, build, build_options
 from kvshrink.convert.outdir import check_output_dir
 from kvshrink.convert.staging import break_lock_option, run_lock
-from kvshrink.convert.typed_yaml import build_dataclass
 from kvshrink.eval.models import ModelFolder, check_model_dirs
+from kvshrink.eval.options import EvalOptions
 
 EXAMPLE_PREFIX = "example:"
 Command = Literal["mha-to-gqa", "mha-to-mqa", "mha-to-mla", "add-sliding-window"]
@@ -38,36 +40,49 @@ UNWINDOWABLE = {"mha-to-mla": "its DeepseekV3 output has no sliding window"}
 REPORTED_CONTEXT = 8192  # the report's KV column at this context shows what a sliding window saves
 
 
-@dataclass(frozen=True)
-class Conversion:
+class ConversionStep(OptionsModel):
+    """One conversion a pipeline runs: a convert command and its options."""
+
     name: str  # folder name under models/ and the label in every table
     command: Command
-    options: dict[str, Any] = field(default_factory=dict)  # fields of the command's options model (convert/options.py)
+    options: dict[str, Any] = Field(default_factory=dict)  # fields of the command's options model (convert/options.py)
     source: str | None = None  # the name of another conversion whose output this one converts; None: the source
 
 
-@dataclass(frozen=True)
-class Uptraining:
+class Uptraining(OptionsModel):
     conversion: str  # the name of the conversion to train; the result is labelled "<name>-uptrained"
     recipe: str  # a recipe YAML; its model, teacher and output_dir are set by the pipeline
-    overrides: list[str] = field(default_factory=list)  # extra `key=value` recipe overrides
+    overrides: list[str] = Field(default_factory=list)  # extra `key=value` recipe overrides
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    tasks: list[str] = field(default_factory=lambda: ["offline"])
-    limit: int | None = None
-    batch_size: int = 8
-    device: str | None = None
-
-
-@dataclass(frozen=True)
-class Pipeline:
+class Pipeline(OptionsModel):
     source: str  # a model folder, hub id, .gguf file, or "example:smollm2"
     output_dir: str
-    conversions: list[Conversion]
-    uptraining: list[Uptraining] = field(default_factory=list)
-    evaluation: Evaluation = field(default_factory=Evaluation)
+    conversions: list[ConversionStep]
+    uptraining: list[Uptraining] = Field(default_factory=list)
+    evaluation: EvalOptions = Field(default_factory=EvalOptions)
+
+    @model_validator(mode="after")
+    def _steps_fit_together(self) -> Pipeline:
+        """Names unique, references resolvable, each conversion's options valid for its command."""
+        try:
+            names = [c.name for c in self.conversions]
+            if not names:
+                raise KvshrinkError("`conversions` is empty: list at least one conversion")
+            duplicates = {name for name in names if names.count(name) > 1} | ({"source"} & set(names))
+            if duplicates:
+                raise KvshrinkError(f"conversion names must be unique and not 'source': rename {', '.join(sorted(duplicates))}")
+            for conversion in self.conversions:
+                _options(conversion)
+            in_source_order(self.conversions)
+            for step in self.uptraining:
+                if step.conversion not in names:
+                    raise KvshrinkError(f"uptraining names conversion {step.conversion!r}, which is not listed: use one of {', '.join(names)}")
+            if self.source.startswith(EXAMPLE_PREFIX) and self.source != f"{EXAMPLE_PREFIX}smollm2":
+                raise KvshrinkError(f"unknown example {self.source!r}: the embedded example is example:smollm2")
+        except KvshrinkError as problem:
+            raise ValueError(str(problem)) from None
+        return self
 
 
 def _converter(command: Command):
@@ -78,36 +93,37 @@ def _converter(command: Command):
     return getattr(importlib.import_module(module), function), getattr(options, model)
 
 
-def _options(conversion: Conversion, **fixed: Any):
+def _options(conversion: ConversionStep, **given: Any):
     """The conversion's options validated by the command's options model (the one its CLI flags come from)."""
-    from kvshrink.convert.options import build_options
+    from kvshrink.convert.options import FIXED_OPTIONS
 
-    if conversion.command == "mha-to-mqa" and "groups" in conversion.options:
-        raise KvshrinkError(f"conversion {conversion.name!r}: mha-to-mqa takes no groups; use mha-to-gqa for G > 1")
-    if conversion.command == "mha-to-gqa" and "groups" not in conversion.options:
-        raise KvshrinkError(f"conversion {conversion.name!r}: mha-to-gqa needs `groups: G` under options")
-    values = {**conversion.options, **({"groups": 1} if conversion.command == "mha-to-mqa" else {}), **fixed}
+    fixed = FIXED_OPTIONS.get(conversion.command, {})
+    for key, value in fixed.items():
+        if key in conversion.options:
+            raise KvshrinkError(f"conversion {conversion.name!r}: {conversion.command} sets {key} to {value} itself: "
+                                f"remove `{key}` from its options (mha-to-gqa takes any)")  # fmt: skip
+    values = {**conversion.options, **fixed, **given}
     return build_options(_converter(conversion.command)[1], values, f"conversion {conversion.name!r}")
 
 
-def _in_source_order(conversions: list[Conversion], where: Path) -> list[Conversion]:
+def in_source_order(conversions: list[ConversionStep]) -> list[ConversionStep]:
     """`conversions` ordered so each runs after the conversion it names as `source`; a one-line error for an
     unknown name, a cycle, or a window over an output that cannot have one."""
     by_name = {conversion.name: conversion for conversion in conversions}
-    ordered: list[Conversion] = []
+    ordered: list[ConversionStep] = []
     for conversion in conversions:
         chain: list[str] = []
-        step: Conversion | None = conversion
+        step: ConversionStep | None = conversion
         while step is not None and step not in ordered:
             if step.name in chain:
                 cycle = " -> ".join([*chain[chain.index(step.name):], step.name])
-                raise KvshrinkError(f"{where}: conversion sources form a cycle ({cycle}): let one of them read the pipeline's source")
+                raise KvshrinkError(f"conversion sources form a cycle ({cycle}): let one of them read the pipeline's source")
             chain.append(step.name)
             if step.source is not None and step.source not in by_name:
-                raise KvshrinkError(f"{where}: conversion {step.name!r} names source {step.source!r}, which is not listed: use one of {', '.join(by_name)} or leave source out")
+                raise KvshrinkError(f"conversion {step.name!r} names source {step.source!r}, which is not listed: use one of {', '.join(by_name)} or leave source out")
             upstream = by_name.get(step.source) if step.source else None
             if upstream and step.command == "add-sliding-window" and upstream.command in UNWINDOWABLE:
-                raise KvshrinkError(f"{where}: conversion {step.name!r} cannot window {upstream.name!r} ({upstream.command}): {UNWINDOWABLE[upstream.command]}; window the source or a GQA/MQA conversion")
+                raise KvshrinkError(f"conversion {step.name!r} cannot window {upstream.name!r} ({upstream.command}): {UNWINDOWABLE[upstream.command]}; window the source or a GQA/MQA conversion")
             step = upstream
         ordered += [by_name[name] for name in reversed(chain) if by_name[name] not in ordered]
     return ordered
@@ -123,24 +139,11 @@ def load_pipeline(path: str | Path) -> Pipeline:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise KvshrinkError(f"{path} is not valid YAML ({str(error).splitlines()[0]}): fix the file") from None
-    pipeline = build_dataclass(Pipeline, raw, what="pipeline")
-    names = [c.name for c in pipeline.conversions]
-    if not names:
-        raise KvshrinkError(f"{path}: `conversions` is empty: list at least one conversion")
-    duplicates = {name for name in names if names.count(name) > 1} | ({"source"} & set(names))
-    if duplicates:
-        raise KvshrinkError(f"{path}: conversion names must be unique and not 'source': rename {', '.join(sorted(duplicates))}")
-    for conversion in pipeline.conversions:
-        _options(conversion)
-    conversions = _in_source_order(pipeline.conversions, path)
+    pipeline = build(Pipeline, raw, Naming("pipeline key", scope=str(path), style="dotted"))
     for step in pipeline.uptraining:
-        if step.conversion not in names:
-            raise KvshrinkError(f"{path}: uptraining names conversion {step.conversion!r}, which is not listed: use one of {', '.join(names)}")
         if not Path(step.recipe).is_file():
             raise KvshrinkError(f"{path}: uptraining recipe {step.recipe} does not exist: fix the path")
-    if pipeline.source.startswith(EXAMPLE_PREFIX) and pipeline.source != f"{EXAMPLE_PREFIX}smollm2":
-        raise KvshrinkError(f"{path}: unknown example {pipeline.source!r}: the embedded example is example:smollm2")
-    return replace(pipeline, conversions=conversions)
+    return pipeline.model_copy(update={"conversions": in_source_order(pipeline.conversions)})
 
 
 @dataclass
@@ -255,7 +258,7 @@ def _run_steps(pipeline: Pipeline, layout: _Layout, resume: bool, break_lock: bo
 
     source = _source_folder(pipeline.source, layout, resume, break_lock)
     models: list[Path] = [source]
-    for conversion in pipeline.conversions:
+    for conversion in in_source_order(pipeline.conversions):
         out = layout.model(conversion.name)
         if not (resume and out.is_dir()):
             origin = layout.model(conversion.source) if conversion.source else source
@@ -271,8 +274,7 @@ def _run_steps(pipeline: Pipeline, layout: _Layout, resume: bool, break_lock: bo
     evaluation = pipeline.evaluation
     if not (resume and layout.eval.is_dir()):
         _announce(f"evaluating {len(models)} models on {', '.join(evaluation.tasks)}")
-        run_eval(models, evaluation.tasks, layout.eval, limit=evaluation.limit, batch_size=evaluation.batch_size,
-                 device=evaluation.device, overwrite=True, break_lock=break_lock)  # fmt: skip
+        run_eval(models, layout.eval, evaluation, overwrite=True, break_lock=break_lock)
     _announce("comparing")
     labelled = check_model_dirs(models)
     comparison = compare_results([layout.eval / model.label for model in labelled], layout.compare, overwrite=True,

@@ -12,6 +12,7 @@ Output layout (written whole or not at all):
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import json
@@ -23,7 +24,8 @@ from tqdm import tqdm
 
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.outdir import atomic_output_dir, check_output_dir
-from kvshrink.eval.models import check_model_dirs, default_device, load_model, load_tokenizer, model_metadata
+from kvshrink.eval.models import ModelFolder, check_model_dirs, default_device, load_model, load_tokenizer, model_metadata
+from kvshrink.eval.options import EvalOptions
 from kvshrink.eval.offline_suite import OFFLINE_ALIAS, OFFLINE_TASKS, build_offline_suite, suite_hash
 
 RESULTS_FILE = "results.json"
@@ -38,8 +40,6 @@ def expand_tasks(tasks: Sequence[str]) -> list[str]:
         for name in OFFLINE_TASKS if task == OFFLINE_ALIAS else [task]:
             if name not in expanded:
                 expanded.append(name)
-    if not expanded:
-        raise KvshrinkError(f"no task given: pass --tasks, e.g. --tasks {OFFLINE_ALIAS} or --tasks arc_easy,piqa")
     return expanded
 
 
@@ -61,37 +61,44 @@ def _task_manager(include_path: str):
     return TaskManager(include_path=include_path)
 
 
-def _stay_offline_for_local_tasks(tasks: list[str]) -> None:
-    """The offline suite reads local files only; without these the datasets library still tries the network."""
-    if all(task in OFFLINE_TASKS for task in tasks):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+@contextlib.contextmanager
+def _offline_for_local_tasks(tasks: list[str]):
+    """While the offline suite runs alone, tell the hub and datasets libraries to stay offline (it reads local files
+    only, and without these the datasets library still tries the network); the environment is restored after."""
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"} if all(task in OFFLINE_TASKS for task in tasks) else {}
+    saved = {name: os.environ.get(name) for name in offline}
+    os.environ.update({name: value for name, value in offline.items() if saved[name] is None})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
 
 
 def run_eval(
     models: Sequence[str | Path],
-    tasks: Sequence[str],
-    out: Path,
+    out: str | Path,
+    options: EvalOptions = EvalOptions(),
     *,
-    limit: int | None = None,
-    batch_size: int | str = 8,
-    device: str | None = None,
     overwrite: bool = False,
     break_lock: bool = False,
 ) -> list[Path]:
-    """Evaluate each model folder on `tasks` with lm-eval; return the per-model result folders under `out`.
+    """Evaluate each model folder with lm-eval as `options` say; return the per-model result folders under `out`.
 
-    `limit` keeps the first N items of each task (faster, wider standard errors; use the same N for every
-    model you compare); `batch_size` may be "auto".
+    `options.limit` keeps the first N items of each task (faster, wider standard errors; use the same N for every
+    model you compare); `options.batch_size` may be "auto".
     """
     folders = check_model_dirs(list(models))
-    task_names = expand_tasks(tasks)
+    task_names = expand_tasks(options.tasks)
     out = Path(out)
     check_output_dir(out, overwrite, break_lock=break_lock)
-    if limit is not None and limit < 1:
-        raise KvshrinkError(f"--limit must be a positive number of items per task, got {limit}")
-    _stay_offline_for_local_tasks(task_names)
+    with _offline_for_local_tasks(task_names):
+        return _evaluate(folders, task_names, out, options, overwrite, break_lock)
 
+
+def _evaluate(folders: list[ModelFolder], task_names: list[str], out: Path, options: EvalOptions, overwrite: bool,
+              break_lock: bool) -> list[Path]:  # fmt: skip
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import handle_non_serializable
@@ -99,14 +106,14 @@ def run_eval(
     suite_dir = build_offline_suite()
     task_manager = _task_manager(str(suite_dir))
     _check_known(task_names, task_manager.all_tasks)
-    device = device or default_device()
+    device = options.device or default_device()
 
     with atomic_output_dir(out, overwrite=overwrite, break_lock=break_lock) as staging:
         for folder in tqdm(folders, desc="models", unit="model"):
             model = load_model(folder, device)
-            lm = HFLM(pretrained=model, tokenizer=load_tokenizer(folder), batch_size=batch_size)
+            lm = HFLM(pretrained=model, tokenizer=load_tokenizer(folder), batch_size=options.batch_size)
             results = lm_eval.simple_evaluate(
-                model=lm, tasks=task_names, task_manager=task_manager, limit=limit, log_samples=False
+                model=lm, tasks=task_names, task_manager=task_manager, limit=options.limit, log_samples=False
             )
             del lm, model  # free one model before loading the next
             target = staging / folder.label
@@ -115,7 +122,7 @@ def run_eval(
             metadata = {
                 **model_metadata(folder),
                 "tasks": task_names,
-                "limit": limit,
+                "limit": options.limit,
                 "device": device,
                 "offline_suite": suite_hash(suite_dir),
             }

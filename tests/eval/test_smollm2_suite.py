@@ -7,6 +7,7 @@ import json
 import pytest
 
 from kvshrink.eval.offline_suite import CLOZE_CHOICES, OFFLINE_TASKS
+from kvshrink.eval.options import EvalOptions
 from kvshrink.eval.run import run_eval
 
 # A subset keeps the test fast: SmolLM2 scores ~0.85 against a chance of 0.25, so 40 items (standard error
@@ -29,7 +30,7 @@ def one_torch_thread():
 @pytest.mark.slow
 def test_smollm2_beats_chance_on_the_cloze_tasks_by_three_standard_errors(smollm2_dir, tmp_path, one_torch_thread):
     cloze_tasks = [task for task in OFFLINE_TASKS if task.endswith("_cloze")]
-    (result_dir,) = run_eval([smollm2_dir], cloze_tasks, tmp_path / "run", limit=ITEMS, device="cpu")
+    (result_dir,) = run_eval([smollm2_dir], tmp_path / "run", EvalOptions(tasks=cloze_tasks, limit=ITEMS, device="cpu"))
     results = json.loads((result_dir / "results.json").read_text())["results"]
     for task in cloze_tasks:
         accuracy, stderr = results[task]["acc,none"], results[task]["acc_stderr,none"]
