@@ -1,32 +1,32 @@
-"""Uptraining recipes: plain YAML (plus `key=value` overrides) validated into typed dataclasses.
+"""Uptraining recipes: plain YAML (plus `key=value` overrides) validated into typed pydantic models.
 
 Everything here runs before any model is loaded, so a mistyped key or a missing folder costs the user a
-second, not the minutes it takes to load a model. Validation errors are `KvshrinkError`s naming the key.
+second, not the minutes it takes to load a model. The rules between keys are validators of the models below;
+every problem is a one-line `KvshrinkError` naming the key and the fix (`convert/option_models.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import Field, StrictBool, field_validator, model_validator
 
 from kvshrink.convert.corpora import CORPORA
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.typed_yaml import build_dataclass
+from kvshrink.convert.option_models import Naming, OptionsModel, WholeNumber, build
 
 CONVERSION_REPORT = "kvshrink_report.json"
 DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _ATTENTION_TENSOR = re.compile(r"^model\.layers\.(\d+)\.self_attn\.")
+RECIPE_NAMING = Naming("recipe key", style="dotted")
 
 
-@dataclass(frozen=True)
-class DataSource:
+class DataSource(OptionsModel):
     """One source of text; exactly one of `corpus`, `path` or `hf` is set."""
 
     corpus: str | None = None  # built-in offline text: train split for training, held-out for validation
@@ -36,8 +36,27 @@ class DataSource:
     split: str = "train"  # the HF dataset's split
     data_files: str | None = None  # passed to `datasets.load_dataset` (e.g. with hf: json)
     text_field: str = "text"  # the column holding the text (.jsonl, .parquet, HF datasets)
-    weight: float | None = None  # share of the training blocks drawn from this source, relative to the other
-    # sources' weights (set on every source or none; local sources only); unset: every block once per pass
+    weight: float | None = Field(None, gt=0)  # share of the training blocks drawn from this source, relative to the
+    # other sources' weights (set on every source or none; local sources only); unset: every block once per pass
+
+    @field_validator("corpus")
+    @classmethod
+    def _known_corpus(cls, corpus: str | None) -> str | None:
+        if corpus is not None and corpus not in CORPORA:
+            raise ValueError(f"is {corpus!r}: choose one of {', '.join(CORPORA)}")
+        return corpus
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DataSource:
+        kinds = [k for k in ("corpus", "path", "hf") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"must set exactly one of corpus, path, hf (it sets {kinds or 'none'})")
+        if self.weight is not None and self.hf is not None:
+            raise ValueError(
+                "is a streamed HF dataset, which is read in its own order and cannot be weighted: remove the "
+                "weights, or download the data and use path"
+            )
+        return self
 
     def describe(self) -> str:
         if self.corpus:
@@ -47,95 +66,147 @@ class DataSource:
         return f"hf {self.hf}" + (f"/{self.config}" if self.config else "") + f" [{self.split}]"
 
 
-@dataclass(frozen=True)
-class Validation:
+class HeldOutSource(DataSource):
+    """A source of validation text: a DataSource without a weight, which only sets the training mix."""
+
+    @model_validator(mode="after")
+    def _no_weight(self) -> HeldOutSource:
+        if self.weight is not None:
+            raise ValueError("has a weight, which only sets the training mix: remove it")
+        return self
+
+
+class Validation(OptionsModel):
     """Held-out text for validation perplexity (measured at the start, every eval_interval steps and at the end)."""
 
-    sources: list[DataSource] = field(default_factory=list)  # corpora contribute their held-out split
-    fraction: float = 0.0  # instead: hold out this share of the training blocks (local data only)
-    max_tokens: int = 32768  # cap on validation tokens, so evaluation stays cheap
+    sources: list[HeldOutSource] = Field(default_factory=list)  # corpora contribute their held-out split
+    fraction: float = Field(0.0, ge=0, lt=1)  # instead: hold out this share of the training blocks (local data only)
+    max_tokens: WholeNumber = Field(32768, gt=0)  # cap on validation tokens, so evaluation stays cheap
 
 
-@dataclass(frozen=True)
-class Optimizer:
+class Optimizer(OptionsModel):
     """AdamW; weight decay applies to matrices only (not to norms, biases or 1-d parameters)."""
 
-    lr: float = 1e-4
-    weight_decay: float = 0.0
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # max global gradient norm; null disables clipping
     # rows 100x smaller than the model's typical weight (MLA's linearized latent) get AdamW's update scaled to
     # their size; plain AdamW moves every weight by about lr per step, which throws such rows out of their range
-    size_scaled_rows: bool = True
+    size_scaled_rows: StrictBool = True
 
 
-@dataclass(frozen=True)
-class Schedule:
+class Schedule(OptionsModel):
     """Linear warmup, then cosine or linear decay to zero, or a constant rate."""
 
     kind: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: WholeNumber = Field(0, ge=0)
 
 
-@dataclass(frozen=True)
-class Loss:
+class Loss(OptionsModel):
     """lm: next-token cross-entropy; distill: KL(teacher || student) at a temperature; mix: a weighted sum."""
 
     kind: Literal["lm", "distill", "mix"] = "lm"
-    temperature: float = 1.0
-    distill_weight: float = 0.5  # mix only: loss = (1 - w) * lm + w * distill
+    temperature: float = Field(1.0, gt=0)
+    distill_weight: float = Field(0.5, ge=0, le=1)  # mix only: loss = (1 - w) * lm + w * distill
 
 
 STAGES = ("attention_transfer", "end_to_end")
 
 
-@dataclass(frozen=True)
-class AttentionTransfer:
+class AttentionTransfer(OptionsModel):
     """Stage attention_transfer: each converted attention module, alone, learns to reproduce the source
     attention's output (MSE after o_proj) on the source's own inputs to that layer."""
 
-    steps: int = 40  # optimizer steps per converted layer
-    sequences: int = 64  # training blocks (seq_len tokens each) whose source attention inputs every layer fits; 16 overfit
-    micro_batch_size: int = 4  # blocks per optimizer step
-    lr: float = 1e-3  # AdamW, constant after a 10% warmup, no weight decay
-    after_fit: bool = False  # run even when the conversion already fitted its layers (its report's "fit")
+    steps: WholeNumber = Field(40, gt=0)  # optimizer steps per converted layer
+    sequences: WholeNumber = Field(64, gt=0)  # training blocks (seq_len tokens each) whose source attention inputs
+    # every layer fits; 16 overfit
+    micro_batch_size: WholeNumber = Field(4, gt=0)  # blocks per optimizer step
+    lr: float = Field(1e-3, gt=0)  # AdamW, constant after a 10% warmup, no weight decay
+    after_fit: StrictBool = False  # run even when the conversion already fitted its layers (its report's "fit")
 
 
-@dataclass(frozen=True)
-class Recipe:
+class Recipe(OptionsModel):
     """A complete uptraining run. Paths are relative to the working directory."""
 
     model: str  # the converted checkpoint (any folder a stock transformers class loads)
     output_dir: str  # final model, uptrain_report.json and checkpoints/ go here
     teacher: str | None = None  # the source model, for distillation
-    max_steps: int | None = None  # the budget: exactly one of max_steps, max_tokens, pretraining_fraction
-    max_tokens: int | None = None
-    pretraining_fraction: float | None = None  # share of `pretraining_tokens` (the GQA paper used 0.05)
-    pretraining_tokens: int | None = None
-    data: list[DataSource] = field(default_factory=lambda: [DataSource(corpus="pydoc")])
-    validation: Validation = field(default_factory=Validation)
-    seq_len: int = 512
-    packing: bool = True  # concatenate documents (EOS between) into full blocks; false: pad each document's tail
-    micro_batch_size: int = 1  # sequences per process per forward pass
-    gradient_accumulation: int = 1
-    optimizer: Optimizer = field(default_factory=Optimizer)
-    schedule: Schedule = field(default_factory=Schedule)
-    loss: Loss = field(default_factory=Loss)
+    max_steps: WholeNumber | None = Field(None, gt=0)  # the budget: exactly one of max_steps, max_tokens,
+    max_tokens: WholeNumber | None = Field(None, gt=0)  # pretraining_fraction
+    pretraining_fraction: float | None = Field(None, gt=0, le=1)  # share of `pretraining_tokens` (the GQA paper
+    pretraining_tokens: WholeNumber | None = Field(None, gt=0)  # used 0.05)
+    data: list[DataSource] = Field(default_factory=lambda: [DataSource(corpus="pydoc")])
+    validation: Validation = Field(default_factory=Validation)
+    seq_len: WholeNumber = Field(512, gt=0)
+    packing: StrictBool = True  # concatenate documents (EOS between) into full blocks; false: pad each document's tail
+    micro_batch_size: WholeNumber = Field(1, gt=0)  # sequences per process per forward pass
+    gradient_accumulation: WholeNumber = Field(1, gt=0)
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    schedule: Schedule = Field(default_factory=Schedule)
+    loss: Loss = Field(default_factory=Loss)
     precision: Literal["auto", "fp32", "bf16"] = "fp32"  # bf16: autocast, fp32 master weights, teacher in bf16;
     # auto: bf16 where the device multiplies bf16 natively (precision.py), else fp32
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: StrictBool = False
     trainable: Literal["all", "attention", "new"] = "all"  # new: the tensors kvshrink_report.json lists
-    freeze: list[str] = field(default_factory=list)  # glob patterns of parameter names kept frozen anyway
-    eval_interval: int = 0  # steps between validations; 0: only at the start and the end
-    save_interval: int = 0  # steps between checkpoints; 0: only at the end
-    keep_last: int = 2  # checkpoints kept in output_dir/checkpoints
-    log_interval: int = 10  # steps between tracker entries
-    seed: int = 0
+    freeze: list[str] = Field(default_factory=list)  # glob patterns of parameter names kept frozen anyway
+    eval_interval: WholeNumber = Field(0, ge=0)  # steps between validations; 0: only at the start and the end
+    save_interval: WholeNumber = Field(0, ge=0)  # steps between checkpoints; 0: only at the end
+    keep_last: WholeNumber = Field(2, gt=0)  # checkpoints kept in output_dir/checkpoints
+    log_interval: WholeNumber = Field(10, gt=0)  # steps between tracker entries
+    seed: WholeNumber = 0
     tracker: Literal["none", "csv", "tensorboard", "wandb"] = "none"
-    resume: bool = False  # continue from the newest checkpoint in output_dir
-    stages: list[Literal["attention_transfer", "end_to_end"]] = field(default_factory=lambda: ["end_to_end"])
-    attention_transfer: AttentionTransfer = field(default_factory=AttentionTransfer)
+    resume: StrictBool = False  # continue from the newest checkpoint in output_dir
+    stages: list[Literal["attention_transfer", "end_to_end"]] = Field(default_factory=lambda: ["end_to_end"])
+    attention_transfer: AttentionTransfer = Field(default_factory=AttentionTransfer)
+
+    @model_validator(mode="after")
+    def _stages_can_run(self) -> Recipe:
+        stages = self.stages
+        if not stages or len(set(stages)) != len(stages) or list(stages) != [s for s in STAGES if s in stages]:
+            raise ValueError(
+                f"stages {list(stages)} are not in an order that can run: list each once, attention_transfer before "
+                "end_to_end (e.g. [attention_transfer, end_to_end])"
+            )
+        if "attention_transfer" in stages and self.teacher is None:
+            raise ValueError(
+                "stage attention_transfer needs the source model as teacher (its layers give the inputs and "
+                "targets): set teacher=PATH"
+            )
+        if "end_to_end" in stages and self.loss.kind != "lm" and self.teacher is None:
+            raise ValueError(f"loss.kind is {self.loss.kind} but there is no teacher: set teacher=PATH, or loss.kind=lm")
+        return self
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> Recipe:
+        budgets = [k for k in ("max_steps", "max_tokens", "pretraining_fraction") if getattr(self, k) is not None]
+        if len(budgets) != 1 and "end_to_end" in self.stages:
+            raise ValueError(
+                f"the recipe needs exactly one budget, got {', '.join(budgets) if budgets else 'none'}: set one of "
+                "max_steps, max_tokens, or pretraining_fraction (with pretraining_tokens)"
+            )
+        if self.pretraining_fraction is not None and self.pretraining_tokens is None:
+            raise ValueError("pretraining_fraction needs pretraining_tokens: state the source model's pretraining token count")
+        return self
+
+    @model_validator(mode="after")
+    def _data_is_usable(self) -> Recipe:
+        if not self.data:
+            raise ValueError("the recipe's data list is empty: add at least one source (e.g. `- corpus: pydoc`)")
+        weighted = [source.weight is not None for source in self.data]
+        if any(weighted) and not all(weighted):
+            raise ValueError("some data sources have a weight and some do not: give every source a weight, or none")
+        validation = self.validation
+        if not validation.sources and validation.fraction == 0 and not any(s.corpus for s in self.data):
+            raise ValueError(
+                "no validation text: set validation.sources (e.g. `- corpus: pydoc`) or validation.fraction (e.g. 0.02)"
+            )
+        if validation.fraction > 0 and any(s.hf for s in self.data):
+            raise ValueError(
+                "validation.fraction cannot split a streamed HF dataset: set validation.sources to its validation split"
+            )
+        return self
 
     def tokens_per_step(self, num_processes: int) -> int:
         return self.seq_len * self.micro_batch_size * self.gradient_accumulation * num_processes
@@ -150,9 +221,6 @@ class Recipe:
         if tokens is None:
             tokens = int(self.pretraining_fraction * self.pretraining_tokens)
         return max(1, math.ceil(tokens / self.tokens_per_step(num_processes)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -210,119 +278,9 @@ def _list_index(items: list, part: str, key: str) -> int:
     return int(part)
 
 
-def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+def recipe_from_dict(raw: Any) -> Recipe:
     """Validate a recipe mapping into a Recipe (types, unknown keys, and rules between keys)."""
-    recipe = build_dataclass(Recipe, raw, "recipe")
-    _check_rules(recipe)
-    return recipe
-
-
-def _check_stages(recipe: Recipe) -> None:
-    stages = recipe.stages
-    if not stages or len(set(stages)) != len(stages) or list(stages) != [s for s in STAGES if s in stages]:
-        raise KvshrinkError(
-            f"stages {list(stages)} are not in an order that can run: list each once, attention_transfer before "
-            "end_to_end (e.g. [attention_transfer, end_to_end])"
-        )
-    if "attention_transfer" in stages and recipe.teacher is None:
-        raise KvshrinkError(
-            "stage attention_transfer needs the source model as teacher (its layers give the inputs and targets): "
-            "set teacher=PATH"
-        )
-    transfer = recipe.attention_transfer
-    for key in ("steps", "sequences", "micro_batch_size", "lr"):
-        if not getattr(transfer, key) > 0:
-            raise KvshrinkError(f"recipe key attention_transfer.{key} is {getattr(transfer, key)}: it must be greater than 0")
-
-
-def _check_rules(recipe: Recipe) -> None:
-    _check_stages(recipe)
-    budgets = [k for k in ("max_steps", "max_tokens", "pretraining_fraction") if getattr(recipe, k) is not None]
-    if len(budgets) != 1 and "end_to_end" in recipe.stages:
-        raise KvshrinkError(
-            "the recipe needs exactly one budget, got "
-            + (", ".join(budgets) if budgets else "none")
-            + ": set one of max_steps, max_tokens, or pretraining_fraction (with pretraining_tokens)"
-        )
-    if recipe.pretraining_fraction is not None:
-        if recipe.pretraining_tokens is None:
-            raise KvshrinkError(
-                "pretraining_fraction needs pretraining_tokens: state the source model's pretraining token count"
-            )
-        if not 0 < recipe.pretraining_fraction <= 1:
-            raise KvshrinkError(f"pretraining_fraction is {recipe.pretraining_fraction}: use a value in (0, 1]")
-    positive = {
-        "max_steps": recipe.max_steps,
-        "max_tokens": recipe.max_tokens,
-        "pretraining_tokens": recipe.pretraining_tokens,
-        "seq_len": recipe.seq_len,
-        "micro_batch_size": recipe.micro_batch_size,
-        "gradient_accumulation": recipe.gradient_accumulation,
-        "keep_last": recipe.keep_last,
-        "log_interval": recipe.log_interval,
-        "optimizer.lr": recipe.optimizer.lr,
-        "loss.temperature": recipe.loss.temperature,
-        "validation.max_tokens": recipe.validation.max_tokens,
-    }
-    for key, value in positive.items():
-        if value is not None and not value > 0:
-            raise KvshrinkError(f"recipe key {key} is {value}: it must be greater than 0")
-    not_negative = {
-        "eval_interval": recipe.eval_interval,
-        "save_interval": recipe.save_interval,
-        "schedule.warmup_steps": recipe.schedule.warmup_steps,
-        "optimizer.weight_decay": recipe.optimizer.weight_decay,
-    }
-    for key, value in not_negative.items():
-        if value < 0:
-            raise KvshrinkError(f"recipe key {key} is {value}: it must be 0 or more")
-    if not 0 <= recipe.validation.fraction < 1:
-        raise KvshrinkError(f"validation.fraction is {recipe.validation.fraction}: use a value in [0, 1)")
-    if not 0 <= recipe.loss.distill_weight <= 1:
-        raise KvshrinkError(f"loss.distill_weight is {recipe.loss.distill_weight}: use a value in [0, 1]")
-    if "end_to_end" in recipe.stages and recipe.loss.kind != "lm" and recipe.teacher is None:
-        raise KvshrinkError(
-            f"loss.kind is {recipe.loss.kind} but there is no teacher: set teacher=PATH, or loss.kind=lm"
-        )
-    _check_data(recipe)
-
-
-def _check_data(recipe: Recipe) -> None:
-    if not recipe.data:
-        raise KvshrinkError("the recipe's data list is empty: add at least one source (e.g. `- corpus: pydoc`)")
-    for key, source in [(f"data.{i}", s) for i, s in enumerate(recipe.data)] + [
-        (f"validation.sources.{i}", s) for i, s in enumerate(recipe.validation.sources)
-    ]:
-        kinds = [k for k in ("corpus", "path", "hf") if getattr(source, k) is not None]
-        if len(kinds) != 1:
-            raise KvshrinkError(f"{key} must set exactly one of corpus, path, hf (it sets {kinds or 'none'})")
-        if source.corpus is not None and source.corpus not in CORPORA:
-            raise KvshrinkError(f"{key}.corpus is {source.corpus!r}: choose one of {', '.join(CORPORA)}")
-        if key.startswith("validation") and source.weight is not None:
-            raise KvshrinkError(f"{key} has a weight, which only sets the training mix: remove it")
-    _check_weights(recipe.data)
-    if not recipe.validation.sources and recipe.validation.fraction == 0 and not any(s.corpus for s in recipe.data):
-        raise KvshrinkError(
-            "no validation text: set validation.sources (e.g. `- corpus: pydoc`) or validation.fraction (e.g. 0.02)"
-        )
-    if recipe.validation.fraction > 0 and any(s.hf for s in recipe.data):
-        raise KvshrinkError(
-            "validation.fraction cannot split a streamed HF dataset: set validation.sources to its validation split"
-        )
-
-
-def _check_weights(sources: list[DataSource]) -> None:
-    weighted = [source.weight is not None for source in sources]
-    if any(weighted) and not all(weighted):
-        raise KvshrinkError("some data sources have a weight and some do not: give every source a weight, or none")
-    for i, source in enumerate(sources):
-        if source.weight is not None and not source.weight > 0:
-            raise KvshrinkError(f"data.{i}.weight is {source.weight}: it must be greater than 0")
-        if source.weight is not None and source.hf is not None:
-            raise KvshrinkError(
-                f"data.{i} is a streamed HF dataset, which is read in its own order and cannot be weighted: "
-                "remove the weights, or download the data and use path"
-            )
+    return build(Recipe, raw, RECIPE_NAMING)
 
 
 def check_recipe_inputs(recipe: Recipe) -> None:

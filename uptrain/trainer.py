@@ -92,7 +92,7 @@ def _uptrain(recipe: Recipe, resume: bool) -> dict[str, Any]:
         configure_zero3(accelerator, recipe)
     if accelerator.device.type == "cpu":  # each step's large tensors: reuse their memory, do not fault it in again
         keep_freed_memory()
-    accelerator.init_trackers("kvshrink-uptrain", config=_flat(recipe.to_dict()))
+    accelerator.init_trackers("kvshrink-uptrain", config=_flat(recipe.model_dump()))
     transfer = None
     if runs_attention_transfer(recipe):
         with whole_modules(accelerator):
@@ -407,7 +407,7 @@ def final_report(run: Run, session: Session, transfer: dict[str, Any] | None) ->
         "val_perplexity_start": state["val_perplexity_start"],
         "val_perplexity_end": val_perplexity_end,
         "val_tokens": int(run.validation.lengths.sum()),
-        "recipe": recipe.to_dict(),
+        "recipe": recipe.model_dump(),
     }
 
 

@@ -54,7 +54,7 @@ def test_token_budgets_become_whole_steps(tiny_llama_dir, write_recipe):
         ({"data": [{"path": "x.txt"}]}, "no validation text: set validation.sources"),
         ({"output_dir": None}, "recipe key output_dir cannot be null"),
         ({"data": [{"corpus": "pydoc", "weight": 1}, {"corpus": "kjv"}]}, "some data sources have a weight and some do not"),
-        ({"data": [{"corpus": "pydoc", "weight": 0}]}, "data.0.weight is 0.0: it must be greater than 0"),
+        ({"data": [{"corpus": "pydoc", "weight": 0}]}, "data.0.weight is 0: it must be greater than 0"),
         ({"data": [{"hf": "x", "weight": 1}]}, "data.0 is a streamed HF dataset, which is read in its own order and cannot be weighted"),
         ({"validation": {"sources": [{"corpus": "kjv", "weight": 1}]}}, "validation.sources.0 has a weight, which only sets the training mix"),
     ],
@@ -67,7 +67,7 @@ def test_invalid_recipes_are_refused_by_name(raw, message):
 
 
 def test_missing_model_key_is_named():
-    with pytest.raises(KvshrinkError, match="recipe key model is missing: add `model: ...`"):
+    with pytest.raises(KvshrinkError, match="recipe key model is required: add `model: ...`"):
         recipe_from_dict({"output_dir": "o", "max_steps": 1})
 
 

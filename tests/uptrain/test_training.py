@@ -80,12 +80,12 @@ def test_learning_rate_schedules():
     from kvshrink.uptrain.recipe import Schedule
     from kvshrink.uptrain.trainer import lr_factor
 
-    cosine = [lr_factor(Schedule("cosine", warmup_steps=2), step, total_steps=6) for step in range(7)]
+    cosine = [lr_factor(Schedule(kind="cosine", warmup_steps=2), step, total_steps=6) for step in range(7)]
     assert cosine == pytest.approx([0.0, 0.5, 1.0, 0.85355339, 0.5, 0.14644661, 0.0])
-    linear = [lr_factor(Schedule("linear", warmup_steps=0), step, total_steps=4) for step in range(5)]
+    linear = [lr_factor(Schedule(kind="linear", warmup_steps=0), step, total_steps=4) for step in range(5)]
     assert linear == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
-    assert lr_factor(Schedule("constant", warmup_steps=4), 2, total_steps=10) == 0.5
-    assert lr_factor(Schedule("constant", warmup_steps=4), 9, total_steps=10) == 1.0
+    assert lr_factor(Schedule(kind="constant", warmup_steps=4), 2, total_steps=10) == 0.5
+    assert lr_factor(Schedule(kind="constant", warmup_steps=4), 9, total_steps=10) == 1.0
 
 
 @pytest.mark.parametrize(
