@@ -20,7 +20,9 @@ class EvalOptions(OptionsModel):
     )  # fmt: skip
     limit: int | None = Field(None, ge=1, description="Only the first N items of each task (faster, wider error "
                               "bars; use the same N for every model you compare).")  # fmt: skip
-    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(8, description="Items per forward pass, or 'auto'.")
+    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        8, description="Items per forward pass, or 'auto'."
+    )
     device: str | None = Field(None, description="torch device, e.g. cpu or cuda:0  [default: cuda if available, "
                                "else cpu]")  # fmt: skip
 

@@ -71,13 +71,16 @@ class Pipeline(OptionsModel):
                 raise KvshrinkError("`conversions` is empty: list at least one conversion")
             duplicates = {name for name in names if names.count(name) > 1} | ({"source"} & set(names))
             if duplicates:
-                raise KvshrinkError(f"conversion names must be unique and not 'source': rename {', '.join(sorted(duplicates))}")
+                raise KvshrinkError(
+                    f"conversion names must be unique and not 'source': rename {', '.join(sorted(duplicates))}"
+                )
             for conversion in self.conversions:
                 _options(conversion)
             in_source_order(self.conversions)
             for step in self.uptraining:
                 if step.conversion not in names:
-                    raise KvshrinkError(f"uptraining names conversion {step.conversion!r}, which is not listed: use one of {', '.join(names)}")
+                    raise KvshrinkError(f"uptraining names conversion {step.conversion!r}, which is not listed: use "
+                                        f"one of {', '.join(names)}")  # fmt: skip
             if self.source.startswith(EXAMPLE_PREFIX) and self.source != f"{EXAMPLE_PREFIX}smollm2":
                 raise KvshrinkError(f"unknown example {self.source!r}: the embedded example is example:smollm2")
         except KvshrinkError as problem:

@@ -175,7 +175,9 @@ class Recipe(OptionsModel):
                 "targets): set teacher=PATH"
             )
         if "end_to_end" in stages and self.loss.kind != "lm" and self.teacher is None:
-            raise ValueError(f"loss.kind is {self.loss.kind} but there is no teacher: set teacher=PATH, or loss.kind=lm")
+            raise ValueError(
+                f"loss.kind is {self.loss.kind} but there is no teacher: set teacher=PATH, or loss.kind=lm"
+            )
         return self
 
     @model_validator(mode="after")
@@ -187,7 +189,9 @@ class Recipe(OptionsModel):
                 "max_steps, max_tokens, or pretraining_fraction (with pretraining_tokens)"
             )
         if self.pretraining_fraction is not None and self.pretraining_tokens is None:
-            raise ValueError("pretraining_fraction needs pretraining_tokens: state the source model's pretraining token count")
+            raise ValueError(
+                "pretraining_fraction needs pretraining_tokens: state the source model's pretraining token count"
+            )
         return self
 
     @model_validator(mode="after")
