@@ -120,7 +120,8 @@ def _unknown_key(error: dict, model: type[BaseModel], naming: Naming) -> str:
     prefix = ".".join(parent_path) + "." if parent_path and naming.style == "dotted" else ""
     guess = difflib.get_close_matches(key, known, n=1)
     hint = f"did you mean {prefix}{guess[0]}?" if guess else f"known keys: {', '.join(known)}"
-    return f"unknown {naming.noun} {naming.name([*parent_path, key])}: {hint}"
+    style = "quoted" if naming.style == "flag" else naming.style  # no flag exists for an unknown key
+    return f"unknown {naming.noun} {Naming(naming.noun, style=style).name([*parent_path, key])}: {hint}"
 
 
 def _choices(expected: str) -> str:

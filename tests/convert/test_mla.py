@@ -356,8 +356,8 @@ def test_bad_shapes_are_refused_with_the_fix(tiny_source, tmp_path, options, mes
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (dict(kv_rank=8, rope_method="spin"), r"option --rope-method: Input should be 'rotate' or 'partial' \(got 'spin'\)"),
-        (dict(kv_rank=8, target="tgi"), r"option --target: Input should be 'vllm', 'sglang' or 'transformers'"),
+        (dict(kv_rank=8, rope_method="spin"), r"option --rope-method is 'spin': choose one of rotate, partial"),
+        (dict(kv_rank=8, target="tgi"), r"option --target is 'tgi': choose one of vllm, sglang, transformers"),
         (dict(kv_rank="most"), r"option --kv-rank: Input should be a valid integer.* or Input should be 'full'"),
         (dict(kv_rank=8, rope_dims=8), r"unknown option 'rope_dims': did you mean rope_dim\?"),
     ],
