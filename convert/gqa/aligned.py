@@ -19,9 +19,10 @@ from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.calibration import LayerStatistics
 from kvshrink.convert.gqa import KvMerge
 from kvshrink.convert.gqa.grouping import regroup_similar_heads
-from kvshrink.convert.gqa.heads import augmented, per_head, rotary_pairs, rotate_keys, rotate_values
+from kvshrink.convert.gqa.heads import per_head, rotate_keys, rotate_values
 from kvshrink.convert.gqa.mean import merge as mean_merge
 from kvshrink.convert.gqa.objectives import merge_errors
+from kvshrink.convert.maths import augmented, to_complex
 
 NEEDS_CALIBRATION = True
 FOLDS_KEY_GAINS = True
@@ -30,7 +31,7 @@ _PROCRUSTES_ROUNDS = 5
 
 def _key_phases(attention: AttentionWeights, groups: int, moment: torch.Tensor) -> torch.Tensor:
     """Unit complex phases [KV, J] such that k̃_hj / phase aligns every head's pair j with its group's mean."""
-    keys = rotary_pairs(augmented(attention.k, attention.k_bias), attention.head_dim)
+    keys = to_complex(augmented(attention.k, attention.k_bias), attention.head_dim)
     grouped = keys.reshape(groups, -1, *keys.shape[1:])  # [G, n, J, c]
     sigma = moment.to(torch.complex128)
     phases = torch.ones(grouped.shape[:3], dtype=torch.complex128)

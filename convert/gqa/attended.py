@@ -16,7 +16,7 @@ import torch
 
 from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.calibration import LayerStatistics
-from kvshrink.convert.gqa.heads import augmented
+from kvshrink.convert.maths import augmented, complex_pairs, rms_norm
 
 # Enough windows for a stable moment; the attention recomputation is the costliest part of a calibrated merge.
 _MAX_WINDOWS = 4
@@ -30,12 +30,12 @@ class RotaryLayerStatistics(LayerStatistics):
     attention_scaling: float = 1.0  # transformers multiplies cos/sin by this
     logit_scale: float | None = None  # None: 1/sqrt(head_dim); Gemma: query_pre_attn_scalar^-0.5
     logit_softcap: float | None = None  # Gemma-2: logits become cap · tanh(logits / cap) before the softmax
+    norm_eps: float = 1e-6  # the source's rms_norm_eps, which its q/k norms run at (transformers' default)
 
 
-def _rms_normed(heads: torch.Tensor, weight: torch.Tensor | None, offset: float) -> torch.Tensor:
-    if weight is None:
-        return heads
-    return heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + 1e-6) * (offset + weight)
+def _normed(heads: torch.Tensor, weight: torch.Tensor | None, offset: float, eps: float) -> torch.Tensor:
+    """A q or k projection through the source's per-head norm, where it has one."""
+    return heads if weight is None else rms_norm(heads, weight, offset, eps)
 
 
 @torch.no_grad()
@@ -62,13 +62,13 @@ def attended_moments(
     key_moment = torch.zeros(key_rows.shape[0], key_rows.shape[0])
     q_rows, k_rows = augmented(attention.q, attention.q_bias).float(), augmented(attention.k, attention.k_bias).float()
     value_rows, key_rows = value_rows.float(), key_rows.float()
-    half = d // 2
+    offset, eps = attention.norm_offset, stats.norm_eps
     for window in inputs:
         x = torch.cat([window.float(), torch.ones(length, 1)], dim=1)  # [T, c]
-        q = _rms_normed((x @ q_rows.T).reshape(length, heads, d), attention.q_norm, attention.norm_offset)
-        k = _rms_normed((x @ k_rows.T).reshape(length, kv_heads, d), attention.k_norm, attention.norm_offset)
-        q = torch.complex(q[..., :half], q[..., half:]) * rotation[:, None]
-        k = (torch.complex(k[..., :half], k[..., half:]) * rotation[:, None]).repeat_interleave(heads // kv_heads, dim=1)
+        q = _normed((x @ q_rows.T).reshape(length, heads, d), attention.q_norm, offset, eps)
+        k = _normed((x @ k_rows.T).reshape(length, kv_heads, d), attention.k_norm, offset, eps)
+        q = complex_pairs(q) * rotation[:, None]
+        k = (complex_pairs(k) * rotation[:, None]).repeat_interleave(heads // kv_heads, dim=1)
         logits = torch.einsum("mhj,nhj->hmn", q, k.conj()).real * (stats.logit_scale or 1 / math.sqrt(d))
         if stats.logit_softcap:
             logits = stats.logit_softcap * torch.tanh(logits / stats.logit_softcap)

@@ -18,10 +18,9 @@ from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.calibration import LayerStatistics
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.gqa.heads import (
-    augmented, consecutive_groups, head_bias, head_chunks, head_rows, input_moment, output_columns, per_head,
-    permute_kv_heads,
+    consecutive_groups, head_bias, head_chunks, head_rows, output_columns, per_head, permute_kv_heads,
 )  # fmt: skip
-from kvshrink.convert.mla.complex_heads import rows_pair_covariance
+from kvshrink.convert.maths import augmented, input_moment, rows_pair_covariance
 
 # Partitions beyond this count are searched by pairwise swaps from the stock grouping instead of exhaustively.
 _EXHAUSTIVE_LIMIT = 2000
@@ -126,7 +125,7 @@ def regroup_similar_heads(
     step of the calibrated methods. `method` names the caller in the error raised when `stats` is missing."""
     if stats is None:
         raise KvshrinkError(f"{method} needs calibration statistics: pass the layer statistics of a calibration.Calibration")
-    moment = input_moment(stats)
+    moment = input_moment(stats.flat_inputs)
     head_groups = similar_groups(attention, groups, moment)
     return permute_kv_heads(attention, [h for members in head_groups for h in members]), head_groups, moment
 

@@ -1,8 +1,7 @@
 """Per-head views of attention weights shared by the calibrated merging methods.
 
-Weights and biases are handled together as "augmented" rows [W | b] acting on [x; 1], so one second moment of
-[x; 1] covers inputs with or without biases. A rotate-half head's rotary pair j (dims j and j + d/2) is viewed
-as one complex number; RoPE multiplies it by e^{i·θ_j·position}, so a complex gain on a pair commutes with RoPE.
+Rows are augmented [W | b] and rotary pairs complex, as `kvshrink.convert.maths` writes them; RoPE multiplies a
+pair by e^{i·θ_j·position}, so a complex gain on a pair commutes with RoPE.
 """
 
 from __future__ import annotations
@@ -10,28 +9,7 @@ from __future__ import annotations
 import torch
 
 from kvshrink.convert.attention import AttentionWeights
-from kvshrink.convert.calibration import LayerStatistics
-
-
-def input_moment(stats: LayerStatistics) -> torch.Tensor:
-    """E[[x; 1][x; 1]ᵀ] over the calibration tokens, float64 [hidden + 1, hidden + 1]."""
-    x = stats.flat_inputs.double()
-    moment = torch.empty(x.shape[1] + 1, x.shape[1] + 1, dtype=torch.float64)
-    moment[:-1, :-1] = x.T @ x / x.shape[0]
-    moment[:-1, -1] = moment[-1, :-1] = x.mean(dim=0)
-    moment[-1, -1] = 1.0
-    return moment
-
-
-def augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """[W | b] in float64 (b = 0 when the projection has no bias)."""
-    column = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
-    return torch.cat([weight, column[:, None]], dim=1).double()
-
-
-def split_augmented(rows: torch.Tensor, had_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Back from [W | b] to float32 (W, b); b is dropped when the source had none (it is then exactly 0)."""
-    return rows[:, :-1].float().contiguous(), rows[:, -1].float().contiguous() if had_bias else None
+from kvshrink.convert.maths import augmented, from_complex, pair_halves, split_augmented, to_complex
 
 
 def per_head(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -61,19 +39,6 @@ def head_bias(bias: torch.Tensor | None, index: torch.Tensor, head_dim: int) -> 
 def output_columns(o: torch.Tensor, index: torch.Tensor, head_dim: int) -> torch.Tensor:
     """o_proj's columns of query heads `index` as float64 [len(index), hidden, d]."""
     return o.reshape(o.shape[0], -1, head_dim)[:, index].permute(1, 0, 2).double()
-
-
-def rotary_pairs(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[heads * d, cols] real -> [heads, d/2, cols] complex: pair j = row j + i·row (j + d/2) of each head."""
-    heads = per_head(rows, head_dim)
-    half = head_dim // 2
-    return torch.complex(heads[:, :half], heads[:, half:])
-
-
-def rows_from_pairs(pairs: torch.Tensor) -> torch.Tensor:
-    """Inverse of `rotary_pairs`: [heads, d/2, cols] complex -> [heads * d, cols] real."""
-    heads = torch.cat([pairs.real, pairs.imag], dim=1)
-    return heads.reshape(-1, heads.shape[-1])
 
 
 def permute_kv_heads(attention: AttentionWeights, order: list[int]) -> AttentionWeights:
@@ -108,7 +73,7 @@ def fold_key_gains(attention: AttentionWeights, gains: torch.Tensor) -> tuple[to
     The logit of pair j is Re(q̃ conj(k̃) e^{iθ(m−n)}); multiplying q̃ by conj(gain) compensates exactly, at every
     relative position, because a complex gain commutes with RoPE's rotation.
     """
-    d, half = attention.head_dim, attention.head_dim // 2
+    d = attention.head_dim
     per_query = gains.repeat_interleave(attention.queries_per_kv_head, dim=0)  # [H, d/2]
     real, imag = per_query.real[..., None], per_query.imag[..., None]
 
@@ -116,7 +81,7 @@ def fold_key_gains(attention: AttentionWeights, gains: torch.Tensor) -> tuple[to
         result = torch.empty_like(rows)
         for heads in head_chunks(attention.num_heads):  # in float64, a few heads at a time
             block = rows.reshape(attention.num_heads, d, -1)[heads].double()
-            pair, partner = block[:, :half], block[:, half:]
+            pair, partner = pair_halves(block, 1)
             mixed = torch.cat([real[heads] * pair + imag[heads] * partner, real[heads] * partner - imag[heads] * pair], 1)
             result.view(attention.num_heads, d, -1)[heads] = mixed.to(rows.dtype)
         return result
@@ -127,8 +92,8 @@ def fold_key_gains(attention: AttentionWeights, gains: torch.Tensor) -> tuple[to
 
 def rotate_keys(attention: AttentionWeights, gains: torch.Tensor) -> AttentionWeights:
     """Divide each key pair k̃_hj by gains[h, j] (complex, [KV, d/2]) and compensate in the queries: same logits."""
-    keys = rotary_pairs(augmented(attention.k, attention.k_bias), attention.head_dim) / gains[..., None]
-    k, k_bias = split_augmented(rows_from_pairs(keys), attention.k_bias is not None)
+    keys = to_complex(augmented(attention.k, attention.k_bias), attention.head_dim) / gains[..., None]
+    k, k_bias = split_augmented(from_complex(keys), attention.k_bias is not None)
     q, q_bias = fold_key_gains(attention, gains)
     return attention.with_kv(q=q, q_bias=q_bias, k=k, k_bias=k_bias)
 

@@ -15,7 +15,8 @@ import torch
 
 from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.gqa import KvMerge
-from kvshrink.convert.gqa.heads import augmented, head_bias, head_chunks, head_rows, output_columns, per_head
+from kvshrink.convert.gqa.heads import head_bias, head_chunks, head_rows, output_columns, per_head
+from kvshrink.convert.maths import augmented, rotary_halves
 
 
 def _source_query_order(merge: KvMerge, queries_per_kv_head: int) -> torch.Tensor:
@@ -27,10 +28,8 @@ def _source_query_order(merge: KvMerge, queries_per_kv_head: int) -> torch.Tenso
 def _pair_products(left_times_moment: torch.Tensor, right: torch.Tensor, head_dim: int) -> torch.Tensor:
     """conj(l) Σ rᵀ for every rotary pair l = l' + i l'' (rows j and j + d/2 of a head), from real rotate-half rows:
     l·Σ [heads·d, c] and r [heads·d, c] -> [heads, d/2] complex. Σ is applied once per row set, in real arithmetic."""
-    half = head_dim // 2
-    left = left_times_moment.reshape(-1, head_dim, left_times_moment.shape[-1])
-    right = right.reshape(-1, head_dim, right.shape[-1])
-    real_left, imag_left, real_right, imag_right = left[:, :half], left[:, half:], right[:, :half], right[:, half:]
+    real_left, imag_left = rotary_halves(left_times_moment, head_dim)
+    real_right, imag_right = rotary_halves(right, head_dim)
     return torch.complex(
         (real_left * real_right).sum(-1) + (imag_left * imag_right).sum(-1),
         (real_left * imag_right).sum(-1) - (imag_left * real_right).sum(-1),

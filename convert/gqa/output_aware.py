@@ -34,12 +34,10 @@ from kvshrink.convert.calibration import LayerStatistics
 from kvshrink.convert.gqa import KvMerge
 from kvshrink.convert.gqa.attended import RotaryLayerStatistics, attended_moments
 from kvshrink.convert.gqa.grouping import output_metrics, query_weights, regroup_similar_heads
-from kvshrink.convert.gqa.heads import (
-    augmented, fold_key_gains, head_chunks, output_columns, rotary_pairs, rows_from_pairs, split_augmented,
-)  # fmt: skip
+from kvshrink.convert.gqa.heads import fold_key_gains, head_chunks, output_columns
 from kvshrink.convert.gqa.mean import merge as mean_merge
-from kvshrink.convert.mla.complex_heads import pair_covariance
 from kvshrink.convert.gqa.objectives import merge_errors, output_error
+from kvshrink.convert.maths import augmented, from_complex, pair_covariance, split_augmented, to_complex
 
 NEEDS_CALIBRATION = True
 FOLDS_KEY_GAINS = True
@@ -73,7 +71,7 @@ def _shared_keys(attention: AttentionWeights, moment: torch.Tensor, key_moment: 
     """One shared key pair row per rotary pair [J, c] and a gain per source head and pair [n, J] for one group.
 
     Queries are weighed by the input moment, keys by `key_moment` (the group's key rows' moment, [n·d, n·d])."""
-    keys = rotary_pairs(augmented(attention.k, attention.k_bias), attention.head_dim)  # [n, J, c]
+    keys = to_complex(augmented(attention.k, attention.k_bias), attention.head_dim)  # [n, J, c]
     weights = query_weights(attention, moment).T  # [J, n]
     covariance = pair_covariance(key_moment, attention.num_kv_heads, attention.head_dim)  # [J, n, n]
     roots = weights.sqrt().to(torch.complex128)
@@ -171,7 +169,7 @@ def _merge_group(
     moments = _group_moments(group, moment, stats)
     if group.q_norm is None and group.k_norm is None:
         shared, gains = _shared_keys(group, moment, moments.keys)
-        k, k_bias = split_augmented(rows_from_pairs(shared[None]), group.k_bias is not None)
+        k, k_bias = split_augmented(from_complex(shared[None]), group.k_bias is not None)
         q, q_bias = fold_key_gains(group, gains)
         key_merge = "rope-exact complex gains, query-weighted least squares"
     else:

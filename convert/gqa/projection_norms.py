@@ -15,7 +15,7 @@ import torch
 from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.calibration import LayerStatistics
 from kvshrink.convert.gqa import KvMerge
-from kvshrink.convert.gqa.heads import augmented
+from kvshrink.convert.maths import augmented, rms_normalized
 
 # Calibration tokens the refit reads: plenty for one weight per key dimension.
 _FIT_TOKENS = 8192
@@ -29,8 +29,7 @@ def per_head_stand_in(attention: AttentionWeights) -> AttentionWeights:
 
 def _normalized(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Keys divided by their RMS over the whole projection (before the per-dimension weight), float64."""
-    keys = x @ augmented(weight, bias).T
-    return keys * torch.rsqrt(keys.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return rms_normalized(x @ augmented(weight, bias).T, eps)
 
 
 def _by_group(per_head: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:

@@ -16,10 +16,9 @@ from kvshrink.convert.cli import convert_cli
 from kvshrink.convert.gqa import DEFAULT_METHOD, KvMerge, get_method, method_names, needs_calibration
 from kvshrink.convert.gqa.attended import RotaryLayerStatistics, attended_moments
 from kvshrink.convert.gqa.grouping import similar_groups
-from kvshrink.convert.gqa.heads import (
-    augmented, input_moment, permute_kv_heads, rotary_pairs, rotate_keys, rotate_values,
-)  # fmt: skip
+from kvshrink.convert.gqa.heads import permute_kv_heads, rotate_keys, rotate_values
 from kvshrink.convert.gqa.objectives import merge_errors
+from kvshrink.convert.maths import augmented, input_moment, to_complex
 
 CALIBRATED = [name for name in method_names() if needs_calibration(name)]
 TOKENS = torch.randint(3, 300, (2, 48), generator=torch.Generator().manual_seed(1))
@@ -171,8 +170,8 @@ def test_objectives_match_their_definition_on_the_calibration_tokens():
     # Logits: every pair of tokens (m, n), every query head and rotary pair, as complex bilinear forms.
     forms = []
     for attention in (source, merge.attention):
-        queries = rotary_pairs(augmented(attention.q, attention.q_bias), d)  # [H, J, c]
-        keys = rotary_pairs(augmented(attention.k, attention.k_bias), d)[order // attention.queries_per_kv_head]
+        queries = to_complex(augmented(attention.q, attention.q_bias), d)  # [H, J, c]
+        keys = to_complex(augmented(attention.k, attention.k_bias), d)[order // attention.queries_per_kv_head]
         forms.append(torch.einsum("hjc,mc,hjd,nd->hjmn", queries, x.to(queries.dtype), keys.conj(), x.to(keys.dtype)))
     logit = float((forms[0] - forms[1]).abs().pow(2).sum() / forms[0].abs().pow(2).sum())
     # Values: each query head's o_proj output of its KV head's value, per token.
@@ -183,7 +182,7 @@ def test_objectives_match_their_definition_on_the_calibration_tokens():
         o = attention.o.double().reshape(-1, 8, d)
         outputs.append(torch.einsum("thd,ohd->tho", per_query, o))
     value = float((outputs[0] - outputs[1]).pow(2).sum() / outputs[0].pow(2).sum())
-    errors = merge_errors(source, merge, input_moment(stats))
+    errors = merge_errors(source, merge, input_moment(stats.flat_inputs))
     assert errors["logit_rel_error"] == pytest.approx(logit, rel=1e-6)
     assert errors["value_rel_error"] == pytest.approx(value, rel=1e-6)
 
@@ -206,7 +205,7 @@ def rotated_copies():
 
 
 def errors_of_every_method(attention, stats, groups):
-    moment = input_moment(stats)
+    moment = input_moment(stats.flat_inputs)
     return {name: merge_errors(attention, get_method(name)(attention, groups, stats), moment) for name in method_names()}
 
 
@@ -220,7 +219,7 @@ def assert_output_aware_is_best(errors):
 @pytest.mark.parametrize("copies", ["noisy_copies", "rotated_copies"])
 def test_grouping_finds_the_heads_that_belong_together(copies, request):
     attention, stats = request.getfixturevalue(copies)
-    assert similar_groups(attention, 2, input_moment(stats)) == [[0, 2], [1, 3]]
+    assert similar_groups(attention, 2, input_moment(stats.flat_inputs)) == [[0, 2], [1, 3]]
 
 
 def test_grouping_beats_the_stock_grouping(noisy_copies):
@@ -279,7 +278,7 @@ def test_attended_moments_through_rows_are_the_projected_moments():
 def test_rotary_pair_covariance_equals_its_complex_definition():
     """E[z_aj conj(z_bj)] for the rotary pairs z = r + i r' of every head, computed from the real rows with the
     moment applied once, equals the definition through complex rows and a complex copy of the moment."""
-    from kvshrink.convert.mla.complex_heads import pair_covariance, rows_pair_covariance
+    from kvshrink.convert.maths import pair_covariance, rows_pair_covariance
 
     generator = torch.Generator().manual_seed(3)
     heads, head_dim, width = 3, 8, 21
@@ -321,9 +320,9 @@ def test_output_aware_fits_values_to_what_attention_averages():
     # Same quantity by two summation orders over float32 weights: they agree to float32 rounding (1.1e-6 apart
     # with one BLAS thread), not to 1e-6.
     assert attended.details["attended_value_rel_error"] == pytest.approx(
-        merge_errors(attention, attended, input_moment(stats), moments)["value_rel_error"], rel=1e-5
+        merge_errors(attention, attended, input_moment(stats.flat_inputs), moments)["value_rel_error"], rel=1e-5
     )
-    before = merge_errors(attention, per_token, input_moment(stats), moments)["value_rel_error"]
+    before = merge_errors(attention, per_token, input_moment(stats.flat_inputs), moments)["value_rel_error"]
     assert attended.details["attended_value_rel_error"] < 0.9 * before
 
 
