@@ -1,6 +1,6 @@
 """MHA/GQA -> DeepSeek MLA, one piece per module:
 
-    complex_heads  rotary pairs as complex numbers (the algebra every other piece speaks)
+(rotary pairs as complex numbers, the algebra every piece speaks, live in `kvshrink.convert.maths`)
     rope           which key components keep RoPE: per-frequency bases (`partial`, `rotate`), scores, and the
                    model-wide frequency slots of the shared rope key
     distance       the source's attention over distances -> the best constant for a pair that loses RoPE, and the

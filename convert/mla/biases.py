@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kvshrink.convert.mla.complex_heads import factored_energy
+from kvshrink.convert.maths import factored_energy
 
 
 def refit_without_bias(rows: torch.Tensor, moment: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -1,6 +1,6 @@
 """The target format: a dense DeepseekV3 config and its rope parameters.
 
-Two layouts (NOTES "serving engines differ"; the engines' rules are data in `kvshrink.convert.engines`):
+Two layouts (the engines' rules are data in `kvshrink.convert.engines`):
 - `vllm` / `sglang`: rope_type "default" with a rope_theta that makes the D/2 slot frequencies
   θ'^(-2i/D) the kept source frequencies (a geometric set from 1), interleaved rope weights, no attention
   biases, and rms_norm_eps set to the 1e-6 transformers hard-codes for the latent norm, so both engines run
@@ -19,6 +19,7 @@ import torch
 from kvshrink.convert.engines import TRANSFORMERS_LATENT_EPS
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.families import FamilySpec
+from kvshrink.convert.maths import PER_LAYER_TYPE, SourceRope
 
 _CARRIED = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -27,33 +28,29 @@ _CARRIED = (
 )  # fmt: skip
 
 
-def source_rope(config: dict[str, Any], head_dim: int) -> tuple[torch.Tensor, str, float]:
-    """(inv_freq [head_dim/2] float64, rope type, rope_theta) of a source config, refusing what MLA cannot copy."""
-    from transformers import AutoConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    parameters = config.get("rope_parameters") or {
-        "rope_type": (config.get("rope_scaling") or {}).get("rope_type", "default"),
-        "rope_theta": config.get("rope_theta", 10000.0),
-    }
-    rope_type, theta = parameters.get("rope_type", "default"), float(parameters.get("rope_theta", 10000.0))
-    if float(config.get("partial_rotary_factor") or parameters.get("partial_rotary_factor") or 1.0) != 1.0:
+def refuse_uncopyable_rope(rope: SourceRope) -> None:
+    """Refuse a source RoPE (`Conversion.rope`) that no one table of rope slot frequencies can copy: after this,
+    `rope.inv_freq` is the source's table."""
+    if rope.fraction != 1.0:
         raise KvshrinkError(
             "the source applies RoPE to only part of each head (partial_rotary_factor < 1): its no-RoPE dims "
             "would belong in the latent, which mha-to-mla does not map, so it refuses rather than drop them; "
             "convert a model with full-width RoPE, or use mha-to-gqa"
         )
-    if rope_type == "default":
-        return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim), rope_type, theta
-    if rope_type not in ROPE_INIT_FUNCTIONS:
-        raise KvshrinkError(f"the source's rope_type {rope_type!r} is unknown to transformers: update transformers")
-    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](AutoConfig.for_model(**config), "cpu")
-    if attention_scaling != 1.0 or rope_type == "dynamic":
+    if rope.rope_type == PER_LAYER_TYPE:
         raise KvshrinkError(
-            f"the source's {rope_type} RoPE scales attention or changes with length, which one fixed table of "
+            "the source gives each layer type its own RoPE, which one table of rope slot frequencies cannot copy: "
+            "convert a model with one RoPE for every layer"
+        )
+    if rope.inv_freq is None:
+        raise KvshrinkError(
+            f"the source's rope_type {rope.rope_type!r} is unknown to transformers: update transformers"
+        )
+    if rope.attention_scaling != 1.0 or rope.rope_type == "dynamic":
+        raise KvshrinkError(
+            f"the source's {rope.rope_type} RoPE scales attention or changes with length, which one fixed table of "
             "frequencies cannot copy: convert a model with default, linear or llama3 RoPE"
         )
-    return inv_freq.double(), rope_type, theta
 
 
 def longrope_parameters(theta: float, frequencies: torch.Tensor, max_positions: int) -> dict[str, Any]:

@@ -16,12 +16,7 @@ import math
 import torch
 
 from kvshrink.convert.attention import AttentionWeights
-
-
-def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+from kvshrink.convert.maths import rotate_half_rope
 
 
 @torch.no_grad()
@@ -42,8 +37,8 @@ def attention_distances(attention: AttentionWeights, inputs: torch.Tensor, inv_f
 
     for window in range(windows):
         x = inputs[window].float()
-        queries = _rotate_half(project(x, attention.q, attention.q_bias, heads), cos[:, None], sin[:, None])
-        keys = _rotate_half(project(x, attention.k, attention.k_bias, kv_heads), cos[:, None], sin[:, None])
+        queries = rotate_half_rope(project(x, attention.q, attention.q_bias, heads), cos[:, None], sin[:, None])
+        keys = rotate_half_rope(project(x, attention.k, attention.k_bias, kv_heads), cos[:, None], sin[:, None])
         keys = keys.repeat_interleave(heads // kv_heads, dim=1)
         logits = torch.einsum("thd,shd->hts", queries, keys) / math.sqrt(d)
         probs = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # [H, T(query m), T(key n)]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvshrink.convert.mla.complex_heads import energy
+from kvshrink.convert.maths import energy
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from kvshrink.convert.attention import AttentionWeights
-from kvshrink.convert.mla.complex_heads import augmented
+from kvshrink.convert.maths import augmented, inverse_rms, rms_norm
 
 HEAD_NORM_FITS = ("least-squares", "head-matrix", "mean-gain")
 # Ridge on the input moment, relative to its mean eigenvalue: keeps the solve stable on directions the
@@ -40,8 +40,7 @@ def normalized_heads(
 ) -> torch.Tensor:
     """What the source computes: each head of x @ rowsᵀ RMS-normalized and scaled, [tokens, heads * d]."""
     heads = (x @ rows.T).reshape(x.shape[0], -1, head_dim)
-    normed = heads * torch.rsqrt(heads.pow(2).mean(dim=-1, keepdim=True) + eps) * (offset + weight.double())
-    return normed.reshape(x.shape[0], -1)
+    return rms_norm(heads, weight, offset, eps).reshape(x.shape[0], -1)
 
 
 def least_squares_rows(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -67,7 +66,7 @@ def mean_gain_rows(
 ) -> torch.Tensor:
     """TransMLA's linearization: each head's rows times the norm weight and the mean of 1/rms over the tokens."""
     heads = (x @ rows.T).reshape(x.shape[0], -1, head_dim)
-    gain = torch.rsqrt(heads.pow(2).mean(dim=-1) + eps).mean(dim=0)  # [heads]
+    gain = inverse_rms(heads, eps).squeeze(-1).mean(dim=0)  # [heads]
     scale = gain[:, None] * (offset + weight.double())[None, :]
     return rows * scale.reshape(-1, 1)
 

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from kvshrink.convert.attention import AttentionWeights
-from kvshrink.convert.mla.biases import refit_layer
-from kvshrink.convert.mla.complex_heads import (
+from kvshrink.convert.maths import (
     augmented, factored_energy, moment_factor, to_complex, to_interleaved, to_rotate_half,
 )  # fmt: skip
+from kvshrink.convert.mla.biases import refit_layer
 from kvshrink.convert.mla.distance import rotation_gains
 from kvshrink.convert.mla.fold import fold_into_slots
 from kvshrink.convert.mla.head_norms import HeadNormFit
@@ -59,11 +59,11 @@ class LayerCalibration:
     head_norms: HeadNormFit | None = None  # the linear maps that replace per-head q/k norms (Qwen3)
 
 
-def rope_bias(k_bias: torch.Tensor | None, basis: RopeBasis, slots: RopeSlots, kv_heads: int, head_dim: int) -> torch.Tensor:
+def rope_bias(k_bias: torch.Tensor | None, basis: RopeBasis, slots: RopeSlots, head_dim: int) -> torch.Tensor:
     """The bias the shared rope key would need (complex, one per slot); zero when the source has no k bias."""
     if k_bias is None:
         return torch.zeros(len(slots.frequency), dtype=torch.complex128)
-    key_bias = to_complex(k_bias[:, None].double(), kv_heads, head_dim)[..., 0]
+    key_bias = to_complex(k_bias[:, None].double(), head_dim)[..., 0]
     rotated = torch.einsum("jcg,gj->cj", basis.mixing, key_bias)
     return rotated[list(slots.rank), list(slots.frequency)]
 
@@ -112,8 +112,8 @@ def _attention_rows(attention: AttentionWeights, calibration: LayerCalibration, 
     heads, kv_heads, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
     group = torch.arange(heads) // (heads // kv_heads)
     mixing = calibration.basis.mixing
-    queries = to_complex(augmented(attention.q, attention.q_bias), heads, d)  # [H, P, n+1]
-    keys = to_complex(augmented(attention.k, attention.k_bias), kv_heads, d)  # [G, P, n+1]
+    queries = to_complex(augmented(attention.q, attention.q_bias), d)  # [H, P, n+1]
+    keys = to_complex(augmented(attention.k, attention.k_bias), d)  # [G, P, n+1]
     rotated = torch.einsum("jcg,gjn->cjn", mixing, keys)
     del keys
     frequency, rank = list(slots.frequency), list(slots.rank)

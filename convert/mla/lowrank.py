@@ -34,7 +34,7 @@ def joint_latent(
     key_rows: torch.Tensor | None = None,
 ) -> JointLatent:
     """Best rank-`rank` factorization of `targets` [rows, n] under `factorization`; `factor` is F with F Fᵀ the
-    calibration second moment (complex_heads.moment_factor, computed once per layer by the caller).
+    calibration second moment (maths.moment_factor, computed once per layer by the caller).
 
     'output' also weighs each output row by how much the model reads it (`output_metric` [rows, rows], positive
     definite): for keys the queries' second moment, for values o_proj's Gram matrix, so the latent spends its

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.mla.complex_heads import energy, rows_pair_covariance, to_rotate_half
+from kvshrink.convert.maths import energy, rows_pair_covariance, to_rotate_half
 
 ROPE_METHODS = ("partial", "rotate")
 

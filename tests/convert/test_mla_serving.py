@@ -16,8 +16,8 @@ from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.mha_to_gqa import mha_to_gqa
 from kvshrink.convert.mha_to_mla import mha_to_mla
 from kvshrink.convert.options import GqaOptions, MlaOptions
+from kvshrink.convert.maths import energy, factored_energy, moment_factor
 from kvshrink.convert.mla.biases import refit_without_bias
-from kvshrink.convert.mla.complex_heads import energy, factored_energy, moment_factor
 from kvshrink.convert.mla.shapes import resolve_shape
 
 QUICK = dict(check=False, progress=False, calibration_tokens=1024, overwrite=True, fit="none")
