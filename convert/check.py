@@ -79,8 +79,8 @@ def compare_perplexity(
 def folder_perplexity(folder: Path, windows: list[torch.Tensor], device: torch.device, desc: str | None = None) -> float:
     """Perplexity of the model in `folder`, streamed layer by layer, rounded for reports."""
     from kvshrink.convert.checkpoint import open_source
-    from kvshrink.convert.layers import StockModel, stream_perplexity
+    from kvshrink.convert.layers import HeapTrim, StockModel, stream_perplexity
 
     with open_source(folder) as checkpoint:
-        model = StockModel.of_checkpoint(checkpoint, device)
+        model = StockModel.of_checkpoint(checkpoint, device, HeapTrim())
         return round(stream_perplexity(model, windows, desc), 4)

@@ -1,34 +1,27 @@
 """`convert mha-to-gqa` / `mha-to-mqa`: fewer KV heads, same architecture class.
 
-One visible sequence, one decoder layer in memory at a time: open the source -> refuse what cannot be converted
--> calibrate (the calibration windows stand at layer 0) -> plan the target config -> per layer: the layer's
-calibration statistics, the merge, the layer written, the windows advanced (through the converted layer with
-error feedback) -> check (both models streamed) -> report.
+A method of the conversion driver (`driver.py`): refuse what cannot be merged -> calibrate (the calibration
+windows stand at layer 0 of the source) -> plan the target config (the source's, with fewer KV heads) -> per
+layer, the merge of its heads (`gqa/`), which the driver fits, writes and checks like every other method.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from tqdm import tqdm
+from typing import Any, ClassVar
 
 from kvshrink.convert import gqa
 from kvshrink.convert.attention import AttentionWeights, attention_tensors, read_attention
-from kvshrink.convert.calibration import Calibration, LayerStatistics, calibration_windows
-from kvshrink.convert.check import compare_perplexity
-from kvshrink.convert.corpora import calibration_text, check_text
+from kvshrink.convert.calibration import Calibration, LayerStatistics
+from kvshrink.convert.driver import LayerResult, Plan, TargetPlan, calibration_inputs, convert
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.fitting import LayerFit, fit_converted_attention, fit_summary, require_fit_windows
 from kvshrink.convert.gqa.attended import RotaryLayerStatistics
 from kvshrink.convert.gqa.projection_norms import per_head_stand_in, restore_projection_norms
 from kvshrink.convert.layers import StockModel
 from kvshrink.convert.options import GqaOptions
-from kvshrink.convert.rewrite import (
-    Conversion, LayerWriter, finish, open_conversion, require_free_space, write_metadata,
-)  # fmt: skip
+from kvshrink.convert.rewrite import Conversion
 
 
 def _validate_groups(groups: int, kv_heads: int) -> None:
@@ -47,76 +40,45 @@ def _validate_groups(groups: int, kv_heads: int) -> None:
         )
 
 
-def _rotary_fraction(config: dict[str, Any]) -> float:
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    return float(config.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
+def _calibrated(conversion: Conversion, options: GqaOptions) -> bool:
+    """Whether the method reads calibration text (identity, the same number of KV heads, never does)."""
+    return gqa.needs_calibration(options.method) and options.groups != conversion.counts.num_kv_heads
 
 
-def _rotary_frequencies(config: dict[str, Any], head_dim: int) -> tuple[torch.Tensor, float] | None:
-    """(inv_freq, attention scaling) of the source's RoPE at its trained length, or None if transformers cannot
-    say (methods then weigh tokens without the source's attention pattern)."""
-    from transformers import AutoConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if any(isinstance(value, dict) for value in rope.values()):
-        return None  # one RoPE per layer type (Gemma-3): not a single table
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
-    if rope_type == "default":
-        return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim), 1.0
-    if rope_type not in ROPE_INIT_FUNCTIONS:
-        return None
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](AutoConfig.for_model(**config), "cpu")
-    return inv_freq.double(), float(scaling)
-
-
-def _refuse(conversion: Conversion, options: GqaOptions) -> bool:
-    """Refuse what this conversion cannot do; returns whether the method calibrates (identity never does)."""
+def _refuse(conversion: Conversion, options: GqaOptions) -> None:
+    """Refuse what this conversion cannot do, before anything is read or written."""
     counts = conversion.counts
     conversion.spec.require("gqa")
     _validate_groups(options.groups, counts.num_kv_heads)
     identity = options.groups == counts.num_kv_heads
-    rotary_fraction = _rotary_fraction(conversion.checkpoint.config)
     if gqa.folds_key_gains(options.method) and conversion.checkpoint.config.get("clip_qkv") and not identity:
         raise KvshrinkError(
             f"method {options.method!r} folds key gains into the query rows, but this model clamps every query "
             "coordinate (clip_qkv), which does not commute with them: use --method grouped or mean"
         )
-    if gqa.folds_key_gains(options.method) and rotary_fraction != 1.0 and not identity:
+    if gqa.folds_key_gains(options.method) and not identity and conversion.rope.fraction != 1.0:
         raise KvshrinkError(
             f"method {options.method!r} folds key rotations into the queries, which is exact only when RoPE covers "
-            f"the whole head, but this model rotates {rotary_fraction:g} of it (partial_rotary_factor): use --method "
-            "grouped or mean"
+            f"the whole head, but this model rotates {conversion.rope.fraction:g} of it (partial_rotary_factor): use "
+            "--method grouped or mean"
         )
-    calibrated = gqa.needs_calibration(options.method) and not identity
-    if calibrated and options.calibration_tokens < 2:
-        raise KvshrinkError(f"--calibration-tokens must be at least 2, got {options.calibration_tokens}")
-    needs = {f"method {options.method!r} calibrates on text": "--method mean"} if calibrated else {}
+    needs = {f"method {options.method!r} calibrates on text": "--method mean"} if _calibrated(conversion, options) else {}
     if options.check:
         needs["the check scores the output on text"] = "--no-check"
     if needs:
         conversion.require_tokenizer(" and ".join(needs), " ".join(needs.values()))
-    return calibrated
-
-
-def _calibrate(conversion: Conversion, options: GqaOptions) -> Calibration:
-    windows = calibration_windows(
-        conversion.checkpoint.folder, calibration_text(options.calibration), options.calibration_tokens
-    )
-    if options.fit != "none":
-        require_fit_windows(len(windows), options.fit_heldout_windows)
-    return Calibration(conversion.source_model(), conversion.spec, windows)
 
 
 def _with_rope(conversion: Conversion, statistics: LayerStatistics) -> LayerStatistics:
     """The statistics with the source's RoPE and logit scaling attached, so methods can recompute the source's
     attention."""
-    config = conversion.checkpoint.config
-    rope = _rotary_frequencies(config, conversion.counts.head_dim)
+    config, rope = conversion.checkpoint.config, conversion.rope
+    if rope.inv_freq is None:  # no one table (per-layer-type RoPE): the methods weigh tokens without its attention
+        return statistics
     scalar, softcap = config.get("query_pre_attn_scalar"), config.get("attn_logit_softcapping")
     logits = {"logit_scale": float(scalar) ** -0.5 if scalar else None, "logit_softcap": softcap}
-    return statistics if rope is None else RotaryLayerStatistics(statistics.inputs, *rope, **logits)
+    return RotaryLayerStatistics(statistics.inputs, rope.inv_freq, rope.attention_scaling,
+                                 norm_eps=conversion.rms_norm_eps, **logits)  # fmt: skip
 
 
 def _merge(conversion: Conversion, attention: AttentionWeights, options: GqaOptions,
@@ -132,47 +94,52 @@ def _merge(conversion: Conversion, attention: AttentionWeights, options: GqaOpti
     return restore_projection_norms(attention, result, statistics, eps)
 
 
-def _fit(conversion: Conversion, options: GqaOptions, calibration: Calibration, target: StockModel, layer: int,
-         inputs: torch.Tensor, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
-    """The merged tensors fitted to the source attention's output on the layer's calibration inputs."""
-    trainable = list(tensors) if options.fit_scope == "attention" else conversion.changed_tensors(tensors)
-    return fit_converted_attention(LayerFit(calibration.model, target, layer, inputs, tensors, trainable,
-                                            options.fit_settings(), options.fit_heldout_windows))  # fmt: skip
+def _target_config(conversion: Conversion, options: GqaOptions) -> dict[str, Any]:
+    config = copy.deepcopy(conversion.checkpoint.config)
+    config["num_key_value_heads"] = options.groups
+    return config
 
 
-def _convert_layer(conversion: Conversion, options: GqaOptions, calibration: Calibration | None, target: StockModel,
-                   layer: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
-    """One layer's merged (and fitted) attention tensors and report entry; its statistics and source weights die
-    here, before the windows advance through the next materialized layer."""
-    statistics = calibration.statistics(layer) if calibration is not None else None
-    attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after the layer ran
-    result = _merge(conversion, attention, options, _with_rope(conversion, statistics) if statistics else None)
-    report = {"layer": layer, "groups": result.groups, **gqa.projection_errors(attention, result), **result.details}
-    tensors = attention_tensors(result.attention, conversion.spec, layer)
-    if statistics is not None and options.fit != "none":
-        tensors, report["fit"] = _fit(conversion, options, calibration, target, layer, statistics.inputs, tensors)
-    return tensors, report
+@dataclass(frozen=True)
+class GqaMethod:
+    """Merging KV heads, as a method of the conversion driver."""
 
+    options: GqaOptions
+    support: ClassVar[str] = "gqa"
+    fits_every_tensor: ClassVar[bool] = False
 
-def _convert_layers(
-    conversion: Conversion, options: GqaOptions, calibration: Calibration | None, config: dict[str, Any]
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Convert and write each layer in turn; returns the per-layer reports and the names created or changed."""
-    writer = LayerWriter(conversion, conversion.staging)
-    target = conversion.target_model(config)
-    require_free_space(conversion, target)
-    reports = []
-    for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
-        tensors, report = _convert_layer(conversion, options, calibration, target, layer)
-        writer.write_layer(layer, tensors)
-        reports.append(report)
-        feedback = tensors if options.error_feedback else None
-        del tensors  # written: only error feedback needs them while the windows advance
-        if calibration is not None and feedback is not None:
-            calibration.advance(layer, target.layer(layer, feedback), target)
-        elif calibration is not None:
-            calibration.advance(layer)
-    return reports, writer.finish(conversion.counts.num_layers)
+    def refuse(self, conversion: Conversion) -> None:
+        _refuse(conversion, self.options)
+
+    def sized_targets(self, conversion: Conversion) -> list[StockModel]:
+        return [conversion.target_model(_target_config(conversion, self.options))]
+
+    def calibrate(self, conversion: Conversion) -> Calibration | None:
+        """The calibration windows standing at layer 0 of the source (None when the method reads no text)."""
+        if not _calibrated(conversion, self.options):
+            return None
+        return Calibration(conversion.source_model(), conversion.spec, calibration_inputs(conversion, self.options))
+
+    def plan(self, conversion: Conversion, calibration: Calibration | None) -> Plan:
+        options = self.options
+        summary: dict[str, Any] = {"target_heads": {"query": conversion.counts.num_heads, "kv": options.groups}}
+        if calibration is not None:
+            summary["calibration"] = {"tokens": calibration.tokens, "error_feedback": options.error_feedback}
+        target = TargetPlan("converted", _target_config(conversion, options))
+        return Plan(method=f"gqa/{options.method}", targets=[target], calibration=calibration, summary=summary)
+
+    def convert_layer(self, conversion: Conversion, plan: Plan, layer: int,
+                      statistics: LayerStatistics | None) -> list[LayerResult]:  # fmt: skip
+        """The layer's merged attention tensors and report entry (the driver fits and writes them)."""
+        attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after it ran
+        with_rope = _with_rope(conversion, statistics) if statistics is not None else None
+        result = _merge(conversion, attention, self.options, with_rope)
+        report = {"layer": layer, "groups": result.groups, **gqa.projection_errors(attention, result), **result.details}
+        return [(attention_tensors(result.attention, conversion.spec, layer), report)]
+
+    def report_check(self, plan: Plan, check: dict[str, Any]) -> dict[str, Any]:
+        """The check as it is: it scored the source and the output only."""
+        return check
 
 
 def mha_to_gqa(source: str | Path, out: str | Path, options: GqaOptions) -> dict[str, Any]:
@@ -183,26 +150,4 @@ def mha_to_gqa(source: str | Path, out: str | Path, options: GqaOptions) -> dict
     "mean") run the source on `calibration_tokens` tokens of the `calibration` text, in 512-token windows,
     one decoder layer at a time.
     """
-    with open_conversion(source, out, options) as conversion:
-        calibrated = _refuse(conversion, options)
-        calibration = _calibrate(conversion, options) if calibrated else None
-        config = copy.deepcopy(conversion.checkpoint.config)
-        config["num_key_value_heads"] = options.groups
-        layers, new_parameters = _convert_layers(conversion, options, calibration, config)
-        write_metadata(conversion, config)
-        check = None
-        if options.check:
-            check = compare_perplexity(
-                conversion.checkpoint.folder, {"source": conversion.checkpoint.folder, "converted": conversion.staging},
-                check_text(options.calibration), options.check_tokens, conversion.device, progress=options.progress,
-            )  # fmt: skip
-        support = conversion.spec.support("gqa")
-        summary = {
-            "target_heads": {"query": conversion.counts.num_heads, "kv": options.groups},
-            "family_support": {"family": conversion.spec.model_type, "level": support.level, "why": support.why},
-        }
-        if calibrated:
-            summary["calibration"] = {"tokens": calibration.tokens, "error_feedback": options.error_feedback}
-            summary["fit"] = fit_summary(options.fit_report(), layers) if options.fit != "none" else None
-        return finish(conversion, method=f"gqa/{options.method}", config=config, summary=summary, layers=layers,
-                      new_parameters=new_parameters, check=check)  # fmt: skip
+    return convert(source, out, GqaMethod(options))

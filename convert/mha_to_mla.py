@@ -1,36 +1,32 @@
 """`convert mha-to-mla`: MHA/GQA -> DeepSeek MLA that stock transformers loads as DeepseekV3ForCausalLM.
 
-One visible sequence, one decoder layer in memory at a time:
-open the source -> refuse what DeepseekV3 cannot hold -> calibrate, pass 1: the source reads calibration text
-layer by layer and each layer leaves only a small summary (its rope basis, its attention over distances, its
-biases) -> plan: the shared rope key's slots are chosen once from all summaries (their frequencies are one table),
-then the shape, layout and config of the target (and of the other target, scored by the check) -> convert and
-write, pass 2: each layer's calibration statistics, its DeepseekV3 attention (`mla.layer`) for each target, the
-windows advanced (through the converted layer with error feedback) -> check (every model streamed) -> report.
+A method of the conversion driver (`driver.py`), one decoder layer in memory at a time: refuse what DeepseekV3
+cannot hold -> calibrate, pass 1: the source reads calibration text layer by layer and each layer leaves only a
+small summary (its rope basis, its attention over distances) -> plan: the shared rope key's slots are chosen once
+from all summaries (their frequencies are one table), then the shape, layout and config of the target (and of the
+other target, which the check scores) -> pass 2, per layer: its DeepseekV3 attention (`mla.layer`) for each
+target, which the driver fits, writes and checks like every other method.
 MLP, norms and embeddings are copied byte for byte.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm import tqdm
 
-from kvshrink.convert.attention import AttentionBiases, AttentionWeights, HeadCounts, read_attention, read_biases
-from kvshrink.convert.calibration import CALIBRATION_WINDOW, Calibration, LayerStatistics, calibration_windows
-from kvshrink.convert.check import compare_perplexity
 from kvshrink.convert import engines
-from kvshrink.convert.corpora import calibration_text, check_text
+from kvshrink.convert.attention import AttentionBiases, AttentionWeights, read_attention, read_biases
+from kvshrink.convert.calibration import Calibration, LayerStatistics
+from kvshrink.convert.driver import LayerResult, Plan, TargetPlan, calibration_inputs, convert
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.fitting import LayerFit, fit_converted_attention, fit_summary, require_fit_windows
 from kvshrink.convert.layers import StockModel
+from kvshrink.convert.maths import augmented, augmented_inputs, augmented_moment, to_complex
 from kvshrink.convert.mla import deepseek
-from kvshrink.convert.mla.complex_heads import augmented, to_complex
 from kvshrink.convert.mla.distance import attention_distances, rotation_gains
 from kvshrink.convert.mla.head_norms import HeadNormFit, fit_head_norms, linearized
 from kvshrink.convert.mla.layer import LayerCalibration, OutputFormat, convert_attention, rope_bias
@@ -38,9 +34,7 @@ from kvshrink.convert.mla.rope import RopeBasis, RopeSlots, choose_slots, rope_b
 from kvshrink.convert.mla.shapes import MlaShape, resolve_shape
 from kvshrink.convert.mla.yarn import YarnFit, fit_yarn
 from kvshrink.convert.options import MlaOptions
-from kvshrink.convert.rewrite import (
-    Conversion, LayerWriter, finish, open_conversion, require_free_space, write_metadata,
-)  # fmt: skip
+from kvshrink.convert.rewrite import Conversion
 
 _LINEARIZATION_SAMPLE = 2048
 OTHER_TARGET = {"vllm": "transformers", "sglang": "transformers", "transformers": "vllm"}
@@ -90,12 +84,6 @@ class RopeSummary:
     distances: torch.Tensor | None  # the source's attention per distance [H, T]; None when distance is ignored
 
 
-def _augmented_inputs(statistics: LayerStatistics) -> torch.Tensor:
-    """x̃ = [x; 1] of every calibration token, float64 [tokens, n + 1]."""
-    flat = statistics.flat_inputs.double()
-    return torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], dim=1)
-
-
 def _head_norms(conversion: Conversion, attention: AttentionWeights, statistics: LayerStatistics,
                 options: MlaOptions) -> HeadNormFit | None:  # fmt: skip
     """The calibrated linear maps that stand in for per-head q/k norms (Qwen3), fitted on this layer's inputs."""
@@ -108,9 +96,8 @@ def _head_norms(conversion: Conversion, attention: AttentionWeights, statistics:
 def _summarize_layer(attention: AttentionWeights, statistics: LayerStatistics, options: MlaOptions,
                      inv_freq: torch.Tensor) -> RopeSummary:  # fmt: skip
     """`attention` as DeepseekV3 will hold it (head norms already linearized)."""
-    heads, kv_heads, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
-    flat = _augmented_inputs(statistics)
-    moment = flat.T @ flat / flat.shape[0]
+    heads, d = attention.num_heads, attention.head_dim
+    moment = augmented_moment(augmented_inputs(statistics.flat_inputs))
     distances = None
     if options.distance_aware:
         distances = attention_distances(attention, statistics.inputs, inv_freq)
@@ -119,8 +106,8 @@ def _summarize_layer(attention: AttentionWeights, statistics: LayerStatistics, o
     else:  # a pair that loses RoPE is read as if at distance 0, and every pair's position signal counts fully
         gains = torch.ones(heads, d // 2, dtype=torch.complex128)
         position_loss = torch.ones(gains.shape, dtype=torch.float64)
-    queries = to_complex(augmented(attention.q, attention.q_bias), heads, d)
-    keys = to_complex(augmented(attention.k, attention.k_bias), kv_heads, d)
+    queries = to_complex(augmented(attention.q, attention.q_bias), d)
+    keys = to_complex(augmented(attention.k, attention.k_bias), d)
     return RopeSummary(rope_basis(options.rope_method, queries, keys, moment, position_loss), gains, distances)
 
 
@@ -143,9 +130,9 @@ def _summarize(conversion: Conversion, options: MlaOptions, windows: list[torch.
 
 def _layer_calibration(statistics: LayerStatistics, summary: RopeSummary, head_norms: HeadNormFit | None) -> LayerCalibration:
     """Pass 2: the layer's input moment and a sample of its inputs, with what pass 1 decided."""
-    flat = _augmented_inputs(statistics)
+    flat = augmented_inputs(statistics.flat_inputs)
     sample = flat[torch.linspace(0, flat.shape[0] - 1, min(_LINEARIZATION_SAMPLE, flat.shape[0])).long()]
-    return LayerCalibration(moment=flat.T @ flat / flat.shape[0], sample=sample, gains=summary.gains,
+    return LayerCalibration(moment=augmented_moment(flat), sample=sample, gains=summary.gains,
                             distances=summary.distances, basis=summary.basis, head_norms=head_norms)  # fmt: skip
 
 
@@ -239,7 +226,7 @@ def _shape(conversion: Conversion, options: MlaOptions, target: str, biases: lis
     """The target's shape, or the refusal of a rope type or size it cannot hold (decided before any calibration)."""
     rules = engines.target_rules(target)  # None for transformers
     counts = conversion.counts
-    rope_type = deepseek.source_rope(conversion.checkpoint.config, counts.head_dim)[1]
+    rope_type = conversion.rope.rope_type
     if rules is not None and rope_type not in ("default", "llama3"):
         raise KvshrinkError(
             f"the source's {rope_type} RoPE frequencies are neither a geometric set nor llama3's, which is what "
@@ -254,7 +241,7 @@ def _rope_parameters(conversion: Conversion, serving: bool, shape: MlaShape, slo
     """The target's rope_parameters: default RoPE at a geometric theta (llama3 sources: the deepseek_yarn table
     closest to the slots' frequencies, see `mla.yarn`) for the serving layout, exact longrope otherwise."""
     config, head_dim = conversion.checkpoint.config, conversion.counts.head_dim
-    _, rope_type, theta = deepseek.source_rope(config, head_dim)
+    rope_type, theta = conversion.rope.rope_type, conversion.rope.theta
     if not serving:
         max_positions = int(config.get("max_position_embeddings") or 4096)
         return deepseek.longrope_parameters(theta, slot_frequencies, max_positions), None
@@ -278,10 +265,11 @@ def _target_config(conversion: Conversion, shape: MlaShape, output: OutputFormat
     )  # fmt: skip
 
 
-def _require_room(conversion: Conversion, options: MlaOptions, biases: list[AttentionBiases]) -> None:
-    """Refuse before calibrating when the disk cannot hold what will be written: the output and, with --check, the
-    other target's scratch copy. Tensor sizes follow from the shape and the source's biases alone; calibration
-    only chooses which RoPE frequencies the slots carry, so any rope_parameters size the skeleton."""
+def _sized_targets(conversion: Conversion, options: MlaOptions, biases: list[AttentionBiases]) -> list[StockModel]:
+    """What will be written, sized before calibrating: the output and, with --check, the other target's scratch
+    copy (a shape the output's target cannot hold is refused here). Tensor sizes follow from the shape and the
+    source's biases alone; calibration only chooses which RoPE frequencies the slots carry, so any rope_parameters
+    size the skeleton."""
     targets = [options.target] + ([OTHER_TARGET[options.target]] if options.check else [])
     split_rows = deepseek.split_gate_up(conversion.spec, conversion.checkpoint.config)
     models, main_shape = [], None
@@ -297,7 +285,7 @@ def _require_room(conversion: Conversion, options: MlaOptions, biases: list[Atte
         main_shape = main_shape or shape
         sizing_rope = {"rope_type": "default", "rope_theta": 10000.0}
         models.append(conversion.target_model(_target_config(conversion, shape, output, sizing_rope, serving), split_rows))
-    require_free_space(conversion, *models)
+    return models
 
 
 def _target_options(options: MlaOptions, target: str, main_shape: MlaShape | None) -> MlaOptions:
@@ -312,13 +300,13 @@ def _target_options(options: MlaOptions, target: str, main_shape: MlaShape | Non
 def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: list[RopeSummary]) -> MlaPlan:
     rules = engines.target_rules(target)
     serving = rules is not None
-    counts, config = conversion.counts, conversion.checkpoint.config
-    inv_freq = deepseek.source_rope(config, counts.head_dim)[0]
+    counts = conversion.counts
+    inv_freq = conversion.rope.inv_freq
     layers = _biases(conversion)
     shape = _shape(conversion, options, target, layers)
     bases = [summary.basis for summary in summaries]
     slots = choose_slots(bases, shape.rope_dim // 2, geometric=serving)
-    rope_biases = [rope_bias(a.k_bias, basis, slots, counts.num_kv_heads, counts.head_dim)
+    rope_biases = [rope_bias(a.k_bias, basis, slots, counts.head_dim)
                    for a, basis in zip(layers, bases)]  # fmt: skip
     output = _output_format(conversion, serving, layers, rope_biases, options.exact_biases)
     slot_frequencies = inv_freq[list(slots.frequency)]
@@ -342,7 +330,6 @@ def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: l
                             "pass --target transformers")  # fmt: skip
     summary = {
         "target": target,
-        "family_support": {"family": conversion.spec.model_type, **vars(conversion.spec.support("mla"))},
         "valid_engines": valid,
         "excluded_engines": excluded,
         "mla": {
@@ -363,7 +350,7 @@ def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: l
 def _convert_layer(conversion: Conversion, plan: MlaPlan, options: MlaOptions, layer: int, attention: AttentionWeights,
                    calibration: LayerCalibration) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
     """One layer's DeepseekV3 attention tensors (full output names) and report entry under `plan`."""
-    inv_freq = deepseek.source_rope(conversion.checkpoint.config, conversion.counts.head_dim)[0]
+    inv_freq = conversion.rope.inv_freq
     bound = _input_norm_bound(conversion, layer, calibration.sample)
     tensors, report = convert_attention(
         attention, calibration, plan.slots, plan.shape, plan.output, options.factorization, bound, inv_freq
@@ -377,64 +364,6 @@ def _convert_layer(conversion: Conversion, plan: MlaPlan, options: MlaOptions, l
         report.update(calibration.head_norms.errors)
     prefix = f"{conversion.spec.layer_prefix.format(layer=layer)}self_attn."
     return {prefix + name: tensor for name, tensor in tensors.items()}, {"layer": layer, **report}
-
-
-def _fit(conversion: Conversion, options: MlaOptions, calibration: Calibration, target: StockModel, layer: int,
-         inputs: torch.Tensor, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
-    """The layer's DeepseekV3 attention fitted to the source attention's output (every tensor is new)."""
-    return fit_converted_attention(LayerFit(calibration.model, target, layer, inputs, tensors, list(tensors),
-                                            options.fit_settings(), options.fit_heldout_windows))  # fmt: skip
-
-
-def _convert_for_plans(conversion: Conversion, options: MlaOptions, plans: dict[Path, MlaPlan],
-                       writers: dict[Path, LayerWriter], targets: dict[Path, StockModel], layer: int,
-                       calibration: Calibration, summary: RopeSummary) -> tuple[dict[Path, dict[str, Any]], dict[str, torch.Tensor] | None]:  # fmt: skip
-    """Layer `layer` converted (and fitted) under every plan and written to its folder: (folder -> report entry, the
-    first plan's tensors when error feedback needs them). The layer's source weights, statistics and each plan's
-    tensors die here, before the windows advance through the next materialized layer."""
-    statistics = calibration.statistics(layer)
-    attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after the layer ran
-    head_norms = _head_norms(conversion, attention, statistics, options)
-    layer_calibration = _layer_calibration(statistics, summary, head_norms)
-    inputs = statistics.inputs if options.fit != "none" else None
-    del statistics
-    if head_norms is not None:
-        attention = linearized(attention, head_norms)
-    reports, feedback = {}, None
-    for folder, plan in plans.items():
-        tensors, reports[folder] = _convert_layer(conversion, plan, options, layer, attention, layer_calibration)
-        if inputs is not None:
-            fitted = _fit(conversion, options, calibration, targets[folder], layer, inputs, tensors)
-            tensors, reports[folder]["fit"] = fitted
-        writers[folder].write_layer(layer, tensors)
-        if options.error_feedback and feedback is None:
-            feedback = tensors
-        del tensors
-    return reports, feedback
-
-
-def _convert_layers(conversion: Conversion, options: MlaOptions, plans: dict[Path, MlaPlan], windows: list[torch.Tensor],
-                    summaries: list[RopeSummary]) -> dict[Path, tuple[list[dict[str, Any]], list[str]]]:  # fmt: skip
-    """Pass 2: convert each layer for every plan (folder -> plan) and write it there; the calibration windows
-    follow the first plan's converted layers with error feedback. Returns each folder's layer reports and new
-    parameter names."""
-    calibration = Calibration(conversion.source_model(), conversion.spec, windows)
-    split_rows = deepseek.split_gate_up(conversion.spec, conversion.checkpoint.config)
-    writers = {folder: LayerWriter(conversion, folder, split_rows) for folder in plans}
-    targets = {folder: conversion.target_model(plan.config, split_rows) for folder, plan in plans.items()}
-    main_target = targets[next(iter(plans))]
-    reports: dict[Path, list[dict[str, Any]]] = {folder: [] for folder in plans}
-    for layer in tqdm(range(conversion.counts.num_layers), desc="converting", unit="layer", disable=not options.progress):
-        layer_reports, feedback = _convert_for_plans(conversion, options, plans, writers, targets, layer, calibration,
-                                                     summaries[layer])  # fmt: skip
-        for folder, report in layer_reports.items():
-            reports[folder].append(report)
-        if feedback is not None:
-            calibration.advance(layer, main_target.layer(layer, feedback), main_target)
-        else:
-            calibration.advance(layer)
-        del feedback
-    return {folder: (reports[folder], writers[folder].finish(conversion.counts.num_layers)) for folder in plans}
 
 
 def _method(options: MlaOptions) -> str:
@@ -451,36 +380,81 @@ def _other_target(conversion: Conversion, options: MlaOptions, main: MlaPlan, su
         return str(refusal)
 
 
-def _check(conversion: Conversion, options: MlaOptions, other: MlaPlan | str, other_folder: Path) -> dict[str, Any]:
-    """Source vs converted perplexity, plus the other target's (built from the same calibration in a scratch
-    folder inside the staging output, so it is gone on success, on error and on Ctrl-C alike)."""
-    folders = {"source": conversion.checkpoint.folder, "converted": conversion.staging}
-    if isinstance(other, MlaPlan):
-        folders["other"] = other_folder
-    result = compare_perplexity(conversion.checkpoint.folder, folders, check_text(options.calibration),
-                                options.check_tokens, conversion.device, progress=options.progress)  # fmt: skip
-    other_target = OTHER_TARGET[options.target]
-    entry: dict[str, Any] = {"target": other_target}
-    if isinstance(other, str):
-        entry["refused"] = other
-    else:
-        entry["valid_engines"] = other.summary["valid_engines"]
-        entry["perplexity"] = result.pop("other_perplexity")
-        serving, exact = result["converted_perplexity"], entry["perplexity"]
-        if other.serving:
-            serving, exact = exact, serving
-        result["serving_perplexity_cost"] = round(serving - exact, 4)
-    result["other_target"] = entry
-    return result
+@dataclass
+class MlaCalibration:
+    """Pass 1's value: the calibration windows and what each layer left to plan from."""
+
+    windows: list[torch.Tensor]
+    summaries: list[RopeSummary]
 
 
-def _refuse_options(options: MlaOptions) -> None:
-    engines.target_rules(options.target)
-    if options.calibration_tokens < CALIBRATION_WINDOW:
-        raise KvshrinkError(
-            f"--calibration-tokens {options.calibration_tokens} is less than one {CALIBRATION_WINDOW}-token window: "
-            f"pass at least {CALIBRATION_WINDOW}"
-        )
+@dataclass(frozen=True)
+class MlaMethod:
+    """MHA/GQA -> DeepSeek MLA, as a method of the conversion driver; with the check on, the other target (see
+    `OTHER_TARGET`) is built from the same calibration and scored beside the output."""
+
+    options: MlaOptions
+    support: ClassVar[str] = "mla"
+    # DeepseekV3 attention is a new module: its o_proj, even where copied from the source, is fitted with the rest
+    fits_every_tensor: ClassVar[bool] = True
+
+    def refuse(self, conversion: Conversion) -> None:
+        _refuse_unsupported(conversion, self.options.exact_only)
+        deepseek.refuse_uncopyable_rope(conversion.rope)
+        conversion.require_tokenizer("mha-to-mla calibrates on text", "")
+
+    def sized_targets(self, conversion: Conversion) -> list[StockModel]:
+        return _sized_targets(conversion, self.options, _biases(conversion))  # refuses a shape the target cannot hold
+
+    def calibrate(self, conversion: Conversion) -> MlaCalibration:
+        windows = calibration_inputs(conversion, self.options)
+        return MlaCalibration(windows, _summarize(conversion, self.options, windows, conversion.rope.inv_freq))
+
+    def plan(self, conversion: Conversion, calibration: MlaCalibration) -> Plan:
+        """The output's plan, and the other target's when the check scores it. Pass 2 reads the windows again from
+        layer 0 of the source."""
+        options, summaries = self.options, calibration.summaries
+        main = _plan(conversion, options, options.target, summaries)
+        targets = [TargetPlan("converted", main.config, main)]
+        refusals = {}
+        other = _other_target(conversion, options, main, summaries) if options.check else None
+        if isinstance(other, MlaPlan):
+            targets.append(TargetPlan("other", other.config, other))
+        elif other is not None:
+            refusals["other"] = other
+        return Plan(
+            method=_method(options), targets=targets, summary=main.summary,
+            calibration=Calibration(conversion.source_model(), conversion.spec, calibration.windows),
+            split_rows=deepseek.split_gate_up(conversion.spec, conversion.checkpoint.config),
+            layer_summaries=summaries, scored_refusals=refusals,
+        )  # fmt: skip
+
+    def convert_layer(self, conversion: Conversion, plan: Plan, layer: int,
+                      statistics: LayerStatistics) -> list[LayerResult]:  # fmt: skip
+        """The layer's DeepseekV3 attention under each target's plan (the driver fits and writes them)."""
+        attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after it ran
+        head_norms = _head_norms(conversion, attention, statistics, self.options)
+        layer_calibration = _layer_calibration(statistics, plan.layer_summaries[layer], head_norms)
+        if head_norms is not None:
+            attention = linearized(attention, head_norms)
+        return [_convert_layer(conversion, target.layout, self.options, layer, attention, layer_calibration)
+                for target in plan.targets]  # fmt: skip
+
+    def report_check(self, plan: Plan, check: dict[str, Any]) -> dict[str, Any]:
+        """The other target's perplexity (or why it refused) in its own entry, and what serving costs."""
+        entry: dict[str, Any] = {"target": OTHER_TARGET[self.options.target]}
+        if "other" in plan.scored_refusals:
+            entry["refused"] = plan.scored_refusals["other"]
+        else:
+            other = plan.targets[1].layout
+            entry["valid_engines"] = other.summary["valid_engines"]
+            entry["perplexity"] = check.pop("other_perplexity")
+            serving, exact = check["converted_perplexity"], entry["perplexity"]
+            if other.serving:
+                serving, exact = exact, serving
+            check["serving_perplexity_cost"] = round(serving - exact, 4)
+        check["other_target"] = entry
+        return check
 
 
 def mha_to_mla(source: str | Path, out: str | Path, options: MlaOptions) -> dict[str, Any]:
@@ -497,28 +471,4 @@ def mha_to_mla(source: str | Path, out: str | Path, options: MlaOptions) -> dict
     folder, then deleted). See `MlaOptions` for the rest. Returns the report also written to
     OUT/kvshrink_report.json.
     """
-    _refuse_options(options)
-    with open_conversion(source, out, options) as conversion:
-        _refuse_unsupported(conversion, options.exact_only)
-        inv_freq = deepseek.source_rope(conversion.checkpoint.config, conversion.counts.head_dim)[0]
-        _require_room(conversion, options, _biases(conversion))  # also refuses a shape the target cannot hold
-        conversion.require_tokenizer("mha-to-mla calibrates on text", "")
-        windows = calibration_windows(conversion.checkpoint.folder, calibration_text(options.calibration),
-                                      options.calibration_tokens)  # fmt: skip
-        if options.fit != "none":
-            require_fit_windows(len(windows), options.fit_heldout_windows)
-        summaries = _summarize(conversion, options, windows, inv_freq)
-        plan = _plan(conversion, options, options.target, summaries)
-        other = _other_target(conversion, options, plan, summaries) if options.check else None
-        with tempfile.TemporaryDirectory(prefix=".other-target-", dir=conversion.staging) as scratch:
-            plans = {conversion.staging: plan}
-            if isinstance(other, MlaPlan):
-                plans[Path(scratch)] = other
-            written = _convert_layers(conversion, options, plans, windows, summaries)
-            for folder, folder_plan in plans.items():
-                write_metadata(conversion, folder_plan.config, folder)
-            check = _check(conversion, options, other, Path(scratch)) if options.check else None
-        layers, new_parameters = written[conversion.staging]
-        summary = {**plan.summary, "fit": fit_summary(options.fit_report(), layers) if options.fit != "none" else None}
-        return finish(conversion, method=_method(options), config=plan.config, summary=summary, layers=layers,
-                      new_parameters=new_parameters, check=check)  # fmt: skip
+    return convert(source, out, MlaMethod(options))

@@ -10,6 +10,7 @@ memory at a time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import platform
 import re
@@ -29,7 +30,8 @@ from kvshrink.convert.checkpoint import SourceCheckpoint, header_size_bound, ope
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.families import FamilySpec, family_for
 from kvshrink.convert.kvcache import kv_bytes_per_token
-from kvshrink.convert.layers import StockModel, resolve_device
+from kvshrink.convert.layers import HeapTrim, StockModel, resolve_device
+from kvshrink.convert.maths import SourceRope, read_source_rope
 from kvshrink.convert.model_card import write_model_card
 from kvshrink.convert.options import ConvertOptions
 from kvshrink.convert.outdir import atomic_output_dir, check_output_dir
@@ -77,9 +79,19 @@ class Conversion:
         """The source's norm epsilon (transformers' default where the config leaves it out)."""
         return float(self.checkpoint.config.get("rms_norm_eps", 1e-6))
 
-    def source_model(self) -> StockModel:
-        """The source in its stock classes, read one layer at a time."""
-        return StockModel.of_checkpoint(self.checkpoint, self.device)
+    @functools.cached_property
+    def rope(self) -> SourceRope:
+        """The source's RoPE, read from its config once per conversion, when first asked for: a conversion that
+        never needs it (a mean merge, a sliding window) is never refused over a RoPE transformers cannot build."""
+        return read_source_rope(self.checkpoint.config, self.counts.head_dim)
+
+    def source_model(self, attn_implementation: str | None = None) -> StockModel:
+        """The source in its stock classes, read one layer at a time (with `attn_implementation` when a method
+        must read the attention weights, which only "eager" returns)."""
+        config = self.checkpoint.config
+        if attn_implementation is not None:
+            config = {**config, "attn_implementation": attn_implementation}
+        return StockModel(config, self.checkpoint.tensor, set(self.checkpoint.names), self.device, HeapTrim())
 
     def target_model(self, config: dict[str, Any], split_rows: SplitRows | None = None) -> StockModel:
         """The output's stock classes under `config`, reading the source's tensors, split by rows where the target
@@ -92,7 +104,7 @@ class Conversion:
                 return self.checkpoint.tensor(source)[rows]
             return self.checkpoint.tensor(name)
 
-        return StockModel(config, read, set(self.checkpoint.names) | set(parts), self.device)
+        return StockModel(config, read, set(self.checkpoint.names) | set(parts), self.device, HeapTrim())
 
     def changed_tensors(self, tensors: dict[str, torch.Tensor]) -> list[str]:
         """Names among `tensors` (full names, float32) that the source lacks or holds with other values."""
@@ -137,6 +149,16 @@ def _refuse_missing_tensors(conversion: Conversion) -> None:
         )
 
 
+def _refuse_mla_source(source: str | Path, config: dict[str, Any]) -> None:
+    """An MLA checkpoint (what mha-to-mla writes) has no KV heads to merge, no attention to re-factor and no
+    sliding window in its stock class."""
+    if "kv_lora_rank" in config:
+        raise KvshrinkError(
+            f"{source} is an MLA checkpoint ({(config.get('architectures') or ['DeepseekV3'])[0]}), which no kvshrink "
+            "converter takes as a source: convert (or window) the GQA/MQA or source model it was made from instead"
+        )
+
+
 @contextlib.contextmanager
 def open_conversion(source: str | Path, out: str | Path, options: ConvertOptions) -> Iterator[Conversion]:
     """Open `source` and a staging folder for `out`: on success the staging folder becomes `out`, on any error
@@ -149,6 +171,7 @@ def open_conversion(source: str | Path, out: str | Path, options: ConvertOptions
     device = resolve_device(options.device)
     try:
         with open_source(source, allow_pickle=options.allow_pickle) as checkpoint:
+            _refuse_mla_source(source, checkpoint.config)
             spec = family_for(checkpoint.config)
             counts = HeadCounts.from_config(checkpoint.config)
             with atomic_output_dir(out, options.overwrite, options.break_lock) as staging:

@@ -1,47 +1,37 @@
 """`convert add-sliding-window`: most layers attend within a window, the layers that look furthest keep it all.
 
-One visible sequence, one decoder layer in memory at a time: refuse an MLA source -> open the source -> refuse what
-cannot be windowed -> calibrate (long windows of text stand at layer 0; each source layer runs with eager attention,
-and what a window would drop there is measured while the windows pass through it) -> choose the full-attention
-layers -> plan the target config (the stock class that runs per-layer windows: the source's own, or Ministral for
-Llama/Mistral, the same layer) -> write every layer (weights unchanged) -> check at long context -> report (with
-the engines that run the class's per-layer windows, as read from their code: convert/engines.py).
+A method of the conversion driver (`driver.py`), one decoder layer in memory at a time: refuse what cannot be
+windowed -> calibrate (long windows of text stand at layer 0; each source layer runs with eager attention, and what
+a window would drop there is measured while the windows pass through it) -> plan: choose the full-attention layers
+and the target config (the stock class that runs per-layer windows: the source's own, or Ministral for
+Llama/Mistral, the same layer) -> every layer written with its weights unchanged -> check at long context ->
+report (with the engines that run the class's per-layer windows, as read from their code: convert/engines.py).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm import tqdm
 
-from kvshrink.convert.calibration import calibration_windows
-from kvshrink.convert.check import compare_perplexity
-from kvshrink.convert.checkpoint import open_source
-from kvshrink.convert.corpora import calibration_text, check_text
+from kvshrink.convert.calibration import Calibration, calibration_windows
+from kvshrink.convert.corpora import calibration_text
+from kvshrink.convert.driver import LayerResult, Plan, TargetPlan, convert
 from kvshrink.convert.engines import windowed_engines
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.families import load_family_specs
 from kvshrink.convert.kvcache import kv_bytes_at_context
-from kvshrink.convert.layers import LayerStream, StockModel
+from kvshrink.convert.layers import StockModel
 from kvshrink.convert.options import SlidingWindowOptions
-from kvshrink.convert.rewrite import Conversion, LayerWriter, finish, open_conversion, require_free_space, write_metadata
+from kvshrink.convert.rewrite import Conversion
 from kvshrink.convert.window_reach import LayerReach, evenly_spaced, mean_dropped, measure_and_advance, most_reaching
 
 DEFAULT_CALIBRATION_LENGTH = 4096
 REPORTED_CONTEXTS = (2048, 8192, 32768)
-
-
-def _refuse_mla(source: str | Path, options: SlidingWindowOptions) -> None:
-    """DeepseekV3 (what mha-to-mla writes) has no sliding window in transformers or the serving engines."""
-    with open_source(source, allow_pickle=options.allow_pickle) as checkpoint:
-        if "kv_lora_rank" in checkpoint.config:
-            raise KvshrinkError(
-                f"{source} is an MLA checkpoint ({(checkpoint.config.get('architectures') or ['DeepseekV3'])[0]}), "
-                "whose stock class has no sliding window: window the GQA/MQA or source model instead"
-            )
 
 
 def _context(config: dict[str, Any]) -> int:
@@ -57,9 +47,25 @@ def _source_layer_types(config: dict[str, Any], switch: str | None) -> list[str]
     return ["sliding_attention" if windowed else "full_attention"] * layers
 
 
-def _refuse(conversion: Conversion, options: SlidingWindowOptions) -> tuple[list[int], int, int]:
-    """Refuse what cannot be windowed; returns the layers that may keep full attention, how many will, and the
-    calibration length."""
+def _candidates(conversion: Conversion) -> list[int]:
+    """The layers that attend to the whole context in the source: the only ones windowing can change."""
+    types = _source_layer_types(conversion.checkpoint.config, conversion.spec.sliding_window_switch)
+    return [index for index, kind in enumerate(types) if kind == "full_attention"]
+
+
+def _kept_full(conversion: Conversion, options: SlidingWindowOptions) -> int:
+    """How many layers keep full attention."""
+    return round(options.full_layers * conversion.counts.num_layers)
+
+
+def _calibration_length(conversion: Conversion, options: SlidingWindowOptions) -> int:
+    """Tokens per calibration window: long enough for the window to drop something."""
+    context = _context(conversion.checkpoint.config)
+    return options.calibration_length or min(DEFAULT_CALIBRATION_LENGTH, context or DEFAULT_CALIBRATION_LENGTH)
+
+
+def _refuse(conversion: Conversion, options: SlidingWindowOptions) -> None:
+    """Refuse what cannot be windowed, before anything is read or written."""
     config, spec = conversion.checkpoint.config, conversion.spec
     spec.require("window")  # a family without sliding_window_class refuses windowing in its spec (a test checks)
     context = _context(config)
@@ -68,25 +74,24 @@ def _refuse(conversion: Conversion, options: SlidingWindowOptions) -> tuple[list
             f"--window {options.window} is not shorter than the model's context ({context} tokens, "
             "max_position_embeddings): such a window keeps every token; choose a smaller --window"
         )
-    types = _source_layer_types(config, spec.sliding_window_switch)
-    candidates = [index for index, kind in enumerate(types) if kind == "full_attention"]
+    candidates, layers = _candidates(conversion), conversion.counts.num_layers
     if not candidates:
         raise KvshrinkError(
             f"{conversion.source} already attends within a window of {config.get('sliding_window')} tokens in every "
             "layer: there is no full-attention layer left to window"
         )
-    if len(candidates) < len(types) and options.window > int(config["sliding_window"]):
+    if len(candidates) < layers and options.window > int(config["sliding_window"]):
         raise KvshrinkError(
             f"--window {options.window} is wider than the source's own sliding window ({config['sliding_window']}), "
             "which its sliding layers were trained with: choose --window at most that"
         )
-    keep = round(options.full_layers * len(types))
+    keep = _kept_full(conversion, options)
     if keep > len(candidates):
         raise KvshrinkError(
             f"--full-layers {options.full_layers:g} asks for {keep} full-attention layers but the source has only "
-            f"{len(candidates)}: choose --full-layers at most {len(candidates) / len(types):.3f}"
+            f"{len(candidates)}: choose --full-layers at most {len(candidates) / layers:.3f}"
         )
-    length = options.calibration_length or min(DEFAULT_CALIBRATION_LENGTH, context or DEFAULT_CALIBRATION_LENGTH)
+    length = _calibration_length(conversion, options)
     if length <= options.window:
         raise KvshrinkError(
             f"--calibration-length {length} must exceed --window {options.window}, or the window drops nothing to "
@@ -94,20 +99,29 @@ def _refuse(conversion: Conversion, options: SlidingWindowOptions) -> tuple[list
             f"{context or 'unknown'})"
         )
     conversion.require_tokenizer("the per-layer measurement reads calibration text", "")
-    return candidates, keep, length
+    _zero_biases(conversion, conversion.target_model(_target_config(conversion, options, [])))  # refuses a class
 
 
-def _measure(conversion: Conversion, options: SlidingWindowOptions, length: int) -> tuple[list[LayerReach], int]:
-    """What a window drops in each layer of the source on `length`-token calibration windows; and their tokens."""
-    checkpoint = conversion.checkpoint
-    windows = calibration_windows(checkpoint.folder, calibration_text(options.calibration), options.calibration_tokens, length)
-    model = StockModel({**checkpoint.config, "attn_implementation": "eager"}, checkpoint.tensor, set(checkpoint.names),
-                       conversion.device)  # fmt: skip
-    stream = LayerStream(model, windows)
+@dataclass
+class WindowCalibration:
+    """What a window drops in each source layer, on how many tokens."""
+
+    reaches: list[LayerReach]
+    tokens: int
+
+
+def _measure(conversion: Conversion, options: SlidingWindowOptions) -> WindowCalibration:
+    """What a window drops in each layer of the source on long calibration windows (eager attention, whose
+    weights the measurement reads)."""
+    length = _calibration_length(conversion, options)
+    windows = calibration_windows(conversion.checkpoint.folder, calibration_text(options.calibration),
+                                  options.calibration_tokens, length)  # fmt: skip
+    calibration = Calibration(conversion.source_model(attn_implementation="eager"), conversion.spec, windows)
     reaches = []
-    for index in tqdm(range(model.num_layers), desc="measuring", unit="layer", disable=not options.progress):
-        reaches.append(measure_and_advance(stream, model.layer(index), index, options.window, options.sink_tokens))
-    return reaches, sum(window.numel() for window in windows)
+    for index in tqdm(range(conversion.counts.num_layers), desc="measuring", unit="layer", disable=not options.progress):
+        layer = calibration.model.layer(index)
+        reaches.append(measure_and_advance(calibration.stream, layer, index, options.window, options.sink_tokens))
+    return WindowCalibration(reaches, calibration.tokens)
 
 
 def _target_config(conversion: Conversion, options: SlidingWindowOptions, full: list[int]) -> dict[str, Any]:
@@ -150,20 +164,74 @@ def _zero_biases(conversion: Conversion, target: StockModel) -> dict[str, torch.
     return {name: torch.zeros(shapes[name].shape) for name in sorted(missing)}
 
 
-def _write_layers(conversion: Conversion, config: dict[str, Any], progress: bool) -> list[str]:
-    """Every layer's tensors, unchanged (attention tensors copied byte for byte), plus the zero biases the target
-    class needs; returns the names created."""
-    target = conversion.target_model(config)
-    require_free_space(conversion, target)
-    biases = _zero_biases(conversion, target)
-    writer = LayerWriter(conversion, conversion.staging)
-    checkpoint = conversion.checkpoint
-    for layer in tqdm(range(conversion.counts.num_layers), desc="writing", unit="layer", disable=not progress):
+def _summary(conversion: Conversion, options: SlidingWindowOptions, calibration: WindowCalibration,
+             choices: dict[str, list[int]], config: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    valid, excluded, how = windowed_engines(config["model_type"])
+    return {
+        "sliding_window": {
+            "window": options.window, "full_layers": choices[options.layer_choice], "layer_choice": options.layer_choice,
+            "sink_tokens": options.sink_tokens,
+            "mean_mass_beyond_window": {name: round(mean_dropped(calibration.reaches, layers), 5)
+                                        for name, layers in choices.items()},
+            "calibration": {"tokens": calibration.tokens, "window_length": _calibration_length(conversion, options)},
+        },  # fmt: skip
+        "kv_bytes_per_token_at_context": {
+            str(context): {"source": kv_bytes_at_context(conversion.checkpoint.config, context),
+                           "target": kv_bytes_at_context(config, context)}  # fmt: skip
+            for context in REPORTED_CONTEXTS
+        },
+        "valid_engines": valid,
+        "excluded_engines": excluded,
+        "notes": how,
+    }
+
+
+@dataclass(frozen=True)
+class SlidingWindowMethod:
+    """Per-layer sliding windows, as a method of the conversion driver: weights unchanged, the config windowed."""
+
+    options: SlidingWindowOptions
+    support: ClassVar[str] = "window"
+    fits_every_tensor: ClassVar[bool] = False
+
+    def refuse(self, conversion: Conversion) -> None:
+        _refuse(conversion, self.options)
+
+    def sized_targets(self, conversion: Conversion) -> list[StockModel]:
+        """Which layers keep full attention changes no tensor's size."""
+        return [conversion.target_model(_target_config(conversion, self.options, []))]
+
+    def calibrate(self, conversion: Conversion) -> WindowCalibration:
+        return _measure(conversion, self.options)
+
+    def plan(self, conversion: Conversion, calibration: WindowCalibration) -> Plan:
+        """The full-attention layers: those whose attention reaches furthest beyond the window (calibrated), or
+        evenly spaced ones; the other choice's dropped mass is reported beside it."""
+        options, layers = self.options, conversion.counts.num_layers
+        candidates, keep = _candidates(conversion), _kept_full(conversion, options)
+        choices = {"calibrated": most_reaching(calibration.reaches, keep, candidates),
+                   "even": evenly_spaced(layers, keep, candidates)}  # fmt: skip
+        config = _target_config(conversion, options, choices[options.layer_choice])
+        biases = _zero_biases(conversion, conversion.target_model(config))
+        return Plan(
+            method=f"window/{options.layer_choice}", targets=[TargetPlan("converted", config, biases)],
+            calibration=None, summary=_summary(conversion, options, calibration, choices, config),
+            check_window=min(_calibration_length(conversion, options), options.check_tokens),
+            layer_summaries=calibration.reaches,
+        )  # fmt: skip
+
+    def convert_layer(self, conversion: Conversion, plan: Plan, layer: int, statistics: None) -> list[LayerResult]:
+        """The layer's attention tensors unchanged (copied byte for byte) plus the zero biases the target class
+        needs; its report entry is what the window drops there."""
+        checkpoint, biases = conversion.checkpoint, plan.output.layout
         names = conversion.spec.attention_tensor_names(layer)
         tensors = {name: checkpoint.tensor(name).float() for name in sorted(names) if name in checkpoint}
         tensors |= {name: bias for name, bias in biases.items() if name in names}
-        writer.write_layer(layer, tensors)
-    return writer.finish(conversion.counts.num_layers)
+        return [(tensors, plan.layer_summaries[layer].report())]
+
+    def report_check(self, plan: Plan, check: dict[str, Any]) -> dict[str, Any]:
+        """The check as it is: it scored the source and the output only, in windows of the calibration length."""
+        return check
 
 
 def add_sliding_window(source: str | Path, out: str | Path, options: SlidingWindowOptions) -> dict[str, Any]:
@@ -175,41 +243,4 @@ def add_sliding_window(source: str | Path, out: str | Path, options: SlidingWind
     layer, the attention mass the window drops (and its part on the first `sink_tokens` tokens). Returns the report
     also written to OUT/kvshrink_report.json.
     """
-    _refuse_mla(source, options)
-    with open_conversion(source, out, options) as conversion:
-        candidates, keep, length = _refuse(conversion, options)
-        reaches, tokens = _measure(conversion, options, length)
-        choices = {"calibrated": most_reaching(reaches, keep, candidates),
-                   "even": evenly_spaced(conversion.counts.num_layers, keep, candidates)}  # fmt: skip
-        full = choices[options.layer_choice]
-        config = _target_config(conversion, options, full)
-        new_parameters = _write_layers(conversion, config, options.progress)
-        write_metadata(conversion, config)
-        check = None
-        if options.check:
-            check = compare_perplexity(
-                conversion.checkpoint.folder, {"source": conversion.checkpoint.folder, "converted": conversion.staging},
-                check_text(options.calibration), options.check_tokens, conversion.device,
-                window=min(length, options.check_tokens), progress=options.progress,
-            )  # fmt: skip
-        support = conversion.spec.support("window")
-        valid, excluded, how = windowed_engines(config["model_type"])
-        summary = {
-            "sliding_window": {
-                "window": options.window, "full_layers": full, "layer_choice": options.layer_choice,
-                "sink_tokens": options.sink_tokens,
-                "mean_mass_beyond_window": {name: round(mean_dropped(reaches, layers), 5) for name, layers in choices.items()},
-                "calibration": {"tokens": tokens, "window_length": length},
-            },  # fmt: skip
-            "kv_bytes_per_token_at_context": {
-                str(context): {"source": kv_bytes_at_context(conversion.checkpoint.config, context),
-                               "target": kv_bytes_at_context(config, context)}  # fmt: skip
-                for context in REPORTED_CONTEXTS
-            },
-            "family_support": {"family": conversion.spec.model_type, "level": support.level, "why": support.why},
-            "valid_engines": valid,
-            "excluded_engines": excluded,
-            "notes": how,
-        }
-        return finish(conversion, method=f"window/{options.layer_choice}", config=config, summary=summary,
-                      layers=[reach.report() for reach in reaches], new_parameters=new_parameters, check=check)  # fmt: skip
+    return convert(source, out, SlidingWindowMethod(options))

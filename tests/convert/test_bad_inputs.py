@@ -52,6 +52,13 @@ def test_unsupported_model_type(source, tmp_path):
     assert_refused(run_convert("mha-to-mqa", source, out, "--no-check"), "'gpt2' is not supported", "llama", out=out)
 
 
+@pytest.mark.parametrize("command", [["mha-to-mqa"], ["mha-to-mla", "--kv-budget", "0.5"], ["add-sliding-window", "-w", "16"]])
+def test_an_mla_source_is_refused_by_every_converter(tiny_checkpoint, tmp_path, command):
+    """What mha-to-mla writes has no KV heads to merge and no windowed stock class: one rule in the driver's frame."""
+    source, out = tiny_checkpoint("deepseek_v3", 4, 4, tokenizer=True), tmp_path / "out"
+    assert_refused(run_convert(*command, source, out), "is an MLA checkpoint (DeepseekV3ForCausalLM)", "source model", out=out)
+
+
 def test_tensors_that_do_not_match_the_config(tiny_checkpoint, tmp_path):
     source = tiny_checkpoint("llama", tokenizer=True)
     config = json.loads((source / "config.json").read_text())
@@ -209,14 +216,14 @@ def test_mla_refuses_a_disk_too_small_before_calibrating(tiny_checkpoint, tmp_pa
     import shutil
     from collections import namedtuple
 
-    from kvshrink.convert import mha_to_mla
+    from kvshrink.convert import driver
 
     def calibration_started(*args, **kwargs):
         raise AssertionError("calibration started before the free-space check")
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
-    monkeypatch.setattr(mha_to_mla, "calibration_windows", calibration_started)
+    monkeypatch.setattr(driver, "calibration_windows", calibration_started)
     source, out = tiny_checkpoint("llama", tokenizer=True), tmp_path / "out"
     assert_refused(run_convert("mha-to-mla", "--kv-budget", "0.5", "--target", "sglang", source, out), "GB free", "needs about", out=out)
 

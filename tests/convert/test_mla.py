@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, DynamicCac
 
 from kvshrink.convert.cli import convert_cli
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert import mha_to_mla as mha_to_mla_module
+from kvshrink.convert import driver
 from kvshrink.convert.mha_to_mla import mha_to_mla
 from kvshrink.convert.options import MlaOptions, build_options
 
@@ -276,7 +276,7 @@ def test_check_scores_both_targets_from_one_calibration_and_leaves_nothing_behin
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mha_to_mla_module, "compare_perplexity", interrupted)
+    monkeypatch.setattr(driver, "compare_perplexity", interrupted)
     with pytest.raises(KeyboardInterrupt):
         mha_to_mla(source, tmp_path / "interrupted", MlaOptions(kv_budget=0.7, **checked))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["gqa", "gqa-sglang", "out", "tiny-0", "tiny-1"]

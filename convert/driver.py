@@ -1,0 +1,210 @@
+"""The one conversion driver: every converter runs the same visible sequence, one decoder layer in memory.
+
+open the source -> refuse (the method's refusals; nothing is written) -> free space for everything it will write
+(before any calibration) -> calibrate (the method's pass over calibration text, a value) -> plan (the target
+configs, one or more target models, what the check scores) -> per layer: the layer's calibration inputs, the
+method's tensors and report entry for each target, the fit (calibrated methods), the writers, the windows advanced
+-> check (every model streamed) -> family support -> report.
+
+A method (`Method`) supplies only what is its own: its refusals, the models it will write (for the free-space
+check), its calibration, its plan and `convert_layer`. GQA/MQA (`mha_to_gqa`), MLA (`mha_to_mla`) and sliding
+windows (`sliding_window`) are methods of this driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from kvshrink.convert.calibration import Calibration, LayerStatistics, calibration_windows
+from kvshrink.convert.check import compare_perplexity
+from kvshrink.convert.corpora import calibration_text, check_text
+from kvshrink.convert.fitting import LayerFit, fit_converted_attention, fit_summary, require_fit_windows
+from kvshrink.convert.layers import StockModel
+from kvshrink.convert.options import ConvertOptions, FittedOptions
+from kvshrink.convert.rewrite import (
+    Conversion, LayerWriter, SplitRows, finish, open_conversion, require_free_space, write_metadata,
+)  # fmt: skip
+
+LayerResult = tuple[dict[str, torch.Tensor], dict[str, Any]]  # a layer's tensors (full names, float32), its report
+
+
+@dataclass
+class TargetPlan:
+    """One checkpoint the conversion writes: the output, or a model the check scores beside it (`name`)."""
+
+    name: str  # "converted" for the output; the check's name for a scored model
+    config: dict[str, Any]
+    layout: Any = None  # the method's own per-target decisions, handed back to `convert_layer`
+
+
+@dataclass
+class Plan:
+    """Everything model-wide, decided before any layer is written."""
+
+    method: str  # the report's method name
+    targets: list[TargetPlan]  # the output first
+    calibration: Calibration | None  # windows at layer 0 for the per-layer pass; None: layers need no inputs
+    summary: dict[str, Any]  # the method's part of the report
+    split_rows: SplitRows | None = None  # fused source tensors the targets split by rows
+    check_window: int | None = None  # tokens a check window holds (None: compare_perplexity's default)
+    layer_summaries: list[Any] | None = None  # what calibration left of each layer for the per-layer pass
+    scored_refusals: dict[str, str] = field(default_factory=dict)  # models the check would score, refused: why
+
+    @property
+    def output(self) -> TargetPlan:
+        return self.targets[0]
+
+
+class Method(Protocol):
+    """What a converter supplies to the driver."""
+
+    support: str  # its key in the family specs' support matrix ("gqa", "mla", "window")
+    fits_every_tensor: bool  # the fit trains all of a layer's converted tensors, whatever --fit-scope says
+    options: ConvertOptions
+
+    def refuse(self, conversion: Conversion) -> None:
+        """Raise KvshrinkError for what this method cannot do with the source, before anything is read or written."""
+
+    def sized_targets(self, conversion: Conversion) -> list[StockModel]:
+        """The models it will write, at their final sizes (their values may still depend on calibration)."""
+
+    def calibrate(self, conversion: Conversion) -> Any:
+        """The method's calibration, as a value for `plan` (None when it needs none)."""
+
+    def plan(self, conversion: Conversion, calibration: Any) -> Plan: ...
+
+    def convert_layer(self, conversion: Conversion, plan: Plan, layer: int,
+                      statistics: LayerStatistics | None) -> list[LayerResult]:  # fmt: skip
+        """Layer `layer` for each of `plan.targets`, in order; `statistics` are its calibration inputs (None when
+        the plan has no calibration)."""
+
+    def report_check(self, plan: Plan, check: dict[str, Any]) -> dict[str, Any]:
+        """The check's result as the report gives it (e.g. the scored models' part moved into its own entry)."""
+
+
+def calibration_inputs(conversion: Conversion, options: FittedOptions) -> list[torch.Tensor]:
+    """The calibration windows of a calibrated method (its closed form and the fit read them)."""
+    windows = calibration_windows(conversion.checkpoint.folder, calibration_text(options.calibration),
+                                  options.calibration_tokens)  # fmt: skip
+    if options.fit != "none":
+        require_fit_windows(len(windows), options.fit_heldout_windows)
+    return windows
+
+
+@dataclass
+class _Target:
+    """A planned target being written: its folder, its stock model (for the fit and error feedback), its writer."""
+
+    plan: TargetPlan
+    folder: Path
+    model: StockModel
+    writer: LayerWriter
+    layers: list[dict[str, Any]] = field(default_factory=list)  # the report entries of the layers written
+    new_parameters: list[str] = field(default_factory=list)  # names created or changed, once every layer is written
+
+
+def _fitting(options: ConvertOptions) -> bool:
+    return isinstance(options, FittedOptions) and options.fit != "none"
+
+
+def _fit(conversion: Conversion, method: Method, calibration: Calibration, target: _Target, layer: int,
+         statistics: LayerStatistics, result: LayerResult) -> LayerResult:  # fmt: skip
+    """The layer's converted attention fitted to the source attention's output on its calibration inputs."""
+    tensors, report = result
+    options = conversion.options
+    every = method.fits_every_tensor or options.fit_scope == "attention"
+    trainable = list(tensors) if every else conversion.changed_tensors(tensors)
+    fitted, report["fit"] = fit_converted_attention(LayerFit(
+        calibration.model, target.model, layer, statistics.inputs, tensors, trainable, options.fit_settings(),
+        options.fit_heldout_windows,
+    ))  # fmt: skip
+    return fitted, report
+
+
+def _convert_layer(conversion: Conversion, method: Method, plan: Plan, targets: list[_Target], layer: int) -> None:
+    """Layer `layer` converted (and fitted) for every target and written; the windows advance past it, through the
+    output's converted layer with error feedback. Its inputs and tensors die here, before the next layer runs."""
+    calibration = plan.calibration
+    statistics = calibration.statistics(layer) if calibration is not None else None
+    feedback = None
+    for target, result in zip(targets, method.convert_layer(conversion, plan, layer, statistics), strict=True):
+        if statistics is not None and _fitting(conversion.options):
+            result = _fit(conversion, method, calibration, target, layer, statistics, result)
+        tensors, report = result
+        target.writer.write_layer(layer, tensors)
+        target.layers.append(report)
+        if feedback is None and conversion.options.error_feedback:
+            feedback = tensors
+        del tensors, result
+    del statistics
+    if calibration is not None and feedback is not None:
+        output = targets[0].model
+        calibration.advance(layer, output.layer(layer, feedback), output)
+    elif calibration is not None:
+        calibration.advance(layer)
+
+
+def _write(conversion: Conversion, method: Method, plan: Plan, folders: list[Path]) -> list[_Target]:
+    """Every layer of every target converted and written, then each target's remaining tensors and metadata."""
+    targets = [
+        _Target(target, folder, conversion.target_model(target.config, plan.split_rows),
+                LayerWriter(conversion, folder, plan.split_rows))
+        for target, folder in zip(plan.targets, folders, strict=True)
+    ]  # fmt: skip
+    steps = "converting" if plan.calibration is not None else "writing"
+    for layer in tqdm(range(conversion.counts.num_layers), desc=steps, unit="layer",
+                      disable=not conversion.options.progress):  # fmt: skip
+        _convert_layer(conversion, method, plan, targets, layer)
+    for target in targets:
+        target.new_parameters = target.writer.finish(conversion.counts.num_layers)
+        write_metadata(conversion, target.plan.config, target.folder)
+    return targets
+
+
+def _check(conversion: Conversion, method: Method, plan: Plan, targets: list[_Target]) -> dict[str, Any]:
+    """Source, output and every scored model's perplexity on the calibration corpus's held-out text."""
+    options = conversion.options
+    folders = {"source": conversion.checkpoint.folder} | {target.plan.name: target.folder for target in targets}
+    window = {} if plan.check_window is None else {"window": plan.check_window}
+    result = compare_perplexity(conversion.checkpoint.folder, folders, check_text(options.calibration),
+                                options.check_tokens, conversion.device, progress=options.progress, **window)  # fmt: skip
+    return method.report_check(plan, result)
+
+
+def _summary(conversion: Conversion, method: Method, plan: Plan, layers: list[dict[str, Any]]) -> dict[str, Any]:
+    support = conversion.spec.support(method.support)
+    summary = {**plan.summary, "family_support": {"family": conversion.spec.model_type, "level": support.level,
+                                                  "why": support.why}}  # fmt: skip
+    options = conversion.options
+    if plan.calibration is not None and isinstance(options, FittedOptions):
+        summary["fit"] = fit_summary(options.fit_report(), layers) if options.fit != "none" else None
+    return summary
+
+
+def convert(source: str | Path, out: str | Path, method: Method) -> dict[str, Any]:
+    """Run `method` on `source` and write its output to `out` (staged beside it, renamed into place when complete);
+    returns the report also written to OUT/kvshrink_report.json."""
+    with open_conversion(source, out, method.options) as conversion:
+        method.refuse(conversion)
+        require_free_space(conversion, *method.sized_targets(conversion))
+        calibration = method.calibrate(conversion)
+        plan = method.plan(conversion, calibration)
+        del calibration  # what the plan keeps of it is in the plan
+        with contextlib.ExitStack() as scratch:  # scored models live inside the staging folder, gone in any case
+            folders = [conversion.staging] + [
+                Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=conversion.staging)))
+                for target in plan.targets[1:]
+            ]  # fmt: skip
+            targets = _write(conversion, method, plan, folders)
+            check = _check(conversion, method, plan, targets) if conversion.options.check else None
+        output = targets[0]
+        return finish(conversion, method=plan.method, config=output.plan.config,
+                      summary=_summary(conversion, method, plan, output.layers), layers=output.layers,
+                      new_parameters=output.new_parameters, check=check)  # fmt: skip
