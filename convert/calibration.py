@@ -1,7 +1,7 @@
 """Calibration: what each layer's attention receives when the source reads real text, one layer at a time.
 
 The calibration windows' hidden states stand at the input of one decoder layer at a time (`layers.LayerStream`).
-`statistics(layer)` runs that layer's stock module up to its attention's first projection and returns what it
+`attention_inputs(layer)` runs that layer's stock module up to its attention's first projection and returns what it
 received (the normalized hidden state that feeds q, k and v) as a value; the caller converts the layer, then
 `advance`s the windows through the source layer, or through the converted one (error feedback: the next
 layer is calibrated on what the converted model really computes, as GPTQ does).
@@ -23,7 +23,7 @@ CALIBRATION_WINDOW = 512
 
 
 @dataclass
-class LayerStatistics:
+class AttentionInputs:
     """Inputs of one layer's attention over the calibration windows."""
 
     inputs: torch.Tensor  # [windows, seq_len, hidden] float32; position p of a window is RoPE position p
@@ -53,11 +53,11 @@ class Calibration:
     def tokens(self) -> int:
         return sum(window.ids.numel() for window in self.stream.windows)
 
-    def statistics(self, layer: int) -> LayerStatistics:
+    def attention_inputs(self, layer: int) -> AttentionInputs:
         """What the attention of the source's layer `layer` receives from the windows standing before it (the
         layer runs only up to its attention's first projection, and is dropped)."""
         inputs = self.stream.inputs_of(self.model.layer(layer), layer, self.projection)
-        return LayerStatistics(torch.stack(inputs).cpu())
+        return AttentionInputs(torch.stack(inputs).cpu())
 
     def advance(self, layer: int, converted: nn.Module | None = None, owner: StockModel | None = None) -> None:
         """Move the windows past layer `layer`: through the source's layer, or through the `converted` one (error

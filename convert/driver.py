@@ -22,13 +22,13 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from kvshrink.convert.calibration import Calibration, LayerStatistics, calibration_windows
+from kvshrink.convert.calibration import Calibration, AttentionInputs, calibration_windows
 from kvshrink.convert.check import compare_perplexity
 from kvshrink.convert.corpora import calibration_text, check_text
 from kvshrink.convert.fitting import LayerFit, fit_converted_attention, fit_summary, require_fit_windows
 from kvshrink.convert.layers import StockModel
 from kvshrink.convert.options import ConvertOptions, FittedOptions
-from kvshrink.convert.rewrite import (
+from kvshrink.convert.frame import (
     Conversion, LayerWriter, SplitRows, finish, open_conversion, require_free_space, write_metadata,
 )  # fmt: skip
 
@@ -81,9 +81,9 @@ class Method(Protocol):
     def plan(self, conversion: Conversion, calibration: Any) -> Plan: ...
 
     def convert_layer(self, conversion: Conversion, plan: Plan, layer: int,
-                      statistics: LayerStatistics | None) -> list[LayerResult]:  # fmt: skip
-        """Layer `layer` for each of `plan.targets`, in order; `statistics` are its calibration inputs (None when
-        the plan has no calibration)."""
+                      inputs: AttentionInputs | None) -> list[LayerResult]:  # fmt: skip
+        """Layer `layer` for each of `plan.targets`, in order; `inputs` are what its attention received from the
+        calibration windows (None when the plan has no calibration)."""
 
     def report_check(self, plan: Plan, check: dict[str, Any]) -> dict[str, Any]:
         """The check's result as the report gives it (e.g. the scored models' part moved into its own entry)."""
@@ -115,14 +115,14 @@ def _fitting(options: ConvertOptions) -> bool:
 
 
 def _fit(conversion: Conversion, method: Method, calibration: Calibration, target: _Target, layer: int,
-         statistics: LayerStatistics, result: LayerResult) -> LayerResult:  # fmt: skip
+         inputs: AttentionInputs, result: LayerResult) -> LayerResult:  # fmt: skip
     """The layer's converted attention fitted to the source attention's output on its calibration inputs."""
     tensors, report = result
     options = conversion.options
     every = method.fits_every_tensor or options.fit_scope == "attention"
     trainable = list(tensors) if every else conversion.changed_tensors(tensors)
     fitted, report["fit"] = fit_converted_attention(LayerFit(
-        calibration.model, target.model, layer, statistics.inputs, tensors, trainable, options.fit_settings(),
+        calibration.model, target.model, layer, inputs.inputs, tensors, trainable, options.fit_settings(),
         options.fit_heldout_windows,
     ))  # fmt: skip
     return fitted, report
@@ -132,18 +132,18 @@ def _convert_layer(conversion: Conversion, method: Method, plan: Plan, targets: 
     """Layer `layer` converted (and fitted) for every target and written; the windows advance past it, through the
     output's converted layer with error feedback. Its inputs and tensors die here, before the next layer runs."""
     calibration = plan.calibration
-    statistics = calibration.statistics(layer) if calibration is not None else None
+    inputs = calibration.attention_inputs(layer) if calibration is not None else None
     feedback = None
-    for target, result in zip(targets, method.convert_layer(conversion, plan, layer, statistics), strict=True):
-        if statistics is not None and _fitting(conversion.options):
-            result = _fit(conversion, method, calibration, target, layer, statistics, result)
+    for target, result in zip(targets, method.convert_layer(conversion, plan, layer, inputs), strict=True):
+        if inputs is not None and _fitting(conversion.options):
+            result = _fit(conversion, method, calibration, target, layer, inputs, result)
         tensors, report = result
         target.writer.write_layer(layer, tensors)
         target.layers.append(report)
         if feedback is None and conversion.options.error_feedback:
             feedback = tensors
         del tensors, result
-    del statistics
+    del inputs
     if calibration is not None and feedback is not None:
         output = targets[0].model
         calibration.advance(layer, output.layer(layer, feedback), output)

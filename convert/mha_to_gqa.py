@@ -14,14 +14,14 @@ from typing import Any, ClassVar
 
 from kvshrink.convert import gqa
 from kvshrink.convert.attention import AttentionWeights, attention_tensors, read_attention
-from kvshrink.convert.calibration import Calibration, LayerStatistics
+from kvshrink.convert.calibration import Calibration, AttentionInputs
 from kvshrink.convert.driver import LayerResult, Plan, TargetPlan, calibration_inputs, convert
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.gqa.attended import RotaryLayerStatistics
+from kvshrink.convert.gqa.attended import RotaryAttentionInputs
 from kvshrink.convert.gqa.projection_norms import per_head_stand_in, restore_projection_norms
 from kvshrink.convert.layers import StockModel
 from kvshrink.convert.options import GqaOptions
-from kvshrink.convert.rewrite import Conversion
+from kvshrink.convert.frame import Conversion
 
 
 def _validate_groups(groups: int, kv_heads: int) -> None:
@@ -69,7 +69,7 @@ def _refuse(conversion: Conversion, options: GqaOptions) -> None:
         conversion.require_tokenizer(" and ".join(needs), " ".join(needs.values()))
 
 
-def _with_rope(conversion: Conversion, statistics: LayerStatistics) -> LayerStatistics:
+def _with_rope(conversion: Conversion, statistics: AttentionInputs) -> AttentionInputs:
     """The statistics with the source's RoPE and logit scaling attached, so methods can recompute the source's
     attention."""
     config, rope = conversion.checkpoint.config, conversion.rope
@@ -77,12 +77,12 @@ def _with_rope(conversion: Conversion, statistics: LayerStatistics) -> LayerStat
         return statistics
     scalar, softcap = config.get("query_pre_attn_scalar"), config.get("attn_logit_softcapping")
     logits = {"logit_scale": float(scalar) ** -0.5 if scalar else None, "logit_softcap": softcap}
-    return RotaryLayerStatistics(statistics.inputs, rope.inv_freq, rope.attention_scaling,
+    return RotaryAttentionInputs(statistics.inputs, rope.inv_freq, rope.attention_scaling,
                                  norm_eps=conversion.rms_norm_eps, **logits)  # fmt: skip
 
 
 def _merge(conversion: Conversion, attention: AttentionWeights, options: GqaOptions,
-           statistics: LayerStatistics | None) -> gqa.KvMerge:  # fmt: skip
+           statistics: AttentionInputs | None) -> gqa.KvMerge:  # fmt: skip
     if options.groups == attention.num_kv_heads:  # nothing to merge: every tensor stays as it is
         return gqa.KvMerge(attention, [[head] for head in range(options.groups)])
     merge = gqa.get_method(options.method)
@@ -129,7 +129,7 @@ class GqaMethod:
         return Plan(method=f"gqa/{options.method}", targets=[target], calibration=calibration, summary=summary)
 
     def convert_layer(self, conversion: Conversion, plan: Plan, layer: int,
-                      statistics: LayerStatistics | None) -> list[LayerResult]:  # fmt: skip
+                      statistics: AttentionInputs | None) -> list[LayerResult]:  # fmt: skip
         """The layer's merged attention tensors and report entry (the driver fits and writes them)."""
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after it ran
         with_rope = _with_rope(conversion, statistics) if statistics is not None else None

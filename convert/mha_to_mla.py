@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from kvshrink.convert import engines
 from kvshrink.convert.attention import AttentionBiases, AttentionWeights, read_attention, read_biases
-from kvshrink.convert.calibration import Calibration, LayerStatistics
+from kvshrink.convert.calibration import Calibration, AttentionInputs
 from kvshrink.convert.driver import LayerResult, Plan, TargetPlan, calibration_inputs, convert
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.layers import StockModel
@@ -34,7 +34,7 @@ from kvshrink.convert.mla.rope import RopeBasis, RopeSlots, choose_slots, rope_b
 from kvshrink.convert.mla.shapes import MlaShape, resolve_shape
 from kvshrink.convert.mla.yarn import YarnFit, fit_yarn
 from kvshrink.convert.options import MlaOptions
-from kvshrink.convert.rewrite import Conversion
+from kvshrink.convert.frame import Conversion
 
 _LINEARIZATION_SAMPLE = 2048
 OTHER_TARGET = {"vllm": "transformers", "sglang": "transformers", "transformers": "vllm"}
@@ -84,7 +84,7 @@ class RopeSummary:
     distances: torch.Tensor | None  # the source's attention per distance [H, T]; None when distance is ignored
 
 
-def _head_norms(conversion: Conversion, attention: AttentionWeights, statistics: LayerStatistics,
+def _head_norms(conversion: Conversion, attention: AttentionWeights, statistics: AttentionInputs,
                 options: MlaOptions) -> HeadNormFit | None:  # fmt: skip
     """The calibrated linear maps that stand in for per-head q/k norms (Qwen3), fitted on this layer's inputs."""
     if attention.q_norm is None and attention.k_norm is None:
@@ -93,7 +93,7 @@ def _head_norms(conversion: Conversion, attention: AttentionWeights, statistics:
     return fit_head_norms(attention, statistics.flat_inputs, eps, options.head_norm_fit)
 
 
-def _summarize_layer(attention: AttentionWeights, statistics: LayerStatistics, options: MlaOptions,
+def _summarize_layer(attention: AttentionWeights, statistics: AttentionInputs, options: MlaOptions,
                      inv_freq: torch.Tensor) -> RopeSummary:  # fmt: skip
     """`attention` as DeepseekV3 will hold it (head norms already linearized)."""
     heads, d = attention.num_heads, attention.head_dim
@@ -117,7 +117,7 @@ def _summarize(conversion: Conversion, options: MlaOptions, windows: list[torch.
     calibration = Calibration(conversion.source_model(), conversion.spec, windows)
     summaries = []
     for layer in tqdm(range(conversion.counts.num_layers), desc="calibrating", unit="layer", disable=not options.progress):
-        statistics = calibration.statistics(layer)
+        statistics = calibration.attention_inputs(layer)
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after it ran
         head_norms = _head_norms(conversion, attention, statistics, options)
         if head_norms is not None:
@@ -128,7 +128,7 @@ def _summarize(conversion: Conversion, options: MlaOptions, windows: list[torch.
     return summaries
 
 
-def _layer_calibration(statistics: LayerStatistics, summary: RopeSummary, head_norms: HeadNormFit | None) -> LayerCalibration:
+def _layer_calibration(statistics: AttentionInputs, summary: RopeSummary, head_norms: HeadNormFit | None) -> LayerCalibration:
     """Pass 2: the layer's input moment and a sample of its inputs, with what pass 1 decided."""
     flat = augmented_inputs(statistics.flat_inputs)
     sample = flat[torch.linspace(0, flat.shape[0] - 1, min(_LINEARIZATION_SAMPLE, flat.shape[0])).long()]
@@ -430,7 +430,7 @@ class MlaMethod:
         )  # fmt: skip
 
     def convert_layer(self, conversion: Conversion, plan: Plan, layer: int,
-                      statistics: LayerStatistics) -> list[LayerResult]:  # fmt: skip
+                      statistics: AttentionInputs) -> list[LayerResult]:  # fmt: skip
         """The layer's DeepseekV3 attention under each target's plan (the driver fits and writes them)."""
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after it ran
         head_norms = _head_norms(conversion, attention, statistics, self.options)

@@ -27,7 +27,7 @@ from kvshrink.convert.families import load_family_specs
 from kvshrink.convert.kvcache import kv_bytes_at_context
 from kvshrink.convert.layers import StockModel
 from kvshrink.convert.options import SlidingWindowOptions
-from kvshrink.convert.rewrite import Conversion
+from kvshrink.convert.frame import Conversion
 from kvshrink.convert.window_reach import LayerReach, evenly_spaced, mean_dropped, measure_and_advance, most_reaching
 
 DEFAULT_CALIBRATION_LENGTH = 4096

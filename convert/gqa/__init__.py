@@ -1,6 +1,6 @@
 """KV-head merging methods for MHA/GQA -> GQA/MQA. Each method is one module with one public function:
 
-    merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | None) -> KvMerge
+    merge(attention: AttentionWeights, groups: int, stats: AttentionInputs | None) -> KvMerge
 
 and flags NEEDS_CALIBRATION (whether `stats`, the layer's calibration inputs, must be given) and
 FOLDS_KEY_GAINS (whether it moves per-rotary-pair gains from keys into queries, which is exact only when RoPE

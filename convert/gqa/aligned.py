@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from kvshrink.convert.attention import AttentionWeights
-from kvshrink.convert.calibration import LayerStatistics
+from kvshrink.convert.calibration import AttentionInputs
 from kvshrink.convert.gqa import KvMerge
 from kvshrink.convert.gqa.grouping import regroup_similar_heads
 from kvshrink.convert.gqa.heads import per_head, rotate_keys, rotate_values
@@ -54,7 +54,7 @@ def _value_rotations(attention: AttentionWeights, groups: int, moment: torch.Ten
     return rotations.reshape(attention.num_kv_heads, attention.head_dim, attention.head_dim)
 
 
-def merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | None) -> KvMerge:
+def merge(attention: AttentionWeights, groups: int, stats: AttentionInputs | None) -> KvMerge:
     """Regroup by similarity, rotate each head onto its group (exactly), then mean-pool each group's K and V."""
     aligned, head_groups, moment = regroup_similar_heads(attention, groups, stats, "Procrustes alignment")
     aligned = rotate_values(aligned, _value_rotations(aligned, groups, moment))

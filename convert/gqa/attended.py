@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvshrink.convert.attention import AttentionWeights
-from kvshrink.convert.calibration import LayerStatistics
+from kvshrink.convert.calibration import AttentionInputs
 from kvshrink.convert.maths import augmented, complex_pairs, rms_norm
 
 # Enough windows for a stable moment; the attention recomputation is the costliest part of a calibrated merge.
@@ -23,7 +23,7 @@ _MAX_WINDOWS = 4
 
 
 @dataclass
-class RotaryLayerStatistics(LayerStatistics):
+class RotaryAttentionInputs(AttentionInputs):
     """Calibration inputs plus the source's RoPE, so a method can recompute the source's attention."""
 
     inv_freq: torch.Tensor  # [head_dim / 2] float64: pair j turns by position · inv_freq[j]
@@ -40,7 +40,7 @@ def _normed(heads: torch.Tensor, weight: torch.Tensor | None, offset: float, eps
 
 @torch.no_grad()
 def attended_moments(
-    attention: AttentionWeights, stats: RotaryLayerStatistics, value_rows: torch.Tensor, key_rows: torch.Tensor
+    attention: AttentionWeights, stats: RotaryAttentionInputs, value_rows: torch.Tensor, key_rows: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64: per query head i, R_v E[z_i z_iᵀ] R_vᵀ [H, rv, rv] (what its values are averaged over); and over
     all of them, R_k (mean_i E_m Σ_n a_i(m, n) x̃_n x̃_nᵀ) R_kᵀ [rk, rk] (the keys, weighted by the attention they

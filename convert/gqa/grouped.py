@@ -8,7 +8,7 @@ i // (H / groups) holds. The permutation is exact; only the averaging loses.
 from __future__ import annotations
 
 from kvshrink.convert.attention import AttentionWeights
-from kvshrink.convert.calibration import LayerStatistics
+from kvshrink.convert.calibration import AttentionInputs
 from kvshrink.convert.gqa import KvMerge
 from kvshrink.convert.gqa.grouping import regroup_similar_heads
 from kvshrink.convert.gqa.mean import merge as mean_merge
@@ -18,7 +18,7 @@ NEEDS_CALIBRATION = True
 FOLDS_KEY_GAINS = False
 
 
-def merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | None) -> KvMerge:
+def merge(attention: AttentionWeights, groups: int, stats: AttentionInputs | None) -> KvMerge:
     """Mean-pool the KV heads of each group of similar heads found on the calibration inputs in `stats`."""
     permuted, head_groups, moment = regroup_similar_heads(attention, groups, stats, "grouping by similarity")
     result = KvMerge(mean_merge(permuted, groups).attention, head_groups)

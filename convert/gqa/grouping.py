@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from kvshrink.convert.attention import AttentionWeights
-from kvshrink.convert.calibration import LayerStatistics
+from kvshrink.convert.calibration import AttentionInputs
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.gqa.heads import (
     consecutive_groups, head_bias, head_chunks, head_rows, output_columns, per_head, permute_kv_heads,
@@ -119,7 +119,7 @@ def similar_groups(attention: AttentionWeights, groups: int, moment: torch.Tenso
 
 
 def regroup_similar_heads(
-    attention: AttentionWeights, groups: int, stats: LayerStatistics | None, method: str
+    attention: AttentionWeights, groups: int, stats: AttentionInputs | None, method: str
 ) -> tuple[AttentionWeights, list[list[int]], torch.Tensor]:
     """(layer with each group's KV heads made consecutive, the groups of source heads, input moment): the first
     step of the calibrated methods. `method` names the caller in the error raised when `stats` is missing."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvshrink.convert.attention import AttentionWeights
-from kvshrink.convert.calibration import LayerStatistics
+from kvshrink.convert.calibration import AttentionInputs
 from kvshrink.convert.gqa import KvMerge
 
 NEEDS_CALIBRATION = False
@@ -19,7 +19,7 @@ def _mean_heads(rows: torch.Tensor | None, source_heads: int, groups: int) -> to
     return per_head.mean(dim=1).reshape(-1, *rows.shape[1:])
 
 
-def merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | None = None) -> KvMerge:
+def merge(attention: AttentionWeights, groups: int, stats: AttentionInputs | None = None) -> KvMerge:
     """Average the K/V projection rows (and biases) of each run of KV heads that will share one head."""
     heads = attention.num_kv_heads
     merged = attention.with_kv(

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from kvshrink.convert.attention import AttentionWeights
-from kvshrink.convert.calibration import LayerStatistics
+from kvshrink.convert.calibration import AttentionInputs
 from kvshrink.convert.gqa import KvMerge
-from kvshrink.convert.gqa.attended import RotaryLayerStatistics, attended_moments
+from kvshrink.convert.gqa.attended import RotaryAttentionInputs, attended_moments
 from kvshrink.convert.gqa.grouping import output_metrics, query_weights, regroup_similar_heads
 from kvshrink.convert.gqa.heads import fold_key_gains, head_chunks, output_columns
 from kvshrink.convert.gqa.mean import merge as mean_merge
@@ -57,11 +57,11 @@ class _GroupMoments:
     keys: torch.Tensor  # K Σ_k Kᵀ: keys weighted by the attention they receive (Σ without RoPE statistics)
 
 
-def _group_moments(group: AttentionWeights, moment: torch.Tensor, stats: LayerStatistics) -> _GroupMoments:
+def _group_moments(group: AttentionWeights, moment: torch.Tensor, stats: AttentionInputs) -> _GroupMoments:
     value_rows = augmented(group.v, group.v_bias)
     key_rows = augmented(group.k, group.k_bias)
     values = value_rows @ moment @ value_rows.T
-    if not isinstance(stats, RotaryLayerStatistics):
+    if not isinstance(stats, RotaryAttentionInputs):
         return _GroupMoments(values, None, key_rows @ moment @ key_rows.T)
     attended_values, attended_keys = attended_moments(group, stats, value_rows, key_rows)
     return _GroupMoments(values, attended_values, attended_keys)
@@ -162,7 +162,7 @@ def _group(attention: AttentionWeights, group: int, size: int) -> AttentionWeigh
 
 
 def _merge_group(
-    group: AttentionWeights, moment: torch.Tensor, stats: LayerStatistics
+    group: AttentionWeights, moment: torch.Tensor, stats: AttentionInputs
 ) -> tuple[AttentionWeights, str, tuple[float, float] | None]:
     """One group merged into one KV head; the key method used; the attended value error (error, source energy)
     when the statistics carry the source's RoPE. The moments are this group's, seen through its own rows."""
@@ -200,7 +200,7 @@ def _concatenated(parts: list[AttentionWeights], template: AttentionWeights) -> 
     )  # fmt: skip
 
 
-def merge(attention: AttentionWeights, groups: int, stats: LayerStatistics | None) -> KvMerge:
+def merge(attention: AttentionWeights, groups: int, stats: AttentionInputs | None) -> KvMerge:
     """Regroup the KV heads by similarity, then merge each group into the K and V that best keep its logits
     and o_proj output on the calibration inputs in `stats`, one group at a time."""
     permuted, head_groups, moment = regroup_similar_heads(attention, groups, stats, "the output-aware merge")

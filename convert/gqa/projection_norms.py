@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from kvshrink.convert.attention import AttentionWeights
-from kvshrink.convert.calibration import LayerStatistics
+from kvshrink.convert.calibration import AttentionInputs
 from kvshrink.convert.gqa import KvMerge
 from kvshrink.convert.maths import augmented, rms_normalized
 
@@ -38,7 +38,7 @@ def _by_group(per_head: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
 
 
 def restore_projection_norms(
-    source: AttentionWeights, merge: KvMerge, stats: LayerStatistics | None, eps: float
+    source: AttentionWeights, merge: KvMerge, stats: AttentionInputs | None, eps: float
 ) -> KvMerge:
     """`merge` (made on per_head_stand_in(source)) with the source's projection-wide q_norm/k_norm carried over."""
     d, r = source.head_dim, source.queries_per_kv_head

@@ -235,12 +235,12 @@ def test_a_disk_with_room_for_a_bfloat16_output_is_not_refused(tiny_checkpoint, 
     import shutil
     from collections import namedtuple
 
-    from kvshrink.convert import rewrite
+    from kvshrink.convert import frame
 
     source, out = tiny_checkpoint("llama", tokenizer=True, dtype=torch.bfloat16), tmp_path / "out"
     source_bytes = sum(path.stat().st_size for path in source.glob("*.safetensors"))
     outputs = 2 if command[0] == "mha-to-mla" else 1  # the MLA check also writes the other target, then deletes it
-    free = outputs * (int(1.2 * source_bytes) + rewrite._FREE_SPACE_MARGIN)
+    free = outputs * (int(1.2 * source_bytes) + frame._FREE_SPACE_MARGIN)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - free, free))
     result = run_convert(*command, "--calibration-tokens", "512", "--check-tokens", "512", "--fit", "none", source, out)

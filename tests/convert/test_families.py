@@ -270,7 +270,7 @@ def test_attended_moments_follow_gemma_attention(model_type):
     from tiny_checkpoints import build_tiny_model
 
     from kvshrink.convert.attention import AttentionWeights
-    from kvshrink.convert.gqa.attended import RotaryLayerStatistics, attended_moments
+    from kvshrink.convert.gqa.attended import RotaryAttentionInputs, attended_moments
 
     features = dict(query_pre_attn_scalar=9, sliding_window=128, layer_types=["full_attention"] * 2,
                     attn_logit_softcapping=2.0 if model_type == "gemma2" else None)  # fmt: skip
@@ -288,7 +288,7 @@ def test_attended_moments_follow_gemma_attention(model_type):
     rope = model.config.rope_parameters
     theta = (rope.get("full_attention") or rope)["rope_theta"]
     inv_freq = theta ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
-    stats = RotaryLayerStatistics(captured[0], inv_freq, logit_scale=9**-0.5, logit_softcap=features["attn_logit_softcapping"])
+    stats = RotaryAttentionInputs(captured[0], inv_freq, logit_scale=9**-0.5, logit_softcap=features["attn_logit_softcapping"])
     norm = {part: getattr(module, part).weight.detach().clone() for part in ("q_norm", "k_norm") if hasattr(module, part)}
     attention = AttentionWeights(
         q=module.q_proj.weight.detach(), k=module.k_proj.weight.detach(), v=module.v_proj.weight.detach(),

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from tiny_checkpoints import build_tiny_model
 
 from kvshrink.convert.attention import AttentionWeights
-from kvshrink.convert.calibration import LayerStatistics
+from kvshrink.convert.calibration import AttentionInputs
 from kvshrink.convert.cli import convert_cli
 from kvshrink.convert.gqa import DEFAULT_METHOD, KvMerge, get_method, method_names, needs_calibration
-from kvshrink.convert.gqa.attended import RotaryLayerStatistics, attended_moments
+from kvshrink.convert.gqa.attended import RotaryAttentionInputs, attended_moments
 from kvshrink.convert.gqa.grouping import similar_groups
 from kvshrink.convert.gqa.heads import permute_kv_heads, rotate_keys, rotate_values
 from kvshrink.convert.gqa.objectives import merge_errors
@@ -63,7 +63,7 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=TOKENS).logits
 
 
-def calibration_stats(model) -> list[LayerStatistics]:
+def calibration_stats(model) -> list[AttentionInputs]:
     """Every layer's attention inputs on random tokens, as collect_statistics records them."""
     captured: list[torch.Tensor] = []
     handles = [
@@ -75,7 +75,7 @@ def calibration_stats(model) -> list[LayerStatistics]:
         model(input_ids=tokens)
     for handle in handles:
         handle.remove()
-    return [LayerStatistics(inputs) for inputs in captured]
+    return [AttentionInputs(inputs) for inputs in captured]
 
 
 FAMILIES = ["llama", "qwen2", "qwen3"]  # plain; q/k/v biases; per-head q_norm/k_norm
@@ -187,7 +187,7 @@ def test_objectives_match_their_definition_on_the_calibration_tokens():
     assert errors["value_rel_error"] == pytest.approx(value, rel=1e-6)
 
 
-def structured(twist: bool) -> tuple[AttentionWeights, LayerStatistics]:
+def structured(twist: bool) -> tuple[AttentionWeights, AttentionInputs]:
     """Heads 0/2 and 1/3 are noisy copies of each other (rotated copies if `twist`); heads 0/1 are unrelated."""
     model = tiny("llama")
     tie_heads(model, [[0, 2], [1, 3]], noise=0.2, twist=twist)
@@ -238,9 +238,9 @@ def test_alignment_beats_averaging_unaligned_heads(rotated_copies, groups):
     assert_output_aware_is_best(errors)
 
 
-def rotary_stats(model) -> list[RotaryLayerStatistics]:
+def rotary_stats(model) -> list[RotaryAttentionInputs]:
     inv_freq = model.model.rotary_emb.inv_freq.double()
-    return [RotaryLayerStatistics(s.inputs, inv_freq) for s in calibration_stats(model)]
+    return [RotaryAttentionInputs(s.inputs, inv_freq) for s in calibration_stats(model)]
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
@@ -313,7 +313,7 @@ def test_output_aware_fits_values_to_what_attention_averages():
     model = tiny("llama")
     tie_heads(model, [[0, 2], [1, 3]], noise=0.2, twist=True)
     attention, stats = layer_attention(model, 1), rotary_stats(model)[1]
-    per_token = get_method("output-aware")(attention, 1, LayerStatistics(stats.inputs))
+    per_token = get_method("output-aware")(attention, 1, AttentionInputs(stats.inputs))
     attended = get_method("output-aware")(attention, 1, stats)
     identity = torch.eye(stats.inputs.shape[-1] + 1, dtype=torch.float64)
     moments = attended_moments(attention, stats, identity, identity)[0]

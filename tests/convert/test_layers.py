@@ -90,19 +90,19 @@ def _live_state() -> tuple[int, int]:
 
 @pytest.mark.parametrize("converter", ["gqa", "mla"])
 def test_one_layer_is_alive_at_a_time_whatever_the_depth(tiny_checkpoint, tmp_path, monkeypatch, converter):
-    from kvshrink.convert import rewrite
+    from kvshrink.convert import frame
     from kvshrink.convert.mha_to_gqa import mha_to_gqa
     from kvshrink.convert.mha_to_mla import mha_to_mla
     from kvshrink.convert.options import GqaOptions, MlaOptions
 
     seen: list[tuple[int, int]] = []
-    write_layer = rewrite.LayerWriter.write_layer
+    write_layer = frame.LayerWriter.write_layer
 
     def observed(self, layer, tensors):
         write_layer(self, layer, tensors)
         seen.append(_live_state())
 
-    monkeypatch.setattr(rewrite.LayerWriter, "write_layer", observed)
+    monkeypatch.setattr(frame.LayerWriter, "write_layer", observed)
     peaks = {}
     for depth in (2, 8):
         source = tiny_checkpoint("llama", 4, 2, tokenizer=True, num_hidden_layers=depth)

@@ -1,7 +1,7 @@
 """The frame every conversion shares: open the source, write the converted folder layer by layer, report.
 
-A converter opens a `Conversion` (source read lazily, output staged beside OUT and renamed into place only when
-complete), writes each layer through a `LayerWriter` as soon as it is converted (the layer's untouched tensors
+The driver (`driver.py`) opens a `Conversion` (source read lazily, output staged beside OUT and renamed into place
+only when complete), writes each layer through a `LayerWriter` as soon as it is converted (the layer's untouched tensors
 copied byte for byte, its new attention tensors written in the source dtype), and ends with `finish`, which
 writes config.json, the side files, the model card and kvshrink_report.json. Only one layer's tensors are in
 memory at a time.
