@@ -46,7 +46,9 @@ def main() -> None:
     bf16 = gflops(torch.bfloat16, args.tokens, args.repeats)
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "not capped")
     print(f"{torch.get_num_threads()} threads, oneDNN ISA {isa}: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s")
-    print(f"bf16 / fp32: {bf16 / fp32:.2f}; precision: auto picks {resolved_precision('auto', torch.device('cpu'))} here")
+    print(
+        f"bf16 / fp32: {bf16 / fp32:.2f}; precision: auto picks {resolved_precision('auto', torch.device('cpu'))} here"
+    )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def tensor_shapes(shape: str, vocab: int) -> dict[str, tuple[int, ...]]:
             prefix + "mlp.gate_proj.weight": (intermediate, hidden),
             prefix + "mlp.up_proj.weight": (intermediate, hidden),
             prefix + "mlp.down_proj.weight": (hidden, intermediate),
-        })  # fmt: skip
+        })
     shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
     return shapes
 
@@ -85,7 +85,7 @@ def build_checkpoint(shape: str, folder: Path, tokenizer: Path | None = None) ->
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
         "intermediate_size": intermediate, "vocab_size": vocab, "rms_norm_eps": 1e-5, "dtype": "bfloat16",
         "max_position_embeddings": 4096, "tie_word_embeddings": False,
-    }  # fmt: skip
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     for name in TOKENIZER_FILES if tokenizer else ():
         if (tokenizer / name).exists():
@@ -133,7 +133,7 @@ def calibration_speed(source: Path, tokens: int) -> tuple[float, float]:
 
 def io_mode(args, workdir: Path, source: Path, copy_seconds: float) -> None:
     seconds, peak_rss = timed([converter("convert"), "mha-to-gqa", "--groups", str(args.groups), "--method", "mean",
-                               "--no-check", str(source), str(workdir / "gqa")])  # fmt: skip
+                               "--no-check", str(source), str(workdir / "gqa")])
     print(f"convert mha-to-gqa  {seconds:8.1f} s   ratio {seconds / copy_seconds:.2f}x the copy")
     print(f"convert peak RSS    {peak_rss / 2**30:8.2f} GiB")
 
@@ -145,7 +145,7 @@ def default_mode(args, workdir: Path, source: Path, copy_seconds: float) -> None
     print(f"default commands with {args.calibration_tokens} calibration and {args.check_tokens} check tokens"
           + (f", {args.fit_steps} fit steps a layer" if args.fit_steps is not None else ""))
     for name, command in (("mha-to-gqa", ["mha-to-gqa", "--groups", str(args.groups)]),
-                          ("mha-to-mla", ["mha-to-mla", "--mla-shape", "512+64"])):  # fmt: skip
+                          ("mha-to-mla", ["mha-to-mla", "--mla-shape", "512+64"])):
         out = workdir / name
         seconds, peak_rss = timed([converter("convert"), *command, *tokens, str(source), str(out)])
         print(f"convert {' '.join(command):30s} {seconds:8.1f} s   {seconds / copy_seconds:6.2f}x the copy   "
@@ -181,7 +181,9 @@ def main() -> None:
         shutil.rmtree(workdir / "copy")
         print(f"shape {args.shape}: {size / 1e9:.2f} GB of bf16 shards, groups {args.groups}")
         print(f"plain copy          {copy_seconds:8.1f} s", flush=True)
-        {"io": io_mode, "default": default_mode, "forward": forward_mode}[args.mode](args, workdir, source, copy_seconds)
+        {"io": io_mode, "default": default_mode, "forward": forward_mode}[args.mode](
+            args, workdir, source, copy_seconds
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

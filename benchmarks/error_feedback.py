@@ -25,17 +25,21 @@ from kvshrink.convert.options import GqaOptions, MlaOptions  # noqa: E402
 
 EVAL_TOKENS = 8192
 ROWS = {
-    "MQA (output-aware)": lambda feedback: (mha_to_gqa, GqaOptions(groups=1, error_feedback=feedback, check=False, progress=False)),
+    "MQA (output-aware)": lambda feedback: (
+        mha_to_gqa, GqaOptions(groups=1, error_feedback=feedback, check=False, progress=False)
+    ),
     "MLA 50%": lambda feedback: (mha_to_mla, MlaOptions(kv_budget=0.5, target="sglang", error_feedback=feedback,
                                                          check=False, progress=False)),
     "MLA 25%": lambda feedback: (mha_to_mla, MlaOptions(kv_budget=0.25, target="sglang", error_feedback=feedback,
                                                          check=False, progress=False)),
-}  # fmt: skip
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="runs/smollm2", help="SmolLM2 folder (kvshrink example smollm2 runs/smollm2)")
+    parser.add_argument(
+        "--model", default="runs/smollm2", help="SmolLM2 folder (kvshrink example smollm2 runs/smollm2)"
+    )
     args = parser.parse_args()
     windows = token_windows(load_tokenizer(Path(args.model)), corpus_text("pydoc", "heldout"), EVAL_TOKENS, 512)
     source = perplexity(load_causal_lm(Path(args.model), "cpu"), windows, progress=False)

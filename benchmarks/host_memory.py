@@ -50,7 +50,7 @@ def distillation_steps(model_dir: Path, steps: int, seq_len: int, micro_batch: i
             seconds.append(time.perf_counter() - start)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
     return {"seconds_per_step": sum(seconds) / steps, "faults_per_step": sum(faults) / steps,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # fmt: skip
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -64,7 +64,7 @@ def child(args: argparse.Namespace) -> None:
 
 def measured(args: argparse.Namespace, setting: str) -> dict:
     command = [sys.executable, __file__, "--child", setting, "--model", str(args.model), "--steps", str(args.steps),
-               "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--precision", args.precision]  # fmt: skip
+               "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--precision", args.precision]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"the {setting} run failed: {result.stderr.strip().splitlines()[-1]}")
@@ -90,12 +90,12 @@ def main() -> None:
         for setting in runs:
             runs[setting].append(measured(args, setting))
     print(f"model {args.model}, distillation steps of {args.micro_batch}x{args.seq_len} tokens, {args.precision}, "
-          f"on cpu ({torch.get_num_threads()} threads)")  # fmt: skip
+          f"on cpu ({torch.get_num_threads()} threads)")
     best = {setting: min(rows, key=lambda row: row["seconds_per_step"]) for setting, rows in runs.items()}
     for setting, row in best.items():
         name = "glibc default malloc" if setting == "default" else "keep_freed_memory()"
         print(f"{name:22} {row['seconds_per_step']:6.2f} s/step  {row['faults_per_step']:10.0f} page faults/step  "
-              f"peak RSS {row['peak_rss_gib']:.2f} GiB")  # fmt: skip
+              f"peak RSS {row['peak_rss_gib']:.2f} GiB")
     print(f"speed-up: {best['default']['seconds_per_step'] / best['keep']['seconds_per_step']:.2f}x")
 
 

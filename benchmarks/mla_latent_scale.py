@@ -34,8 +34,12 @@ def main() -> None:
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pydoc = DataSource(corpus="pydoc")
-    heldout = collect_blocks(list(token_blocks(documents(pydoc, "heldout"), tokenizer, args.seq_len, True))[: args.windows], args.seq_len)
-    train = collect_blocks(list(token_blocks(documents(pydoc, "train"), tokenizer, args.seq_len, True))[: args.windows], args.seq_len)
+    heldout = collect_blocks(
+        list(token_blocks(documents(pydoc, "heldout"), tokenizer, args.seq_len, True))[: args.windows], args.seq_len
+    )
+    train = collect_blocks(
+        list(token_blocks(documents(pydoc, "train"), tokenizer, args.seq_len, True))[: args.windows], args.seq_len
+    )
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     accelerator = Accelerator(cpu=True)
     linear = validation_perplexity(accelerator, model, heldout, 4)
@@ -58,10 +62,12 @@ def _median_latent_rms(model, blocks, rank: int) -> list[float]:
     found: dict[int, list[torch.Tensor]] = {}
     handles = [
         layer.self_attn.kv_a_proj_with_mqa.register_forward_hook(
-            lambda module, args, out, index=index: found.setdefault(index, []).append(out[..., :rank].pow(2).mean(-1).sqrt().flatten())
+            lambda module, args, out, index=index: found.setdefault(index, []).append(
+                out[..., :rank].pow(2).mean(-1).sqrt().flatten()
+            )
         )
         for index, layer in enumerate(model.model.layers)
-    ]  # fmt: skip
+    ]
     for index in range(len(blocks)):
         ids, _ = blocks.batch([index])
         model(input_ids=ids, use_cache=False)

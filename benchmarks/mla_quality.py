@@ -50,7 +50,9 @@ ROWS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="runs/smollm2", help="SmolLM2 folder (kvshrink example smollm2 runs/smollm2)")
+    parser.add_argument(
+        "--model", default="runs/smollm2", help="SmolLM2 folder (kvshrink example smollm2 runs/smollm2)"
+    )
     parser.add_argument("--rows", default="all", help="'all' or comma-separated row numbers (1-based)")
     parser.add_argument("--shape", help="convert every row at this R+D instead of at 50%% and 25%%")
     args = parser.parse_args()
@@ -62,19 +64,20 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|", flush=True)
     for rope, factorization, distance, target, rope_50, rope_25 in rows:
         sizes = [dict(mla_shape=args.shape)] if args.shape else [
-            dict(kv_budget=0.5, rope_dim=rope_50), dict(kv_budget=0.25, rope_dim=rope_25)]  # fmt: skip
+            dict(kv_budget=0.5, rope_dim=rope_50), dict(kv_budget=0.25, rope_dim=rope_25)]
         for size in sizes:
             with tempfile.TemporaryDirectory() as folder:
                 options = MlaOptions(
                     **size, rope_method=rope, factorization=factorization,
                     distance_aware=distance, target=target, check=False, progress=False,
-                )  # fmt: skip
+                )
                 report = conversion.mha_to_mla(args.model, Path(folder) / "out", options)
                 value = perplexity(load_causal_lm(Path(folder) / "out"), windows, progress=False)
             shape = report["mla"]
             print(
                 f"| {rope} | {factorization} | {'yes' if distance else 'no'} | {target} | {report['kv_fraction']:.0%} "
-                f"| {shape['kv_lora_rank']}+{shape['qk_rope_head_dim']} | {value:.1f} | {', '.join(report['valid_engines'])} |",
+                f"| {shape['kv_lora_rank']}+{shape['qk_rope_head_dim']} | {value:.1f} | "
+                f"{', '.join(report['valid_engines'])} |",
                 flush=True,
             )
 

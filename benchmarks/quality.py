@@ -56,7 +56,7 @@ def gqa_rows() -> list[Row]:
             partial(mha_to_gqa, options=GqaOptions(groups=1, method=name, check=False, progress=False)),
             GQA_RECIPE if name in (DEFAULT_METHOD, "mean") else None)
         for name in names
-    ]  # fmt: skip
+    ]
     closed = GqaOptions(groups=1, check=False, progress=False, fit="none")
     return rows[:1] + [Row("GQA", f"{DEFAULT_METHOD}, --fit none", partial(mha_to_gqa, options=closed))] + rows[1:]
 
@@ -69,17 +69,25 @@ def mla_rows(budgets: list[float]) -> list[Row]:
     for budget in budgets:
         baseline = partial(mha_to_mla, options=MlaOptions(
             kv_budget=budget, rope_dim=64 if budget == 0.5 else 32, rope_method="partial",
-            factorization="weight", distance_aware=False, target="transformers", check=False, progress=False, fit="none",
-        ))  # fmt: skip
+            factorization="weight", distance_aware=False, target="transformers", check=False, progress=False,
+            fit="none",
+        ))
         rows.append(Row("MLA", "partial RoPE + weight SVD (MHA2MLA)", baseline, MLA_RECIPE))
         # SmolLM2 has no vLLM shape at these budgets: the serving layout at any shape is --target sglang
-        default = partial(mha_to_mla, options=MlaOptions(kv_budget=budget, target="sglang", check=False, progress=False))
+        default = partial(
+            mha_to_mla, options=MlaOptions(kv_budget=budget, target="sglang", check=False, progress=False)
+        )
         rows.append(Row("MLA", "default", default, MLA_RECIPE))
         closed = MlaOptions(kv_budget=budget, target="sglang", check=False, progress=False, fit="none")
         rows.append(Row("MLA", "default, --fit none", partial(mha_to_mla, options=closed)))
     for fit in ("attention", "none"):  # the shape vLLM serves (SmolLM2 keeps 256+64 of its 3 x 2 x 64 per token)
         servable = MlaOptions(mla_shape="256+64", check=False, progress=False, fit=fit)
-        rows.append(Row("MLA", "256+64 (vLLM)" + (", --fit none" if fit == "none" else ""), partial(mha_to_mla, options=servable)))
+        rows.append(
+            Row(
+                "MLA", "256+64 (vLLM)" + (", --fit none" if fit == "none" else ""),
+                partial(mha_to_mla, options=servable)
+            )
+        )
     return rows
 
 
@@ -99,7 +107,7 @@ def uptrained_perplexity(recipe: str, steps: int, converted: Path, source: Path,
 
     trained = converted.parent / "uptrained"
     overrides = [f"model={converted}", f"teacher={source}", f"output_dir={trained}", f"max_steps={steps}",
-                 "eval_interval=0", "save_interval=0", "tracker=none"]  # fmt: skip
+                 "eval_interval=0", "save_interval=0", "tracker=none"]
     uptrain(load_recipe(recipe, overrides))
     return scores(trained, windows)
 
@@ -142,17 +150,19 @@ def markdown(results: list[dict], source: dict[str, float], tokens: int, uptrain
         f"SmolLM2-135M, perplexity on {tokens} held-out tokens of each of {splits} (512-token windows). "
         f"Source: {_pair(source)}.",
         "",
-        f"| family | method | KV cache | perplexity, no training ({splits}) | × source | {trained} | convert s | of which calibration s |",
+        f"| family | method | KV cache | perplexity, no training ({splits}) | × source | {trained} | convert s | of "
+        "which calibration s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         calibration = "n/r" if r["calibration_seconds"] is None else f"{r['calibration_seconds']:.0f}"
         lines.append(
             f"| {r['family']} | {r['method']} | {r['kv_fraction']:.0%} | {_pair(r['heldout'])} | "
-            f"{_pair(r['heldout'], source)} | {_pair(r['uptrained_heldout'])} | {r['convert_seconds']:.0f} | {calibration} |"
+            f"{_pair(r['heldout'], source)} | {_pair(r['uptrained_heldout'])} | {r['convert_seconds']:.0f} | "
+            f"{calibration} |"
         )
-    lines += ["", "n/r: the conversion's report has no separate calibration time (mean-pooling calibrates nothing; the MLA "
-              "converter reports only its total)."]
+    lines += ["", "n/r: the conversion's report has no separate calibration time (mean-pooling calibrates nothing; "
+              "the MLA converter reports only its total)."]
     return "\n".join(lines) + "\n"
 
 
@@ -170,7 +180,7 @@ def plot(results: list[dict], source: float, path: Path) -> None:
     trained = [(i, r["uptrained_perplexity"]) for i, r in enumerate(results) if r["uptrained_perplexity"] is not None]
     if trained:
         axes.scatter([p for _, p in trained], [i for i, _ in trained], marker="D", color="black", zorder=3,
-                     label="after uptraining")  # fmt: skip
+                     label="after uptraining")
     axes.axvline(source, color="black", linestyle="--", label=f"source {source:.1f}")
     axes.set_xscale("log")
     axes.set_xlim(right=max(r["perplexity"] for r in results) * 5)
@@ -186,13 +196,19 @@ def plot(results: list[dict], source: float, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("runs/smollm2"), help="SmolLM2 folder (kvshrink example smollm2 runs/smollm2)")
+    parser.add_argument(
+        "--model", type=Path, default=Path("runs/smollm2"),
+        help="SmolLM2 folder (kvshrink example smollm2 runs/smollm2)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/quality"), help="folder for quality.md/png/json")
     parser.add_argument("--families", default="gqa,mla", help="comma-separated: gqa, mla")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per model")
     parser.add_argument("--uptrain-steps", type=int, default=0, help="also score default and baseline after N steps")
     parser.add_argument("--compared-only", action="store_true", help="only the default and baseline rows")
-    parser.add_argument("--heldout", default="pydoc,kjv", help="comma-separated corpora whose held-out splits are scored (the first is plotted)")
+    parser.add_argument(
+        "--heldout", default="pydoc,kjv",
+        help="comma-separated corpora whose held-out splits are scored (the first is plotted)"
+    )
     parser.add_argument("--mla-budgets", default="0.5,0.25", help="comma-separated KV fractions of the MLA rows")
     args = parser.parse_args()
     families = {"gqa": gqa_rows, "mla": partial(mla_rows, [float(b) for b in args.mla_budgets.split(",")])}
@@ -201,7 +217,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args.model)
     windows = {corpus: token_windows(tokenizer, corpus_text(corpus, "heldout"), args.eval_tokens, 512)
-               for corpus in args.heldout.split(",")}  # fmt: skip
+               for corpus in args.heldout.split(",")}
     tokens = sum(w.numel() for w in next(iter(windows.values())))
     source = scores(args.model, windows)
     print(f"source perplexity: {_pair(source)} ({tokens} held-out tokens each)", flush=True)
@@ -209,7 +225,9 @@ def main() -> None:
     for row in rows:
         results.append(measure(row, args.model, windows, args.uptrain_steps))
         print(json.dumps(results[-1]), flush=True)
-        (args.out / "quality.json").write_text(json.dumps({"source": source, "tokens": tokens, "rows": results}, indent=2))
+        (args.out / "quality.json").write_text(
+            json.dumps({"source": source, "tokens": tokens, "rows": results}, indent=2)
+        )
         (args.out / "quality.md").write_text(markdown(results, source, tokens, args.uptrain_steps))
         plot(results, next(iter(source.values())), args.out / "quality.png")
     print(markdown(results, source, tokens, args.uptrain_steps))

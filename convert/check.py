@@ -36,7 +36,8 @@ def load_tokenizer(folder: Path):
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, TypeError):
         raise KvshrinkError(
-            f"{folder} has no usable tokenizer, so the perplexity check cannot run: add tokenizer files or pass --no-check"
+            f"{folder} has no usable tokenizer, so the perplexity check cannot run: add tokenizer files or pass "
+            "--no-check"
         ) from None
 
 
@@ -45,7 +46,10 @@ def token_windows(tokenizer, text: str, max_tokens: int, window: int) -> list[to
     ids = tokenizer(text[: max_tokens * 12], return_tensors="pt", add_special_tokens=False).input_ids[0][:max_tokens]
     if ids.numel() < 2:
         raise KvshrinkError("the calibration text is empty after tokenization: pass a longer --calibration file")
-    return [ids[start : start + window] for start in range(0, ids.numel(), window) if ids[start : start + window].numel() > 1]
+    return [
+        ids[start : start + window] for start in range(0, ids.numel(), window)
+        if ids[start : start + window].numel() > 1
+    ]
 
 
 @torch.no_grad()
@@ -65,18 +69,22 @@ def perplexity(model, windows: list[torch.Tensor], desc: str = "perplexity", pro
 def compare_perplexity(
     tokenizer_folder: Path, models: dict[str, Path], text: tuple[str, str], max_tokens: int, device: torch.device,
     window: int = 512, progress: bool = True,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Perplexity of each model folder (label -> folder) over the same token windows of `text` ((text, what it is),
     e.g. corpora.check_text's), each run one stock layer at a time (equal to the whole-model perplexity, in a
     fraction of its memory)."""
     windows = token_windows(load_tokenizer(tokenizer_folder), text[0], max_tokens, window)
     result: dict[str, Any] = {"tokens": sum(w.numel() for w in windows), "window": window, "text": text[1]}
     for label, folder in models.items():
-        result[f"{label}_perplexity"] = folder_perplexity(folder, windows, device, f"check {label}" if progress else None)
+        result[f"{label}_perplexity"] = folder_perplexity(
+            folder, windows, device, f"check {label}" if progress else None
+        )
     return result
 
 
-def folder_perplexity(folder: Path, windows: list[torch.Tensor], device: torch.device, desc: str | None = None) -> float:
+def folder_perplexity(
+    folder: Path, windows: list[torch.Tensor], device: torch.device, desc: str | None = None
+) -> float:
     """Perplexity of the model in `folder`, streamed layer by layer, rounded for reports."""
     from kvshrink.convert.checkpoint import open_source
     from kvshrink.convert.layers import HeapTrim, StockModel, stream_perplexity

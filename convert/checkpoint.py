@@ -61,7 +61,10 @@ class SourceCheckpoint:
         """One tensor, refused when it holds NaN or inf: a conversion must not turn corrupt values into a model."""
         tensor = self.pickled[name] if self.pickled is not None else read_tensor(self.entries[name])
         if tensor.is_floating_point() and not _all_finite(tensor):
-            raise KvshrinkError(f"tensor {name} in {self.folder} holds NaN or inf values: the checkpoint is corrupt, re-download or repair it")
+            raise KvshrinkError(
+                f"tensor {name} in {self.folder} holds NaN or inf values: the checkpoint is corrupt, re-download or "
+                "repair it"
+            )
         return tensor
 
     def dtype(self, name: str) -> torch.dtype:
@@ -157,7 +160,9 @@ def _download(hub_id: str) -> Path:
             "download it first with network access, or pass a local folder"
         ) from None
     except RepositoryNotFoundError:
-        raise KvshrinkError(f"hub repository {hub_id} was not found: check the id, or log in for a gated model") from None
+        raise KvshrinkError(
+            f"hub repository {hub_id} was not found: check the id, or log in for a gated model"
+        ) from None
     except HfHubHTTPError as error:
         raise KvshrinkError(f"downloading {hub_id} failed ({error}): check the id and your network") from None
 

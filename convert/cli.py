@@ -102,15 +102,15 @@ def options_from(model: type[BaseModel], skip: tuple[str, ...] = ()):
                 if field.default:
                     flags = [f"{flags[-1]}/--no-{flags[-1][2:]}"]
                 command = click.option(*flags, is_flag=True, default=field.default,
-                                       show_default=bool(field.default), help=field.description)(command)  # fmt: skip
+                                       show_default=bool(field.default), help=field.description)(command)
                 continue
             # A required option gets no default at all: click reports it missing only when none is given.
             default = {} if field.is_required() else {"default": _as_text(field.default),
-                                                      "show_default": field.default is not None}  # fmt: skip
+                                                      "show_default": field.default is not None}
             command = click.option(
                 *flags, type=_click_type(field.annotation), required=field.is_required(), metavar=extra.get("metavar"),
                 help=field.description, **default,
-            )(command)  # fmt: skip
+            )(command)
         return command
 
     return decorate
@@ -145,11 +145,12 @@ def _print_summary(report: dict, out: Path) -> None:
         kept = f", {len(fit['kept_closed_form'])} kept their closed form" if fit["kept_closed_form"] else ""
         click.echo(f"  fit: {fit['layers_fitted']} layers fitted to the source's attention output{kept}; mean held-out "
                    f"relative error {fit['heldout_relative_start_mean']:.3f} -> {fit['heldout_relative_end_mean']:.3f} "
-                   f"({fit['seconds']:.0f} s)")  # fmt: skip
+                   f"({fit['seconds']:.0f} s)")
     if "check" in report:
         check = report["check"]
         click.echo(
-            f"  perplexity on {check['tokens']} tokens of the {check['text']}: source {check['source_perplexity']:.3f}, "
+            f"  perplexity on {check['tokens']} tokens of the {check['text']}: source "
+            f"{check['source_perplexity']:.3f}, "
             f"converted {check['converted_perplexity']:.3f}"
         )
     support = report.get("family_support", {})

@@ -30,7 +30,7 @@ from kvshrink.convert.layers import StockModel
 from kvshrink.convert.options import ConvertOptions, FittedOptions
 from kvshrink.convert.frame import (
     Conversion, LayerWriter, SplitRows, finish, open_conversion, require_free_space, write_metadata,
-)  # fmt: skip
+)
 
 LayerResult = tuple[dict[str, torch.Tensor], dict[str, Any]]  # a layer's tensors (full names, float32), its report
 
@@ -81,7 +81,7 @@ class Method(Protocol):
     def plan(self, conversion: Conversion, calibration: Any) -> Plan: ...
 
     def convert_layer(self, conversion: Conversion, plan: Plan, layer: int,
-                      inputs: AttentionInputs | None) -> list[LayerResult]:  # fmt: skip
+                      inputs: AttentionInputs | None) -> list[LayerResult]:
         """Layer `layer` for each of `plan.targets`, in order; `inputs` are what its attention received from the
         calibration windows (None when the plan has no calibration)."""
 
@@ -92,7 +92,7 @@ class Method(Protocol):
 def calibration_inputs(conversion: Conversion, options: FittedOptions) -> list[torch.Tensor]:
     """The calibration windows of a calibrated method (its closed form and the fit read them)."""
     windows = calibration_windows(conversion.checkpoint.folder, calibration_text(options.calibration),
-                                  options.calibration_tokens)  # fmt: skip
+                                  options.calibration_tokens)
     if options.fit != "none":
         require_fit_windows(len(windows), options.fit_heldout_windows)
     return windows
@@ -115,7 +115,7 @@ def _fitting(options: ConvertOptions) -> bool:
 
 
 def _fit(conversion: Conversion, method: Method, calibration: Calibration, target: _Target, layer: int,
-         inputs: AttentionInputs, result: LayerResult) -> LayerResult:  # fmt: skip
+         inputs: AttentionInputs, result: LayerResult) -> LayerResult:
     """The layer's converted attention fitted to the source attention's output on its calibration inputs."""
     tensors, report = result
     options = conversion.options
@@ -124,7 +124,7 @@ def _fit(conversion: Conversion, method: Method, calibration: Calibration, targe
     fitted, report["fit"] = fit_converted_attention(LayerFit(
         calibration.model, target.model, layer, inputs.inputs, tensors, trainable, options.fit_settings(),
         options.fit_heldout_windows,
-    ))  # fmt: skip
+    ))
     return fitted, report
 
 
@@ -157,10 +157,10 @@ def _write(conversion: Conversion, method: Method, plan: Plan, folders: list[Pat
         _Target(target, folder, conversion.target_model(target.config, plan.split_rows),
                 LayerWriter(conversion, folder, plan.split_rows))
         for target, folder in zip(plan.targets, folders, strict=True)
-    ]  # fmt: skip
+    ]
     steps = "converting" if plan.calibration is not None else "writing"
     for layer in tqdm(range(conversion.counts.num_layers), desc=steps, unit="layer",
-                      disable=not conversion.options.progress):  # fmt: skip
+                      disable=not conversion.options.progress):
         _convert_layer(conversion, method, plan, targets, layer)
     for target in targets:
         target.new_parameters = target.writer.finish(conversion.counts.num_layers)
@@ -174,14 +174,14 @@ def _check(conversion: Conversion, method: Method, plan: Plan, targets: list[_Ta
     folders = {"source": conversion.checkpoint.folder} | {target.plan.name: target.folder for target in targets}
     window = {} if plan.check_window is None else {"window": plan.check_window}
     result = compare_perplexity(conversion.checkpoint.folder, folders, check_text(options.calibration),
-                                options.check_tokens, conversion.device, progress=options.progress, **window)  # fmt: skip
+                                options.check_tokens, conversion.device, progress=options.progress, **window)
     return method.report_check(plan, result)
 
 
 def _summary(conversion: Conversion, method: Method, plan: Plan, layers: list[dict[str, Any]]) -> dict[str, Any]:
     support = conversion.spec.support(method.support)
     summary = {**plan.summary, "family_support": {"family": conversion.spec.model_type, "level": support.level,
-                                                  "why": support.why}}  # fmt: skip
+                                                  "why": support.why}}
     options = conversion.options
     if plan.calibration is not None and isinstance(options, FittedOptions):
         summary["fit"] = fit_summary(options.fit_report(), layers) if options.fit != "none" else None
@@ -199,12 +199,16 @@ def convert(source: str | Path, out: str | Path, method: Method) -> dict[str, An
         del calibration  # what the plan keeps of it is in the plan
         with contextlib.ExitStack() as scratch:  # scored models live inside the staging folder, gone in any case
             folders = [conversion.staging] + [
-                Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=conversion.staging)))
+                Path(
+                    scratch.enter_context(
+                        tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=conversion.staging)
+                    )
+                )
                 for target in plan.targets[1:]
-            ]  # fmt: skip
+            ]
             targets = _write(conversion, method, plan, folders)
             check = _check(conversion, method, plan, targets) if conversion.options.check else None
         output = targets[0]
         return finish(conversion, method=plan.method, config=output.plan.config,
                       summary=_summary(conversion, method, plan, output.layers), layers=output.layers,
-                      new_parameters=output.new_parameters, check=check)  # fmt: skip
+                      new_parameters=output.new_parameters, check=check)

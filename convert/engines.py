@@ -135,8 +135,8 @@ WINDOWED_ENGINES: dict[str, dict[str, WindowedServing]] = {
         "vllm": WindowedServing(False, (
             f"the native Qwen2 model read ({VLLM_QWEN2}) raises 'Sliding window for some but all layers is not "
             "supported' when cache_config.sliding_window is set and the config has max_window_layers (a Qwen2Config "
-            "always has), and otherwise builds every layer's Attention with no per-layer window, so every layer attends "
-            "to all tokens; --model-impl transformers would run it through the Transformers backend "
+            "always has), and otherwise builds every layer's Attention with no per-layer window, so every layer "
+            "attends to all tokens; --model-impl transformers would run it through the Transformers backend "
             f"({VLLM_TRANSFORMERS_BACKEND}), which reads layer_types per layer (not run here)")),
         "sglang": WindowedServing(False, (
             f"the Qwen2 model read ({SGLANG_QWEN2}) builds every layer's RadixAttention with no sliding window")),
@@ -186,7 +186,8 @@ def _rope_problem(rope: dict[str, Any], rules: EngineRules) -> str | None:
 
 
 def engine_problems(config: dict[str, Any], rules: EngineRules) -> list[str]:
-    """Why `rules.name` would not run the DeepseekV3 `config` (a config.json dict) as transformers does; [] if it would."""
+    """Why `rules.name` would not run the DeepseekV3 `config` (a config.json dict) as transformers does; [] if it
+    would."""
     rank, rope = int(config["kv_lora_rank"]), int(config["qk_rope_head_dim"])
     nope, value = int(config["qk_nope_head_dim"]), int(config["v_head_dim"])
     problems = []
@@ -225,4 +226,4 @@ def valid_engines(config: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
 def engine_rules_table() -> list[dict[str, str]]:
     """Every rule with its engine and source, for the report and the model card."""
     return [{"engine": rules.name, "rule": rule.text, "source": rule.source} for rules in ENGINES.values()
-            for rule in rules.rules]  # fmt: skip
+            for rule in rules.rules]

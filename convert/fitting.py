@@ -70,7 +70,7 @@ class AttentionRunner:
 
 
 def _squared_error(attention: nn.Module, runner: AttentionRunner, hidden: torch.Tensor,
-                   target: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                   target: torch.Tensor) -> torch.Tensor:
     return (runner(attention, hidden).float() - target).pow(2).mean()
 
 
@@ -142,7 +142,7 @@ class _Best:
 
 def fit_attention(attention: nn.Module, parameters: dict[str, nn.Parameter], runner: AttentionRunner,
                   fitting: WindowPairs, settings: FitSettings, generator: torch.Generator, reference: float,
-                  heldout: HeldOut | None = None) -> dict[str, Any]:  # fmt: skip
+                  heldout: HeldOut | None = None) -> dict[str, Any]:
     """AdamW on the mean squared error between attention(inputs) and targets over `fitting`, micro_batch_size
     windows a step, training `parameters` only (rows far off `reference` size-scaled). With `heldout` and
     `settings.checks`, the held-out error is measured every ceil(steps / checks) steps and after the last: the fit
@@ -186,7 +186,7 @@ def fit_attention(attention: nn.Module, parameters: dict[str, nn.Parameter], run
         best.restore()
         stopped, end = "diverged", output_errors(attention, runner, measured)
     result = {"mse_start": start[0], "mse_end": end[0], "relative_start": start[1], "relative_end": end[1],
-              "steps": steps_run, "stopped": stopped}  # fmt: skip
+              "steps": steps_run, "stopped": stopped}
     if heldout is not None:  # with checks the fit ends at the best point, whose held-out error `best` holds
         end_heldout = best.error if checking else output_errors(attention, runner, heldout.pairs)[1]
         result.update(heldout_relative_start=heldout.start, heldout_relative_end=end_heldout)
@@ -251,15 +251,15 @@ def fit_converted_attention(fit: LayerFit) -> tuple[dict[str, torch.Tensor], dic
     parameters = _trainable(attention, f"{prefix}{module}.", fit.trainable)
     generator = torch.Generator().manual_seed(fit.layer)
     result = fit_attention(attention, parameters, runner, fitting, fit.settings, generator,
-                           reference_rms(layer.parameters()), heldout=heldout)  # fmt: skip
+                           reference_rms(layer.parameters()), heldout=heldout)
     seconds = round(time.perf_counter() - started, 2)
     if result["stopped"] == "diverged" or result["heldout_relative_end"] > (1 - MIN_GAIN) * closed_form:
         reason = "the fit diverged" if result["stopped"] == "diverged" else "no held-out gain"
         # the written tensors are the closed form's: its errors stand as the layer's, the discarded fit's apart
         return fit.tensors, {"heldout_relative_start": closed_form, "kept_closed_form": reason, "tried": result,
-                             "seconds": seconds}  # fmt: skip
+                             "seconds": seconds}
     report = {**result, "windows": len(fitting), "heldout_windows": len(heldout_pairs), "trained": sorted(parameters),
-              "seconds": seconds}  # fmt: skip
+              "seconds": seconds}
     fitted = {name: p.detach().to("cpu", torch.float32).clone() for name, p in parameters.items()}
     return {**fit.tensors, **fitted}, report
 
@@ -290,12 +290,12 @@ def fit_summary(settings: dict[str, Any], layers: list[dict[str, Any]]) -> dict[
     fits = {entry["layer"]: entry["fit"] for entry in layers if "fit" in entry}
     kept = {str(layer): fit["kept_closed_form"] for layer, fit in fits.items() if "kept_closed_form" in fit}
     summary = {**settings, "layers_fitted": len(fits) - len(kept), "kept_closed_form": kept,
-               "seconds": round(sum(fit.get("seconds", 0.0) for fit in fits.values()), 1)}  # fmt: skip
+               "seconds": round(sum(fit.get("seconds", 0.0) for fit in fits.values()), 1)}
     if fits:
         start = [fit["heldout_relative_start"] for fit in fits.values()]
         end = [fit.get("heldout_relative_end", fit["heldout_relative_start"]) for fit in fits.values()]
         summary.update(heldout_relative_start_mean=round(sum(start) / len(start), 6),
-                       heldout_relative_end_mean=round(sum(end) / len(end), 6))  # fmt: skip
+                       heldout_relative_end_mean=round(sum(end) / len(end), 6))
     return summary
 
 

@@ -201,8 +201,8 @@ def require_free_space(conversion: Conversion, *targets: StockModel) -> None:
     free = shutil.disk_usage(conversion.staging).free
     if free < needed:
         raise KvshrinkError(
-            f"{conversion.staging.parent} has {free / 1e9:.2f} GB free but the output needs about {needed / 1e9:.2f} GB: "
-            "free some space or choose an output folder on another disk"
+            f"{conversion.staging.parent} has {free / 1e9:.2f} GB free but the output needs about "
+            f"{needed / 1e9:.2f} GB: free some space or choose an output folder on another disk"
         )
 
 
@@ -215,10 +215,11 @@ class LayerWriter:
         self.checkpoint, self.spec, self.split_rows = conversion.checkpoint, conversion.spec, split_rows or {}
         self.names = [name for name in self.checkpoint.names if not _STALE_BUFFERS.search(name)]
         self.attention = {name for layer in range(conversion.counts.num_layers)
-                          for name in self.spec.attention_tensor_names(layer)}  # fmt: skip
+                          for name in self.spec.attention_tensor_names(layer)}
         self.writer = ShardedSafetensorsWriter(
-            folder, parse_size(conversion.options.out_shard_size), header_reserve=2 * header_size_bound(self.names) + 65536
-        )  # fmt: skip
+            folder, parse_size(conversion.options.out_shard_size),
+            header_reserve=2 * header_size_bound(self.names) + 65536
+        )
         self.changed: list[str] = []
         self.dtype = conversion.written_dtype
 
@@ -292,7 +293,7 @@ def write_metadata(conversion: Conversion, config: dict[str, Any], folder: Path 
 def finish(
     conversion: Conversion, *, method: str, config: dict[str, Any], summary: dict[str, Any],
     layers: list[dict[str, Any]], new_parameters: list[str], check: dict[str, Any] | None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Write kvshrink_report.json and the model card (README.md) into the staging folder; return the report."""
     checkpoint = conversion.checkpoint
     kv = {"source": kv_bytes_per_token(checkpoint.config), "target": kv_bytes_per_token(config)}

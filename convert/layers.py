@@ -63,7 +63,7 @@ class StockModel:
     """
 
     def __init__(self, config: dict[str, Any], read: Callable[[str], torch.Tensor], names: set[str],
-                 device: torch.device, heap_trim: HeapTrim | None = None):  # fmt: skip
+                 device: torch.device, heap_trim: HeapTrim | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.config = AutoConfig.for_model(**config)
@@ -90,7 +90,7 @@ class StockModel:
         tied = f"{self.path(self.skeleton.get_output_embeddings())}.weight"
         embeddings = f"{self.path(self.skeleton.get_input_embeddings())}.weight"
         return [name for name in self.skeleton.state_dict()
-                if name not in self.names and not (name == tied and embeddings in self.names)]  # fmt: skip
+                if name not in self.names and not (name == tied and embeddings in self.names)]
 
     def tensor(self, name: str) -> torch.Tensor:
         """A weight by its full name; a tied LM head reads the input embeddings."""
@@ -118,7 +118,7 @@ class StockModel:
                 tensor = replaced[name] if name in replaced else self.tensor(name)
                 if tensor.shape != target.shape:
                     raise KvshrinkError(f"{name} has shape {list(tensor.shape)} where the config implies "
-                                        f"{list(target.shape)}: the checkpoint does not match its config.json")  # fmt: skip
+                                        f"{list(target.shape)}: the checkpoint does not match its config.json")
                 target.copy_(tensor)
         return real.float().eval()
 
@@ -172,7 +172,7 @@ class AttentionTables:
             embeddings = self.rotary(hidden, positions)
         build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
         mask = build(config=self.model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-                     position_ids=positions)  # fmt: skip
+                     position_ids=positions)
         return embeddings, mask
 
 
@@ -269,7 +269,9 @@ def stream_perplexity(model: StockModel, windows: list[torch.Tensor], progress_d
     from tqdm import tqdm
 
     stream = LayerStream(model, windows)
-    for index in tqdm(range(model.num_layers), desc=progress_desc, unit="layer", disable=progress_desc is None, leave=False):
+    for index in tqdm(
+        range(model.num_layers), desc=progress_desc, unit="layer", disable=progress_desc is None, leave=False
+    ):
         stream.run(model.layer(index), index)
     total, count = stream.negative_log_likelihood()
     return math.exp(total / count)

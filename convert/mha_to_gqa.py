@@ -62,7 +62,9 @@ def _refuse(conversion: Conversion, options: GqaOptions) -> None:
             f"the whole head, but this model rotates {conversion.rope.fraction:g} of it (partial_rotary_factor): use "
             "--method grouped or mean"
         )
-    needs = {f"method {options.method!r} calibrates on text": "--method mean"} if _calibrated(conversion, options) else {}
+    needs = (
+        {f"method {options.method!r} calibrates on text": "--method mean"} if _calibrated(conversion, options) else {}
+    )
     if options.check:
         needs["the check scores the output on text"] = "--no-check"
     if needs:
@@ -78,11 +80,11 @@ def _with_rope(conversion: Conversion, statistics: AttentionInputs) -> Attention
     scalar, softcap = config.get("query_pre_attn_scalar"), config.get("attn_logit_softcapping")
     logits = {"logit_scale": float(scalar) ** -0.5 if scalar else None, "logit_softcap": softcap}
     return RotaryAttentionInputs(statistics.inputs, rope.inv_freq, rope.attention_scaling,
-                                 norm_eps=conversion.rms_norm_eps, **logits)  # fmt: skip
+                                 norm_eps=conversion.rms_norm_eps, **logits)
 
 
 def _merge(conversion: Conversion, attention: AttentionWeights, options: GqaOptions,
-           statistics: AttentionInputs | None) -> gqa.KvMerge:  # fmt: skip
+           statistics: AttentionInputs | None) -> gqa.KvMerge:
     if options.groups == attention.num_kv_heads:  # nothing to merge: every tensor stays as it is
         return gqa.KvMerge(attention, [[head] for head in range(options.groups)])
     merge = gqa.get_method(options.method)
@@ -129,7 +131,7 @@ class GqaMethod:
         return Plan(method=f"gqa/{options.method}", targets=[target], calibration=calibration, summary=summary)
 
     def convert_layer(self, conversion: Conversion, plan: Plan, layer: int,
-                      statistics: AttentionInputs | None) -> list[LayerResult]:  # fmt: skip
+                      statistics: AttentionInputs | None) -> list[LayerResult]:
         """The layer's merged attention tensors and report entry (the driver fits and writes them)."""
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after it ran
         with_rope = _with_rope(conversion, statistics) if statistics is not None else None

@@ -85,7 +85,7 @@ class RopeSummary:
 
 
 def _head_norms(conversion: Conversion, attention: AttentionWeights, statistics: AttentionInputs,
-                options: MlaOptions) -> HeadNormFit | None:  # fmt: skip
+                options: MlaOptions) -> HeadNormFit | None:
     """The calibrated linear maps that stand in for per-head q/k norms (Qwen3), fitted on this layer's inputs."""
     if attention.q_norm is None and attention.k_norm is None:
         return None
@@ -94,7 +94,7 @@ def _head_norms(conversion: Conversion, attention: AttentionWeights, statistics:
 
 
 def _summarize_layer(attention: AttentionWeights, statistics: AttentionInputs, options: MlaOptions,
-                     inv_freq: torch.Tensor) -> RopeSummary:  # fmt: skip
+                     inv_freq: torch.Tensor) -> RopeSummary:
     """`attention` as DeepseekV3 will hold it (head norms already linearized)."""
     heads, d = attention.num_heads, attention.head_dim
     moment = augmented_moment(augmented_inputs(statistics.flat_inputs))
@@ -112,11 +112,13 @@ def _summarize_layer(attention: AttentionWeights, statistics: AttentionInputs, o
 
 
 def _summarize(conversion: Conversion, options: MlaOptions, windows: list[torch.Tensor],
-               inv_freq: torch.Tensor) -> list[RopeSummary]:  # fmt: skip
+               inv_freq: torch.Tensor) -> list[RopeSummary]:
     """Pass 1: the source reads the calibration windows one layer at a time; each layer leaves its summary."""
     calibration = Calibration(conversion.source_model(), conversion.spec, windows)
     summaries = []
-    for layer in tqdm(range(conversion.counts.num_layers), desc="calibrating", unit="layer", disable=not options.progress):
+    for layer in tqdm(
+        range(conversion.counts.num_layers), desc="calibrating", unit="layer", disable=not options.progress
+    ):
         statistics = calibration.attention_inputs(layer)
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after it ran
         head_norms = _head_norms(conversion, attention, statistics, options)
@@ -128,12 +130,14 @@ def _summarize(conversion: Conversion, options: MlaOptions, windows: list[torch.
     return summaries
 
 
-def _layer_calibration(statistics: AttentionInputs, summary: RopeSummary, head_norms: HeadNormFit | None) -> LayerCalibration:
+def _layer_calibration(
+    statistics: AttentionInputs, summary: RopeSummary, head_norms: HeadNormFit | None
+) -> LayerCalibration:
     """Pass 2: the layer's input moment and a sample of its inputs, with what pass 1 decided."""
     flat = augmented_inputs(statistics.flat_inputs)
     sample = flat[torch.linspace(0, flat.shape[0] - 1, min(_LINEARIZATION_SAMPLE, flat.shape[0])).long()]
     return LayerCalibration(moment=augmented_moment(flat), sample=sample, gains=summary.gains,
-                            distances=summary.distances, basis=summary.basis, head_norms=head_norms)  # fmt: skip
+                            distances=summary.distances, basis=summary.basis, head_norms=head_norms)
 
 
 def _bias_tensor(context: Conversion, layer: int, part: str) -> str:
@@ -166,18 +170,18 @@ def _output_format(
                     "refit it into the weights"
                 )
         refit = any(_nonzero(a.q_bias) or _nonzero(a.v_bias) for a in layers) or any(
-            bool(b.abs().max() > 0) for b in rope_biases)  # fmt: skip
+            bool(b.abs().max() > 0) for b in rope_biases)
         return OutputFormat(interleave=True, latent_eps=deepseek.TRANSFORMERS_LATENT_EPS, attention_bias=False,
-                            query_latent=False, drop_key_bias=True, refit_biases=refit)  # fmt: skip
+                            query_latent=False, drop_key_bias=True, refit_biases=refit)
     has_bias = any(_nonzero(getattr(a, f"{p}_bias")) for a in layers for p in ("q", "k", "v", "o"))
     return OutputFormat(
         interleave=True, latent_eps=deepseek.TRANSFORMERS_LATENT_EPS, attention_bias=has_bias,
         query_latent=any(_nonzero(a.q_bias) for a in layers), drop_key_bias=False,
-    )  # fmt: skip
+    )
 
 
 def _notes(conversion: Conversion, options: MlaOptions, rules: engines.EngineRules | None, shape: MlaShape,
-           output: OutputFormat, yarn: YarnFit | None) -> list[str]:  # fmt: skip
+           output: OutputFormat, yarn: YarnFit | None) -> list[str]:
     """What the report and summary say is approximate or adjusted about this target."""
     notes = []
     if conversion.spec.has_head_norms:
@@ -189,14 +193,14 @@ def _notes(conversion: Conversion, options: MlaOptions, rules: engines.EngineRul
         )
     if yarn is not None:
         notes.append(f"approximate: llama3 RoPE written as deepseek_yarn; the largest per-slot frequency error is "
-                     f"{float(yarn.relative_error.max()):.1%} (mla.rope_frequency_error)")  # fmt: skip
+                     f"{float(yarn.relative_error.max()):.1%} (mla.rope_frequency_error)")
     if output.refit_biases:
         notes.append("approximate: serving engines run no attention biases, so the source's query, value and rope-key "
                      "biases were refit into the weights on the calibration text (each layer's bias_refit_error); "
-                     "--exact-biases refuses instead")  # fmt: skip
+                     "--exact-biases refuses instead")
     if options.kv_budget is not None and rules is not None and rules.shapes is not None:
         notes.append(f"--kv-budget {options.kv_budget} snapped to {shape.kv_rank}+{shape.rope_dim}, the largest "
-                     f"shape {rules.name} runs within it")  # fmt: skip
+                     f"shape {rules.name} runs within it")
     return notes
 
 
@@ -237,7 +241,7 @@ def _shape(conversion: Conversion, options: MlaOptions, target: str, biases: lis
 
 
 def _rope_parameters(conversion: Conversion, serving: bool, shape: MlaShape, slots: RopeSlots,
-                     slot_frequencies: torch.Tensor) -> tuple[dict[str, Any], YarnFit | None]:  # fmt: skip
+                     slot_frequencies: torch.Tensor) -> tuple[dict[str, Any], YarnFit | None]:
     """The target's rope_parameters: default RoPE at a geometric theta (llama3 sources: the deepseek_yarn table
     closest to the slots' frequencies, see `mla.yarn`) for the serving layout, exact longrope otherwise."""
     config, head_dim = conversion.checkpoint.config, conversion.counts.head_dim
@@ -250,19 +254,20 @@ def _rope_parameters(conversion: Conversion, serving: bool, shape: MlaShape, slo
         return {"rope_type": "default", "rope_theta": rope_theta}, None
     llama3 = config.get("rope_parameters") or config.get("rope_scaling") or {}
     yarn = fit_yarn(slot_frequencies, rope_theta, shape.rope_dim, float(llama3["factor"]),
-                    int(llama3["original_max_position_embeddings"]))  # fmt: skip
+                    int(llama3["original_max_position_embeddings"]))
     return yarn.parameters, yarn
 
 
 def _target_config(conversion: Conversion, shape: MlaShape, output: OutputFormat, rope_parameters: dict[str, Any],
-                   serving: bool) -> dict[str, Any]:  # fmt: skip
+                   serving: bool) -> dict[str, Any]:
     config = conversion.checkpoint.config
     return deepseek.deepseek_config(
         config, kv_rank=shape.kv_rank, rope_dim=shape.rope_dim, nope_dim=shape.nope_dim,
         head_dim=conversion.counts.head_dim, rope_parameters=rope_parameters, interleave=output.interleave,
-        attention_bias=output.attention_bias, q_lora_rank=conversion.counts.hidden_size + 1 if output.query_latent else None,
+        attention_bias=output.attention_bias,
+        q_lora_rank=conversion.counts.hidden_size + 1 if output.query_latent else None,
         rms_norm_eps=output.latent_eps if serving else conversion.rms_norm_eps,
-    )  # fmt: skip
+    )
 
 
 def _sized_targets(conversion: Conversion, options: MlaOptions, biases: list[AttentionBiases]) -> list[StockModel]:
@@ -284,7 +289,9 @@ def _sized_targets(conversion: Conversion, options: MlaOptions, biases: list[Att
             continue  # the other target refuses this source: the check reports why, and nothing is written for it
         main_shape = main_shape or shape
         sizing_rope = {"rope_type": "default", "rope_theta": 10000.0}
-        models.append(conversion.target_model(_target_config(conversion, shape, output, sizing_rope, serving), split_rows))
+        models.append(
+            conversion.target_model(_target_config(conversion, shape, output, sizing_rope, serving), split_rows)
+        )
     return models
 
 
@@ -294,7 +301,7 @@ def _target_options(options: MlaOptions, target: str, main_shape: MlaShape | Non
     if target == options.target or target != "transformers" or main_shape is None:
         return options
     return options.model_copy(update={"kv_rank": None, "kv_budget": None, "rope_dim": None,
-                                      "mla_shape": f"{main_shape.kv_rank}+{main_shape.rope_dim}"})  # fmt: skip
+                                      "mla_shape": f"{main_shape.kv_rank}+{main_shape.rope_dim}"})
 
 
 def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: list[RopeSummary]) -> MlaPlan:
@@ -307,7 +314,7 @@ def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: l
     bases = [summary.basis for summary in summaries]
     slots = choose_slots(bases, shape.rope_dim // 2, geometric=serving)
     rope_biases = [rope_bias(a.k_bias, basis, slots, counts.head_dim)
-                   for a, basis in zip(layers, bases)]  # fmt: skip
+                   for a, basis in zip(layers, bases)]
     output = _output_format(conversion, serving, layers, rope_biases, options.exact_biases)
     slot_frequencies = inv_freq[list(slots.frequency)]
     rope_parameters, yarn = _rope_parameters(conversion, serving, shape, slots, slot_frequencies)
@@ -323,11 +330,11 @@ def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: l
         )
     if not serving:
         notes.append("longrope with exact per-pair frequencies: vLLM and SGLang rewrite it to deepseek_yarn, "
-                     "so this checkpoint is wrong there; use --target vllm to serve it")  # fmt: skip
+                     "so this checkpoint is wrong there; use --target vllm to serve it")
     valid, excluded = engines.valid_engines(target_config)
     if rules is not None and rules.name in excluded:  # the shape and layout rules above should make this impossible
         raise KvshrinkError(f"--target {rules.name} would write a checkpoint it cannot run ({excluded[rules.name]}): "
-                            "pass --target transformers")  # fmt: skip
+                            "pass --target transformers")
     summary = {
         "target": target,
         "valid_engines": valid,
@@ -343,12 +350,12 @@ def _plan(conversion: Conversion, options: MlaOptions, target: str, summaries: l
             **({"rope_frequency_error": yarn.relative_error.tolist()} if yarn is not None else {}),
         },
         "notes": notes,
-    }  # fmt: skip
+    }
     return MlaPlan(target, shape, output, slots, free_slots, target_config, summary)
 
 
 def _convert_layer(conversion: Conversion, plan: MlaPlan, options: MlaOptions, layer: int, attention: AttentionWeights,
-                   calibration: LayerCalibration) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
+                   calibration: LayerCalibration) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One layer's DeepseekV3 attention tensors (full output names) and report entry under `plan`."""
     inv_freq = conversion.rope.inv_freq
     bound = _input_norm_bound(conversion, layer, calibration.sample)
@@ -358,7 +365,7 @@ def _convert_layer(conversion: Conversion, plan: MlaPlan, options: MlaOptions, l
     if plan.serving:  # the share of the rope-selection score default RoPE's geometric frequencies give up
         scores = calibration.basis.scores
         kept = {name: float(scores[list(chosen.frequency), list(chosen.rank)].sum() / scores.sum())
-                for name, chosen in (("free", plan.free_slots), ("serving", plan.slots))}  # fmt: skip
+                for name, chosen in (("free", plan.free_slots), ("serving", plan.slots))}
         report["serving_rope_score_cost"] = kept["free"] - kept["serving"]
     if calibration.head_norms is not None:
         report.update(calibration.head_norms.errors)
@@ -370,7 +377,9 @@ def _method(options: MlaOptions) -> str:
     return f"mla/{options.rope_method}+{options.factorization}" + ("+distance" if options.distance_aware else "")
 
 
-def _other_target(conversion: Conversion, options: MlaOptions, main: MlaPlan, summaries: list[RopeSummary]) -> MlaPlan | str:
+def _other_target(
+    conversion: Conversion, options: MlaOptions, main: MlaPlan, summaries: list[RopeSummary]
+) -> MlaPlan | str:
     """The other target's plan, which the check scores too (what the serving constraint costs), or the reason
     that target refuses this source."""
     other = OTHER_TARGET[options.target]
@@ -427,10 +436,10 @@ class MlaMethod:
             calibration=Calibration(conversion.source_model(), conversion.spec, calibration.windows),
             split_rows=deepseek.split_gate_up(conversion.spec, conversion.checkpoint.config),
             layer_summaries=summaries, scored_refusals=refusals,
-        )  # fmt: skip
+        )
 
     def convert_layer(self, conversion: Conversion, plan: Plan, layer: int,
-                      statistics: AttentionInputs) -> list[LayerResult]:  # fmt: skip
+                      statistics: AttentionInputs) -> list[LayerResult]:
         """The layer's DeepseekV3 attention under each target's plan (the driver fits and writes them)."""
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after it ran
         head_norms = _head_norms(conversion, attention, statistics, self.options)
@@ -438,7 +447,7 @@ class MlaMethod:
         if head_norms is not None:
             attention = linearized(attention, head_norms)
         return [_convert_layer(conversion, target.layout, self.options, layer, attention, layer_calibration)
-                for target in plan.targets]  # fmt: skip
+                for target in plan.targets]
 
     def report_check(self, plan: Plan, check: dict[str, Any]) -> dict[str, Any]:
         """The other target's perplexity (or why it refused) in its own entry, and what serving costs."""

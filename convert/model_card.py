@@ -23,7 +23,7 @@ def _shape_lines(report: dict[str, Any]) -> list[str]:
         ]
     heads = report.get("target_heads") or {}
     return [f"- attention: {report['source_heads']['kv']} -> {heads.get('kv', '?')} KV heads "
-            f"({heads.get('query', report['source_heads']['query'])} query heads)"]  # fmt: skip
+            f"({heads.get('query', report['source_heads']['query'])} query heads)"]
 
 
 def _fit_lines(report: dict[str, Any]) -> list[str]:
@@ -35,9 +35,13 @@ def _fit_lines(report: dict[str, Any]) -> list[str]:
         f"- layers: {fit['layers_fitted']} converted attention layers fitted, one at a time, to the source attention's "
         f"output on the calibration text `{fit['text']}` (AdamW, at most {fit['steps']} steps of "
         f"{fit['micro_batch_size']} windows, early-stopped on {fit['heldout_windows']} held-out windows): mean "
-        f"held-out relative error {fit.get('heldout_relative_start_mean', 0):.4f} -> {fit.get('heldout_relative_end_mean', 0):.4f}"
-        + (f"; {len(kept)} kept their closed form ({', '.join(f'layer {k}: {v}' for k, v in kept.items())})" if kept else "")
-    ]  # fmt: skip
+        f"held-out relative error {fit.get('heldout_relative_start_mean', 0):.4f} -> "
+        f"{fit.get('heldout_relative_end_mean', 0):.4f}"
+        + (
+            f"; {len(kept)} kept their closed form ({', '.join(f'layer {k}: {v}' for k, v in kept.items())})"
+            if kept else ""
+        )
+    ]
 
 
 def _check_lines(report: dict[str, Any]) -> list[str]:
@@ -52,7 +56,7 @@ def _check_lines(report: dict[str, Any]) -> list[str]:
     other = check.get("other_target")
     if other and "perplexity" in other:
         lines.append(f"The same conversion for `--target {other['target']}` scores {other['perplexity']:.3f} "
-                     f"(serving layout's cost: {check['serving_perplexity_cost']:+.3f}).")  # fmt: skip
+                     f"(serving layout's cost: {check['serving_perplexity_cost']:+.3f}).")
     elif other:
         lines.append(f"`--target {other['target']}` refused this source: {other['refused']}")
     return lines
@@ -61,20 +65,22 @@ def _check_lines(report: dict[str, Any]) -> list[str]:
 def _engine_lines(report: dict[str, Any], folder: str) -> list[str]:
     valid = report.get("valid_engines", ["transformers"])
     lines = [f"Valid in: {', '.join(valid)}." if "valid_engines" in report else
-             "Loads in: transformers (its source class); kvshrink checks no serving engine for this format."]  # fmt: skip
+             "Loads in: transformers (its source class); kvshrink checks no serving engine for this format."]
     for engine, reason in (report.get("excluded_engines") or {}).items():
         lines.append(f"- not {engine}: {reason}")
     lines += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               f"model = AutoModelForCausalLM.from_pretrained({folder!r}, dtype='bfloat16')",
-              f"tokenizer = AutoTokenizer.from_pretrained({folder!r})", "```"]  # fmt: skip
+              f"tokenizer = AutoTokenizer.from_pretrained({folder!r})", "```"]
     if "vllm" in valid:
         lines += ["", "```bash", f"vllm serve {folder} --dtype bfloat16", "```"]
     if "sglang" in valid:
         backend = "" if report.get("mla", {}).get("kv_lora_rank", 512) == 512 else " --attention-backend triton"
-        lines += ["", "```bash", f"python -m sglang.launch_server --model-path {folder} --dtype bfloat16{backend}", "```"]
+        lines += [
+            "", "```bash", f"python -m sglang.launch_server --model-path {folder} --dtype bfloat16{backend}", "```"
+        ]
     if "mla" in report:
         lines += ["", "Serve in bfloat16 (or float32): the latent norm is made linear by a tiny latent scale that "
-                      "float16 would flush to subnormals."]  # fmt: skip
+                      "float16 would flush to subnormals."]
     return lines
 
 
@@ -96,7 +102,7 @@ def model_card(report: dict[str, Any], folder: str) -> str:
         "", "## Quality (no training)", "", *_check_lines(report),
         "", "## Where it runs", "", *_engine_lines(report, folder),
         "", "The full record, per-layer errors included, is `kvshrink_report.json` in this folder.", "",
-    ]  # fmt: skip
+    ]
     return "\n".join(lines)
 
 

@@ -41,8 +41,9 @@ def off_scale_parameters(named_parameters: Iterable[tuple[str, torch.nn.Paramete
     """Names of the trainable matrices holding at least one nonzero row more than OFF_SCALE times off `reference`."""
     return [
         name for name, parameter in named_parameters
-        if parameter.requires_grad and parameter.ndim >= 2 and bool(off_scale_rows(_row_rms(parameter.detach()), reference).any())
-    ]  # fmt: skip
+        if parameter.requires_grad and parameter.ndim >= 2
+        and bool(off_scale_rows(_row_rms(parameter.detach()), reference).any())
+    ]
 
 
 class SizeScaledRows:

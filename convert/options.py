@@ -31,20 +31,20 @@ class ConvertOptions(OptionsModel):
     """What every conversion takes."""
 
     check: bool = Field(True, description="Compare source and output perplexity on the calibration text after "
-                        "converting (both run one layer at a time).")  # fmt: skip
+                        "converting (both run one layer at a time).")
     calibration: str | None = Field(
         None, description="Text for calibration and the check: a .txt/.jsonl file, or 'pydoc', 'kjv' or 'pydoc+kjv' "
         "(default: the train splits of Python's pydoc topics and the King James Bible interleaved, both offline; pydoc "
         "alone where the `bible` program is missing).", json_schema_extra={"metavar": "FILE|CORPUS"},
-    )  # fmt: skip
+    )
     calibration_tokens: int = Field(8192, description="Tokens of calibration text the source reads "
-                                    "(512-token windows) for calibrated methods.")  # fmt: skip
+                                    "(512-token windows) for calibrated methods.")
     check_tokens: int = Field(2048, ge=2, description="Tokens of calibration text the perplexity check reads.")
     error_feedback: bool = Field(
         False, description="Calibrate each layer on the hidden states of the already converted layers before it "
         "(as GPTQ does) instead of the source's. Off by default: on SmolLM2 it made MQA 3.6% worse and MLA no "
         "better (benchmarks/error_feedback.py).",
-    )  # fmt: skip
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where each layer runs during calibration and the check (auto: CUDA when present)."
     )
@@ -52,7 +52,7 @@ class ConvertOptions(OptionsModel):
     break_lock: bool = Field(False, description=BREAK_LOCK_HELP)
     out_shard_size: str = Field("5GB", description="Largest output shard, e.g. 5GB or 500MB.")
     allow_pickle: bool = Field(False, description="Read pickled .bin weights (torch.load with weights_only=True); "
-                               "refused otherwise.")  # fmt: skip
+                               "refused otherwise.")
     progress: bool = Field(True, description="Show progress bars.", json_schema_extra={"cli": False})
 
 
@@ -64,24 +64,24 @@ class FittedOptions(ConvertOptions):
     """What the calibrated conversions (GQA/MQA, MLA) add: each converted layer fitted to its source layer."""
 
     calibration_tokens: int = Field(16384, description="Tokens of calibration text the source reads "
-                                    "(512-token windows) for calibrated methods and the fit.")  # fmt: skip
+                                    "(512-token windows) for calibrated methods and the fit.")
 
     fit: Literal["attention", "none"] = Field(
         "attention", description="attention: after the closed-form merge, fit each converted attention to the source "
         "attention's output on the calibration windows (AdamW, one layer at a time, early-stopped on held-out "
         "windows; SmolLM2's MQA: held-out perplexity 5.8x -> 2.1x the source's, 10 s a layer on 2 CPU cores, 5 of "
         "its 5.3 minutes); none: the closed form alone. Calibrated methods only.",
-    )  # fmt: skip
+    )
     fit_steps: int = Field(128, ge=1, description="Optimizer steps of the fit per layer, at most (2 windows a step).")
     fit_lr: float = Field(1e-3, gt=0, description="Learning rate of the fit (AdamW, 10% warmup, then constant).")
     fit_heldout_windows: int = Field(
         2, ge=1, description="Calibration windows held out of the fit, spread over the text: they decide early "
         "stopping and are reported; the other windows (--calibration-tokens / 512 in all) are fitted.",
-    )  # fmt: skip
+    )
     fit_scope: Literal["changed", "attention"] = Field(
         "changed", description="changed: fit only the attention tensors the conversion created or changed; "
         "attention: every tensor of the converted attention.",
-    )  # fmt: skip
+    )
 
     def fit_settings(self) -> FitSettings:
         return FitSettings(steps=self.fit_steps, lr=self.fit_lr, micro_batch_size=FIT_MICRO_BATCH, checks=FIT_CHECKS)
@@ -90,19 +90,19 @@ class FittedOptions(ConvertOptions):
         """The fit's settings as the report and model card state them."""
         return {"steps": self.fit_steps, "lr": self.fit_lr, "micro_batch_size": FIT_MICRO_BATCH, "checks": FIT_CHECKS,
                 "heldout_windows": self.fit_heldout_windows, "scope": self.fit_scope,
-                "text": self.calibration or default_calibration()}  # fmt: skip
+                "text": self.calibration or default_calibration()}
 
 
 class GqaOptions(FittedOptions):
     """`convert mha-to-gqa` (and mha-to-mqa, which fixes groups to 1)."""
 
     groups: int = Field(..., description="Number of KV heads in the output; must divide the source's KV heads.",
-                        json_schema_extra={"short": "-g"})  # fmt: skip
+                        json_schema_extra={"short": "-g"})
     method: GqaMethod = Field(
         gqa.DEFAULT_METHOD, description="How KV heads are merged: 'mean' averages them (the GQA paper); 'grouped' "
         "first groups similar heads; 'aligned' also rotates heads onto each other; 'output-aware' fits the shared "
         "K/V to keep logits and o_proj outputs. All but 'mean' calibrate on text.",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _enough_calibration_text(self) -> GqaOptions:
@@ -116,52 +116,54 @@ class MlaOptions(FittedOptions):
 
     kv_budget: float | None = Field(
         None, description="Target KV cache as a fraction of the source's, in (0, 1). Under --target vllm: the largest "
-        "shape vLLM runs within it; otherwise the rank that fills it for the rope dim.", json_schema_extra={"metavar": "F"},
-    )  # fmt: skip
+        "shape vLLM runs within it; otherwise the rank that fills it for the rope dim.",
+        json_schema_extra={"metavar": "F"},
+    )
     kv_rank: int | Literal["full"] | None = Field(
-        None, description="Latent width (kv_lora_rank), or 'full' for an exact latent.", json_schema_extra={"metavar": "R|full"}
+        None, description="Latent width (kv_lora_rank), or 'full' for an exact latent.",
+        json_schema_extra={"metavar": "R|full"}
     )
     mla_shape: str | None = Field(
         None, description="Rank and rope dim at once, e.g. 512+64. vLLM runs 512+64 and 256+64 only.",
         json_schema_extra={"metavar": "R+D"},
-    )  # fmt: skip
+    )
     rope_dim: int | Literal["all"] | None = Field(
         None, description="Width of the shared rope key (qk_rope_head_dim), even; 'all' keeps every rotary pair of "
         "every KV head (--target transformers). Default: 64 for vllm; 64 but at most head_dim / 2 for sglang; "
         "head_dim / 2 for transformers.", json_schema_extra={"metavar": "D|all"},
-    )  # fmt: skip
+    )
     rope_method: Literal["rotate", "partial"] = Field(
         "rotate", description="rotate: RoRoPE, a complex unitary per frequency across KV heads concentrates key "
         "energy; partial: keep the best (head, frequency) pairs as they are (MHA2MLA).",
-    )  # fmt: skip
+    )
     factorization: Literal["balanced", "activation", "output", "weight"] = Field(
         "balanced", description="Joint K/V latent: SVD whitened by the calibration inputs with keys and values scaled "
         "to equal energy (balanced), without that scaling (activation), weighted by the queries and o_proj that read "
         "K and V (output), or the plain weight SVD (weight).",
-    )  # fmt: skip
+    )
     distance_aware: bool = Field(
         True, description="Fold the source's average rotation over attended distances into pairs that lose RoPE, let "
         "the part of a dropped pair that a kept one explains ride on its rope slot, and spend rope dims where a "
         "constant cannot stand in (fitted at 512-token context).",
-    )  # fmt: skip
+    )
     target: Literal["vllm", "sglang", "transformers"] = Field(
         "vllm", description="vllm: only what vLLM runs (512+64 or 256+64, default RoPE, interleaved, no biases), also "
         "valid in SGLang and transformers. sglang: the same layout at any shape. transformers: any shape, exact "
         "per-pair frequencies (longrope), wrong in vLLM/SGLang.",
-    )  # fmt: skip
+    )
     exact_only: bool = Field(
         False, description="Refuse families DeepseekV3 can only approximate (Qwen3's per-head q/k norms, otherwise "
         "replaced by calibrated linear maps) instead of converting them approximately.",
-    )  # fmt: skip
+    )
     head_norm_fit: Literal["least-squares", "head-matrix", "mean-gain"] = Field(
         "least-squares", description="How per-head q/k norms (Qwen3) become linear, fitted on the calibration text: "
         "the least-squares map from the layer input to the normalized heads; one head_dim x head_dim matrix per head "
         "on the source projection (head-matrix); or TransMLA's mean 1/rms gain (mean-gain).",
-    )  # fmt: skip
+    )
     exact_biases: bool = Field(
         False, description="Refuse query/value/rope-key biases the serving layout cannot hold exactly, instead of "
         "refitting them into the weights on the calibration text (approximate; the report gives each layer's error).",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _a_whole_calibration_window(self) -> MlaOptions:
@@ -177,18 +179,18 @@ class SlidingWindowOptions(ConvertOptions):
     """`convert add-sliding-window`."""
 
     window: int = Field(..., ge=1, description="Tokens each sliding layer attends to (its own included), as the "
-                        "stock class's sliding_window.", json_schema_extra={"short": "-w"})  # fmt: skip
+                        "stock class's sliding_window.", json_schema_extra={"short": "-w"})
     full_layers: float = Field(
         0.25, ge=0.0, le=1.0, description="Fraction of the layers that keep full attention, in [0, 1] (rounded to "
         "whole layers).", json_schema_extra={"metavar": "F"},
-    )  # fmt: skip
+    )
     layer_choice: Literal["calibrated", "even"] = Field(
         "calibrated", description="calibrated: keep full attention in the layers that put the most attention beyond "
         "the window on the calibration text; even: evenly spaced full layers (Gemma's fixed pattern).",
-    )  # fmt: skip
+    )
     calibration_length: int | None = Field(
         None, ge=2, description="Tokens per calibration window; must exceed --window so the window drops something "
         "(default: 4096, at most the model's context).", json_schema_extra={"metavar": "N"},
-    )  # fmt: skip
+    )
     sink_tokens: int = Field(4, ge=0, description="First tokens of a text whose dropped attention mass is reported "
-                             "apart (attention sinks, which a plain window drops).")  # fmt: skip
+                             "apart (attention sinks, which a plain window drops).")

@@ -115,10 +115,12 @@ def _measure(conversion: Conversion, options: SlidingWindowOptions) -> WindowCal
     weights the measurement reads)."""
     length = _calibration_length(conversion, options)
     windows = calibration_windows(conversion.checkpoint.folder, calibration_text(options.calibration),
-                                  options.calibration_tokens, length)  # fmt: skip
+                                  options.calibration_tokens, length)
     calibration = Calibration(conversion.source_model(attn_implementation="eager"), conversion.spec, windows)
     reaches = []
-    for index in tqdm(range(conversion.counts.num_layers), desc="measuring", unit="layer", disable=not options.progress):
+    for index in tqdm(
+        range(conversion.counts.num_layers), desc="measuring", unit="layer", disable=not options.progress
+    ):
         layer = calibration.model.layer(index)
         reaches.append(measure_and_advance(calibration.stream, layer, index, options.window, options.sink_tokens))
     return WindowCalibration(reaches, calibration.tokens)
@@ -138,7 +140,7 @@ def _target_config(conversion: Conversion, options: SlidingWindowOptions, full: 
         config["max_window_layers"] = 0  # Qwen2/Qwen3's older rule (window from this layer on) agrees with layer_types
     config["sliding_window"] = options.window
     config["layer_types"] = ["full_attention" if index in full else "sliding_attention"
-                             for index in range(int(config["num_hidden_layers"]))]  # fmt: skip
+                             for index in range(int(config["num_hidden_layers"]))]
     return config
 
 
@@ -148,7 +150,9 @@ def _zero_biases(conversion: Conversion, target: StockModel) -> dict[str, torch.
     would drop, is refused."""
     needed = set(target.skeleton.state_dict())
     missing = set(target.missing_tensors())
-    attention = {name for layer in range(conversion.counts.num_layers) for name in conversion.spec.attention_tensor_names(layer)}
+    attention = {
+        name for layer in range(conversion.counts.num_layers) for name in conversion.spec.attention_tensor_names(layer)
+    }
     if missing - attention or any(not name.endswith(".bias") for name in missing):
         raise KvshrinkError(
             f"the stock class {target.config.architectures[0]} needs {sorted(missing)[0]}, which the source cannot "
@@ -165,19 +169,20 @@ def _zero_biases(conversion: Conversion, target: StockModel) -> dict[str, torch.
 
 
 def _summary(conversion: Conversion, options: SlidingWindowOptions, calibration: WindowCalibration,
-             choices: dict[str, list[int]], config: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+             choices: dict[str, list[int]], config: dict[str, Any]) -> dict[str, Any]:
     valid, excluded, how = windowed_engines(config["model_type"])
     return {
         "sliding_window": {
-            "window": options.window, "full_layers": choices[options.layer_choice], "layer_choice": options.layer_choice,
+            "window": options.window, "full_layers": choices[options.layer_choice],
+            "layer_choice": options.layer_choice,
             "sink_tokens": options.sink_tokens,
             "mean_mass_beyond_window": {name: round(mean_dropped(calibration.reaches, layers), 5)
                                         for name, layers in choices.items()},
             "calibration": {"tokens": calibration.tokens, "window_length": _calibration_length(conversion, options)},
-        },  # fmt: skip
+        },
         "kv_bytes_per_token_at_context": {
             str(context): {"source": kv_bytes_at_context(conversion.checkpoint.config, context),
-                           "target": kv_bytes_at_context(config, context)}  # fmt: skip
+                           "target": kv_bytes_at_context(config, context)}
             for context in REPORTED_CONTEXTS
         },
         "valid_engines": valid,
@@ -210,7 +215,7 @@ class SlidingWindowMethod:
         options, layers = self.options, conversion.counts.num_layers
         candidates, keep = _candidates(conversion), _kept_full(conversion, options)
         choices = {"calibrated": most_reaching(calibration.reaches, keep, candidates),
-                   "even": evenly_spaced(layers, keep, candidates)}  # fmt: skip
+                   "even": evenly_spaced(layers, keep, candidates)}
         config = _target_config(conversion, options, choices[options.layer_choice])
         biases = _zero_biases(conversion, conversion.target_model(config))
         return Plan(
@@ -218,7 +223,7 @@ class SlidingWindowMethod:
             calibration=None, summary=_summary(conversion, options, calibration, choices, config),
             check_window=min(_calibration_length(conversion, options), options.check_tokens),
             layer_summaries=calibration.reaches,
-        )  # fmt: skip
+        )
 
     def convert_layer(self, conversion: Conversion, plan: Plan, layer: int, statistics: None) -> list[LayerResult]:
         """The layer's attention tensors unchanged (copied byte for byte) plus the zero biases the target class

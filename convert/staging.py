@@ -214,13 +214,13 @@ def _blocker(out: Path, claim: Claim) -> str | None:
             return None
         return (f"{out} has {claim.path.name} without an owner record, changed {idle / 60:.0f} min ago (an older "
                 f"kvshrink's run, or one starting now): wait for it, or pass {BREAK_LOCK_FLAG} if no run writes "
-                f"{out.name} (after {OWNERLESS_STALE_AFTER // 3600} h untouched it is removed)")  # fmt: skip
+                f"{out.name} (after {OWNERLESS_STALE_AFTER // 3600} h untouched it is removed)")
     if not owner.on_this_host:
         return (f"{out} is being written by {owner}, another host, where kvshrink cannot tell whether it still runs: "
-                f"wait for it, or pass {BREAK_LOCK_FLAG} if that run is gone")  # fmt: skip
+                f"wait for it, or pass {BREAK_LOCK_FLAG} if that run is gone")
     if owner.runs():
         return (f"{out} is being written by {owner}: wait for it, or pass {BREAK_LOCK_FLAG} if that process does "
-                "not write it")  # fmt: skip
+                "not write it")
     return None
 
 

@@ -27,7 +27,7 @@ class LayerReach:
 
     def report(self) -> dict[str, float | int]:
         return {"layer": self.layer, "mass_beyond_window": round(self.beyond_window, 5),
-                "worst_head_mass_beyond_window": round(self.worst_head, 5), "sink_mass_dropped": round(self.sinks, 5)}  # fmt: skip
+                "worst_head_mass_beyond_window": round(self.worst_head, 5), "sink_mass_dropped": round(self.sinks, 5)}
 
 
 def dropped_mass(weights: torch.Tensor, window: int, sink_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -73,7 +73,9 @@ def measure_and_advance(stream: LayerStream, layer: nn.Module, index: int, windo
     finally:
         handle.remove()
     per_head = hook.beyond / max(hook.queries, 1)
-    return LayerReach(index, float(per_head.mean()), float(per_head.max()), float(hook.sinks.mean() / max(hook.queries, 1)))
+    return LayerReach(
+        index, float(per_head.mean()), float(per_head.max()), float(hook.sinks.mean() / max(hook.queries, 1))
+    )
 
 
 def evenly_spaced(num_layers: int, count: int, candidates: list[int]) -> list[int]:

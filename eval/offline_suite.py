@@ -35,7 +35,7 @@ SUITE_VERSION = 1
 # lm-eval's own aggregation for each perplexity metric, named so it does not warn on every run
 PERPLEXITY_METRICS = {
     "word_perplexity": "weighted_perplexity", "byte_perplexity": "weighted_perplexity", "bits_per_byte": "bits_per_byte"
-}  # fmt: skip
+}
 DOMAINS = ("pydoc", "kjv")
 DOC_CHARS = 2000
 PPL_DOCS = 32
@@ -136,7 +136,7 @@ def _task_configs(data_dir: Path) -> dict[str, dict]:
             "output_type": output_type, **fields,
             "metric_list": [{"metric": metric, "aggregation": aggregation, "higher_is_better": higher_is_better}
                             for metric, aggregation in metrics.items()],
-        }  # fmt: skip
+        }
 
     configs = {}
     for domain in DOMAINS:
@@ -146,7 +146,7 @@ def _task_configs(data_dir: Path) -> dict[str, dict]:
         configs[f"kvshrink_{domain}_cloze"] = task(
             domain, "cloze", "multiple_choice", {"acc": "mean", "acc_norm": "mean"}, True,
             doc_to_text="context", doc_to_choice="choices", doc_to_target="label",
-        )  # fmt: skip
+        )
     return configs
 
 

@@ -17,14 +17,14 @@ class EvalOptions(OptionsModel):
     tasks: list[str] = Field(
         [OFFLINE_ALIAS], description=f"Comma-separated lm-eval task names; '{OFFLINE_ALIAS}' is kvshrink's offline "
         f"suite ({', '.join(OFFLINE_TASKS)}), which needs no download.", json_schema_extra={"metavar": "T1,T2"},
-    )  # fmt: skip
+    )
     limit: int | None = Field(None, ge=1, description="Only the first N items of each task (faster, wider error "
-                              "bars; use the same N for every model you compare).")  # fmt: skip
+                              "bars; use the same N for every model you compare).")
     batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
         8, description="Items per forward pass, or 'auto'."
     )
     device: str | None = Field(None, description="torch device, e.g. cpu or cuda:0  [default: cuda if available, "
-                               "else cpu]")  # fmt: skip
+                               "else cpu]")
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -80,7 +80,7 @@ class Pipeline(OptionsModel):
             for step in self.uptraining:
                 if step.conversion not in names:
                     raise KvshrinkError(f"uptraining names conversion {step.conversion!r}, which is not listed: use "
-                                        f"one of {', '.join(names)}")  # fmt: skip
+                                        f"one of {', '.join(names)}")
             if self.source.startswith(EXAMPLE_PREFIX) and self.source != f"{EXAMPLE_PREFIX}smollm2":
                 raise KvshrinkError(f"unknown example {self.source!r}: the embedded example is example:smollm2")
         except KvshrinkError as problem:
@@ -104,7 +104,7 @@ def _options(conversion: ConversionStep, **given: Any):
     for key, value in fixed.items():
         if key in conversion.options:
             raise KvshrinkError(f"conversion {conversion.name!r}: {conversion.command} sets {key} to {value} itself: "
-                                f"remove `{key}` from its options (mha-to-gqa takes any)")  # fmt: skip
+                                f"remove `{key}` from its options (mha-to-gqa takes any)")
     values = {**conversion.options, **fixed, **given}
     return build_options(_converter(conversion.command)[1], values, f"conversion {conversion.name!r}")
 
@@ -120,13 +120,21 @@ def in_source_order(conversions: list[ConversionStep]) -> list[ConversionStep]:
         while step is not None and step not in ordered:
             if step.name in chain:
                 cycle = " -> ".join([*chain[chain.index(step.name):], step.name])
-                raise KvshrinkError(f"conversion sources form a cycle ({cycle}): let one of them read the pipeline's source")
+                raise KvshrinkError(
+                    f"conversion sources form a cycle ({cycle}): let one of them read the pipeline's source"
+                )
             chain.append(step.name)
             if step.source is not None and step.source not in by_name:
-                raise KvshrinkError(f"conversion {step.name!r} names source {step.source!r}, which is not listed: use one of {', '.join(by_name)} or leave source out")
+                raise KvshrinkError(
+                    f"conversion {step.name!r} names source {step.source!r}, which is not listed: use one of "
+                    f"{', '.join(by_name)} or leave source out"
+                )
             upstream = by_name.get(step.source) if step.source else None
             if upstream and step.command == "add-sliding-window" and upstream.command in UNWINDOWABLE:
-                raise KvshrinkError(f"conversion {step.name!r} cannot window {upstream.name!r} ({upstream.command}): {UNWINDOWABLE[upstream.command]}; window the source or a GQA/MQA conversion")
+                raise KvshrinkError(
+                    f"conversion {step.name!r} cannot window {upstream.name!r} ({upstream.command}): "
+                    f"{UNWINDOWABLE[upstream.command]}; window the source or a GQA/MQA conversion"
+                )
             step = upstream
         ordered += [by_name[name] for name in reversed(chain) if by_name[name] not in ordered]
     return ordered
@@ -137,7 +145,9 @@ def load_pipeline(path: str | Path) -> Pipeline:
     conversions come back in the order they run."""
     path = Path(path)
     if not path.is_file():
-        raise KvshrinkError(f"pipeline file {path} does not exist: pass a YAML file such as recipes/pipeline-smollm2-cpu.yaml")
+        raise KvshrinkError(
+            f"pipeline file {path} does not exist: pass a YAML file such as recipes/pipeline-smollm2-cpu.yaml"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -232,7 +242,9 @@ def _models_table(models: list[ModelFolder]) -> str:
         if uptrained:
             up_text = f"{uptrained['val_perplexity_start']:.2f} → {uptrained['val_perplexity_end']:.2f}"
         method = conversion.get("method", "source") + (" + uptrain" if uptrained else "")
-        lines.append(f"| {label} | {method} | {kv:,} | {base_bytes / kv:.2f}× | {at_context:,.0f} | {check_text} | {up_text} |")
+        lines.append(
+            f"| {label} | {method} | {kv:,} | {base_bytes / kv:.2f}× | {at_context:,.0f} | {check_text} | {up_text} |"
+        )
     return "\n".join(lines)
 
 

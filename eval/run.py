@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.outdir import atomic_output_dir, check_output_dir
-from kvshrink.eval.models import ModelFolder, check_model_dirs, default_device, load_model, load_tokenizer, model_metadata
+from kvshrink.eval.models import (
+    ModelFolder, check_model_dirs, default_device, load_model, load_tokenizer, model_metadata
+)
 from kvshrink.eval.options import EvalOptions
 from kvshrink.eval.offline_suite import OFFLINE_ALIAS, OFFLINE_TASKS, build_offline_suite, suite_hash
 
@@ -99,7 +101,7 @@ def run_eval(
 
 
 def _evaluate(folders: list[ModelFolder], task_names: list[str], out: Path, options: EvalOptions, overwrite: bool,
-              break_lock: bool) -> list[Path]:  # fmt: skip
+              break_lock: bool) -> list[Path]:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import handle_non_serializable

@@ -73,7 +73,7 @@ def start_paused(control: Path, target: str, nth: int, *command: str | Path) -> 
         process = subprocess.Popen(
             [sys.executable, "-c", _CHILD, str(marker), str(release), target, str(nth), *map(str, command)],
             stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"},
-        )  # fmt: skip
+        )
     deadline = time.monotonic() + START_TIMEOUT
     while not marker.exists():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -86,10 +86,10 @@ def start_paused(control: Path, target: str, nth: int, *command: str | Path) -> 
 def left_behind(folder: Path) -> list[Path]:
     """Staging folders, locks and owner records anywhere under `folder`."""
     return [path for path in folder.rglob("*") if ".partial" in path.name or ".lock-" in path.name
-            or path.name == ".kvshrink-owner.json"]  # fmt: skip
+            or path.name == ".kvshrink-owner.json"]
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
     """Every file under `folder` with the SHA-256 of its bytes, to show a folder was not touched."""
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}  # fmt: skip
+            for path in sorted(folder.rglob("*")) if path.is_file()}

@@ -29,7 +29,7 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 SHAPE = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=300, max_position_embeddings=256,
     pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-)  # fmt: skip
+)
 # The MLA layout conversions write: queries not compressed, a 16-dim latent and an 8-dim shared rope key.
 MLA_LAYOUT = dict(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
 

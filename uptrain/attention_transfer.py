@@ -12,9 +12,10 @@ Memory is one source layer, one converted attention module and the windows' hidd
 Layers are independent: under accelerate every process runs the source stream and fits the layers whose index
 is its rank modulo the process count. Each layer's error is also measured, before and after fitting, on a few
 validation blocks (the held-out split) that the fit never sees: with 16 fitting blocks the fitting error alone
-can fall far below what the layer reaches on new text. Each fitted layer is written as OUTPUT/attention_transfer/layer-NNNN
-(.safetensors with the module's tensors under their full names, .json with its losses); a resumed run skips
-the layers already written, and the end-to-end stage starts from them (transferred_weights()).
+can fall far below what the layer reaches on new text. Each fitted layer is written as
+OUTPUT/attention_transfer/layer-NNNN (.safetensors with the module's tensors under their full names, .json with its
+losses); a resumed run skips the layers already written, and the end-to-end stage starts from them
+(transferred_weights()).
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ def transfer_attention(recipe: Recipe, accelerator: Accelerator) -> dict[str, An
     """Fit every converted attention layer this process owns, then return every layer's losses (all processes)."""
     output = Path(recipe.output_dir) / TRANSFER_DIR
     layers = transfer_layers(recipe)
-    mine = [index for position, index in enumerate(layers) if position % accelerator.num_processes == accelerator.process_index]
+    mine = [
+        index for position, index in enumerate(layers)
+        if position % accelerator.num_processes == accelerator.process_index
+    ]
     todo = [index for index in mine if not _layer_file(output, index, ".safetensors").is_file()]
     start = time.perf_counter()
     if todo:
@@ -57,7 +61,9 @@ def transfer_attention(recipe: Recipe, accelerator: Accelerator) -> dict[str, An
         student = StockModel.of_checkpoint(open_folder(Path(recipe.model)), accelerator.device, heap_trim)
         fitting, heldout = _windows(recipe, accelerator)
         stream = LayerStream(source, fitting + heldout)
-        progress = tqdm(total=len(todo), unit="layer", desc="attention transfer", disable=not accelerator.is_local_main_process)
+        progress = tqdm(
+            total=len(todo), unit="layer", desc="attention transfer", disable=not accelerator.is_local_main_process
+        )
         # precision bf16: the source layers and the fits multiply in bf16. Without autocast's weight cache: one
         # context spans every optimizer step, and cached bf16 copies would hide each step's update from the next
         with accelerator.autocast(AutocastKwargs(cache_enabled=False)):
@@ -92,13 +98,17 @@ def _windows(recipe: Recipe, accelerator: Accelerator) -> tuple[list[torch.Tenso
     with accelerator.main_process_first():
         stream, validation = build_data(recipe, AutoTokenizer.from_pretrained(recipe.model))
     blocks = stream.blocks_from(0)
-    fitting = [ids[: int(mask.sum())] for ids, mask in (next(blocks) for _ in range(recipe.attention_transfer.sequences))]
+    fitting = [
+        ids[: int(mask.sum())] for ids, mask in (next(blocks) for _ in range(recipe.attention_transfer.sequences))
+    ]
     count = min(HELDOUT_BLOCKS, len(validation))
     heldout = [validation.tokens[i, : int(validation.lengths[i])].long() for i in range(count)]
     return fitting, heldout
 
 
-def _attention_pairs(stream: LayerStream, source_layer: torch.nn.Module, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _attention_pairs(
+    stream: LayerStream, source_layer: torch.nn.Module, index: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Advance the windows through source layer `index`; what its attention received and what its o_proj gave."""
     inputs = stream.inputs_of(source_layer, index, _checked(source_layer, ATTENTION_INPUT, index))
     targets: list[torch.Tensor] = []
@@ -113,11 +123,13 @@ def _attention_pairs(stream: LayerStream, source_layer: torch.nn.Module, index: 
 
 
 def _fit_layer(recipe: Recipe, student: StockModel, index: int, pairs: tuple[list[torch.Tensor], list[torch.Tensor]],
-               fitting: int, output: Path) -> None:  # fmt: skip
+               fitting: int, output: Path) -> None:
     """Fit the converted attention of layer `index` to the source's (inputs -> targets) on the first `fitting`
     pairs, measure it on the rest before and after; write it and its losses."""
     if student.attention_kind(index) != "full_attention":
-        raise KvshrinkError(f"layer {index} of {recipe.model} uses sliding-window attention: remove attention_transfer from stages")
+        raise KvshrinkError(
+            f"layer {index} of {recipe.model} uses sliding-window attention: remove attention_transfer from stages"
+        )
     layer = student.layer(index)
     attention = layer.get_submodule(ATTENTION)
     generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + index)
@@ -128,7 +140,7 @@ def _fit_layer(recipe: Recipe, student: StockModel, index: int, pairs: tuple[lis
     heldout = HeldOut.measured(attention, runner, WindowPairs(inputs[fitting:], targets[fitting:]))
     losses = fit_attention(attention, dict(attention.named_parameters()), runner,
                            WindowPairs(inputs[:fitting], targets[:fitting]), settings, generator,
-                           reference_rms(layer.parameters()), heldout=heldout)  # fmt: skip
+                           reference_rms(layer.parameters()), heldout=heldout)
     prefix = student.path(student.decoder.layers[index].get_submodule(ATTENTION))
     tensors = {f"{prefix}.{name}": t.detach().contiguous() for name, t in attention.state_dict().items()}
     output.mkdir(parents=True, exist_ok=True)
@@ -163,9 +175,9 @@ def _stage_report(output: Path, layers: list[int], seconds: float, accelerator: 
     rows = [json.loads(_layer_file(output, index, ".json").read_text(encoding="utf-8")) for index in layers]
     for row in rows:
         accelerator.log({f"attention_transfer/{key}": value for key, value in row.items()
-                         if key != "layer" and isinstance(value, (int, float))}, step=row["layer"])  # fmt: skip
+                         if key != "layer" and isinstance(value, (int, float))}, step=row["layer"])
     means = {f"{name}_error_mean_{end}": _mean(rows, f"{name}_{end}")
-             for name in ("relative", "heldout_relative") for end in ("start", "end")}  # fmt: skip
+             for name in ("relative", "heldout_relative") for end in ("start", "end")}
     return {"layers": rows, "seconds_this_session": round(seconds, 3), **means}
 
 

@@ -278,7 +278,9 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 
 def _list_index(items: list, part: str, key: str) -> int:
     if not part.isdigit() or int(part) >= len(items):
-        raise KvshrinkError(f"override key {key}: {part!r} is not an index of a {len(items)}-item list: use 0..{len(items) - 1}")
+        raise KvshrinkError(
+            f"override key {key}: {part!r} is not an index of a {len(items)}-item list: use 0..{len(items) - 1}"
+        )
     return int(part)
 
 
@@ -359,7 +361,7 @@ def fitted_layers(model_dir: str | Path) -> set[int]:
         return set()
     entries = json.loads(report.read_text(encoding="utf-8")).get("layers") or []
     return {entry["layer"] for entry in entries
-            if "fit" in entry and entry["fit"].get("kept_closed_form") in (None, "already exact")}  # fmt: skip
+            if "fit" in entry and entry["fit"].get("kept_closed_form") in (None, "already exact")}
 
 
 def changed_attention_layers(model_dir: str | Path, needed_by: str) -> list[int]:
@@ -384,7 +386,9 @@ def data_files(path: str | Path) -> list[Path]:
     if path.is_dir():
         found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
         if not found:
-            raise KvshrinkError(f"data folder {path} holds no {', '.join(DATA_SUFFIXES)} files: add some or fix the path")
+            raise KvshrinkError(
+                f"data folder {path} holds no {', '.join(DATA_SUFFIXES)} files: add some or fix the path"
+            )
         return found
     raise KvshrinkError(f"data path {path} does not exist: fix the path in the recipe")
 

@@ -54,7 +54,7 @@ from kvshrink.uptrain.zero3 import (
 
 UPTRAIN_REPORT = "uptrain_report.json"
 SKIPPED_TRANSFER = ("the conversion already fitted every converted layer to the source's (its report's \"fit\"); "
-                    "set attention_transfer.after_fit=true to run it anyway")  # fmt: skip
+                    "set attention_transfer.after_fit=true to run it anyway")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -150,7 +150,10 @@ class Run:
 
 
 def _checkpoint_to_resume(output: Path, resume: bool) -> Path | None:
-    if not resume and (checkpoint_dirs(output) or (output / UPTRAIN_REPORT).exists() or (output / TRANSFER_DIR).exists()):
+    if (
+        not resume
+        and (checkpoint_dirs(output) or (output / UPTRAIN_REPORT).exists() or (output / TRANSFER_DIR).exists())
+    ):
         raise KvshrinkError(
             f"output_dir {output} already holds a run: pass --resume to continue it, or choose another output_dir"
         )

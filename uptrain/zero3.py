@@ -154,7 +154,7 @@ def sharded_teacher(accelerator: Accelerator, teacher: torch.nn.Module) -> torch
     config: dict[str, Any] = {
         key: value for key, value in accelerator.state.deepspeed_plugin.deepspeed_config.items()
         if key not in ("optimizer", "scheduler")
-    }  # fmt: skip
+    }
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
     engine.eval()  # DeepSpeedEngine.eval returns None, unlike Module.eval
     return engine

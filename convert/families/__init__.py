@@ -116,7 +116,7 @@ def _parse_converters(raw: dict[str, Any], origin: str) -> dict[str, Support]:
     for converter, entry in raw.items():
         if converter not in CONVERTERS or entry.get("support") not in SUPPORT_LEVELS:
             raise _malformed(origin, f"converters.{converter} needs a converter in {', '.join(CONVERTERS)} and a "
-                                     f"support in {', '.join(SUPPORT_LEVELS)}")  # fmt: skip
+                                     f"support in {', '.join(SUPPORT_LEVELS)}")
         if entry["support"] != "exact" and not entry.get("why"):
             raise _malformed(origin, f"converters.{converter} is {entry['support']} and must say why")
         converters[converter] = Support(entry["support"], entry.get("why", ""))
@@ -131,14 +131,14 @@ def _parse(raw: dict[str, Any], origin: str) -> FamilySpec:
         raise _malformed(
             origin, "'attention' needs o_proj and either q_proj/k_proj/v_proj or qkv_proj "
             f"(allowed keys: {', '.join(_PROJECTION_KEYS)})",
-        )  # fmt: skip
+        )
     if raw.get("rope_layout") not in _ROPE_LAYOUTS:
         raise KvshrinkError(f"family spec {origin}: rope_layout must be one of {', '.join(_ROPE_LAYOUTS)}")
     if raw.get("qk_norm_scope", "head") not in _NORM_SCOPES:
         raise _malformed(origin, f"qk_norm_scope must be one of {', '.join(_NORM_SCOPES)}")
     optional = {key: raw[key] for key in ("qk_norm_scope", "norm_offset", "embeddings", "final_norm", "lm_head",
                                           "fused_gate_up", "sliding_window_switch", "sliding_window_class")
-                if key in raw}  # fmt: skip
+                if key in raw}
     return FamilySpec(
         model_type=raw["model_type"],
         architectures=tuple(raw["architectures"]),
@@ -182,7 +182,7 @@ def support_matrix(markdown: bool = True) -> str:
     for name, spec in specs:
         lines.append(f"{name:<14}" + "".join(f"{spec.support(c).level:<26}" for c in CONVERTERS).rstrip())
         reasons += [textwrap.fill(f"{name} {CONVERTERS[c]}: {spec.support(c).why}", 96, subsequent_indent="    ")
-                    for c in CONVERTERS if spec.support(c).why]  # fmt: skip
+                    for c in CONVERTERS if spec.support(c).why]
     return "\n".join([*lines, "", *reasons])
 
 

@@ -28,7 +28,9 @@ class KvMerge:
     details: dict = field(default_factory=dict)
 
 
-def expand_to_source_heads(merged: torch.Tensor, groups: list[list[int]], head_dim: int, source_heads: int) -> torch.Tensor:
+def expand_to_source_heads(
+    merged: torch.Tensor, groups: list[list[int]], head_dim: int, source_heads: int
+) -> torch.Tensor:
     """Each source KV head's rows replaced by the rows of the merged head that now serves it."""
     expanded = torch.empty(source_heads * head_dim, *merged.shape[1:], dtype=merged.dtype)
     for new_head, members in enumerate(groups):

@@ -19,7 +19,7 @@ from kvshrink.convert.calibration import AttentionInputs
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.gqa.heads import (
     consecutive_groups, head_bias, head_chunks, head_rows, output_columns, per_head, permute_kv_heads,
-)  # fmt: skip
+)
 from kvshrink.convert.maths import augmented, input_moment, rows_pair_covariance
 
 # Partitions beyond this count are searched by pairwise swaps from the stock grouping instead of exhaustively.
@@ -62,7 +62,9 @@ def _merge_cost(attention: AttentionWeights, moment: torch.Tensor) -> Callable[[
     def cost(members: tuple[int, ...]) -> float:
         index = torch.tensor(members)
         keys_of_group = key_gram[:, index][:, :, index]
-        key_residual = torch.diagonal(keys_of_group, dim1=1, dim2=2).real.sum() - torch.linalg.eigvalsh(keys_of_group)[:, -1].sum()
+        key_residual = (
+            torch.diagonal(keys_of_group, dim1=1, dim2=2).real.sum() - torch.linalg.eigvalsh(keys_of_group)[:, -1].sum()
+        )
         values_of_group = value_gram[index][:, :, index].reshape(len(members) * d, len(members) * d)
         eigenvalues = torch.linalg.eigvalsh(values_of_group)
         value_residual = eigenvalues[:-d].clamp_min(0).sum()
@@ -124,7 +126,9 @@ def regroup_similar_heads(
     """(layer with each group's KV heads made consecutive, the groups of source heads, input moment): the first
     step of the calibrated methods. `method` names the caller in the error raised when `stats` is missing."""
     if stats is None:
-        raise KvshrinkError(f"{method} needs calibration statistics: pass the layer statistics of a calibration.Calibration")
+        raise KvshrinkError(
+            f"{method} needs calibration statistics: pass the layer statistics of a calibration.Calibration"
+        )
     moment = input_moment(stats.flat_inputs)
     head_groups = similar_groups(attention, groups, moment)
     return permute_kv_heads(attention, [h for members in head_groups for h in members]), head_groups, moment

@@ -58,7 +58,7 @@ def permute_kv_heads(attention: AttentionWeights, order: list[int]) -> Attention
         k=attention.k[kv_rows], k_bias=take(attention.k_bias, kv_rows),
         v=attention.v[kv_rows], v_bias=take(attention.v_bias, kv_rows),
         o=attention.o[:, q_rows],
-    )  # fmt: skip
+    )
 
 
 def consecutive_groups(num_kv_heads: int, groups: int) -> list[list[int]]:
@@ -82,7 +82,9 @@ def fold_key_gains(attention: AttentionWeights, gains: torch.Tensor) -> tuple[to
         for heads in head_chunks(attention.num_heads):  # in float64, a few heads at a time
             block = rows.reshape(attention.num_heads, d, -1)[heads].double()
             pair, partner = pair_halves(block, 1)
-            mixed = torch.cat([real[heads] * pair + imag[heads] * partner, real[heads] * partner - imag[heads] * pair], 1)
+            mixed = torch.cat(
+                [real[heads] * pair + imag[heads] * partner, real[heads] * partner - imag[heads] * pair], 1
+            )
             result.view(attention.num_heads, d, -1)[heads] = mixed.to(rows.dtype)
         return result
 

@@ -90,7 +90,7 @@ def value_error_terms(
         else:
             covariance = values @ query_moments[order[heads]] @ values.mT
         chunk_error, chunk_energy = output_error(output_columns(source.o, order[heads], d),
-                                                 output_columns(merged.o, heads, d), covariance)  # fmt: skip
+                                                 output_columns(merged.o, heads, d), covariance)
         error, energy = error + chunk_error, energy + chunk_energy
     return error, energy
 

@@ -67,7 +67,9 @@ def _group_moments(group: AttentionWeights, moment: torch.Tensor, stats: Attenti
     return _GroupMoments(values, attended_values, attended_keys)
 
 
-def _shared_keys(attention: AttentionWeights, moment: torch.Tensor, key_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _shared_keys(
+    attention: AttentionWeights, moment: torch.Tensor, key_moment: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One shared key pair row per rotary pair [J, c] and a gain per source head and pair [n, J] for one group.
 
     Queries are weighed by the input moment, keys by `key_moment` (the group's key rows' moment, [n·d, n·d])."""
@@ -139,7 +141,7 @@ def _attended_value_error(
         selection = torch.eye(rows, dtype=attended.dtype).reshape(-1, d, rows)[heads // group.queries_per_kv_head]
         both = torch.cat([selection, combination.expand(len(heads), -1, -1)], dim=1)  # [h, 2d, n·d]: V_h and A V
         chunk_error, chunk_source = output_error(output_columns(group.o, heads, d), output_columns(merged.o, heads, d),
-                                                 both @ attended[heads] @ both.mT)  # fmt: skip
+                                                 both @ attended[heads] @ both.mT)
         error, source = error + chunk_error, source + chunk_source
     return error, source
 
@@ -158,7 +160,7 @@ def _group(attention: AttentionWeights, group: int, size: int) -> AttentionWeigh
         q=attention.q[q], q_bias=take(attention.q_bias, q), k=attention.k[kv], k_bias=take(attention.k_bias, kv),
         v=attention.v[kv], v_bias=take(attention.v_bias, kv), o=attention.o[:, q], num_heads=size * ratio,
         num_kv_heads=size,
-    )  # fmt: skip
+    )
 
 
 def _merge_group(
@@ -179,7 +181,7 @@ def _merge_group(
     combination, o = _shared_values(group, moments)
     v, v_bias = split_augmented(combination @ augmented(group.v, group.v_bias), group.v_bias is not None)
     merged = group.with_kv(q=q, q_bias=q_bias, k=k, k_bias=k_bias, v=v, v_bias=v_bias, o=o.contiguous(),
-                           num_kv_heads=1)  # fmt: skip
+                           num_kv_heads=1)
     attended = None
     if moments.attended_values is not None:
         attended = _attended_value_error(group, merged, combination, moments.attended_values)
@@ -197,7 +199,7 @@ def _concatenated(parts: list[AttentionWeights], template: AttentionWeights) -> 
     return template.with_kv(
         q=joined("q"), q_bias=joined("q_bias"), k=joined("k"), k_bias=joined("k_bias"), v=joined("v"),
         v_bias=joined("v_bias"), o=torch.cat([part.o for part in parts], dim=1), num_kv_heads=len(parts),
-    )  # fmt: skip
+    )
 
 
 def merge(attention: AttentionWeights, groups: int, stats: AttentionInputs | None) -> KvMerge:

@@ -64,7 +64,7 @@ def restore_projection_norms(
             return float((approx - keys[:, order]).norm() / keys.norm().clamp_min(1e-30))
 
         details = {"k_norm": "refitted per dimension on calibration inputs",
-                   "normalized_key_rel_error": error(gain), "mean_weight_key_rel_error": error(mean_gain)}  # fmt: skip
+                   "normalized_key_rel_error": error(gain), "mean_weight_key_rel_error": error(mean_gain)}
     k_norm = (gain - source.norm_offset).reshape(-1).float()
     attention = merge.attention.with_kv(q_norm=q_norm, k_norm=k_norm, norm_offset=source.norm_offset)
     return KvMerge(attention, merge.groups, {**merge.details, **details})

@@ -25,7 +25,7 @@ _CARRIED = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id",
     "pad_token_id", "hidden_act", "initializer_range", "attention_dropout", "use_cache", "dtype",
-)  # fmt: skip
+)
 
 
 def refuse_uncopyable_rope(rope: SourceRope) -> None:
@@ -61,7 +61,7 @@ def longrope_parameters(theta: float, frequencies: torch.Tensor, max_positions: 
     return {
         "rope_type": "longrope", "rope_theta": theta, "short_factor": factors, "long_factor": factors,
         "factor": 1.0, "original_max_position_embeddings": max_positions,
-    }  # fmt: skip
+    }
 
 
 def geometric_theta(theta: float, step: int, rope_dim: int, head_dim: int) -> float:

@@ -22,7 +22,7 @@ import torch
 from kvshrink.convert.attention import AttentionWeights
 from kvshrink.convert.maths import (
     augmented, factored_energy, moment_factor, to_complex, to_interleaved, to_rotate_half,
-)  # fmt: skip
+)
 from kvshrink.convert.mla.biases import refit_layer
 from kvshrink.convert.mla.distance import rotation_gains
 from kvshrink.convert.mla.fold import fold_into_slots
@@ -90,7 +90,9 @@ def _output_metric(
     covariance = targets @ moment @ targets.transpose(1, 2)  # [G, rows, rows]
     if nope:
         key_weight = sum(float((blocks[g, :nope, :nope] * covariance[g, :nope, :nope]).sum()) for g in range(kv_heads))
-        value_weight = sum(float((blocks[g, nope:, nope:] * covariance[g, nope:, nope:]).sum()) for g in range(kv_heads))
+        value_weight = sum(
+            float((blocks[g, nope:, nope:] * covariance[g, nope:, nope:]).sum()) for g in range(kv_heads)
+        )
         blocks[:, :nope, :nope] /= max(key_weight, 1e-300)
         blocks[:, nope:, nope:] /= max(value_weight, 1e-300)
     return torch.block_diag(*blocks)
@@ -107,7 +109,7 @@ class _AttentionRows:
 
 
 def _attention_rows(attention: AttentionWeights, calibration: LayerCalibration, slots: RopeSlots, shape: MlaShape,
-                    output: OutputFormat, inv_freq: torch.Tensor) -> _AttentionRows:  # fmt: skip
+                    output: OutputFormat, inv_freq: torch.Tensor) -> _AttentionRows:
     """The rope split of the module docstring; its [G, P, n + 1] complex intermediates die with this call."""
     heads, kv_heads, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
     group = torch.arange(heads) // (heads // kv_heads)
@@ -125,7 +127,7 @@ def _attention_rows(attention: AttentionWeights, calibration: LayerCalibration, 
     if calibration.distances is not None:  # every slot turns at its source frequency inv_freq[frequency[s]]
         drift = rotation_gains(calibration.distances, inv_freq[:, None] - inv_freq[frequency][None, :])
         fold = fold_into_slots(rotated, mixing, queries, kept, (frequency, rank), calibration.moment,
-                               calibration.gains, drift)  # fmt: skip
+                               calibration.gains, drift)
         rotated, rope_query, folded = fold.residual, rope_query + fold.slot_queries, fold.count
     dropped = mixing.conj() * (~kept)[:, :, None].to(mixing.dtype)
     residual_key = torch.einsum("jcg,cjn->gjn", dropped, rotated)  # [G, P, n+1]
@@ -141,24 +143,28 @@ def _attention_rows(attention: AttentionWeights, calibration: LayerCalibration, 
     query = torch.cat(query_parts, dim=1).reshape(heads * (shape.nope_dim + shape.rope_dim), -1)
     query *= math.sqrt((shape.nope_dim + shape.rope_dim) / d)
     targets = torch.cat(latent_parts, dim=1)
-    return _AttentionRows(query, targets.reshape(-1, targets.shape[-1]), _rope_rows(rope_key, output.interleave), folded)
+    return _AttentionRows(
+        query, targets.reshape(-1, targets.shape[-1]), _rope_rows(rope_key, output.interleave), folded
+    )
 
 
 def _latent(attention: AttentionWeights, rows: _AttentionRows, calibration: LayerCalibration, factor: torch.Tensor,
-            shape: MlaShape, factorization: str) -> JointLatent:  # fmt: skip
+            shape: MlaShape, factorization: str) -> JointLatent:
     kv_heads = attention.num_kv_heads
     targets = rows.targets.reshape(kv_heads, -1, rows.targets.shape[-1])
     metric = None
     if factorization == "output":
         group = torch.arange(attention.num_heads) // attention.queries_per_kv_head
         nope_queries = rows.query.reshape(attention.num_heads, -1, rows.query.shape[-1])[:, : shape.nope_dim]
-        metric = _output_metric(nope_queries if shape.nope_dim else None, attention.o, targets, calibration.moment, group)
+        metric = _output_metric(
+            nope_queries if shape.nope_dim else None, attention.o, targets, calibration.moment, group
+        )
     key_rows = (torch.arange(targets.shape[1]) < shape.nope_dim).repeat(kv_heads)
     return joint_latent(rows.targets, shape.kv_rank, factorization, factor, metric, key_rows)
 
 
 def _tensors(attention: AttentionWeights, query: torch.Tensor, up: torch.Tensor, kv_a: torch.Tensor, alpha: float,
-             shape: MlaShape, output: OutputFormat, input_norm_bound: float) -> dict[str, torch.Tensor]:  # fmt: skip
+             shape: MlaShape, output: OutputFormat, input_norm_bound: float) -> dict[str, torch.Tensor]:
     """The layer's DeepseekV3 attention tensors (float64) named relative to `self_attn.`."""
     hidden = attention.q.shape[1]
     tensors = {
@@ -183,12 +189,13 @@ def _tensors(attention: AttentionWeights, query: torch.Tensor, up: torch.Tensor,
 
 
 def _errors(attention: AttentionWeights, targets: torch.Tensor, latent: JointLatent, factor: torch.Tensor,
-            nope_dim: int) -> dict[str, float]:  # fmt: skip
+            nope_dim: int) -> dict[str, float]:
     """K/V relative errors from residual rows through a factor of the moment: sums of squares, so a near-exact
     latent (rank close to full) reports a tiny error rather than a negative one from rounding. Residuals are
     taken a block of rows at a time: a 7B-width layer's [8192, 4097] residual would be 268 MB in float64."""
-    error = torch.cat([factored_energy(targets[i : i + _ERROR_ROWS] - latent.up[i : i + _ERROR_ROWS] @ latent.down, factor)
-                       for i in range(0, targets.shape[0], _ERROR_ROWS)])  # fmt: skip
+    error = torch.cat([factored_energy(targets[i : i + _ERROR_ROWS] - latent.up[i : i + _ERROR_ROWS] @ latent.down,
+                                       factor)
+                       for i in range(0, targets.shape[0], _ERROR_ROWS)])
     error = error.reshape(attention.num_kv_heads, -1).sum(0)
     key_energy = float(factored_energy(augmented(attention.k, attention.k_bias), factor).sum())
     value_energy = float(factored_energy(augmented(attention.v, attention.v_bias), factor).sum())
@@ -221,13 +228,19 @@ def convert_attention(
         query, down, rope_key, bias_errors = refit_layer(query, down, rope_key, calibration.moment, factor)
     alpha = latent_scale(down, output.latent_eps, input_norm_bound)
     up = latent.up.reshape(attention.num_kv_heads, -1, shape.kv_rank)[group].reshape(-1, shape.kv_rank)
-    tensors = _tensors(attention, query, up, torch.cat([down * alpha, rope_key]), alpha, shape, output, input_norm_bound)
+    tensors = _tensors(
+        attention, query, up, torch.cat([down * alpha, rope_key]), alpha, shape, output, input_norm_bound
+    )
     basis = calibration.basis
     report = {
         **_errors(attention, rows.targets, latent, factor, shape.nope_dim),
-        "rope_energy_kept": float(basis.key_energy[list(slots.frequency), list(slots.rank)].sum() / basis.key_energy.sum()),
+        "rope_energy_kept": float(
+            basis.key_energy[list(slots.frequency), list(slots.rank)].sum() / basis.key_energy.sum()
+        ),
         "folded_components": rows.folded,
-        "latent_norm_error": linearization_error(calibration.sample[:, : down.shape[1]] @ (down * alpha).T, output.latent_eps),
+        "latent_norm_error": linearization_error(
+            calibration.sample[:, : down.shape[1]] @ (down * alpha).T, output.latent_eps
+        ),
     }
     if bias_errors is not None:
         report["bias_refit_error"] = bias_errors

@@ -30,13 +30,16 @@ class MlaShape:
 
 def _given_once(request: MlaOptions) -> None:
     given = [name for name, value in (("--kv-rank", request.kv_rank), ("--kv-budget", request.kv_budget),
-                                      ("--mla-shape", request.mla_shape)) if value is not None]  # fmt: skip
+                                      ("--mla-shape", request.mla_shape)) if value is not None]
     if len(given) != 1:
         raise KvshrinkError(
-            "pass exactly one of --kv-rank, --kv-budget or --mla-shape" + (f" (got {' and '.join(given)})" if given else "")
+            "pass exactly one of --kv-rank, --kv-budget or --mla-shape"
+            + (f" (got {' and '.join(given)})" if given else "")
         )
     if request.kv_budget is not None and not 0 < float(request.kv_budget) < 1:
-        raise KvshrinkError(f"--kv-budget {request.kv_budget} must be a fraction of the source KV cache in (0, 1), e.g. 0.25")
+        raise KvshrinkError(
+            f"--kv-budget {request.kv_budget} must be a fraction of the source KV cache in (0, 1), e.g. 0.25"
+        )
 
 
 def _parse_mla_shape(request: MlaOptions) -> tuple[int | str | None, int | str | None]:
@@ -94,9 +97,10 @@ def free_shape(counts: HeadCounts, request: MlaOptions, latent_inputs: int, one_
         raise KvshrinkError(f"--rope-dim {rope_dim} must be an even number >= 2 (rotary dims come in pairs)")
     if rope_dim > max_rope:
         where = ("serving engines take one component per frequency" if one_per_frequency
-                 else f"the source has {kv_heads} KV heads x {d}")  # fmt: skip
+                 else f"the source has {kv_heads} KV heads x {d}")
         raise KvshrinkError(
-            f"--rope-dim {rope_dim} is more than the {max_rope} rotary dims available ({where}): pass at most {max_rope}"
+            f"--rope-dim {rope_dim} is more than the {max_rope} rotary dims available ({where}): pass at most "
+            f"{max_rope}"
             + (", or --target transformers" if one_per_frequency and kv_heads > 1 else "")
         )
     nope_dim, full_rank = _full_rank(counts, rope_dim, latent_inputs)
@@ -133,13 +137,13 @@ def _no_shape_reason(counts: HeadCounts, rules: EngineRules, latent_inputs: int)
     d, values = counts.head_dim, 2 * counts.num_kv_heads * counts.head_dim
     if d < ENGINE_ROPE_DIM:
         return (f"head_dim {d} has {d // 2} rotary frequencies, fewer than the {ENGINE_ROPE_DIM // 2} a "
-                f"{ENGINE_ROPE_DIM}-dim rope key needs")  # fmt: skip
+                f"{ENGINE_ROPE_DIM}-dim rope key needs")
     if d + ENGINE_ROPE_DIM > rules.max_qk_head_dim:
         return f"head_dim {d} + rope {ENGINE_ROPE_DIM} exceeds the {rules.max_qk_head_dim} QK head dim its prefill runs"
     _, full_rank = _full_rank(counts, ENGINE_ROPE_DIM, latent_inputs)
     why = [f"{rank}+{rope} is {rank + rope} values, not fewer than the source's {values}" if rank + rope >= values
            else f"{rank}+{rope} needs a latent of rank {rank}, more than this source's {full_rank}"
-           for rank, rope in rules.shapes or ()]  # fmt: skip
+           for rank, rope in rules.shapes or ()]
     return "; ".join(why)
 
 

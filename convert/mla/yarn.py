@@ -47,7 +47,7 @@ def fit_yarn(wanted: torch.Tensor, theta: float, dim: int, factor: float, origin
     wanted = wanted.double()
     candidates = [(low, high) for low in range(dim // 2) for high in range(low + 1, dim)]
     low, high = min(candidates, key=lambda bounds: float(
-        (yarn_table(theta, dim, factor, *bounds).log() - wanted.log()).pow(2).sum()))  # fmt: skip
+        (yarn_table(theta, dim, factor, *bounds).log() - wanted.log()).pow(2).sum()))
     table = yarn_table(theta, dim, factor, low, high)
     parameters = {
         "rope_type": "yarn", "rope_theta": theta, "factor": float(factor),
@@ -55,5 +55,5 @@ def fit_yarn(wanted: torch.Tensor, theta: float, dim: int, factor: float, origin
         "beta_fast": _beta(low + 0.5, theta, dim, original_max_positions),
         "beta_slow": _beta(high - 0.5, theta, dim, original_max_positions),
         "mscale": 0.0, "mscale_all_dim": 0.0, "attention_factor": 1.0,
-    }  # fmt: skip
+    }
     return YarnFit(parameters=parameters, frequencies=table, relative_error=(table - wanted).abs() / wanted)

@@ -52,11 +52,15 @@ def test_unsupported_model_type(source, tmp_path):
     assert_refused(run_convert("mha-to-mqa", source, out, "--no-check"), "'gpt2' is not supported", "llama", out=out)
 
 
-@pytest.mark.parametrize("command", [["mha-to-mqa"], ["mha-to-mla", "--kv-budget", "0.5"], ["add-sliding-window", "-w", "16"]])
+@pytest.mark.parametrize(
+    "command", [["mha-to-mqa"], ["mha-to-mla", "--kv-budget", "0.5"], ["add-sliding-window", "-w", "16"]]
+)
 def test_an_mla_source_is_refused_by_every_converter(tiny_checkpoint, tmp_path, command):
     """What mha-to-mla writes has no KV heads to merge and no windowed stock class: one rule in the driver's frame."""
     source, out = tiny_checkpoint("deepseek_v3", 4, 4, tokenizer=True), tmp_path / "out"
-    assert_refused(run_convert(*command, source, out), "is an MLA checkpoint (DeepseekV3ForCausalLM)", "source model", out=out)
+    assert_refused(
+        run_convert(*command, source, out), "is an MLA checkpoint (DeepseekV3ForCausalLM)", "source model", out=out
+    )
 
 
 def test_tensors_that_do_not_match_the_config(tiny_checkpoint, tmp_path):
@@ -75,7 +79,7 @@ def test_tensors_that_do_not_match_the_config(tiny_checkpoint, tmp_path):
     ("groups", "fragment"),
     [("3", "does not divide the source's 4 KV heads: choose one of 1, 2, 4"), ("0", "positive"),
      ("-2", "positive"), ("8", "more than the source's 4 KV heads")],
-)  # fmt: skip
+)
 def test_bad_group_counts(source, tmp_path, groups, fragment):
     out = tmp_path / "out"
     assert_refused(run_convert("mha-to-gqa", "--groups", groups, source, out, "--no-check"), fragment, out=out)
@@ -125,7 +129,7 @@ def test_index_naming_a_missing_tensor(tiny_checkpoint, tmp_path):
     assert_refused(
         run_convert("mha-to-mqa", source, out, "--no-check"), "model.layers.0.self_attn.k_proj.weight", "lacks it",
         out=out,
-    )  # fmt: skip
+    )
 
 
 def test_checkpoint_missing_an_attention_tensor(tiny_checkpoint, tmp_path):
@@ -162,7 +166,7 @@ def test_uncached_hub_id_offline(tmp_path, monkeypatch):
     assert_refused(
         run_convert("mha-to-mqa", "kvshrink-test/not-cached-model", out, "--no-check"),
         "not in the local Hugging Face cache", out=out,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("content", [b"not a gguf model at all", b""])
@@ -184,7 +188,9 @@ def test_check_without_tokenizer_says_to_skip_it(source, tmp_path):
 
 
 def test_umbrella_command_reaches_the_same_converter(source, tmp_path):
-    result = CliRunner().invoke(kvshrink_cli, ["convert", "mha-to-mqa", str(source), str(tmp_path / "o"), "--no-check", "--method", "mean"])
+    result = CliRunner().invoke(
+        kvshrink_cli, ["convert", "mha-to-mqa", str(source), str(tmp_path / "o"), "--no-check", "--method", "mean"]
+    )
     assert result.exit_code == 0, result.output
     assert "KV heads 4 -> 1" in result.output
 
@@ -225,10 +231,15 @@ def test_mla_refuses_a_disk_too_small_before_calibrating(tiny_checkpoint, tmp_pa
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     monkeypatch.setattr(driver, "calibration_windows", calibration_started)
     source, out = tiny_checkpoint("llama", tokenizer=True), tmp_path / "out"
-    assert_refused(run_convert("mha-to-mla", "--kv-budget", "0.5", "--target", "sglang", source, out), "GB free", "needs about", out=out)
+    assert_refused(
+        run_convert("mha-to-mla", "--kv-budget", "0.5", "--target", "sglang", source, out), "GB free", "needs about",
+        out=out
+    )
 
 
-@pytest.mark.parametrize("command", [["mha-to-mqa"], ["mha-to-mla", "--kv-rank", "32", "--rope-dim", "8", "--target", "transformers"]])
+@pytest.mark.parametrize(
+    "command", [["mha-to-mqa"], ["mha-to-mla", "--kv-rank", "32", "--rope-dim", "8", "--target", "transformers"]]
+)
 def test_a_disk_with_room_for_a_bfloat16_output_is_not_refused(tiny_checkpoint, tmp_path, monkeypatch, command):
     """The space needed is counted in the dtype written (the source's bfloat16), not the float32 layers compute in:
     a disk with room for 1.2 times the source's size per output (plus the fixed margin) is enough."""

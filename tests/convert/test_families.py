@@ -25,7 +25,8 @@ FEATURES = {
     "olmo2": {},
     "gemma2": dict(sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, query_pre_attn_scalar=9),
     "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=9),
-    "ministral": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),  # add-sliding-window's output
+    # add-sliding-window's output
+    "ministral": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
 }
 GQA_FAMILIES = list(FEATURES)
 LOUD = dict(initializer_range=0.15)
@@ -79,8 +80,11 @@ def test_identity_groups_copy_every_tensor_bit_for_bit(tiny_checkpoint, tmp_path
 @pytest.mark.parametrize(("method", "groups"), [("mean", 2), ("mean", 1), ("grouped", 1)])
 def test_equal_heads_merge_losslessly_in_the_stock_class(tiny_checkpoint, tmp_path, model_type, method, groups):
     source = tiny_checkpoint(model_type, 4, 4, edit=_equal_heads_within(groups), tokenizer=True,
-                             **LOUD, **FEATURES[model_type])  # fmt: skip
-    report = mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=groups, method=method, check=False, progress=False, calibration_tokens=512, fit="none"))  # fmt: skip
+                             **LOUD, **FEATURES[model_type])
+    report = mha_to_gqa(
+        source, tmp_path / "out",
+        GqaOptions(groups=groups, method=method, check=False, progress=False, calibration_tokens=512, fit="none")
+    )
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert type(model).__name__ == json.loads((source / "config.json").read_text())["architectures"][0]
     expected = _logits(source)
@@ -106,7 +110,13 @@ def test_gemma_features_are_carried_unchanged(tiny_checkpoint, tmp_path, model_t
 
 def test_olmo2_key_norm_is_refitted_and_its_error_reported(tiny_checkpoint, tmp_path):
     source = tiny_checkpoint("olmo2", 4, 4, edit=_random_norms, tokenizer=True, **LOUD)
-    report = mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=2, method="grouped", check=True, check_tokens=256, calibration_tokens=1024, progress=False, fit="none"))  # fmt: skip
+    report = mha_to_gqa(
+        source, tmp_path / "out",
+        GqaOptions(
+            groups=2, method="grouped", check=True, check_tokens=256, calibration_tokens=1024, progress=False,
+            fit="none"
+        )
+    )
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.model.layers[0].self_attn.k_norm.weight.shape == (2 * 16,)
     assert report["family_support"]["level"] == "approximate"
@@ -139,7 +149,7 @@ def test_olmo_clip_qkv_refuses_methods_that_fold_gains_into_queries(tiny_checkpo
     ],
 )
 def test_families_the_target_cannot_hold_are_refused_with_the_reason(tiny_checkpoint, tmp_path, model_type,
-                                                                     convert, fragment):  # fmt: skip
+                                                                     convert, fragment):
     source = tiny_checkpoint(model_type, 4, 4, tokenizer=True)
     out = tmp_path / "out"
     with pytest.raises(KvshrinkError, match=f"cannot convert {model_type}: .*{fragment}") as refusal:
@@ -170,7 +180,7 @@ def test_phi3_to_mla_splits_gate_up_exactly_and_reproduces_the_source(tiny_check
     ("overrides", "fragment"),
     [(dict(partial_rotary_factor=0.75), r"partial_rotary_factor < 1\): its no-RoPE dims would belong in the latent"),
      (dict(sliding_window=16), "sliding window of 16 tokens")],
-)  # fmt: skip
+)
 def test_phi3_features_mla_cannot_hold_are_refused(tiny_checkpoint, tmp_path, overrides, fragment):
     source = tiny_checkpoint("phi3", 4, 2, tokenizer=True, **overrides)
     with pytest.raises(KvshrinkError, match=fragment):
@@ -224,9 +234,15 @@ def qwen3_to_mla(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen3-mla")
     source = save_tiny_checkpoint(folder / "source", "qwen3", 4, 2, edit=_random_norms, tokenizer=True, **LOUD)
     reports = {
-        fit: mha_to_mla(source, folder / fit, MlaOptions(rope_dim="all", kv_rank="full", target="transformers", head_norm_fit=fit, calibration="pydoc", calibration_tokens=2048, check=True, check_tokens=512, progress=False, fit="none"))
+        fit: mha_to_mla(
+            source, folder / fit,
+            MlaOptions(
+                rope_dim="all", kv_rank="full", target="transformers", head_norm_fit=fit, calibration="pydoc",
+                calibration_tokens=2048, check=True, check_tokens=512, progress=False, fit="none"
+            )
+        )
         for fit in ("least-squares", "head-matrix", "mean-gain")
-    }  # fmt: skip
+    }
     return source, folder, reports
 
 
@@ -253,7 +269,10 @@ def test_qwen3_to_mla_linearizes_the_head_norms_and_beats_transmla_gain(qwen3_to
     # perplexity is no quality, its distance from the source's is the conversion's error
     gain = reports["mean-gain"]["check"]
     assert check["text"] == "held-out split of pydoc"
-    assert abs(check["converted_perplexity"] - check["source_perplexity"]) < abs(gain["converted_perplexity"] - gain["source_perplexity"])
+    assert (
+        abs(check["converted_perplexity"] - check["source_perplexity"])
+        < abs(gain["converted_perplexity"] - gain["source_perplexity"])
+    )
 
 
 def test_qwen3_to_mla_exact_only_refuses(tiny_checkpoint, tmp_path):
@@ -273,9 +292,9 @@ def test_attended_moments_follow_gemma_attention(model_type):
     from kvshrink.convert.gqa.attended import RotaryAttentionInputs, attended_moments
 
     features = dict(query_pre_attn_scalar=9, sliding_window=128, layer_types=["full_attention"] * 2,
-                    attn_logit_softcapping=2.0 if model_type == "gemma2" else None)  # fmt: skip
+                    attn_logit_softcapping=2.0 if model_type == "gemma2" else None)
     model = build_tiny_model(model_type, 8, 4, head_dim=16, attn_implementation="eager", initializer_range=0.3,
-                             **features)  # fmt: skip
+                             **features)
     with torch.no_grad():
         _random_norms(model)
     captured = []
@@ -288,12 +307,16 @@ def test_attended_moments_follow_gemma_attention(model_type):
     rope = model.config.rope_parameters
     theta = (rope.get("full_attention") or rope)["rope_theta"]
     inv_freq = theta ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
-    stats = RotaryAttentionInputs(captured[0], inv_freq, logit_scale=9**-0.5, logit_softcap=features["attn_logit_softcapping"])
-    norm = {part: getattr(module, part).weight.detach().clone() for part in ("q_norm", "k_norm") if hasattr(module, part)}
+    stats = RotaryAttentionInputs(
+        captured[0], inv_freq, logit_scale=9**-0.5, logit_softcap=features["attn_logit_softcapping"]
+    )
+    norm = {
+        part: getattr(module, part).weight.detach().clone() for part in ("q_norm", "k_norm") if hasattr(module, part)
+    }
     attention = AttentionWeights(
         q=module.q_proj.weight.detach(), k=module.k_proj.weight.detach(), v=module.v_proj.weight.detach(),
         o=module.o_proj.weight.detach(), num_heads=8, num_kv_heads=4, head_dim=16, norm_offset=1.0, **norm,
-    )  # fmt: skip
+    )
     x = torch.cat([captured[0], torch.ones(*captured[0].shape[:2], 1)], dim=-1)
     expected_keys = torch.einsum("whmn,wnc,wne->hce", probabilities, x, x) / (4 * 64)
     identity = torch.eye(x.shape[-1], dtype=torch.float64)
@@ -318,8 +341,11 @@ def _interleaved_equal_heads(model):
 @pytest.mark.parametrize("model_type", GQA_FAMILIES)
 def test_regrouped_equal_heads_merge_losslessly(tiny_checkpoint, tmp_path, model_type):
     source = tiny_checkpoint(model_type, 8, 4, edit=_interleaved_equal_heads, tokenizer=True, head_dim=16,
-                             **LOUD, **FEATURES[model_type])  # fmt: skip
-    report = mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=2, method="grouped", check=False, progress=False, calibration_tokens=512, fit="none"))  # fmt: skip
+                             **LOUD, **FEATURES[model_type])
+    report = mha_to_gqa(
+        source, tmp_path / "out",
+        GqaOptions(groups=2, method="grouped", check=False, progress=False, calibration_tokens=512, fit="none")
+    )
     assert report["layers"][0]["groups"] == [[0, 2], [1, 3]]
     torch.testing.assert_close(_logits(tmp_path / "out"), _logits(source), rtol=0, atol=1e-4)
 
@@ -332,7 +358,7 @@ def test_exact_only_refuses_qwen3_on_the_command_line_in_one_line(tiny_checkpoin
     source = tiny_checkpoint("qwen3", 4, 2, tokenizer=True)
     out = tmp_path / "out"
     result = CliRunner().invoke(convert_cli, ["mha-to-mla", str(source), str(out), "--kv-budget", "0.5",
-                                              "--exact-only", "--no-check"])  # fmt: skip
+                                              "--exact-only", "--no-check"])
     assert result.exit_code == 1 and not out.exists()
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: mha-to-mla can only approximate qwen3"), result.output
@@ -364,6 +390,6 @@ def test_the_printed_summary_says_when_a_family_is_approximated(tiny_checkpoint,
 
     source = tiny_checkpoint("olmo2", 4, 4)
     result = CliRunner().invoke(convert_cli, ["mha-to-gqa", str(source), str(tmp_path / "out"), "--groups", "2",
-                                              "--method", "mean", "--no-check"])  # fmt: skip
+                                              "--method", "mean", "--no-check"])
     assert result.exit_code == 0, result.output
     assert "approximate for olmo2: q_norm/k_norm span the whole projection" in result.output

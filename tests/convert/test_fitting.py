@@ -24,14 +24,16 @@ QUICK = dict(check=False, progress=False, calibration_tokens=2048, fit_steps=24)
 # 4 KV heads merged into 1, weights large enough for sharp attention: the closed form leaves something to fit
 LOSSY = dict(num_heads=4, num_kv_heads=4, tokenizer=True, initializer_range=0.15, max_position_embeddings=512)
 # held-out text neither calibration nor the fit sees, as the tiny models' byte tokens
-HELD_OUT = torch.tensor(byte_level_tokenizer()(corpus_text("pydoc", "heldout")[:2048])["input_ids"][:1024]).reshape(4, 256)
+HELD_OUT = torch.tensor(
+    byte_level_tokenizer()(corpus_text("pydoc", "heldout")[:2048])["input_ids"][:1024]
+).reshape(4, 256)
 
 
 def _logit_error(folder, source) -> float:
     """Relative error of the model's logits against the source's on held-out text."""
     with torch.no_grad():
         logits = [AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32)(input_ids=HELD_OUT).logits
-                  for f in (folder, source)]  # fmt: skip
+                  for f in (folder, source)]
     return float((logits[0] - logits[1]).norm() / logits[1].norm())
 
 
@@ -66,7 +68,9 @@ def test_the_fit_trains_only_what_the_conversion_changed_unless_widened(tiny_che
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"):
         assert name not in trained and torch.equal(written[name], source_weights[name])
     wide = mha_to_gqa(source, tmp_path / "wide", GqaOptions(groups=1, method="grouped", fit_scope="attention", **QUICK))
-    assert {n.rsplit(".", 2)[-2] for n in wide["layers"][0]["fit"]["trained"]} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert (
+        {n.rsplit(".", 2)[-2] for n in wide["layers"][0]["fit"]["trained"]} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    )
 
 
 def test_a_diverging_fit_keeps_the_closed_form_and_says_so(tiny_checkpoint, tmp_path):
@@ -82,11 +86,15 @@ def test_a_diverging_fit_keeps_the_closed_form_and_says_so(tiny_checkpoint, tmp_
 def test_mla_fit_lowers_held_out_error_and_an_exact_latent_is_left_alone(tiny_checkpoint, tmp_path):
     source = tiny_checkpoint("llama", **LOSSY)
     report = mha_to_mla(source, tmp_path / "mla", MlaOptions(kv_budget=0.5, target="sglang", **QUICK))
-    closed = mha_to_mla(source, tmp_path / "closed", MlaOptions(kv_budget=0.5, target="sglang", **{**QUICK, "fit": "none"}))
+    closed = mha_to_mla(
+        source, tmp_path / "closed", MlaOptions(kv_budget=0.5, target="sglang", **{**QUICK, "fit": "none"})
+    )
     assert report["fit"]["heldout_relative_end_mean"] < report["fit"]["heldout_relative_start_mean"]
     assert closed["fit"] is None and "not fitted" in (tmp_path / "closed" / "README.md").read_text()
     assert _logit_error(tmp_path / "mla", source) < _logit_error(tmp_path / "closed", source)
-    exact = mha_to_mla(source, tmp_path / "exact", MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **QUICK))
+    exact = mha_to_mla(
+        source, tmp_path / "exact", MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **QUICK)
+    )
     assert exact["fit"]["layers_fitted"] == 0
     assert set(exact["fit"]["kept_closed_form"].values()) == {"already exact"}
     assert _logit_error(tmp_path / "exact", source) < 1e-5
@@ -106,8 +114,8 @@ def test_fit_attention_stops_early_and_ends_at_the_best_point(tiny_checkpoint):
     before = {name: p.detach().clone() for name, p in attention.named_parameters()}
     heldout = HeldOut.measured(attention, runner, WindowPairs(inputs, [-t for t in targets]))
     result = fit_attention(attention, dict(attention.named_parameters()), runner, WindowPairs(inputs, targets),
-                           FitSettings(steps=40, lr=1e-2, micro_batch_size=2, checks=8), torch.Generator().manual_seed(0),
-                           0.1, heldout=heldout)  # fmt: skip
+                           FitSettings(steps=40, lr=1e-2, micro_batch_size=2, checks=8),
+                           torch.Generator().manual_seed(0), 0.1, heldout=heldout)
     assert result["stopped"] == "early" and result["steps"] < 40
     assert result["heldout_relative_end"] == result["heldout_relative_start"]
     assert all(torch.equal(p, before[name]) for name, p in attention.named_parameters())
@@ -121,7 +129,7 @@ def test_held_out_windows_are_spread_over_the_text():
     (["--calibration-tokens", "512"], "leaving none to fit: pass more --calibration-tokens"),
     (["--fit-steps", "0"], "--fit-steps"),
     (["--fit", "sgd"], "'sgd' is not one of 'attention', 'none'"),
-])  # fmt: skip
+])
 def test_bad_fit_options_get_one_line_and_write_nothing(tiny_checkpoint, tmp_path, flags, message):
     source = tiny_checkpoint("llama", 4, 2, tokenizer=True)
     result = CliRunner().invoke(convert_cli, ["mha-to-mqa", str(source), str(tmp_path / "out"), "--no-check", *flags])

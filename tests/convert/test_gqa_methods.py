@@ -37,7 +37,7 @@ def layer_attention(model, layer: int) -> AttentionWeights:
         q_bias=tensor(attention.q_proj, "bias"), k_bias=tensor(attention.k_proj, "bias"),
         v_bias=tensor(attention.v_proj, "bias"), o_bias=tensor(attention.o_proj, "bias"),
         q_norm=tensor(getattr(attention, "q_norm", None)), k_norm=tensor(getattr(attention, "k_norm", None)),
-    )  # fmt: skip
+    )
 
 
 def with_attention(model, attentions: list[AttentionWeights]):
@@ -101,7 +101,10 @@ def tie_heads(model, groups: list[list[int]], noise: float = 0.0, twist: bool = 
                         rows = first.clone()
                         if twist and projection is attention.k_proj:
                             angles = torch.rand(d // 2, generator=generator) * 6.283
-                            pairs = torch.complex(rows[: d // 2], rows[d // 2 :]) * torch.polar(torch.ones(d // 2), angles)[:, None]
+                            pairs = (
+                                torch.complex(rows[: d // 2], rows[d // 2 :])
+                                * torch.polar(torch.ones(d // 2), angles)[:, None]
+                            )
                             rows = torch.cat([pairs.real, pairs.imag])
                         elif twist:
                             rows = torch.linalg.qr(torch.randn(d, d, generator=generator))[0] @ rows
@@ -109,7 +112,9 @@ def tie_heads(model, groups: list[list[int]], noise: float = 0.0, twist: bool = 
                         projection.weight[head * d : (head + 1) * d] = noisy
                     if projection.bias is not None:
                         for head in members[1:]:
-                            projection.bias[head * d : (head + 1) * d] = projection.bias[members[0] * d : (members[0] + 1) * d]
+                            projection.bias[head * d : (head + 1) * d] = projection.bias[
+                                members[0] * d : (members[0] + 1) * d
+                            ]
 
 
 # ---------------------------------------------------------------- exact transformations
@@ -139,7 +144,9 @@ def test_complex_key_gains_and_value_rotations_keep_every_logit(model_type):
 
 def test_value_rotations_keep_every_logit_with_per_head_norms():
     model = tiny("qwen3")
-    rotations = torch.linalg.qr(torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64))[0]
+    rotations = torch.linalg.qr(
+        torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    )[0]
     rotated = [rotate_values(layer_attention(model, i), rotations) for i in range(2)]
     torch.testing.assert_close(logits(with_attention(model, rotated)), logits(model), atol=2e-5, rtol=1e-5)
 
@@ -154,7 +161,9 @@ def test_identical_heads_merge_losslessly(method, model_type, groups):
     stats = calibration_stats(model)
     merged = [get_method(method)(layer_attention(model, i), groups, stats[i]) for i in range(2)]
     assert merged[0].attention.num_kv_heads == groups
-    torch.testing.assert_close(logits(with_attention(model, [m.attention for m in merged])), logits(model), atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        logits(with_attention(model, [m.attention for m in merged])), logits(model), atol=5e-5, rtol=1e-4
+    )
 
 
 # ---------------------------------------------------------------- objectives
@@ -206,7 +215,9 @@ def rotated_copies():
 
 def errors_of_every_method(attention, stats, groups):
     moment = input_moment(stats.flat_inputs)
-    return {name: merge_errors(attention, get_method(name)(attention, groups, stats), moment) for name in method_names()}
+    return {
+        name: merge_errors(attention, get_method(name)(attention, groups, stats), moment) for name in method_names()
+    }
 
 
 def assert_output_aware_is_best(errors):
@@ -288,7 +299,7 @@ def test_rotary_pair_covariance_equals_its_complex_definition():
     pairs = torch.complex(*rows.reshape(heads, 2, head_dim // 2, width).unbind(1))  # [heads, J, width]
     definition = torch.einsum("ajc,cd,bjd->jab", pairs, moment.to(torch.complex128), pairs.conj())
     for covariance in (rows_pair_covariance(rows, moment, heads, head_dim),
-                       pair_covariance(rows @ moment @ rows.T, heads, head_dim)):  # fmt: skip
+                       pair_covariance(rows @ moment @ rows.T, heads, head_dim)):
         assert covariance.shape == (head_dim // 2, heads, heads)
         assert torch.allclose(covariance, definition, rtol=1e-12, atol=1e-12)
 
@@ -304,7 +315,9 @@ def test_output_aware_does_not_depend_on_how_many_heads_are_taken_at_once(monkey
     monkeypatch.setattr(heads, "HEAD_CHUNK", 3)
     chunked = get_method("output-aware")(attention, 2, stats)
     for name in ("q", "k", "v", "o"):
-        torch.testing.assert_close(getattr(chunked.attention, name), getattr(whole.attention, name), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            getattr(chunked.attention, name), getattr(whole.attention, name), rtol=1e-6, atol=1e-7
+        )
     for key in ("logit_rel_error", "value_rel_error", "attended_value_rel_error"):
         assert chunked.details[key] == pytest.approx(whole.details[key], rel=1e-9)
 
@@ -356,10 +369,12 @@ def test_help_lists_every_method_and_the_default():
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [(["--method", "median"], "Invalid value for '--method'"),
-     (["--calibration-tokens", "1"], "--calibration-tokens must be at least 2")],  # fmt: skip
+     (["--calibration-tokens", "1"], "--calibration-tokens must be at least 2")],
 )
 def test_cli_rejects_bad_method_options(tiny_checkpoint, tmp_path, arguments, message):
-    result = CliRunner().invoke(convert_cli, ["mha-to-gqa", str(tiny_checkpoint()), str(tmp_path / "out"), "-g", "2", *arguments])
+    result = CliRunner().invoke(
+        convert_cli, ["mha-to-gqa", str(tiny_checkpoint()), str(tmp_path / "out"), "-g", "2", *arguments]
+    )
     assert result.exit_code != 0
     assert message in result.output
     assert not (tmp_path / "out").exists()
@@ -381,7 +396,10 @@ def test_default_method_converts_and_reports_its_errors(tiny_checkpoint, tmp_pat
     source = tiny_checkpoint("qwen2", tokenizer=True, edit=lambda m: tie_heads(m, [[0, 2], [1, 3]]))
     out = tmp_path / "gqa"
     result = CliRunner().invoke(
-        convert_cli, ["mha-to-gqa", str(source), str(out), "-g", "2", "--calibration-tokens", "256", "--check-tokens", "64", "--fit", "none"]
+        convert_cli, [
+            "mha-to-gqa", str(source), str(out), "-g", "2", "--calibration-tokens", "256", "--check-tokens", "64",
+            "--fit", "none"
+        ]
     )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "kvshrink_report.json").read_text())
@@ -394,7 +412,9 @@ def test_default_method_converts_and_reports_its_errors(tiny_checkpoint, tmp_pat
     assert check["converted_perplexity"] == pytest.approx(check["source_perplexity"], rel=1e-4)
     converted = AutoModelForCausalLM.from_pretrained(out)
     assert converted.config.num_key_value_heads == 2
-    torch.testing.assert_close(logits(converted), logits(AutoModelForCausalLM.from_pretrained(source)), atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        logits(converted), logits(AutoModelForCausalLM.from_pretrained(source)), atol=5e-5, rtol=1e-4
+    )
 
 
 @pytest.mark.slow

@@ -53,7 +53,9 @@ def test_a_tensor_holding_nan_is_refused_by_name(tiny_checkpoint):
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
 
     folder = tiny_checkpoint("llama", 4, 2, edit=corrupt)
-    with open_source(folder) as checkpoint, pytest.raises(KvshrinkError, match=r"model\.layers\.1\.mlp\.up_proj\.weight .*NaN or inf"):
+    with open_source(folder) as checkpoint, pytest.raises(
+        KvshrinkError, match=r"model\.layers\.1\.mlp\.up_proj\.weight .*NaN or inf"
+    ):
         stream_perplexity(StockModel.of_checkpoint(checkpoint, torch.device("cpu")), _windows())
 
 
@@ -108,9 +110,17 @@ def test_one_layer_is_alive_at_a_time_whatever_the_depth(tiny_checkpoint, tmp_pa
         source = tiny_checkpoint("llama", 4, 2, tokenizer=True, num_hidden_layers=depth)
         seen.clear()
         if converter == "gqa":
-            mha_to_gqa(source, tmp_path / f"out{depth}", GqaOptions(groups=1, calibration_tokens=1024, check=False, progress=False, fit="none"))
+            mha_to_gqa(
+                source, tmp_path / f"out{depth}",
+                GqaOptions(groups=1, calibration_tokens=1024, check=False, progress=False, fit="none")
+            )
         else:
-            mha_to_mla(source, tmp_path / f"out{depth}", MlaOptions(kv_budget=0.5, target="sglang", calibration_tokens=1024, check=False, progress=False, fit="none"))
+            mha_to_mla(
+                source, tmp_path / f"out{depth}",
+                MlaOptions(
+                    kv_budget=0.5, target="sglang", calibration_tokens=1024, check=False, progress=False, fit="none"
+                )
+            )
         assert max(alive for alive, _ in seen) <= 1
         peaks[depth] = max(size for _, size in seen)
     layer_bytes = 4 * (4 * 64 * 64 + 3 * 64 * 96)
@@ -126,5 +136,7 @@ GEMMA_AND_OLMO = [
 
 
 @pytest.mark.parametrize("model_type,heads,kv_heads,overrides", GEMMA_AND_OLMO)
-def test_streamed_perplexity_equals_the_whole_model_for_the_newer_families(tiny_checkpoint, model_type, heads, kv_heads, overrides):
+def test_streamed_perplexity_equals_the_whole_model_for_the_newer_families(
+    tiny_checkpoint, model_type, heads, kv_heads, overrides
+):
     test_streamed_perplexity_equals_the_whole_model(tiny_checkpoint, model_type, heads, kv_heads, overrides)

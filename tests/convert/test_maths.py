@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 from kvshrink.convert.maths import (
     PER_LAYER_TYPE, augmented, augmented_inputs, augmented_moment, complex_pairs, from_complex, input_moment,
     read_source_rope, rms_norm, rotate_half_rope, split_augmented, to_complex, to_interleaved, to_rotate_half,
-)  # fmt: skip
+)
 
 GENERATOR = torch.Generator().manual_seed(0)
 
@@ -71,7 +71,7 @@ def test_rms_norm_is_transformers_rms_norm():
          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
         {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
     ],
-)  # fmt: skip
+)
 def test_source_rope_is_transformers_rotary_embedding(rope):
     config = _config(rope_parameters=rope, max_position_embeddings=512)
     read = read_source_rope(config, 16)

@@ -1,4 +1,5 @@
-"""mha-to-gqa / mha-to-mqa on tiny stock checkpoints: the output loads in the source class and is exact where it must be."""
+"""mha-to-gqa / mha-to-mqa on tiny stock checkpoints: the output loads in the source class and is exact where it must
+be."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _kv_parts(model):
             yield k, v, None, None
         else:
             yield (attention.k_proj.weight, attention.v_proj.weight,
-                   attention.k_proj.bias, attention.v_proj.bias)  # fmt: skip
+                   attention.k_proj.bias, attention.v_proj.bias)
 
 
 def _logits(folder_or_model, tokens):
@@ -102,7 +103,10 @@ def test_groups_equal_to_kv_heads_is_bit_identical(tiny_checkpoint, tmp_path, dt
 
 def test_output_shards_follow_the_size_limit_and_index(tiny_checkpoint, tmp_path):
     source = tiny_checkpoint("llama")
-    mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=1, method="mean", check=False, progress=False, out_shard_size="30KB"))
+    mha_to_gqa(
+        source, tmp_path / "out",
+        GqaOptions(groups=1, method="mean", check=False, progress=False, out_shard_size="30KB")
+    )
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and all((tmp_path / "out" / shard).exists() for shard in shards)

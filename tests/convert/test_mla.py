@@ -37,7 +37,7 @@ def servable_source(tiny_source):
 
     def make(model_type="llama", num_heads=4, num_kv_heads=4, **kwargs):
         return tiny_source(model_type, num_heads, num_kv_heads, **{"hidden_size": 64 * num_heads,
-                                                                   "intermediate_size": 128, **kwargs})  # fmt: skip
+                                                                   "intermediate_size": 128, **kwargs})
 
     return make
 
@@ -68,14 +68,19 @@ def _random_biases(model):
 
 @pytest.mark.parametrize(
     ("model_type", "kv_heads", "edit"),
-    [("llama", 4, None), ("llama", 2, None), ("mistral", 1, None), ("qwen2", 2, _random_biases), ("ministral", 2, None)],
+    [
+        ("llama", 4, None), ("llama", 2, None), ("mistral", 1, None), ("qwen2", 2, _random_biases),
+        ("ministral", 2, None)
+    ],
     ids=["llama-mha", "llama-gqa", "mistral-mqa", "qwen2-biases", "ministral-full-attention"],
 )
 def test_lossless_configuration_reproduces_the_source(tiny_source, tmp_path, model_type, kv_heads, edit):
     # Ministral as add-sliding-window writes it with no layer windowed: every layer full, the window unused
     full_attention = {"layer_types": ["full_attention"] * 2} if model_type == "ministral" else {}
     source = tiny_source(model_type, 4, kv_heads, edit=edit, **full_attention)
-    report = mha_to_mla(source, tmp_path / "out", MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **QUICK))
+    report = mha_to_mla(
+        source, tmp_path / "out", MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **QUICK)
+    )
     model = _load(tmp_path / "out")
     assert isinstance(model, DeepseekV3ForCausalLM)
     config = model.config
@@ -92,27 +97,36 @@ def test_lossless_configuration_reproduces_the_source(tiny_source, tmp_path, mod
 
 def test_longrope_frequencies_are_the_source_frequencies(tiny_source, tmp_path):
     source = tiny_source("llama", 4, 2, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
-    report = mha_to_mla(source, tmp_path / "out", MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **QUICK))
+    report = mha_to_mla(
+        source, tmp_path / "out", MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **QUICK)
+    )
     model = _load(tmp_path / "out")
     source_freq = _load(source).model.rotary_emb.inv_freq.double()
     target_freq = model.model.rotary_emb.inv_freq.double()
     assert model.model.rotary_emb.attention_scaling == 1.0
     torch.testing.assert_close(target_freq.sort().values, source_freq.repeat(2).sort().values, rtol=1e-6, atol=0)
     slots = report["mla"]["rope_slots"]
-    torch.testing.assert_close(target_freq, source_freq[[slot["source_frequency"] for slot in slots]], rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        target_freq, source_freq[[slot["source_frequency"] for slot in slots]], rtol=1e-6, atol=0
+    )
 
 
 @pytest.mark.parametrize("rope_dim", [4, 8, 16])
 def test_serving_rope_theta_runs_each_slot_at_the_source_frequency_the_report_names(tiny_source, tmp_path, rope_dim):
     source = tiny_source("llama", 4, 2, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
-    report = mha_to_mla(source, tmp_path / "out", MlaOptions(kv_budget=0.5, rope_dim=rope_dim, distance_aware=False, target="sglang", **QUICK))  # fmt: skip
+    report = mha_to_mla(
+        source, tmp_path / "out",
+        MlaOptions(kv_budget=0.5, rope_dim=rope_dim, distance_aware=False, target="sglang", **QUICK)
+    )
     model = _load(tmp_path / "out")
     assert model.config.rope_parameters["rope_type"] == "default" and model.model.rotary_emb.attention_scaling == 1.0
     target_freq = model.model.rotary_emb.inv_freq.double()
     source_freq = _load(source).model.rotary_emb.inv_freq.double()
     slots = report["mla"]["rope_slots"]
     chosen = [slot["source_frequency"] for slot in slots]
-    torch.testing.assert_close(target_freq, torch.tensor([slot["inv_freq"] for slot in slots], dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        target_freq, torch.tensor([slot["inv_freq"] for slot in slots], dtype=torch.float64), rtol=1e-6, atol=0
+    )
     torch.testing.assert_close(target_freq, source_freq[chosen], rtol=1e-6, atol=0)
     step = chosen[1] - chosen[0] if len(chosen) > 1 else 1
     assert chosen == list(range(0, step * len(chosen), step))  # geometric from frequency 1, one component each
@@ -173,7 +187,9 @@ def _vllm_reference_logits(folder, tokens):
     assert config["rope_parameters"]["rope_type"] == "default"
     assert not any(name.endswith(".bias") for name in weights)
     eps, heads = config["rms_norm_eps"], config["num_attention_heads"]
-    rank, rope, nope, value = (config[k] for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"))
+    rank, rope, nope, value = (
+        config[k] for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+    )
     frequencies = config["rope_parameters"]["rope_theta"] ** (-torch.arange(0, rope, 2, dtype=torch.float64) / rope)
     length = tokens.shape[1]
     angle = torch.arange(length, dtype=torch.float64)[:, None] * frequencies
@@ -195,7 +211,10 @@ def _vllm_reference_logits(folder, tokens):
         latent, key_rope = (x @ w["self_attn.kv_a_proj_with_mqa.weight"].T).split([rank, rope], dim=-1)
         kv = norm(latent, w["self_attn.kv_a_layernorm.weight"]) @ w["self_attn.kv_b_proj.weight"].T
         key_nope, values = kv.unflatten(-1, (heads, nope + value)).transpose(1, 2).split([nope, value], dim=-1)
-        logits = (q[..., :nope] @ key_nope.transpose(-1, -2) + rotate(q[..., nope:]) @ rotate(key_rope)[:, None].transpose(-1, -2))
+        logits = (
+            q[..., :nope] @ key_nope.transpose(-1, -2)
+            + rotate(q[..., nope:]) @ rotate(key_rope)[:, None].transpose(-1, -2)
+        )
         probs = (logits / math.sqrt(nope + rope)).masked_fill(~causal, float("-inf")).softmax(-1)
         hidden = hidden + (probs @ values).transpose(1, 2).flatten(-2) @ w["self_attn.o_proj.weight"].T
         x = norm(hidden, w["post_attention_layernorm.weight"])
@@ -205,7 +224,10 @@ def _vllm_reference_logits(folder, tokens):
     return norm(hidden, weights["model.norm.weight"]) @ head.T
 
 
-@pytest.mark.parametrize(("kv_heads", "options"), [(2, dict(kv_budget=0.5)), (4, dict(kv_budget=0.25, rope_method="partial")), (1, dict(kv_rank="full", rope_dim=16))])
+@pytest.mark.parametrize(
+    ("kv_heads", "options"),
+    [(2, dict(kv_budget=0.5)), (4, dict(kv_budget=0.25, rope_method="partial")), (1, dict(kv_rank="full", rope_dim=16))]
+)
 def test_serving_layout_matches_an_independent_vllm_attention(tiny_source, tmp_path, kv_heads, options):
     exact = kv_heads == 1  # MQA, rope = head_dim, full rank: exact in the serving layout too
     source = tiny_source("llama", 4, kv_heads, rms_norm_eps=1e-6 if exact else 1e-5)
@@ -228,12 +250,18 @@ def test_vllm_target_folds_no_rope_key_bias_and_refuses_what_it_cannot_carry(tin
             layer.self_attn.k_proj.bias.view(2, 16)[:, 7] = 0.5  # pair 7: the slowest frequency of head_dim 16
 
     source = tiny_source("qwen2", 4, 2, edit=key_bias_on_slow_pairs)
-    mha_to_mla(source, tmp_path / "out", MlaOptions(kv_rank=40, rope_dim=4, target="sglang", distance_aware=False, **QUICK))
+    mha_to_mla(
+        source, tmp_path / "out", MlaOptions(kv_rank=40, rope_dim=4, target="sglang", distance_aware=False, **QUICK)
+    )
     assert not any(name.endswith(".bias") for name in load_file(tmp_path / "out" / "model.safetensors"))
-    torch.testing.assert_close(_vllm_reference_logits(tmp_path / "out", TOKENS), _logits(tmp_path / "out"), rtol=0, atol=2e-4)
+    torch.testing.assert_close(
+        _vllm_reference_logits(tmp_path / "out", TOKENS), _logits(tmp_path / "out"), rtol=0, atol=2e-4
+    )
 
     source = tiny_source("qwen2", 4, 2, edit=_random_biases)
-    with pytest.raises(KvshrinkError, match=r"model\.layers\.0\.self_attn\.q_proj\.bias is not zero.*--target transformers"):
+    with pytest.raises(
+        KvshrinkError, match=r"model\.layers\.0\.self_attn\.q_proj\.bias is not zero.*--target transformers"
+    ):
         mha_to_mla(source, tmp_path / "refused", MlaOptions(kv_budget=0.5, target="sglang", exact_biases=True, **QUICK))
     assert not (tmp_path / "refused").exists()
 
@@ -252,26 +280,38 @@ def test_an_other_target_refusing_the_source_is_reported_not_raised(servable_sou
     assert (tmp_path / "out" / "config.json").is_file()
 
 
-def test_check_scores_both_targets_from_one_calibration_and_leaves_nothing_behind(servable_source, tiny_source, tmp_path, monkeypatch):
+def test_check_scores_both_targets_from_one_calibration_and_leaves_nothing_behind(
+    servable_source, tiny_source, tmp_path, monkeypatch
+):
     # Proportional KV heads: one key component per frequency, so 256+64 is exact in both layouts.
     source = servable_source("llama", 4, 4, rms_norm_eps=1e-6, edit=_duplicate_kv_heads)
     checked = dict(QUICK, check=True, check_tokens=512)
     report = mha_to_mla(source, tmp_path / "out", MlaOptions(mla_shape="256+64", target="vllm", **checked))
     check = report["check"]
     assert report["valid_engines"] == ["transformers", "vllm", "sglang"]
-    assert check["other_target"]["target"] == "transformers" and check["other_target"]["valid_engines"] == ["transformers"]
+    assert (
+        check["other_target"]["target"] == "transformers" and check["other_target"]["valid_engines"] == ["transformers"]
+    )
     assert check["converted_perplexity"] == pytest.approx(check["source_perplexity"], rel=1e-4)
     assert check["other_target"]["perplexity"] == pytest.approx(check["source_perplexity"], rel=1e-4)
-    assert check["serving_perplexity_cost"] == pytest.approx(check["converted_perplexity"] - check["other_target"]["perplexity"])
+    assert (
+        check["serving_perplexity_cost"]
+        == pytest.approx(check["converted_perplexity"] - check["other_target"]["perplexity"])
+    )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "tiny-0"]
     assert not any(path.name.startswith(".") for path in (tmp_path / "out").iterdir())
 
     gqa = tiny_source("llama", 4, 2)  # head_dim 16: no shape vLLM runs
-    report = mha_to_mla(gqa, tmp_path / "gqa", MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **checked))
+    report = mha_to_mla(
+        gqa, tmp_path / "gqa", MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **checked)
+    )
     assert "no shape vllm runs fits this source" in report["check"]["other_target"]["refused"]
     assert "serving_perplexity_cost" not in report["check"]
     report = mha_to_mla(gqa, tmp_path / "gqa-sglang", MlaOptions(kv_budget=0.5, target="sglang", **checked))
-    assert report["check"]["other_target"]["target"] == "transformers" and report["check"]["other_target"]["perplexity"] > 1
+    assert (
+        report["check"]["other_target"]["target"] == "transformers"
+        and report["check"]["other_target"]["perplexity"] > 1
+    )
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -317,14 +357,22 @@ def test_methods_reach_their_own_objectives(tiny_source, tmp_path):
     for rope_method in ("partial", "rotate"):
         for factorization in ("weight", "activation"):
             runs[rope_method, factorization] = mha_to_mla(
-                source, tmp_path / f"{rope_method}-{factorization}", MlaOptions(kv_rank=24, rope_dim=8, rope_method=rope_method, factorization=factorization, distance_aware=False, target="sglang", **QUICK))["layers"]  # fmt: skip
+                source, tmp_path / f"{rope_method}-{factorization}",
+                MlaOptions(kv_rank=24, rope_dim=8, rope_method=rope_method, factorization=factorization,
+                           distance_aware=False, target="sglang", **QUICK))["layers"]
     for layer in range(2):
         # rotation concentrates key energy: the shared rope key keeps more of it than any choice of source pairs
-        assert runs["rotate", "activation"][layer]["rope_energy_kept"] > runs["partial", "activation"][layer]["rope_energy_kept"]
+        assert (
+            runs["rotate", "activation"][layer]["rope_energy_kept"]
+            > runs["partial", "activation"][layer]["rope_energy_kept"]
+        )
         # the whitened factorization minimizes the K/V output error on calibration tokens
         for rope_method in ("partial", "rotate"):
             weight, activation = runs[rope_method, "weight"][layer], runs[rope_method, "activation"][layer]
-            assert activation["k_rel_error"] ** 2 + activation["v_rel_error"] ** 2 < weight["k_rel_error"] ** 2 + weight["v_rel_error"] ** 2
+            assert (
+                activation["k_rel_error"] ** 2 + activation["v_rel_error"] ** 2
+                < weight["k_rel_error"] ** 2 + weight["v_rel_error"] ** 2
+            )
 
 
 @pytest.mark.parametrize(
@@ -374,7 +422,9 @@ def test_unsupported_sources_are_refused(tiny_source, tiny_checkpoint, tmp_path)
     with pytest.raises(KvshrinkError, match=r"can only approximate qwen3 and --exact-only is set"):
         mha_to_mla(tiny_source("qwen3", 4, 2), tmp_path / "out", MlaOptions(kv_budget=0.5, exact_only=True, **QUICK))
     with pytest.raises(KvshrinkError, match=r"sliding window of 64 tokens"):
-        mha_to_mla(tiny_source("mistral", 4, 2, sliding_window=64), tmp_path / "out", MlaOptions(kv_budget=0.5, **QUICK))
+        mha_to_mla(
+            tiny_source("mistral", 4, 2, sliding_window=64), tmp_path / "out", MlaOptions(kv_budget=0.5, **QUICK)
+        )
     no_tokenizer = tiny_checkpoint("llama", 4, 2, seed=3)
     with pytest.raises(KvshrinkError, match=r"no usable tokenizer.*calibrates on text"):
         mha_to_mla(no_tokenizer, tmp_path / "out", MlaOptions(kv_budget=0.5, target="transformers", **QUICK))
@@ -393,15 +443,19 @@ def test_cli_converts_and_reports_errors_in_one_line(servable_source, tmp_path):
     source = servable_source("llama", 4, 4)
     runner = CliRunner()
     result = runner.invoke(convert_cli, ["mha-to-mla", str(source), str(tmp_path / "out"), "--kv-budget", "0.7",
-                                         "--calibration-tokens", "1024", "--check-tokens", "512", "--fit", "none"])  # fmt: skip
+                                         "--calibration-tokens", "1024", "--check-tokens", "512", "--fit", "none"])
     assert result.exit_code == 0, result.output
     assert "DeepseekV3ForCausalLM" in result.output and "valid in transformers, vllm, sglang" in result.output
     assert "(62.5% of the source" in result.output and "perplexity on" in result.output
     assert "--kv-budget 0.7 snapped to 256+64" in result.output
-    assert "--target transformers would give perplexity" in result.output and "serving constraint costs" in result.output
+    assert (
+        "--target transformers would give perplexity" in result.output and "serving constraint costs" in result.output
+    )
     result = runner.invoke(convert_cli, ["mha-to-mla", str(source), str(tmp_path / "bad"), "--kv-budget", "0.5"])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
-    assert result.output.startswith("Error: --kv-budget 0.5 has no shape vllm runs: this source reaches 256+64 (62.5% KV)")
+    assert result.output.startswith(
+        "Error: --kv-budget 0.5 has no shape vllm runs: this source reaches 256+64 (62.5% KV)"
+    )
     result = runner.invoke(convert_cli, ["mha-to-mla", str(source), str(tmp_path / "bad"), "--kv-rank", "lots"])
     assert result.exit_code == 1 and "option --kv-rank: Input should be a valid integer" in result.output
     assert "or Input should be 'full' (got 'lots')" in result.output
@@ -419,7 +473,7 @@ def test_distance_gains_are_the_mean_rotation_under_the_source_attention():
         q=torch.randn(heads * d, hidden, generator=generator), k=torch.randn(kv_heads * d, hidden, generator=generator),
         v=torch.randn(kv_heads * d, hidden), o=torch.randn(hidden, heads * d), num_heads=heads,
         num_kv_heads=kv_heads, head_dim=d,
-    )  # fmt: skip
+    )
     inputs = torch.randn(2, length, hidden, generator=generator)
     inv_freq = 100.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     expected = torch.zeros(heads, d // 2, dtype=torch.complex128)
@@ -445,7 +499,10 @@ def test_distance_gains_are_the_mean_rotation_under_the_source_attention():
 @pytest.mark.parametrize("factorization", ["output", "balanced"])
 def test_weighted_factorizations_are_exact_at_full_rank(tiny_source, tmp_path, factorization):
     source = tiny_source("llama", 4, 2)
-    mha_to_mla(source, tmp_path / "out", MlaOptions(rope_dim="all", kv_rank="full", target="transformers", factorization=factorization, **QUICK))  # fmt: skip
+    mha_to_mla(
+        source, tmp_path / "out",
+        MlaOptions(rope_dim="all", kv_rank="full", target="transformers", factorization=factorization, **QUICK)
+    )
     assert (_logits(tmp_path / "out") - _logits(source)).abs().max() < 1e-3
 
 

@@ -37,7 +37,9 @@ def servable_source(tiny_checkpoint):
 
 def test_errors_are_sums_of_squares_where_the_quadratic_form_rounds_below_zero():
     generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(513, 200, generator=generator, dtype=torch.float64) * torch.logspace(0, 3, 200, dtype=torch.float64)
+    inputs = torch.randn(513, 200, generator=generator, dtype=torch.float64) * torch.logspace(
+        0, 3, 200, dtype=torch.float64
+    )
     moment = inputs @ inputs.T / 200  # rank 200 of 513: calibration with fewer tokens than inputs
     basis, _ = torch.linalg.qr(inputs)
     unseen = torch.randn(64, 513, generator=generator, dtype=torch.float64)
@@ -54,7 +56,10 @@ def test_near_full_rank_latent_at_576_converts_and_reports_small_errors(servable
     source = servable_source(8, 8)
     report = mha_to_mla(source, tmp_path / "out", MlaOptions(kv_budget=0.6, **QUICK))
     assert (report["mla"]["kv_lora_rank"], report["mla"]["qk_rope_head_dim"]) == (512, 64)
-    assert report["kv_fraction"] == pytest.approx(576 / 1024) and report["valid_engines"] == ["transformers", "vllm", "sglang"]
+    assert (
+        report["kv_fraction"] == pytest.approx(576 / 1024)
+        and report["valid_engines"] == ["transformers", "vllm", "sglang"]
+    )
     for layer in report["layers"]:
         assert 0 <= layer["k_rel_error"] < 1e-3 and 0 <= layer["v_rel_error"] < 1e-3
         assert layer["latent_norm_error"] < 1e-6
@@ -64,8 +69,10 @@ def test_near_full_rank_latent_at_576_converts_and_reports_small_errors(servable
 def test_seven_billion_width_layer_converts_at_576(tiny_checkpoint, tmp_path):
     # One Llama-3-8B-width layer (hidden 4096, 32 query heads, 8 KV heads x 128) in bfloat16, at 512+64.
     source = tiny_checkpoint("llama", 32, 8, tokenizer=True, dtype=torch.bfloat16, hidden_size=4096,
-                             intermediate_size=128, num_hidden_layers=1, max_position_embeddings=512)  # fmt: skip
-    report = mha_to_mla(source, tmp_path / "out", MlaOptions(mla_shape="512+64", **{**QUICK, "calibration_tokens": 512}))
+                             intermediate_size=128, num_hidden_layers=1, max_position_embeddings=512)
+    report = mha_to_mla(
+        source, tmp_path / "out", MlaOptions(mla_shape="512+64", **{**QUICK, "calibration_tokens": 512})
+    )
     assert report["valid_engines"] == ["transformers", "vllm", "sglang"]
     layer = report["layers"][0]
     assert 0 < layer["k_rel_error"] < 1 and 0 < layer["v_rel_error"] < 1 and layer["latent_norm_error"] < 1e-6
@@ -75,7 +82,8 @@ def test_seven_billion_width_layer_converts_at_576(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     ("layout", "options", "message"),
     [
-        ((4, 4), dict(kv_budget=0.5), r"^--kv-budget 0.5 has no shape vllm runs: this source reaches 256\+64 \(62.5% KV\); "
+        ((4, 4), dict(kv_budget=0.5), r"^--kv-budget 0.5 has no shape vllm runs: this source reaches 256\+64 \(62.5% "
+        r"KV\); "
                                       r"pass --kv-budget 0.625 or more, or --target transformers$"),
         ((4, 4), dict(mla_shape="160+32"), r"^--mla-shape 160\+32: vllm's MLA kernels take a 64-dim rope key; "
                                            r"servable shapes for this source: 256\+64 \(62.5% KV\)"),
@@ -93,7 +101,9 @@ def test_seven_billion_width_layer_converts_at_576(tiny_checkpoint, tmp_path):
     ],
     ids=["budget", "shape-rope", "shape-rank", "rank-full", "rope-dim", "no-shape", "head-dim", "rope-type"],
 )
-def test_vllm_target_refuses_unservable_requests_naming_the_nearest_servable_choice(servable_source, tmp_path, layout, options, message):
+def test_vllm_target_refuses_unservable_requests_naming_the_nearest_servable_choice(
+    servable_source, tmp_path, layout, options, message
+):
     heads, kv_heads, *extra = layout
     source = servable_source(heads, kv_heads, **(extra[0] if extra else {}))
     with pytest.raises(KvshrinkError, match=message):
@@ -116,8 +126,14 @@ def test_budget_snaps_to_the_largest_servable_shape_within_it(servable_source, t
         assert (report["mla"]["kv_lora_rank"], report["mla"]["qk_rope_head_dim"]) == (rank, 64)
         assert any(f"snapped to {rank}+64" in note for note in report["notes"])
     transformers = mha_to_mla(source, tmp_path / "free", MlaOptions(kv_budget=0.4, target="transformers", **QUICK))
-    assert transformers["kv_fraction"] == pytest.approx(0.4, abs=1e-3) and transformers["valid_engines"] == ["transformers"]
-    assert "longrope" in transformers["excluded_engines"]["vllm"] or "rope_type" in transformers["excluded_engines"]["vllm"]
+    assert (
+        transformers["kv_fraction"] == pytest.approx(0.4, abs=1e-3)
+        and transformers["valid_engines"] == ["transformers"]
+    )
+    assert (
+        "longrope" in transformers["excluded_engines"]["vllm"]
+        or "rope_type" in transformers["excluded_engines"]["vllm"]
+    )
 
 
 def _config(**changes):
@@ -134,7 +150,10 @@ def _config(**changes):
         (dict(kv_lora_rank=160, qk_rope_head_dim=32), "no MLA backend takes kv_lora_rank+rope 160+32", None),
         (dict(qk_nope_head_dim=256), "prefill cannot run QK head dim 320", "prefill cannot run QK head dim 320"),
         (dict(v_head_dim=256, qk_nope_head_dim=64), "v_head_dim 256 must not exceed 128", "v_head_dim 256"),
-        (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "rewritten to deepseek_yarn", "deepseek_yarn"),
+        (
+            dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "rewritten to deepseek_yarn",
+            "deepseek_yarn"
+        ),
         (dict(rope_interleave=False), "always rotates interleaved pairs", "interleaved"),
         (dict(attention_bias=True), "without biases", "without biases"),
         (dict(rms_norm_eps=1e-5), "rms_norm_eps 1e-05, transformers' at 1e-06", "rms_norm_eps"),
@@ -155,7 +174,9 @@ def test_every_engine_rule_names_the_file_and_commit_it_was_read_from():
     assert {row["engine"] for row in table} == {"vllm", "sglang"}
     for row in table:
         repo, path, *version = row["source"].split(" ")
-        assert repo in ("vllm-project/vllm", "sgl-project/sglang") and path.endswith(".py") and version[0].startswith("@")
+        assert (
+            repo in ("vllm-project/vllm", "sgl-project/sglang") and path.endswith(".py") and version[0].startswith("@")
+        )
 
 
 def test_every_output_folder_gets_a_model_card(servable_source, tmp_path):
@@ -180,7 +201,8 @@ def _absorbed_attention(attention, x, cos_sin, dtype):
     heads, rank, rope = config.num_attention_heads, config.kv_lora_rank, config.qk_rope_head_dim
     nope, value = config.qk_nope_head_dim, config.v_head_dim
     x = x.to(dtype)
-    q = (x @ attention.q_proj.weight.to(dtype).T).unflatten(-1, (heads, nope + rope)).transpose(1, 2)  # [B, H, T, nope+rope]
+    # [B, H, T, nope+rope]
+    q = (x @ attention.q_proj.weight.to(dtype).T).unflatten(-1, (heads, nope + rope)).transpose(1, 2)
     latent, key_rope = (x @ attention.kv_a_proj_with_mqa.weight.to(dtype).T).split([rank, rope], dim=-1)
     weight = attention.kv_a_layernorm.weight.to(dtype)
     variance = latent.float().pow(2).mean(-1, keepdim=True)  # engines' RMSNorm accumulates in float32
@@ -195,7 +217,10 @@ def _absorbed_attention(attention, x, cos_sin, dtype):
         turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
         return t * cos + turned * sin
 
-    logits = query_latent @ cached[:, None].transpose(-1, -2) + rotate(q[..., nope:]) @ rotate(key_rope[:, None]).transpose(-1, -2)
+    logits = (
+        query_latent @ cached[:, None].transpose(-1, -2)
+        + rotate(q[..., nope:]) @ rotate(key_rope[:, None]).transpose(-1, -2)
+    )
     length = x.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     probs = (logits.float() * attention.scaling).masked_fill(~causal, float("-inf")).softmax(-1).to(dtype)
@@ -207,7 +232,9 @@ def _absorbed_attention(attention, x, cos_sin, dtype):
 def test_absorbed_form_matches_transformers_layer(servable_source, tmp_path, dtype, tolerance):
     source = servable_source(4, 4, rms_norm_eps=1e-6)
     mha_to_mla(source, tmp_path / "out", MlaOptions(kv_budget=0.7, **QUICK))
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     layer = model.model.layers[0]
     tokens = torch.randint(3, 259, (1, 48), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -227,7 +254,10 @@ def test_absorbed_form_matches_transformers_layer(servable_source, tmp_path, dty
 
 def test_bias_refit_is_the_least_squares_fit_and_exact_when_a_constant_input_exists():
     generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(4000, 6, generator=generator, dtype=torch.float64) + torch.tensor([1.0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    inputs = (
+        torch.randn(4000, 6, generator=generator, dtype=torch.float64)
+        + torch.tensor([1.0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    )
     rows = torch.randn(3, 7, generator=generator, dtype=torch.float64)  # [w | b]
     augmented = torch.cat([inputs, torch.ones(4000, 1, dtype=torch.float64)], dim=1)
     moment = augmented.T @ augmented / 4000
@@ -252,7 +282,9 @@ def _qwen2_biases(model):
 
 def test_qwen2_biases_are_refit_under_the_serving_target_and_reported(servable_source, tmp_path):
     source = servable_source(4, 4, model_type="qwen2", edit=_qwen2_biases)
-    report = mha_to_mla(source, tmp_path / "out", MlaOptions(kv_budget=0.7, **{**QUICK, "check": True, "check_tokens": 512}))
+    report = mha_to_mla(
+        source, tmp_path / "out", MlaOptions(kv_budget=0.7, **{**QUICK, "check": True, "check_tokens": 512})
+    )
     assert report["valid_engines"] == ["transformers", "vllm", "sglang"]
     assert any(note.startswith("approximate: serving engines run no attention biases") for note in report["notes"])
     for layer in report["layers"]:
@@ -291,10 +323,14 @@ def _vllm_deepseek_yarn(rope: dict, dim: int) -> torch.Tensor:
 
 def test_llama3_rope_is_written_as_a_yarn_table_both_engines_compute_alike(servable_source, tmp_path):
     source = servable_source(4, 4, rope_parameters=LLAMA3)
-    report = mha_to_mla(source, tmp_path / "out", MlaOptions(kv_budget=0.7, **{**QUICK, "check": True, "check_tokens": 512}))
+    report = mha_to_mla(
+        source, tmp_path / "out", MlaOptions(kv_budget=0.7, **{**QUICK, "check": True, "check_tokens": 512})
+    )
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     rope = config["rope_parameters"]
-    assert rope["rope_type"] == "yarn" and rope["mscale"] == rope["mscale_all_dim"] == 0 and rope["attention_factor"] == 1
+    assert (
+        rope["rope_type"] == "yarn" and rope["mscale"] == rope["mscale_all_dim"] == 0 and rope["attention_factor"] == 1
+    )
     assert report["valid_engines"] == ["transformers", "vllm", "sglang"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     table = model.model.rotary_emb.inv_freq.double()
@@ -305,7 +341,9 @@ def test_llama3_rope_is_written_as_a_yarn_table_both_engines_compute_alike(serva
     source_freq = AutoModelForCausalLM.from_pretrained(source).model.rotary_emb.inv_freq.double()
     wanted = source_freq[[slot["source_frequency"] for slot in report["mla"]["rope_slots"]]]
     error = (table - wanted).abs() / wanted
-    torch.testing.assert_close(torch.tensor(report["mla"]["rope_frequency_error"], dtype=torch.float64), error, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(report["mla"]["rope_frequency_error"], dtype=torch.float64), error, rtol=1e-4, atol=1e-6
+    )
     assert error[:8].max() < 1e-6 and error[-8:].max() < 1e-6 and error.max() < 0.35
     assert any("llama3 RoPE written as deepseek_yarn" in note for note in report["notes"])
     assert "serving_perplexity_cost" in report["check"] and report["check"]["other_target"]["target"] == "transformers"

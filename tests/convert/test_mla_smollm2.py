@@ -22,9 +22,10 @@ HELDOUT_PERPLEXITY_BOUND = 17.7
 def smollm2_mla_dir(smollm2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "smollm2-mla"
     result = CliRunner().invoke(convert_cli, [
-        "mha-to-mla", str(smollm2_dir), str(out), "--kv-budget", "0.9", "--calibration-tokens", "4096", "--fit-steps", "16",
+        "mha-to-mla", str(smollm2_dir), str(out), "--kv-budget", "0.9", "--calibration-tokens", "4096", "--fit-steps",
+        "16",
         "--check-tokens", "1024",
-    ])  # fmt: skip
+    ])
     assert result.exit_code == 0, result.output
     assert "valid in transformers, vllm, sglang" in result.output and "snapped to 256+64" in result.output
     return out
@@ -38,13 +39,18 @@ def test_smollm2_mla_at_its_vllm_shape_keeps_quality(smollm2_mla_dir, smollm2_di
     assert all(layer["latent_norm_error"] < 1e-6 for layer in report["layers"])
     check = report["check"]
     assert check["converted_perplexity"] < 3 * check["source_perplexity"]
-    assert check["other_target"]["target"] == "transformers" and check["other_target"]["perplexity"] < 3 * check["source_perplexity"]
+    assert (
+        check["other_target"]["target"] == "transformers"
+        and check["other_target"]["perplexity"] < 3 * check["source_perplexity"]
+    )
     model = AutoModelForCausalLM.from_pretrained(smollm2_mla_dir)
     assert isinstance(model, DeepseekV3ForCausalLM)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_mla_dir)
     windows = token_windows(tokenizer, corpus_text("pydoc", "heldout"), 2048, 512)
     heldout = perplexity(model, windows, progress=False)
-    assert heldout < HELDOUT_PERPLEXITY_BOUND, f"held-out perplexity {heldout:.2f} (source {check['source_perplexity']})"
+    assert (
+        heldout < HELDOUT_PERPLEXITY_BOUND
+    ), f"held-out perplexity {heldout:.2f} (source {check['source_perplexity']})"
 
 
 def test_smollm2_mla_caches_latent_and_rope_key_and_generates(smollm2_mla_dir):

@@ -30,7 +30,7 @@ def test_choices_match_what_the_libraries_implement():
 
 @pytest.mark.parametrize(("command", "model", "skipped"), [
     ("mha-to-gqa", GqaOptions, set()), ("mha-to-mqa", GqaOptions, {"groups"}), ("mha-to-mla", MlaOptions, set()),
-])  # fmt: skip
+])
 def test_every_option_is_a_flag_with_its_description(command, model, skipped):
     help_text = " ".join(CliRunner().invoke(convert_cli, [command, "--help"]).output.split())
     for name, field in model.model_fields.items():
@@ -61,7 +61,7 @@ def _required_options():
 @pytest.mark.parametrize(("words", "command", "missing"), list(_required_options()))
 def test_a_missing_required_option_is_reported_the_click_way(words, command, missing):
     given = [value for param in command.params if param is not missing and param.required
-             for value in ([param.opts[0], "1"] if isinstance(param, click.Option) else ["1"])]  # fmt: skip
+             for value in ([param.opts[0], "1"] if isinstance(param, click.Option) else ["1"])]
     result = CliRunner().invoke(kvshrink_cli, [*words, *given])
     assert result.exit_code == 2, result.output
     assert f"Error: Missing option {' / '.join(repr(flag) for flag in missing.opts)}." in result.output, result.output

@@ -42,7 +42,10 @@ def test_mqa_report_is_complete(smollm2_mqa_dir):
 
 def test_gguf_file_converts_directly(tmp_path):
     out = tmp_path / "from-gguf"
-    result = CliRunner().invoke(convert_cli, ["mha-to-gqa", "--groups", "3", str(smollm2_gguf_path()), str(out), "--no-check", "--method", "mean"])
+    result = CliRunner().invoke(
+        convert_cli,
+        ["mha-to-gqa", "--groups", "3", str(smollm2_gguf_path()), str(out), "--no-check", "--method", "mean"]
+    )
     assert result.exit_code == 0, result.output
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_key_value_heads == 3 and (out / "tokenizer.json").exists()

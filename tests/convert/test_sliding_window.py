@@ -134,7 +134,10 @@ def test_composes_with_mqa_and_the_cache_keeps_only_the_window(llama, tmp_path):
     for m in measured:
         folder = tmp_path / ("mqa" if m.model.endswith("mqa") else "out")
         assert m.kv_bytes_per_token == pytest.approx(m.kv_bytes_per_token_from_config)
-        assert m.kv_bytes_per_token_from_config == kv_bytes_at_context(json.loads((folder / "config.json").read_text()), m.context)
+        assert (
+            m.kv_bytes_per_token_from_config
+            == kv_bytes_at_context(json.loads((folder / "config.json").read_text()), m.context)
+        )
     by = {(m.model.endswith("mqa"), m.context): m.kv_bytes_per_token for m in measured}
     assert by[(False, 12)] == by[(True, 12)]  # shorter than the window: the same cache
     # 120 tokens: 1 full layer keeps 120, 3 windowed layers keep 15 each
@@ -163,7 +166,7 @@ def test_refusals_write_nothing(tiny_checkpoint, tmp_path, make, options, messag
 
 def test_cli_refuses_a_fraction_outside_0_1_in_one_line(llama, tmp_path):
     result = CliRunner().invoke(kvshrink_cli, ["convert", "add-sliding-window", str(llama), str(tmp_path / "out"),
-                                               "--window", "16", "--full-layers", "1.5"])  # fmt: skip
+                                               "--window", "16", "--full-layers", "1.5"])
     assert result.exit_code != 0
     assert result.output.strip().splitlines()[-1].startswith("Error: ") and "--full-layers" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
@@ -172,7 +175,7 @@ def test_cli_refuses_a_fraction_outside_0_1_in_one_line(llama, tmp_path):
 def test_cli_prints_the_choice_and_the_cache(llama, tmp_path):
     result = CliRunner().invoke(kvshrink_cli, ["convert", "add-sliding-window", str(llama), str(tmp_path / "out"),
                                                "-w", "16", "--full-layers", "0.5", "--calibration-length", "96",
-                                               "--calibration-tokens", "192", "--check-tokens", "96"])  # fmt: skip
+                                               "--calibration-tokens", "192", "--check-tokens", "96"])
     assert result.exit_code == 0, result.output
     assert "full attention kept in layers" in result.output and "KV cache per token at 8,192 tokens" in result.output
     assert f"not claimed for sglang: {NOT_READ}" in result.output  # unread is not a failure, so not "not valid"

@@ -83,7 +83,7 @@ def staging_of(out: Path, owner: Owner | None, tag: str = "x") -> Path:
     [(CALIBRATION, 1, ["--method", "grouped"]), (SHARD_WRITE, 3, ["--method", "mean", "--no-check"]),
      (CHECK, 1, ["--method", "mean"])],
     ids=["during-calibration", "while-a-shard-is-written", "during-the-check"],
-)  # fmt: skip
+)
 def test_a_conversion_killed_at_any_point_leaves_nothing_after_a_rerun(source, tmp_path, point, nth, options):
     before = tree_digest(source)
     out = tmp_path / "out"
@@ -120,7 +120,7 @@ def _writers(source: Path, tmp_path: Path) -> dict[str, tuple[list, Path]]:
     """Each command that writes a folder: its arguments and the folder it writes."""
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump({"source": str(source), "output_dir": str(tmp_path / "run"),
-                                        "conversions": [{"name": "mqa", "command": "mha-to-mqa"}]}))  # fmt: skip
+                                        "conversions": [{"name": "mqa", "command": "mha-to-mqa"}]}))
     return {
         "convert": (["convert", "mha-to-mqa", source, tmp_path / "out", "--no-check"], tmp_path / "out"),
         "example": (["example", "smollm2", tmp_path / "example"], tmp_path / "example"),

@@ -14,7 +14,7 @@ from kvshrink.eval.pipeline import REPORTED_CONTEXT, load_pipeline
 
 WINDOWED = {"name": "mqa-mean-w16", "command": "add-sliding-window", "source": "mqa-mean",
             "options": {"window": 16, "full_layers": 0.5, "calibration_length": 96, "calibration_tokens": 192,
-                        "check": False}}  # fmt: skip
+                        "check": False}}
 
 
 def _write(path, content) -> str:
@@ -28,7 +28,7 @@ def pipeline_file(tmp_path, tiny_models):
         "model": "set-by-pipeline", "output_dir": "set-by-pipeline", "teacher": "set-by-pipeline",
         "max_steps": 2, "seq_len": 32, "micro_batch_size": 2, "loss": {"kind": "distill"},
         "validation": {"sources": [{"corpus": "pydoc"}], "max_tokens": 256}, "trainable": "new",
-    })  # fmt: skip
+    })
     return _write(tmp_path / "pipeline.yaml", {
         "source": str(tiny_models["mha"]),
         "output_dir": str(tmp_path / "run"),
@@ -40,7 +40,7 @@ def pipeline_file(tmp_path, tiny_models):
         ],
         "uptraining": [{"conversion": "mqa-mean", "recipe": recipe}],
         "evaluation": {"tasks": ["kvshrink_kjv_cloze"], "limit": 8, "batch_size": 4},
-    })  # fmt: skip
+    })
 
 
 def test_pipeline_runs_every_step_and_resumes(pipeline_file, tmp_path):
@@ -72,20 +72,38 @@ def test_pipeline_runs_every_step_and_resumes(pipeline_file, tmp_path):
     ("change", "fragment"),
     [
         (lambda p: p.update(conversion=[]), "unknown pipeline key conversion: did you mean conversions?"),
-        (lambda p: p["conversions"][0]["options"].update(grups=2), "conversion 'gqa2': unknown option 'grups': did you mean groups?"),
+        (
+            lambda p: p["conversions"][0]["options"].update(grups=2),
+            "conversion 'gqa2': unknown option 'grups': did you mean groups?"
+        ),
         (lambda p: p["conversions"][1].update(name="gqa2"), "must be unique"),
         (lambda p: p["uptraining"][0].update(conversion="mla"), "names conversion 'mla', which is not listed"),
-        (lambda p: p["conversions"][0].update(command="mha-to-xyz"), "choose one of mha-to-gqa, mha-to-mqa, mha-to-mla"),
+        (
+            lambda p: p["conversions"][0].update(command="mha-to-xyz"),
+            "choose one of mha-to-gqa, mha-to-mqa, mha-to-mla"
+        ),
         (lambda p: p["conversions"][0]["options"].pop("groups"), "conversion 'gqa2': option 'groups' is required"),
         (lambda p: p.update(source="example:llama"), "unknown example"),
-        (lambda p: p["conversions"][2]["options"].update(window=0), "conversion 'mqa-mean-w16': option 'window' is 0: it must be 1 or more"),
-        (lambda p: p["conversions"][2]["options"].pop("window"), "conversion 'mqa-mean-w16': option 'window' is required"),
-        (lambda p: p["conversions"][2]["options"].update(full_layers=1.5), "option 'full_layers' is 1.5: it must be 1 or less"),
+        (
+            lambda p: p["conversions"][2]["options"].update(window=0),
+            "conversion 'mqa-mean-w16': option 'window' is 0: it must be 1 or more"
+        ),
+        (
+            lambda p: p["conversions"][2]["options"].pop("window"),
+            "conversion 'mqa-mean-w16': option 'window' is required"
+        ),
+        (
+            lambda p: p["conversions"][2]["options"].update(full_layers=1.5),
+            "option 'full_layers' is 1.5: it must be 1 or less"
+        ),
         (lambda p: p["conversions"][2].update(source="mqa"), "names source 'mqa', which is not listed"),
         (lambda p: p["conversions"][1].update(source="mqa-mean-w16"), "cycle (mqa-mean -> mqa-mean-w16 -> mqa-mean)"),
-        (lambda p: p["conversions"][1].update(command="mha-to-mla", options={}), "cannot window 'mqa-mean' (mha-to-mla)"),
+        (
+            lambda p: p["conversions"][1].update(command="mha-to-mla", options={}),
+            "cannot window 'mqa-mean' (mha-to-mla)"
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_pipeline_files_are_refused_before_any_work(pipeline_file, tmp_path, change, fragment):
     content = yaml.safe_load(open(pipeline_file))
     change(content)

@@ -46,7 +46,9 @@ def tiny_deepseek_dir(tmp_path_factory) -> Path:
 def mla_source_dir(tmp_path_factory) -> Path:
     """A GQA Llama (4 heads, 2 KV heads) with the byte-level tokenizer: the source of the MLA conversions."""
     folder = tmp_path_factory.mktemp("mla-source") / "model"
-    return save_tiny_checkpoint(folder, "llama", 4, 2, tokenizer=True, initializer_range=0.15, max_position_embeddings=512)
+    return save_tiny_checkpoint(
+        folder, "llama", 4, 2, tokenizer=True, initializer_range=0.15, max_position_embeddings=512
+    )
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +59,7 @@ def mla_converted_dir(tmp_path_factory, mla_source_dir) -> Path:
 
     out = tmp_path_factory.mktemp("mla-converted") / "model"
     mha_to_mla(mla_source_dir, out, MlaOptions(kv_budget=0.5, target="sglang", check=False, progress=False,
-                                               calibration_tokens=1024, fit="none"))  # fmt: skip
+                                               calibration_tokens=1024, fit="none"))
     return out
 
 

@@ -23,24 +23,24 @@ def _launch_two_processes(recipe) -> None:
     """`uptrain recipe` on 2 gloo CPU processes: `--cpu` alone would need mpirun; torchrun's launcher plus
     ACCELERATE_USE_CPU gives gloo processes."""
     launched = _launch(recipe, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                       "--dynamo_backend", "no", environment={"ACCELERATE_USE_CPU": "1"})  # fmt: skip
+                       "--dynamo_backend", "no", environment={"ACCELERATE_USE_CPU": "1"})
     assert launched.returncode == 0, launched.stdout + launched.stderr
 
 
 def _launch(recipe, *launcher_arguments: str, environment: dict[str, str] | None = None,
-            resume: bool = False) -> subprocess.CompletedProcess:  # fmt: skip
+            resume: bool = False) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", *launcher_arguments, "-m", "kvshrink.uptrain", str(recipe),
          *(["--resume"] if resume else [])],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(environment or {})}, timeout=300,
-    )  # fmt: skip
+    )
 
 
 def _launch_zero3(recipe, mixed_precision: str = "no") -> None:
     """`uptrain recipe` under the shipped DeepSpeed ZeRO-3 config on 2 CPU processes (DeepSpeed's CPU accelerator,
     gloo), in fp32 unless asked."""
     launched = _launch(recipe, "--config_file", str(ZERO3_CONFIG), "--num_processes", "2", "--mixed_precision",
-                       mixed_precision)  # fmt: skip
+                       mixed_precision)
     assert launched.returncode == 0, launched.stdout + launched.stderr
 
 
@@ -62,7 +62,7 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, tiny_llama_
 
 
 def test_two_processes_split_attention_transfer_and_distil_mla_like_one_process(tmp_path, mla_source_dir,
-                                                                             mla_converted_dir, write_recipe):  # fmt: skip
+                                                                             mla_converted_dir, write_recipe):
     """The MLA recipe's stages on 2 CPU processes (gloo, DDP): attention transfer split over the processes, then
     distillation with every parameter trained (size-scaled latent rows, no freeze). accelerate 1.15 runs FSDP on
     accelerators only (on CPU its state falls back to MULTI_CPU), so FSDP2 itself is not exercised here."""
@@ -76,7 +76,7 @@ def _mla_stages_one_process(tmp_path, mla_source_dir, mla_converted_dir, write_r
     the same run for 2 processes, writing into tmp_path/name."""
     keys = dict(model=str(mla_converted_dir), teacher=str(mla_source_dir), stages=["attention_transfer", "end_to_end"],
                 attention_transfer={"steps": 10, "sequences": 4, "micro_batch_size": 2}, loss={"kind": "distill"},
-                trainable="all", max_steps=3, micro_batch_size=2, optimizer={"lr": 1e-3}, **extra)  # fmt: skip
+                trainable="all", max_steps=3, micro_batch_size=2, optimizer={"lr": 1e-3}, **extra)
     uptrain(load_recipe(write_recipe(**keys, gradient_accumulation=2, output_dir=str(tmp_path / "single"))))
     return write_recipe(**keys, gradient_accumulation=1, output_dir=str(tmp_path / name))
 
@@ -96,7 +96,9 @@ def _assert_like_one_process(output: Path, single: Path, distributed_type: str) 
         torch.testing.assert_close(weights[name], single_weights[name], rtol=1e-3, atol=1e-5)
 
 
-def test_deepspeed_zero3_runs_the_mla_stages_like_one_process(tmp_path, mla_source_dir, mla_converted_dir, write_recipe):
+def test_deepspeed_zero3_runs_the_mla_stages_like_one_process(
+    tmp_path, mla_source_dir, mla_converted_dir, write_recipe
+):
     """The shipped ZeRO-3 config on 2 CPU processes: the student and the teacher partitioned, attention transfer,
     then distillation with the size-scaled latent rows redone on ZeRO-3's slices (the tiny model's matrices stay
     whole between steps, under DeepSpeed's persistence threshold)."""
@@ -108,11 +110,13 @@ def test_deepspeed_zero3_runs_the_mla_stages_like_one_process(tmp_path, mla_sour
 
 
 def test_deepspeed_zero3_in_bf16_keeps_the_latent_rows_in_range(tmp_path, mla_source_dir, mla_converted_dir,
-                                                                 write_recipe):  # fmt: skip
+                                                                 write_recipe):
     """The shipped config's precision: DeepSpeed holds bf16 weights with fp32 master copies, where one process runs
     bf16 autocast on fp32 weights, so the two agree to bf16's precision only; the ~1e-8 latent rows of
     kv_a_proj_with_mqa keep their size (a plain Adam step at lr 1e-3 would make them ~1e-3)."""
-    recipe = _mla_stages_one_process(tmp_path, mla_source_dir, mla_converted_dir, write_recipe, "zero3", precision="bf16")
+    recipe = _mla_stages_one_process(
+        tmp_path, mla_source_dir, mla_converted_dir, write_recipe, "zero3", precision="bf16"
+    )
     _launch_zero3(recipe, mixed_precision="bf16")
     report = json.loads((tmp_path / "zero3" / "uptrain_report.json").read_text())
     expected = json.loads((tmp_path / "single" / "uptrain_report.json").read_text())
@@ -128,15 +132,15 @@ def test_deepspeed_zero3_in_bf16_keeps_the_latent_rows_in_range(tmp_path, mla_so
 
 
 def test_deepspeed_zero3_with_every_parameter_sliced_resumes_exactly(tmp_path, mla_source_dir, mla_converted_dir,
-                                                                    write_recipe):  # fmt: skip
+                                                                    write_recipe):
     """With the persistence threshold at 0 no parameter stays whole between steps; a run resumed from its
     step-2 DeepSpeed checkpoint ends bit-identical to the uninterrupted one, and both like one process."""
     config = tmp_path / "zero3.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                                   "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-                                  "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}))  # fmt: skip
+                                  "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}))
     recipe = _mla_stages_one_process(tmp_path, mla_source_dir, mla_converted_dir, write_recipe, "zero3",
-                                     save_interval=1, keep_last=3)  # fmt: skip
+                                     save_interval=1, keep_last=3)
     output = tmp_path / "zero3"
     launcher = ("--use_deepspeed", "--deepspeed_config_file", str(config), "--num_processes", "2")
     launched = _launch(recipe, *launcher)
@@ -149,7 +153,9 @@ def test_deepspeed_zero3_with_every_parameter_sliced_resumes_exactly(tmp_path, m
     for name in ("model.safetensors", "uptrain_report.json"):
         (output / name).unlink()
     resumed = _launch(recipe, *launcher, resume=True)
-    assert resumed.returncode == 0 and "resuming from" in resumed.stdout + resumed.stderr, resumed.stdout + resumed.stderr
+    assert (
+        resumed.returncode == 0 and "resuming from" in resumed.stdout + resumed.stderr
+    ), resumed.stdout + resumed.stderr
     final = load_file(output / "model.safetensors")
     assert all(torch.equal(final[name], uninterrupted[name]) for name in uninterrupted)
     _assert_each_process_holds_half(output)
@@ -168,11 +174,13 @@ def _assert_each_process_holds_half(output: Path) -> None:
         (["--zero_stage", "3", "--gradient_clipping", "0.5"],
          "the DeepSpeed config sets gradient_clipping to 0.5 but the recipe asks for 1.0"),
     ],
-)  # fmt: skip
+)
 def test_a_deepspeed_config_uptrain_cannot_honour_is_refused_in_one_line(tmp_path, tiny_llama_dir, write_recipe,
-                                                                       launcher_arguments, message):  # fmt: skip
+                                                                       launcher_arguments, message):
     recipe = write_recipe(model=str(tiny_llama_dir), output_dir=str(tmp_path / "out"))
-    launched = _launch(recipe, "--use_deepspeed", "--num_processes", "1", "--mixed_precision", "no", *launcher_arguments)
+    launched = _launch(
+        recipe, "--use_deepspeed", "--num_processes", "1", "--mixed_precision", "no", *launcher_arguments
+    )
     assert launched.returncode != 0
     assert f"Error: {message}" in launched.stderr
     assert "KvshrinkError" not in launched.stderr  # no traceback of ours (torchrun adds its own about the exit code)

@@ -48,15 +48,27 @@ def test_token_budgets_become_whole_steps(tiny_llama_dir, write_recipe):
         ({"max_tokens": 10}, "exactly one budget, got max_steps, max_tokens"),
         ({"max_steps": None}, "exactly one budget, got none"),
         ({"max_steps": 0}, "recipe key max_steps is 0: it must be greater than 0"),
-        ({"loss": {"kind": "distill"}}, "loss.kind is distill but there is no teacher: set teacher=PATH, or loss.kind=lm"),
+        (
+            {"loss": {"kind": "distill"}},
+            "loss.kind is distill but there is no teacher: set teacher=PATH, or loss.kind=lm"
+        ),
         ({"data": [{"corpus": "wiki"}]}, "data.0.corpus is 'wiki': choose one of pydoc, kjv"),
         ({"data": [{"corpus": "pydoc", "path": "x.txt"}]}, "data.0 must set exactly one of corpus, path, hf"),
         ({"data": [{"path": "x.txt"}]}, "no validation text: set validation.sources"),
         ({"output_dir": None}, "recipe key output_dir cannot be null"),
-        ({"data": [{"corpus": "pydoc", "weight": 1}, {"corpus": "kjv"}]}, "some data sources have a weight and some do not"),
+        (
+            {"data": [{"corpus": "pydoc", "weight": 1}, {"corpus": "kjv"}]},
+            "some data sources have a weight and some do not"
+        ),
         ({"data": [{"corpus": "pydoc", "weight": 0}]}, "data.0.weight is 0: it must be greater than 0"),
-        ({"data": [{"hf": "x", "weight": 1}]}, "data.0 is a streamed HF dataset, which is read in its own order and cannot be weighted"),
-        ({"validation": {"sources": [{"corpus": "kjv", "weight": 1}]}}, "validation.sources.0 has a weight, which only sets the training mix"),
+        (
+            {"data": [{"hf": "x", "weight": 1}]},
+            "data.0 is a streamed HF dataset, which is read in its own order and cannot be weighted"
+        ),
+        (
+            {"validation": {"sources": [{"corpus": "kjv", "weight": 1}]}},
+            "validation.sources.0 has a weight, which only sets the training mix"
+        ),
     ],
 )
 def test_invalid_recipes_are_refused_by_name(raw, message):

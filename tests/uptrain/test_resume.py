@@ -78,7 +78,9 @@ def test_weights_set_each_sources_share_of_every_pass(tiny_llama_dir, write_reci
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    by_size = load_recipe(write_recipe(model=str(tiny_llama_dir), seq_len=256, data=[{"corpus": "pydoc"}, {"corpus": "kjv"}]))
+    by_size = load_recipe(
+        write_recipe(model=str(tiny_llama_dir), seq_len=256, data=[{"corpus": "pydoc"}, {"corpus": "kjv"}])
+    )
     weighted = load_recipe(write_recipe(
         model=str(tiny_llama_dir), seq_len=256, data=[{"corpus": "pydoc", "weight": 1}, {"corpus": "kjv", "weight": 1}]
     ))
@@ -105,7 +107,9 @@ def test_a_weighted_source_without_a_whole_block_is_named(tmp_path, tiny_llama_d
         model=str(tiny_llama_dir), seq_len=256,
         data=[{"path": str(short), "weight": 1}, {"corpus": "pydoc", "weight": 1}],
     ))
-    with pytest.raises(KvshrinkError, match=f"data source path {short} has a weight but holds less than one 256-token block"):
+    with pytest.raises(
+        KvshrinkError, match=f"data source path {short} has a weight but holds less than one 256-token block"
+    ):
         build_data(recipe, AutoTokenizer.from_pretrained(tiny_llama_dir))
 
 

@@ -26,7 +26,7 @@ def _recipe(write_recipe, source: Path, model: Path, **keys):
     return load_recipe(write_recipe(**{
         "model": str(model), "teacher": str(source), "stages": STAGES, "attention_transfer": TRANSFER,
         "loss": {"kind": "distill"}, "max_steps": 2, "tracker": "csv", **keys,
-    }))  # fmt: skip
+    }))
 
 
 def test_attention_transfer_starts_exact_on_a_lossless_conversion(tmp_path, mla_source_dir, write_recipe):
@@ -38,7 +38,7 @@ def test_attention_transfer_starts_exact_on_a_lossless_conversion(tmp_path, mla_
     exact = tmp_path / "exact"
     mha_to_mla(mla_source_dir, exact, MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **QUICK))
     report = uptrain(_recipe(write_recipe, mla_source_dir, exact, stages=["attention_transfer"],
-                             attention_transfer={**TRANSFER, "steps": 1}))  # fmt: skip
+                             attention_transfer={**TRANSFER, "steps": 1}))
     assert [row["layer"] for row in report["attention_transfer"]["layers"]] == [0, 1]
     assert all(row["relative_start"] < 1e-9 for row in report["attention_transfer"]["layers"])
     assert all(row["heldout_relative_start"] < 1e-9 for row in report["attention_transfer"]["layers"])
@@ -53,15 +53,17 @@ def test_attention_transfer_multiplies_in_bf16_under_precision_bf16(tmp_path, ml
     exact = tmp_path / "exact"
     mha_to_mla(mla_source_dir, exact, MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **QUICK))
     report = uptrain(_recipe(write_recipe, mla_source_dir, exact, stages=["attention_transfer"], precision="bf16",
-                             attention_transfer={**TRANSFER, "steps": 1}))  # fmt: skip
+                             attention_transfer={**TRANSFER, "steps": 1}))
     assert all(1e-9 < row["relative_start"] < 1e-3 for row in report["attention_transfer"]["layers"])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_attention_transfer_fits_each_layer_and_the_output_holds_it(mla_source_dir, mla_converted_dir, write_recipe,
-                                                                   precision):  # fmt: skip
+                                                                   precision):
     """Each layer's error halves at least, in bf16 too (each step's forward sees the previous step's update)."""
-    recipe = _recipe(write_recipe, mla_source_dir, mla_converted_dir, stages=["attention_transfer"], precision=precision)
+    recipe = _recipe(
+        write_recipe, mla_source_dir, mla_converted_dir, stages=["attention_transfer"], precision=precision
+    )
     report = uptrain(recipe)
     layers = report["attention_transfer"]["layers"]
     assert [row["layer"] for row in layers] == [0, 1] and report["steps"] == 0
@@ -84,7 +86,7 @@ def test_attention_transfer_fits_each_layer_and_the_output_holds_it(mla_source_d
 
 
 def test_resume_redoes_only_the_missing_layer_and_ends_bit_identical(tmp_path, mla_source_dir, mla_converted_dir,
-                                                                     write_recipe):  # fmt: skip
+                                                                     write_recipe):
     reference = _recipe(write_recipe, mla_source_dir, mla_converted_dir, output_dir=str(tmp_path / "reference"))
     uptrain(reference)
     recipe = _recipe(write_recipe, mla_source_dir, mla_converted_dir, output_dir=str(tmp_path / "interrupted"))
@@ -92,18 +94,20 @@ def test_resume_redoes_only_the_missing_layer_and_ends_bit_identical(tmp_path, m
     output = Path(recipe.output_dir)
     # the state of a run killed while fitting layer 1: layer 0 written, nothing of the end-to-end stage
     for path in [*output.glob(f"{TRANSFER_DIR}/layer-0001.*"), output / "checkpoints", output / "uptrain_report.json",
-                 output / "model.safetensors"]:  # fmt: skip
+                 output / "model.safetensors"]:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     kept = (output / TRANSFER_DIR / "layer-0000.safetensors").stat().st_mtime_ns
     uptrain(recipe, resume=True)
     assert (output / TRANSFER_DIR / "layer-0000.safetensors").stat().st_mtime_ns == kept
-    expected, actual = load_file(Path(reference.output_dir) / "model.safetensors"), load_file(output / "model.safetensors")
+    expected, actual = (
+        load_file(Path(reference.output_dir) / "model.safetensors"), load_file(output / "model.safetensors")
+    )
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
 
 
 def test_an_output_with_transferred_layers_needs_resume(mla_source_dir, mla_converted_dir, write_recipe):
     recipe = _recipe(write_recipe, mla_source_dir, mla_converted_dir, stages=["attention_transfer"],
-                     attention_transfer={**TRANSFER, "steps": 1})  # fmt: skip
+                     attention_transfer={**TRANSFER, "steps": 1})
     uptrain(recipe)
     (Path(recipe.output_dir) / "uptrain_report.json").unlink()
     with pytest.raises(KvshrinkError, match="already holds a run: pass --resume"):
@@ -113,7 +117,10 @@ def test_an_output_with_transferred_layers_needs_resume(mla_source_dir, mla_conv
 @pytest.mark.parametrize(
     ("keys", "message"),
     [
-        ({"stages": ["end_to_end", "attention_transfer"]}, r"stages \['end_to_end', 'attention_transfer'\] are not in an order that can run"),
+        (
+            {"stages": ["end_to_end", "attention_transfer"]},
+            r"stages \['end_to_end', 'attention_transfer'\] are not in an order that can run"
+        ),
         ({"stages": ["attention_transfer", "attention_transfer"]}, "list each once"),
         ({"stages": []}, "are not in an order that can run"),
         ({"stages": ["distill"]}, "recipe key stages.0 is 'distill': choose one of attention_transfer, end_to_end"),
@@ -125,16 +132,20 @@ def test_an_output_with_transferred_layers_needs_resume(mla_source_dir, mla_conv
     ],
 )
 def test_bad_stage_recipes_are_refused_before_any_model_loads(tmp_path, mla_source_dir, mla_converted_dir,
-                                                              write_recipe, keys, message):  # fmt: skip
+                                                              write_recipe, keys, message):
     if keys.get("model") == "no-report":
-        shutil.copytree(mla_converted_dir, tmp_path / "no-report", ignore=shutil.ignore_patterns("kvshrink_report.json"))
+        shutil.copytree(
+            mla_converted_dir, tmp_path / "no-report", ignore=shutil.ignore_patterns("kvshrink_report.json")
+        )
         keys = {"model": str(tmp_path / "no-report")}
     if keys.get("teacher") == "other-vocabulary":
         shutil.copytree(mla_source_dir, tmp_path / "other", ignore=shutil.ignore_patterns("*.safetensors"))
         config = json.loads((tmp_path / "other" / "config.json").read_text())
         (tmp_path / "other" / "config.json").write_text(json.dumps({**config, "vocab_size": 301}))
         keys = {"teacher": str(tmp_path / "other")}
-    raw = {"model": str(mla_converted_dir), "teacher": str(mla_source_dir), "stages": STAGES, "loss": {"kind": "distill"}}
+    raw = {
+        "model": str(mla_converted_dir), "teacher": str(mla_source_dir), "stages": STAGES, "loss": {"kind": "distill"}
+    }
     with pytest.raises(KvshrinkError, match=message):
         load_recipe(write_recipe(**{**raw, **keys}))
 
@@ -175,8 +186,9 @@ def test_training_every_mla_parameter_keeps_the_latent_in_range_only_with_size_s
     """No freeze: the linearized latent rows of kv_a_proj_with_mqa (~1e-8) survive training with size-scaled
     updates (their RMS stays within 10%), while plain AdamW multiplies them by orders of magnitude."""
     recipe = load_recipe(write_recipe(
-        model=str(mla_converted_dir), trainable="all", max_steps=3, optimizer={"lr": 1e-3, "size_scaled_rows": size_scaled},
-    ))  # fmt: skip
+        model=str(mla_converted_dir), trainable="all", max_steps=3,
+        optimizer={"lr": 1e-3, "size_scaled_rows": size_scaled},
+    ))
     uptrain(recipe)
     rank = json.loads((mla_converted_dir / "config.json").read_text())["kv_lora_rank"]
     name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
@@ -189,7 +201,9 @@ def test_training_every_mla_parameter_keeps_the_latent_in_range_only_with_size_s
         assert after / before > 100
 
 
-def test_attention_transfer_fits_only_what_the_conversions_fit_left_unless_asked(tmp_path, mla_source_dir, write_recipe):
+def test_attention_transfer_fits_only_what_the_conversions_fit_left_unless_asked(
+    tmp_path, mla_source_dir, write_recipe
+):
     """The conversion's block-wise fit is the same loop: attention_transfer fits only the layers that kept an
     approximate closed form (here layer 1, where the fit found no held-out gain), is skipped when every layer was
     fitted or exact, and fits every changed layer with attention_transfer.after_fit."""
@@ -203,7 +217,7 @@ def test_attention_transfer_fits_only_what_the_conversions_fit_left_unless_asked
     partly = uptrain(_recipe(write_recipe, mla_source_dir, fitted, max_steps=1))
     assert [row["layer"] for row in partly["attention_transfer"]["layers"]] == [1]
     asked = uptrain(_recipe(write_recipe, mla_source_dir, fitted, max_steps=1, output_dir=str(tmp_path / "asked"),
-                            attention_transfer={**TRANSFER, "steps": 2, "after_fit": True}))  # fmt: skip
+                            attention_transfer={**TRANSFER, "steps": 2, "after_fit": True}))
     assert [row["layer"] for row in asked["attention_transfer"]["layers"]] == [0, 1]
     exact = tmp_path / "exact"  # every layer already exact: nothing is left to transfer
     mha_to_mla(mla_source_dir, exact, MlaOptions(rope_dim="all", kv_rank="full", target="transformers", **fitting))

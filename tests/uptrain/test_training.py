@@ -172,7 +172,8 @@ def test_output_loads_in_the_stock_class(request, fixture, write_recipe, tiny_ll
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny_llama_dir, write_recipe):
     recipe = load_recipe(write_recipe(
-        model=str(tiny_llama_dir), max_steps=30, save_interval=1, keep_last=30, optimizer={"lr": 1e30, "grad_clip": None},
+        model=str(tiny_llama_dir), max_steps=30, save_interval=1, keep_last=30,
+        optimizer={"lr": 1e30, "grad_clip": None},
         schedule={"kind": "constant"},
     ))
     with pytest.raises(KvshrinkError, match=r"training loss became nan at step (\d+): lower optimizer.lr") as error:
@@ -201,14 +202,16 @@ def test_a_windowed_conversion_distils_and_stays_windowed(tmp_path, tiny_llama_t
 
     windowed = tmp_path / "windowed"
     add_sliding_window(tiny_llama_teacher_dir, windowed, SlidingWindowOptions(
-        window=8, full_layers=0.5, calibration_tokens=512, calibration_length=64, check=False, progress=False))  # fmt: skip
+        window=8, full_layers=0.5, calibration_tokens=512, calibration_length=64, check=False, progress=False))
     report = uptrain(load_recipe(write_recipe(
         model=str(windowed), teacher=str(tiny_llama_teacher_dir), loss={"kind": "distill"}, trainable="all",
         seq_len=64, max_steps=3,
     )))
     assert report["loss_start"] > 0.0 and math.isfinite(report["loss_end"])
     start, end = _weights(windowed), _weights(tmp_path / "out")
-    assert not torch.equal(start["model.layers.0.self_attn.q_proj.weight"], end["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        start["model.layers.0.self_attn.q_proj.weight"], end["model.layers.0.self_attn.q_proj.weight"]
+    )
     before, after = AutoConfig.from_pretrained(windowed), AutoConfig.from_pretrained(tmp_path / "out")
     assert type(after).__name__ == type(before).__name__ == "MinistralConfig"
     assert after.layer_types == before.layer_types and after.sliding_window == before.sliding_window == 8
