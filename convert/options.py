@@ -9,6 +9,7 @@ here, so every entry point refuses the same option sets with the same message.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -56,6 +57,7 @@ class ConvertOptions(OptionsModel):
     progress: bool = Field(True, description="Show progress bars.", json_schema_extra={"cli": False})
 
 
+MLA_SHAPE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*$")  # --mla-shape RANK+ROPE
 FIT_MICRO_BATCH = 2  # calibration windows an optimizer step of the fit reads
 FIT_CHECKS = 8  # held-out checks over the fit's steps; two without a new best stop it
 
@@ -164,6 +166,26 @@ class MlaOptions(FittedOptions):
         False, description="Refuse query/value/rope-key biases the serving layout cannot hold exactly, instead of "
         "refitting them into the weights on the calibration text (approximate; the report gives each layer's error).",
     )
+
+    @model_validator(mode="after")
+    def _one_well_formed_size(self) -> MlaOptions:
+        """Exactly one of the size options, each well formed (a source decides the rest: `mla.shapes`)."""
+        sizes = (("--kv-rank", self.kv_rank), ("--kv-budget", self.kv_budget), ("--mla-shape", self.mla_shape))
+        given = [flag for flag, value in sizes if value is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "pass exactly one of --kv-rank, --kv-budget or --mla-shape"
+                + (f" (got {' and '.join(given)})" if given else "")
+            )
+        if self.kv_budget is not None and not 0 < self.kv_budget < 1:
+            raise ValueError(
+                f"--kv-budget {self.kv_budget} must be a fraction of the source KV cache in (0, 1), e.g. 0.25"
+            )
+        if self.mla_shape is not None and not MLA_SHAPE.match(self.mla_shape):
+            raise ValueError(f"--mla-shape {self.mla_shape!r} is not RANK+ROPE: use a form like 512+64")
+        if self.mla_shape is not None and self.rope_dim is not None:
+            raise ValueError("--mla-shape already sets the rope dim: drop --rope-dim")
+        return self
 
     @model_validator(mode="after")
     def _a_whole_calibration_window(self) -> MlaOptions:

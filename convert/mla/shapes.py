@@ -8,15 +8,13 @@ fraction is at most the budget, and an explicit shape or rank must be one of the
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from kvshrink.convert.attention import HeadCounts
 from kvshrink.convert.engines import EngineRules
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.options import MlaOptions
+from kvshrink.convert.options import MLA_SHAPE, MlaOptions
 
-_SHAPE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*$")
 ENGINE_ROPE_DIM = 64  # every shape vLLM's MLA kernels take has a 64-dim rope key
 
 
@@ -28,30 +26,12 @@ class MlaShape:
     head_dim: int  # source head_dim = v_head_dim
 
 
-def _given_once(request: MlaOptions) -> None:
-    given = [name for name, value in (("--kv-rank", request.kv_rank), ("--kv-budget", request.kv_budget),
-                                      ("--mla-shape", request.mla_shape)) if value is not None]
-    if len(given) != 1:
-        raise KvshrinkError(
-            "pass exactly one of --kv-rank, --kv-budget or --mla-shape"
-            + (f" (got {' and '.join(given)})" if given else "")
-        )
-    if request.kv_budget is not None and not 0 < float(request.kv_budget) < 1:
-        raise KvshrinkError(
-            f"--kv-budget {request.kv_budget} must be a fraction of the source KV cache in (0, 1), e.g. 0.25"
-        )
-
-
 def _parse_mla_shape(request: MlaOptions) -> tuple[int | str | None, int | str | None]:
-    """(kv rank, rope dim) as requested."""
+    """(kv rank, rope dim) as requested (`MlaOptions` has checked that exactly one size was given, well formed)."""
     if request.mla_shape is None:
         return request.kv_rank, request.rope_dim
-    match = _SHAPE.match(request.mla_shape)
-    if not match:
-        raise KvshrinkError(f"--mla-shape {request.mla_shape!r} is not RANK+ROPE: use a form like 512+64")
-    if request.rope_dim is not None:
-        raise KvshrinkError("--mla-shape already sets the rope dim: drop --rope-dim")
-    return int(match.group(1)), int(match.group(2))
+    rank, rope = MLA_SHAPE.match(request.mla_shape).groups()
+    return int(rank), int(rope)
 
 
 def _full_rank(counts: HeadCounts, rope_dim: int, latent_inputs: int) -> tuple[int, int]:
@@ -74,7 +54,6 @@ def free_shape(counts: HeadCounts, request: MlaOptions, latent_inputs: int, one_
 
     `one_per_frequency`: the rope key may hold one component per frequency only (default RoPE of serving engines).
     """
-    _given_once(request)
     d, kv_heads = counts.head_dim, counts.num_kv_heads
     all_rope = kv_heads * d
     max_rope = d if one_per_frequency else all_rope
@@ -153,7 +132,6 @@ def _describe(shapes: list[tuple[int, int, float]]) -> str:
 
 def engine_shape(counts: HeadCounts, request: MlaOptions, rules: EngineRules, latent_inputs: int) -> MlaShape:
     """A shape the engine runs: a budget snaps down to one, an explicit shape or rank must be one."""
-    _given_once(request)
     reachable = reachable_shapes(counts, rules, latent_inputs)
     if not reachable:
         raise KvshrinkError(
