@@ -188,6 +188,15 @@ def _summary(conversion: Conversion, method: Method, plan: Plan, layers: list[di
     return summary
 
 
+def _scored_folders(conversion: Conversion, plan: Plan, scratch: contextlib.ExitStack) -> list[Path]:
+    """A scratch folder for each model the check scores beside the output, inside the staging folder (so it is
+    gone on success, on error and on Ctrl-C alike) and removed when `scratch` closes."""
+    return [
+        Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=conversion.staging)))
+        for target in plan.targets[1:]
+    ]
+
+
 def convert(source: str | Path, out: str | Path, method: Method) -> dict[str, Any]:
     """Run `method` on `source` and write its output to `out` (staged beside it, renamed into place when complete);
     returns the report also written to OUT/kvshrink_report.json."""
@@ -197,15 +206,8 @@ def convert(source: str | Path, out: str | Path, method: Method) -> dict[str, An
         calibration = method.calibrate(conversion)
         plan = method.plan(conversion, calibration)
         del calibration  # what the plan keeps of it is in the plan
-        with contextlib.ExitStack() as scratch:  # scored models live inside the staging folder, gone in any case
-            folders = [conversion.staging] + [
-                Path(
-                    scratch.enter_context(
-                        tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=conversion.staging)
-                    )
-                )
-                for target in plan.targets[1:]
-            ]
+        with contextlib.ExitStack() as scratch:
+            folders = [conversion.staging] + _scored_folders(conversion, plan, scratch)
             targets = _write(conversion, method, plan, folders)
             check = _check(conversion, method, plan, targets) if conversion.options.check else None
         output = targets[0]
