@@ -112,12 +112,12 @@ def calibration_speed(source: Path, tokens: int) -> tuple[float, float]:
     from kvshrink.convert.check import load_causal_lm
     from kvshrink.convert.checkpoint import open_source
     from kvshrink.convert.corpora import calibration_text
-    from kvshrink.convert.layers import LayerStream, StockModel
+    from kvshrink.convert.layers import HeapTrim, LayerStream, StockModel
 
     windows = calibration_windows(source, calibration_text(None), tokens)
     count = sum(window.numel() for window in windows)
     with open_source(source) as checkpoint:
-        model = StockModel.of_checkpoint(checkpoint, torch.device("cpu"))
+        model = StockModel.of_checkpoint(checkpoint, torch.device("cpu"), HeapTrim())  # as the converters run
         start = time.perf_counter()
         stream = LayerStream(model, windows)
         for index in range(model.num_layers):

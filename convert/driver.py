@@ -22,15 +22,15 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from kvshrink.convert.calibration import Calibration, AttentionInputs, calibration_windows
+from kvshrink.convert.calibration import AttentionInputs, Calibration, calibration_windows
 from kvshrink.convert.check import compare_perplexity
 from kvshrink.convert.corpora import calibration_text, check_text
 from kvshrink.convert.fitting import LayerFit, fit_converted_attention, fit_summary, require_fit_windows
-from kvshrink.convert.layers import StockModel
-from kvshrink.convert.options import ConvertOptions, FittedOptions
 from kvshrink.convert.frame import (
     Conversion, LayerWriter, SplitRows, finish, open_conversion, require_free_space, write_metadata,
 )
+from kvshrink.convert.layers import StockModel
+from kvshrink.convert.options import ConvertOptions, FittedOptions
 
 LayerResult = tuple[dict[str, torch.Tensor], dict[str, Any]]  # a layer's tensors (full names, float32), its report
 
@@ -140,7 +140,7 @@ def _convert_layer(conversion: Conversion, method: Method, plan: Plan, targets: 
         tensors, report = result
         target.writer.write_layer(layer, tensors)
         target.layers.append(report)
-        if feedback is None and conversion.options.error_feedback:
+        if feedback is None and isinstance(conversion.options, FittedOptions) and conversion.options.error_feedback:
             feedback = tensors
         del tensors, result
     del inputs

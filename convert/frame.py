@@ -33,26 +33,14 @@ from kvshrink.convert.kvcache import kv_bytes_per_token
 from kvshrink.convert.layers import HeapTrim, StockModel, resolve_device
 from kvshrink.convert.maths import SourceRope, read_source_rope
 from kvshrink.convert.model_card import write_model_card
-from kvshrink.convert.options import ConvertOptions
+from kvshrink.convert.options import ConvertOptions, parse_size
 from kvshrink.convert.outdir import atomic_output_dir, check_output_dir
 from kvshrink.convert.safetensors_io import ShardedSafetensorsWriter
 
 REPORT_FILE = "kvshrink_report.json"
 SplitRows = dict[str, dict[str, slice]]  # source tensor -> {target tensor: its rows of the source}
 _STALE_BUFFERS = re.compile(r"rotary_emb\.inv_freq$")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _FREE_SPACE_MARGIN = 64 * 2**20  # headers, config, tokenizer files
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a plain byte count -> bytes (decimal units, like transformers)."""
-    if isinstance(text, int):
-        return text
-    match = _SIZE.match(text)
-    if not match or float(match.group(1)) <= 0:
-        raise KvshrinkError(f"shard size {text!r} is not a size: use a form like 5GB, 500MB or 1000000")
-    unit = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[match.group(2).upper()]
-    return int(float(match.group(1)) * unit)
 
 
 @dataclass
@@ -165,7 +153,6 @@ def open_conversion(source: str | Path, out: str | Path, options: ConvertOptions
     (a refusal, Ctrl-C, a full disk) it is deleted and the source is untouched."""
     started = time.perf_counter()
     out = Path(out)
-    parse_size(options.out_shard_size)
     source_path = Path(source)
     check_output_dir(out, options.overwrite, source_path if source_path.exists() else None, options.break_lock)
     device = resolve_device(options.device)
@@ -281,10 +268,8 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return peak
 
 
-def write_metadata(conversion: Conversion, config: dict[str, Any], folder: Path | None = None) -> None:
-    """config.json and the source's tokenizer, chat template and generation files, beside the weights (in the
-    staging folder unless `folder` says otherwise)."""
-    folder = folder or conversion.staging
+def write_metadata(conversion: Conversion, config: dict[str, Any], folder: Path) -> None:
+    """config.json and the source's tokenizer, chat template and generation files, beside the weights in `folder`."""
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for side_file in conversion.checkpoint.side_files():
         shutil.copy2(side_file, folder / side_file.name)

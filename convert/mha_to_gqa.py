@@ -14,19 +14,17 @@ from typing import Any, ClassVar
 
 from kvshrink.convert import gqa
 from kvshrink.convert.attention import AttentionWeights, attention_tensors, read_attention
-from kvshrink.convert.calibration import Calibration, AttentionInputs
+from kvshrink.convert.calibration import AttentionInputs, Calibration
 from kvshrink.convert.driver import LayerResult, Plan, TargetPlan, calibration_inputs, convert
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.frame import Conversion
 from kvshrink.convert.gqa.attended import RotaryAttentionInputs
 from kvshrink.convert.gqa.projection_norms import per_head_stand_in, restore_projection_norms
 from kvshrink.convert.layers import StockModel
 from kvshrink.convert.options import GqaOptions
-from kvshrink.convert.frame import Conversion
 
 
 def _validate_groups(groups: int, kv_heads: int) -> None:
-    if groups <= 0:
-        raise KvshrinkError(f"--groups must be a positive number of KV heads, got {groups}")
     if groups > kv_heads:
         raise KvshrinkError(
             f"--groups {groups} is more than the source's {kv_heads} KV heads: merging can only reduce them; "
@@ -71,29 +69,29 @@ def _refuse(conversion: Conversion, options: GqaOptions) -> None:
         conversion.require_tokenizer(" and ".join(needs), " ".join(needs.values()))
 
 
-def _with_rope(conversion: Conversion, statistics: AttentionInputs) -> AttentionInputs:
-    """The statistics with the source's RoPE and logit scaling attached, so methods can recompute the source's
+def _with_rope(conversion: Conversion, inputs: AttentionInputs) -> AttentionInputs:
+    """The inputs with the source's RoPE and logit scaling attached, so methods can recompute the source's
     attention."""
     config, rope = conversion.checkpoint.config, conversion.rope
     if rope.inv_freq is None:  # no one table (per-layer-type RoPE): the methods weigh tokens without its attention
-        return statistics
+        return inputs
     scalar, softcap = config.get("query_pre_attn_scalar"), config.get("attn_logit_softcapping")
     logits = {"logit_scale": float(scalar) ** -0.5 if scalar else None, "logit_softcap": softcap}
-    return RotaryAttentionInputs(statistics.inputs, rope.inv_freq, rope.attention_scaling,
+    return RotaryAttentionInputs(inputs.inputs, rope.inv_freq, rope.attention_scaling,
                                  norm_eps=conversion.rms_norm_eps, **logits)
 
 
 def _merge(conversion: Conversion, attention: AttentionWeights, options: GqaOptions,
-           statistics: AttentionInputs | None) -> gqa.KvMerge:
+           inputs: AttentionInputs | None) -> gqa.KvMerge:
     if options.groups == attention.num_kv_heads:  # nothing to merge: every tensor stays as it is
         return gqa.KvMerge(attention, [[head] for head in range(options.groups)])
     merge = gqa.get_method(options.method)
     if not conversion.spec.has_projection_norms:
-        return merge(attention, options.groups, statistics)
+        return merge(attention, options.groups, inputs)
     # OLMo-2: q/k norms span the whole projection; merge per-head stand-ins, then carry the norms over
-    result = merge(per_head_stand_in(attention), options.groups, statistics)
+    result = merge(per_head_stand_in(attention), options.groups, inputs)
     eps = conversion.rms_norm_eps
-    return restore_projection_norms(attention, result, statistics, eps)
+    return restore_projection_norms(attention, result, inputs, eps)
 
 
 def _target_config(conversion: Conversion, options: GqaOptions) -> dict[str, Any]:
@@ -131,10 +129,10 @@ class GqaMethod:
         return Plan(method=f"gqa/{options.method}", targets=[target], calibration=calibration, summary=summary)
 
     def convert_layer(self, conversion: Conversion, plan: Plan, layer: int,
-                      statistics: AttentionInputs | None) -> list[LayerResult]:
+                      inputs: AttentionInputs | None) -> list[LayerResult]:
         """The layer's merged attention tensors and report entry (the driver fits and writes them)."""
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after it ran
-        with_rope = _with_rope(conversion, statistics) if statistics is not None else None
+        with_rope = _with_rope(conversion, inputs) if inputs is not None else None
         result = _merge(conversion, attention, self.options, with_rope)
         report = {"layer": layer, "groups": result.groups, **gqa.projection_errors(attention, result), **result.details}
         return [(attention_tensors(result.attention, conversion.spec, layer), report)]

@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from kvshrink.convert import engines
 from kvshrink.convert.attention import AttentionBiases, AttentionWeights, read_attention, read_biases
-from kvshrink.convert.calibration import Calibration, AttentionInputs
+from kvshrink.convert.calibration import AttentionInputs, Calibration
 from kvshrink.convert.driver import LayerResult, Plan, TargetPlan, calibration_inputs, convert
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.frame import Conversion
 from kvshrink.convert.layers import StockModel
 from kvshrink.convert.maths import augmented, augmented_inputs, augmented_moment, to_complex
 from kvshrink.convert.mla import deepseek
@@ -34,14 +35,13 @@ from kvshrink.convert.mla.rope import RopeBasis, RopeSlots, choose_slots, rope_b
 from kvshrink.convert.mla.shapes import MlaShape, resolve_shape
 from kvshrink.convert.mla.yarn import YarnFit, fit_yarn
 from kvshrink.convert.options import MlaOptions
-from kvshrink.convert.frame import Conversion
 
 _LINEARIZATION_SAMPLE = 2048
 OTHER_TARGET = {"vllm": "transformers", "sglang": "transformers", "transformers": "vllm"}
 
 
-def _refuse_unsupported(context: Conversion, exact_only: bool) -> None:
-    config, spec = context.checkpoint.config, context.spec
+def _refuse_unsupported(conversion: Conversion, exact_only: bool) -> None:
+    config, spec = conversion.checkpoint.config, conversion.spec
     spec.require("mla", exact_only)
     window = config.get("sliding_window")
     window_used = config.get(spec.sliding_window_switch, False) if spec.sliding_window_switch else True
@@ -52,8 +52,8 @@ def _refuse_unsupported(context: Conversion, exact_only: bool) -> None:
         )
     if config.get("mlp_bias"):
         raise KvshrinkError("the source's MLP has biases, which DeepseekV3's MLP lacks: convert a model without them")
-    first_attention = context.spec.tensor_name(0, "qkv_proj" if spec.fused_qkv else "q_proj")
-    if context.checkpoint.dtype(first_attention) == torch.float16:
+    first_attention = conversion.spec.tensor_name(0, "qkv_proj" if spec.fused_qkv else "q_proj")
+    if conversion.checkpoint.dtype(first_attention) == torch.float16:
         raise KvshrinkError(
             "the source is float16, which cannot hold the linearized latent (its tiny values are subnormal in "
             "float16): save the source as bfloat16 or float32 first, e.g. "
@@ -65,11 +65,12 @@ def _nonzero(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and bool(tensor.abs().max() > 0)
 
 
-def _input_norm_bound(context: Conversion, layer: int, sample: torch.Tensor) -> float:
+def _input_norm_bound(conversion: Conversion, layer: int, sample: torch.Tensor) -> float:
     """Largest possible ‖x̃‖ of the layer input: an RMSNorm output, ‖x‖ ≤ sqrt(n)·max|weight| (plus the 1 of x̃)."""
-    name = f"{context.spec.layer_prefix.format(layer=layer)}input_layernorm.weight"
-    if name in context.checkpoint:
-        largest = float(context.checkpoint.tensor(name).float().abs().max()) * math.sqrt(context.counts.hidden_size)
+    name = f"{conversion.spec.layer_prefix.format(layer=layer)}input_layernorm.weight"
+    if name in conversion.checkpoint:
+        weight = conversion.checkpoint.tensor(name).float()
+        largest = float(weight.abs().max()) * math.sqrt(conversion.counts.hidden_size)
     else:  # no visible norm weight: the calibration maximum with a wide margin
         largest = 100 * float(sample[:, :-1].norm(dim=1).max())
     return math.sqrt(largest**2 + 1)
@@ -84,23 +85,23 @@ class RopeSummary:
     distances: torch.Tensor | None  # the source's attention per distance [H, T]; None when distance is ignored
 
 
-def _head_norms(conversion: Conversion, attention: AttentionWeights, statistics: AttentionInputs,
+def _head_norms(conversion: Conversion, attention: AttentionWeights, inputs: AttentionInputs,
                 options: MlaOptions) -> HeadNormFit | None:
     """The calibrated linear maps that stand in for per-head q/k norms (Qwen3), fitted on this layer's inputs."""
     if attention.q_norm is None and attention.k_norm is None:
         return None
     eps = conversion.rms_norm_eps
-    return fit_head_norms(attention, statistics.flat_inputs, eps, options.head_norm_fit)
+    return fit_head_norms(attention, inputs.flat_inputs, eps, options.head_norm_fit)
 
 
-def _summarize_layer(attention: AttentionWeights, statistics: AttentionInputs, options: MlaOptions,
+def _summarize_layer(attention: AttentionWeights, inputs: AttentionInputs, options: MlaOptions,
                      inv_freq: torch.Tensor) -> RopeSummary:
     """`attention` as DeepseekV3 will hold it (head norms already linearized)."""
     heads, d = attention.num_heads, attention.head_dim
-    moment = augmented_moment(augmented_inputs(statistics.flat_inputs))
+    moment = augmented_moment(augmented_inputs(inputs.flat_inputs))
     distances = None
     if options.distance_aware:
-        distances = attention_distances(attention, statistics.inputs, inv_freq)
+        distances = attention_distances(attention, inputs.inputs, inv_freq)
         gains = rotation_gains(distances, inv_freq)
         position_loss = 1 - gains.abs() ** 2
     else:  # a pair that loses RoPE is read as if at distance 0, and every pair's position signal counts fully
@@ -119,34 +120,34 @@ def _summarize(conversion: Conversion, options: MlaOptions, windows: list[torch.
     for layer in tqdm(
         range(conversion.counts.num_layers), desc="calibrating", unit="layer", disable=not options.progress
     ):
-        statistics = calibration.attention_inputs(layer)
+        inputs = calibration.attention_inputs(layer)
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after it ran
-        head_norms = _head_norms(conversion, attention, statistics, options)
+        head_norms = _head_norms(conversion, attention, inputs, options)
         if head_norms is not None:
             attention = linearized(attention, head_norms)
-        summaries.append(_summarize_layer(attention, statistics, options, inv_freq))
-        del attention, statistics  # before the next materialized layer
+        summaries.append(_summarize_layer(attention, inputs, options, inv_freq))
+        del attention, inputs  # before the next materialized layer
         calibration.advance(layer)
     return summaries
 
 
 def _layer_calibration(
-    statistics: AttentionInputs, summary: RopeSummary, head_norms: HeadNormFit | None
+    inputs: AttentionInputs, summary: RopeSummary, head_norms: HeadNormFit | None
 ) -> LayerCalibration:
     """Pass 2: the layer's input moment and a sample of its inputs, with what pass 1 decided."""
-    flat = augmented_inputs(statistics.flat_inputs)
+    flat = augmented_inputs(inputs.flat_inputs)
     sample = flat[torch.linspace(0, flat.shape[0] - 1, min(_LINEARIZATION_SAMPLE, flat.shape[0])).long()]
     return LayerCalibration(moment=augmented_moment(flat), sample=sample, gains=summary.gains,
                             distances=summary.distances, basis=summary.basis, head_norms=head_norms)
 
 
-def _bias_tensor(context: Conversion, layer: int, part: str) -> str:
-    fused = context.spec.fused_qkv and part in ("q_proj", "k_proj", "v_proj")
-    return context.spec.tensor_name(layer, "qkv_proj" if fused else part, "bias")
+def _bias_tensor(conversion: Conversion, layer: int, part: str) -> str:
+    fused = conversion.spec.fused_qkv and part in ("q_proj", "k_proj", "v_proj")
+    return conversion.spec.tensor_name(layer, "qkv_proj" if fused else part, "bias")
 
 
 def _output_format(
-    context: Conversion, serving: bool, layers: list[AttentionBiases], rope_biases, exact_biases: bool
+    conversion: Conversion, serving: bool, layers: list[AttentionBiases], rope_biases, exact_biases: bool
 ) -> OutputFormat:
     """Where the source's biases go: exact folds, a refit into the weights (serving layout), or a refusal naming the
     tensor that cannot be carried."""
@@ -159,14 +160,14 @@ def _output_format(
             ):
                 if _nonzero(bias) and (exact_biases or part == "o_proj"):
                     raise KvshrinkError(
-                        f"{_bias_tensor(context, layer, part)} is not zero and serving engines run DeepseekV3 "
+                        f"{_bias_tensor(conversion, layer, part)} is not zero and serving engines run DeepseekV3 "
                         f"without attention biases ({why}): pass --target transformers"
                         + ("" if part == "o_proj" else ", or drop --exact-biases to refit it into the weights")
                     )
             if exact_biases and bool(rope_biases[layer].abs().max() > 0):
                 raise KvshrinkError(
-                    f"{_bias_tensor(context, layer, 'k_proj')} has a component on rotary pairs that keep RoPE, which "
-                    "no bias-free serving layout carries: pass --target transformers, or drop --exact-biases to "
+                    f"{_bias_tensor(conversion, layer, 'k_proj')} has a component on rotary pairs that keep RoPE, "
+                    "which no bias-free serving layout carries: pass --target transformers, or drop --exact-biases to "
                     "refit it into the weights"
                 )
         refit = any(_nonzero(a.q_bias) or _nonzero(a.v_bias) for a in layers) or any(
@@ -439,11 +440,11 @@ class MlaMethod:
         )
 
     def convert_layer(self, conversion: Conversion, plan: Plan, layer: int,
-                      statistics: AttentionInputs) -> list[LayerResult]:
+                      inputs: AttentionInputs) -> list[LayerResult]:
         """The layer's DeepseekV3 attention under each target's plan (the driver fits and writes them)."""
         attention = read_attention(conversion.checkpoint, conversion.spec, layer, conversion.counts)  # after it ran
-        head_norms = _head_norms(conversion, attention, statistics, self.options)
-        layer_calibration = _layer_calibration(statistics, plan.layer_summaries[layer], head_norms)
+        head_norms = _head_norms(conversion, attention, inputs, self.options)
+        layer_calibration = _layer_calibration(inputs, plan.layer_summaries[layer], head_norms)
         if head_norms is not None:
             attention = linearized(attention, head_norms)
         return [_convert_layer(conversion, target.layout, self.options, layer, attention, layer_calibration)

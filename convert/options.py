@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kvshrink.convert import gqa
 from kvshrink.convert.calibration import CALIBRATION_WINDOW
@@ -38,14 +38,8 @@ class ConvertOptions(OptionsModel):
         "(default: the train splits of Python's pydoc topics and the King James Bible interleaved, both offline; pydoc "
         "alone where the `bible` program is missing).", json_schema_extra={"metavar": "FILE|CORPUS"},
     )
-    calibration_tokens: int = Field(8192, description="Tokens of calibration text the source reads "
-                                    "(512-token windows) for calibrated methods.")
+    calibration_tokens: int = Field(8192, description="Tokens of calibration text the source reads.")
     check_tokens: int = Field(2048, ge=2, description="Tokens of calibration text the perplexity check reads.")
-    error_feedback: bool = Field(
-        False, description="Calibrate each layer on the hidden states of the already converted layers before it "
-        "(as GPTQ does) instead of the source's. Off by default: on SmolLM2 it made MQA 3.6% worse and MLA no "
-        "better (benchmarks/error_feedback.py).",
-    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where each layer runs during calibration and the check (auto: CUDA when present)."
     )
@@ -55,6 +49,26 @@ class ConvertOptions(OptionsModel):
     allow_pickle: bool = Field(False, description="Read pickled .bin weights (torch.load with weights_only=True); "
                                "refused otherwise.")
     progress: bool = Field(True, description="Show progress bars.", json_schema_extra={"cli": False})
+
+    @field_validator("out_shard_size")
+    @classmethod
+    def _a_size(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a plain byte count -> bytes (decimal units, like transformers)."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"shard size {text!r} is not a size: use a form like 5GB, 500MB or 1000000")
+    unit = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[match.group(2).upper()]
+    return int(float(match.group(1)) * unit)
 
 
 MLA_SHAPE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*$")  # --mla-shape RANK+ROPE
@@ -67,6 +81,11 @@ class FittedOptions(ConvertOptions):
 
     calibration_tokens: int = Field(16384, description="Tokens of calibration text the source reads "
                                     "(512-token windows) for calibrated methods and the fit.")
+    error_feedback: bool = Field(
+        False, description="Calibrate each layer on the hidden states of the already converted layers before it "
+        "(as GPTQ does) instead of the source's. Off by default: on SmolLM2 it made MQA 3.6% worse and MLA no "
+        "better (benchmarks/error_feedback.py).",
+    )
 
     fit: Literal["attention", "none"] = Field(
         "attention", description="attention: after the closed-form merge, fit each converted attention to the source "
@@ -105,6 +124,12 @@ class GqaOptions(FittedOptions):
         "first groups similar heads; 'aligned' also rotates heads onto each other; 'output-aware' fits the shared "
         "K/V to keep logits and o_proj outputs. All but 'mean' calibrate on text.",
     )
+
+    @model_validator(mode="after")
+    def _some_groups(self) -> GqaOptions:
+        if self.groups <= 0:
+            raise ValueError(f"--groups must be a positive number of KV heads, got {self.groups}")
+        return self
 
     @model_validator(mode="after")
     def _enough_calibration_text(self) -> GqaOptions:

@@ -24,10 +24,10 @@ from kvshrink.convert.driver import LayerResult, Plan, TargetPlan, convert
 from kvshrink.convert.engines import windowed_engines
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.families import load_family_specs
+from kvshrink.convert.frame import Conversion
 from kvshrink.convert.kvcache import kv_bytes_at_context
 from kvshrink.convert.layers import StockModel
 from kvshrink.convert.options import SlidingWindowOptions
-from kvshrink.convert.frame import Conversion
 from kvshrink.convert.window_reach import LayerReach, evenly_spaced, mean_dropped, measure_and_advance, most_reaching
 
 DEFAULT_CALIBRATION_LENGTH = 4096
@@ -225,7 +225,7 @@ class SlidingWindowMethod:
             layer_summaries=calibration.reaches,
         )
 
-    def convert_layer(self, conversion: Conversion, plan: Plan, layer: int, statistics: None) -> list[LayerResult]:
+    def convert_layer(self, conversion: Conversion, plan: Plan, layer: int, inputs: None) -> list[LayerResult]:
         """The layer's attention tensors unchanged (copied byte for byte) plus the zero biases the target class
         needs; its report entry is what the window drops there."""
         checkpoint, biases = conversion.checkpoint, plan.output.layout

@@ -66,7 +66,8 @@ def _task_manager(include_path: str):
 @contextlib.contextmanager
 def _offline_for_local_tasks(tasks: list[str]):
     """While the offline suite runs alone, tell the hub and datasets libraries to stay offline (it reads local files
-    only, and without these the datasets library still tries the network); the environment is restored after."""
+    only, and without these the datasets library still tries the network); the variables are restored after, but a
+    library first imported here keeps what it read at import (the datasets library reads them once)."""
     local_only = all(task in OFFLINE_TASKS for task in tasks)
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"} if local_only else {}
     saved = {name: os.environ.get(name) for name in offline}

@@ -127,7 +127,7 @@ def regroup_similar_heads(
     step of the calibrated methods. `method` names the caller in the error raised when `stats` is missing."""
     if stats is None:
         raise KvshrinkError(
-            f"{method} needs calibration statistics: pass the layer statistics of a calibration.Calibration"
+            f"{method} needs calibration inputs: pass what Calibration.attention_inputs gives for the layer"
         )
     moment = input_moment(stats.flat_inputs)
     head_groups = similar_groups(attention, groups, moment)

@@ -22,7 +22,7 @@ from kvshrink.convert.outdir import atomic_output_dir
 from kvshrink.convert.staging import OWNER_FILE, OWNERLESS_STALE_AFTER, Owner
 
 QUICK = ["--calibration", "pydoc", "--calibration-tokens", "2048", "--check-tokens", "256"]
-CALIBRATION = "kvshrink.convert.calibration:Calibration.statistics"
+CALIBRATION = "kvshrink.convert.calibration:Calibration.attention_inputs"
 SHARD_WRITE = "kvshrink.convert.safetensors_io:ShardedSafetensorsWriter.add_copy"
 CHECK = "kvshrink.convert.layers:LayerStream.negative_log_likelihood"
 
