@@ -340,9 +340,9 @@ def test_output_aware_fits_values_to_what_attention_averages():
 
 
 @pytest.mark.parametrize("method", CALIBRATED)
-def test_calibrated_methods_refuse_to_run_without_statistics(method):
+def test_calibrated_methods_refuse_to_run_without_calibration_inputs(method):
     attention = layer_attention(tiny(), 0)
-    with pytest.raises(Exception, match="calibration statistics"):
+    with pytest.raises(Exception, match="needs calibration inputs"):
         get_method(method)(attention, 2, None)
 
 

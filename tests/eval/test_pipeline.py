@@ -99,7 +99,7 @@ def test_pipeline_runs_every_step_and_resumes(pipeline_file, tmp_path):
         (lambda p: p["conversions"][2].update(source="mqa"), "names source 'mqa', which is not listed"),
         (lambda p: p["conversions"][1].update(source="mqa-mean-w16"), "cycle (mqa-mean -> mqa-mean-w16 -> mqa-mean)"),
         (
-            lambda p: p["conversions"][1].update(command="mha-to-mla", options={}),
+            lambda p: p["conversions"][1].update(command="mha-to-mla", options={"kv_budget": 0.5}),
             "cannot window 'mqa-mean' (mha-to-mla)"
         ),
     ],
