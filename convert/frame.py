@@ -32,12 +32,11 @@ from kvshrink.convert.families import FamilySpec, family_for
 from kvshrink.convert.kvcache import kv_bytes_per_token
 from kvshrink.convert.layers import HeapTrim, StockModel, resolve_device
 from kvshrink.convert.maths import SourceRope, read_source_rope
-from kvshrink.convert.model_card import write_model_card
+from kvshrink.convert.model_card import REPORT_FILE, write_model_card
 from kvshrink.convert.options import ConvertOptions, parse_size
 from kvshrink.convert.outdir import atomic_output_dir, check_output_dir
 from kvshrink.convert.safetensors_io import ShardedSafetensorsWriter
 
-REPORT_FILE = "kvshrink_report.json"
 SplitRows = dict[str, dict[str, slice]]  # source tensor -> {target tensor: its rows of the source}
 _STALE_BUFFERS = re.compile(r"rotary_emb\.inv_freq$")
 _FREE_SPACE_MARGIN = 64 * 2**20  # headers, config, tokenizer files

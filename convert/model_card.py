@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+REPORT_FILE = "kvshrink_report.json"  # what a conversion writes beside its weights; uptrain and eval read it
+
 CARD_FILE = "README.md"
 
 

@@ -19,7 +19,7 @@ from kvshrink.convert.calibration import CALIBRATION_WINDOW
 from kvshrink.convert.corpora import default_calibration
 from kvshrink.convert.fitting import FitSettings
 from kvshrink.convert.option_models import OptionsModel, build_options
-from kvshrink.convert.staging import BREAK_LOCK_HELP
+from kvshrink.convert.staging import BREAK_LOCK_HELP, OVERWRITE_HELP
 
 __all__ = ["FIXED_OPTIONS", "ConvertOptions", "GqaOptions", "MlaOptions", "SlidingWindowOptions", "build_options"]
 
@@ -43,7 +43,7 @@ class ConvertOptions(OptionsModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where each layer runs during calibration and the check (auto: CUDA when present)."
     )
-    overwrite: bool = Field(False, description="Replace OUT if it exists.")
+    overwrite: bool = Field(False, description=OVERWRITE_HELP)
     break_lock: bool = Field(False, description=BREAK_LOCK_HELP)
     out_shard_size: str = Field("5GB", description="Largest output shard, e.g. 5GB or 500MB.")
     allow_pickle: bool = Field(False, description="Read pickled .bin weights (torch.load with weights_only=True); "

@@ -48,6 +48,8 @@ OWNERLESS_STALE_AFTER = 24 * 3600  # seconds; a live run of an older kvshrink wr
 UNKNOWN_START = "unknown"  # the platform cannot tell when a process started: any live process with the pid owns it
 
 break_lock_option = click.option(BREAK_LOCK_FLAG, is_flag=True, help=BREAK_LOCK_HELP)
+OVERWRITE_HELP = "Replace OUT if it exists."
+overwrite_option = click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 
 
 def _process_start(pid: int) -> str | None:

@@ -8,7 +8,7 @@ import click
 
 from kvshrink.convert.cli import KvshrinkGroup, options_from
 from kvshrink.convert.option_models import build_options
-from kvshrink.convert.staging import break_lock_option
+from kvshrink.convert.staging import break_lock_option, overwrite_option
 from kvshrink.eval.options import EvalOptions
 
 
@@ -33,7 +33,7 @@ def eval_cli():
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the results (must not exist).")
 @options_from(EvalOptions)
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@overwrite_option
 @break_lock_option
 def run_command(models, out, overwrite, break_lock, **fields):
     """Score MODELS (Hugging Face folders; the first is the base) on lm-eval tasks; write results to OUT."""
@@ -50,7 +50,7 @@ def run_command(models, out, overwrite, break_lock, **fields):
 @click.argument("result_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Folder for comparison.md, comparison.png and comparison.json (must not exist).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@overwrite_option
 @break_lock_option
 def compare_command(result_dirs, out, overwrite, break_lock):
     """Compare RESULT_DIRS written by `eval run` (the first model is the base): tables and a quality-vs-KV plot."""

@@ -9,8 +9,9 @@ from typing import Any
 
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.kvcache import kv_bytes_per_token
+from kvshrink.convert.model_card import REPORT_FILE
 
-REPORT_FILES = {"conversion_report": "kvshrink_report.json", "uptrain_report": "uptrain_report.json"}
+REPORT_FILES = {"conversion_report": REPORT_FILE, "uptrain_report": "uptrain_report.json"}
 
 
 @dataclass(frozen=True)

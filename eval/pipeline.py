@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.model_card import REPORT_FILE
 from kvshrink.convert.option_models import Naming, OptionsModel, build, build_options
 from kvshrink.convert.outdir import check_output_dir
 from kvshrink.convert.staging import break_lock_option, run_lock
@@ -234,7 +235,7 @@ def _models_table(models: list[ModelFolder]) -> str:
         kv = kv_bytes_per_token(model.config)
         base_bytes = base_bytes or kv
         at_context = kv_bytes_at_context(model.config, REPORTED_CONTEXT)
-        conversion = _read_optional(folder / "kvshrink_report.json")
+        conversion = _read_optional(folder / REPORT_FILE)
         uptrained = _read_optional(folder / "uptrain_report.json")
         check = conversion.get("check", {})
         check_text = f"{check['source_perplexity']:.2f} → {check['converted_perplexity']:.2f}" if check else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,9 +19,9 @@ from pydantic import Field, StrictBool, field_validator, model_validator
 
 from kvshrink.convert.corpora import CORPORA
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.model_card import REPORT_FILE as CONVERSION_REPORT
 from kvshrink.convert.option_models import Naming, OptionsModel, WholeNumber, build
 
-CONVERSION_REPORT = "kvshrink_report.json"
 DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _ATTENTION_TENSOR = re.compile(r"^model\.layers\.(\d+)\.self_attn\.")
 RECIPE_NAMING = Naming("recipe key", style="dotted")
@@ -112,7 +113,8 @@ class Loss(OptionsModel):
     distill_weight: float = Field(0.5, ge=0, le=1)  # mix only: loss = (1 - w) * lm + w * distill
 
 
-STAGES = ("attention_transfer", "end_to_end")
+Stage = Literal["attention_transfer", "end_to_end"]
+STAGES = typing.get_args(Stage)  # in the order they run
 
 
 class AttentionTransfer(OptionsModel):
@@ -158,7 +160,7 @@ class Recipe(OptionsModel):
     seed: WholeNumber = 0
     tracker: Literal["none", "csv", "tensorboard", "wandb"] = "none"
     resume: StrictBool = False  # continue from the newest checkpoint in output_dir
-    stages: list[Literal["attention_transfer", "end_to_end"]] = Field(default_factory=lambda: ["end_to_end"])
+    stages: list[Stage] = Field(default_factory=lambda: ["end_to_end"])
     attention_transfer: AttentionTransfer = Field(default_factory=AttentionTransfer)
 
     @model_validator(mode="after")
