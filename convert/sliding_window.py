@@ -99,7 +99,6 @@ def _refuse(conversion: Conversion, options: SlidingWindowOptions) -> None:
             f"{context or 'unknown'})"
         )
     conversion.require_tokenizer("the per-layer measurement reads calibration text", "")
-    _zero_biases(conversion, conversion.target_model(_target_config(conversion, options, [])))  # refuses a class
 
 
 @dataclass
@@ -203,8 +202,11 @@ class SlidingWindowMethod:
         _refuse(conversion, self.options)
 
     def sized_targets(self, conversion: Conversion) -> list[StockModel]:
-        """Which layers keep full attention changes no tensor's size."""
-        return [conversion.target_model(_target_config(conversion, self.options, []))]
+        """Which layers keep full attention changes no tensor's size; a target class that cannot hold the source's
+        tensors exactly is refused here, before any calibration."""
+        target = conversion.target_model(_target_config(conversion, self.options, []))
+        _zero_biases(conversion, target)
+        return [target]
 
     def calibrate(self, conversion: Conversion) -> WindowCalibration:
         return _measure(conversion, self.options)
