@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from kvshrink.uptrain.precision import resolved_precision
+from kvshrink.convert.precision import resolved_precision
 
 HIDDEN, INTERMEDIATE, VOCABULARY = 576, 1536, 49152
 

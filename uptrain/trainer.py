@@ -34,7 +34,7 @@ from kvshrink.uptrain.data import Blocks, TrainingStream, build_data
 from kvshrink.uptrain.host_memory import keep_freed_memory
 from kvshrink.uptrain.losses import training_loss
 from kvshrink.convert.optimizer import SizeScaledRows, off_scale_parameters, parameter_groups, reference_rms
-from kvshrink.uptrain.precision import resolved_precision, running_precision
+from kvshrink.convert.precision import resolved_precision, running_precision
 from kvshrink.uptrain.recipe import CONVERSION_REPORT, Recipe, Schedule, runs_attention_transfer
 from kvshrink.uptrain.trackers import tracker_for
 from kvshrink.uptrain.trainable import select_trainable

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvshrink.convert import precision as precision_module
+from kvshrink.convert.precision import resolved_precision
 from kvshrink.uptrain import load_recipe, uptrain
-from kvshrink.uptrain import precision as precision_module
-from kvshrink.uptrain.precision import resolved_precision
 
 
 @pytest.mark.parametrize(
