@@ -122,8 +122,8 @@ def _fit(conversion: Conversion, method: Method, calibration: Calibration, targe
     every = method.fits_every_tensor or options.fit_scope == "attention"
     trainable = list(tensors) if every else conversion.changed_tensors(tensors)
     fitted, report["fit"] = fit_converted_attention(LayerFit(
-        calibration.model, target.model, layer, inputs.inputs, tensors, trainable, options.fit_settings(),
-        options.fit_heldout_windows,
+        calibration.model, target.model, layer, inputs.inputs, tensors, trainable,
+        options.fit_settings(conversion.device), options.fit_heldout_windows,
     ))
     return fitted, report
 
@@ -184,7 +184,7 @@ def _summary(conversion: Conversion, method: Method, plan: Plan, layers: list[di
                                                   "why": support.why}}
     options = conversion.options
     if plan.calibration is not None and isinstance(options, FittedOptions):
-        summary["fit"] = fit_summary(options.fit_report(), layers) if options.fit != "none" else None
+        summary["fit"] = fit_summary(options.fit_report(conversion.device), layers) if options.fit != "none" else None
     return summary
 
 

@@ -14,7 +14,9 @@ from transformers import AutoModelForCausalLM
 from kvshrink.convert.checkpoint import open_folder
 from kvshrink.convert.cli import convert_cli
 from kvshrink.convert.corpora import corpus_text
-from kvshrink.convert.fitting import AttentionRunner, FitSettings, HeldOut, WindowPairs, fit_attention, heldout_indices
+from kvshrink.convert.fitting import (
+    AttentionRunner, FitSettings, HeldOut, WindowPairs, _batch_loss, fit_attention, heldout_indices,
+)
 from kvshrink.convert.layers import AttentionTables, StockModel
 from kvshrink.convert.mha_to_gqa import mha_to_gqa
 from kvshrink.convert.mha_to_mla import mha_to_mla
@@ -100,9 +102,10 @@ def test_mla_fit_lowers_held_out_error_and_an_exact_latent_is_left_alone(tiny_ch
     assert _logit_error(tmp_path / "exact", source) < 1e-5
 
 
-def test_fit_attention_stops_early_and_ends_at_the_best_point(tiny_checkpoint):
-    """Held-out targets opposite to the fitted ones: every step that fits makes the held-out error worse, so the
-    fit stops after two checks without a new best and ends at its starting tensors, bit for bit."""
+def test_fit_attention_backtracks_stops_early_and_ends_at_the_best_point(tiny_checkpoint):
+    """Held-out targets that the starting tensors give exactly: every step that fits makes the held-out error
+    worse, so the first check goes back to the start at half the learning rate, the second stops the fit, and it
+    ends at its starting tensors, bit for bit."""
     model = StockModel.of_checkpoint(open_folder(tiny_checkpoint("llama", 4, 2)), torch.device("cpu"))
     attention, teacher = (model.layer(0).self_attn for _ in range(2))
     with torch.no_grad():
@@ -111,14 +114,41 @@ def test_fit_attention_stops_early_and_ends_at_the_best_point(tiny_checkpoint):
     inputs = [torch.randn(32, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     with torch.no_grad():
         targets = [runner(teacher, x) for x in inputs]
+        unchanged = [runner(attention, x) for x in inputs]
     before = {name: p.detach().clone() for name, p in attention.named_parameters()}
-    heldout = HeldOut.measured(attention, runner, WindowPairs(inputs, [-t for t in targets]))
+    heldout = HeldOut.measured(attention, runner, WindowPairs(inputs, unchanged))
     result = fit_attention(attention, dict(attention.named_parameters()), runner, WindowPairs(inputs, targets),
                            FitSettings(steps=40, lr=1e-2, micro_batch_size=2, checks=8),
                            torch.Generator().manual_seed(0), 0.1, heldout=heldout)
-    assert result["stopped"] == "early" and result["steps"] < 40
-    assert result["heldout_relative_end"] == result["heldout_relative_start"]
+    assert result["stopped"] == "early" and result["steps"] == 10 and result["backtracks"] == 1
+    assert result["heldout_relative_end"] == result["heldout_relative_start"] == 0.0
     assert all(torch.equal(p, before[name]) for name, p in attention.named_parameters())
+
+
+def test_a_step_runs_windows_of_one_length_as_one_batch_with_the_same_loss(tiny_checkpoint):
+    """Windows of one length go through the attention together, others alone; the loss is the mean over windows
+    of each one's own mean squared error either way."""
+    model = StockModel.of_checkpoint(open_folder(tiny_checkpoint("llama", 4, 2)), torch.device("cpu"))
+    attention, runner = model.layer(0).self_attn, AttentionRunner(AttentionTables(model), 0)
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(length, 64, generator=generator) for length in (32, 32, 20)]
+    pairs = WindowPairs(inputs, [torch.randn(x.shape, generator=generator) for x in inputs])
+    silent = WindowPairs(inputs, [torch.zeros(x.shape) for x in inputs])  # the loss is the output's own square
+    with torch.no_grad():
+        each = [float((runner(attention, x) - y).pow(2).mean()) for x, y in zip(pairs.inputs, pairs.targets)]
+        batched = float(_batch_loss(attention, runner, pairs, [0, 1, 2], "fp32"))
+        energy = [float(_batch_loss(attention, runner, silent, [0, 1], p)) for p in ("fp32", "bf16")]
+    assert batched == pytest.approx(sum(each) / 3, rel=1e-6)
+    assert energy[1] == pytest.approx(energy[0], rel=2e-2) and energy[1] != pytest.approx(energy[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_fit_gains_in_either_precision_and_the_report_says_which(tiny_checkpoint, tmp_path, precision):
+    """bf16 autocast steps update float32 master weights; the errors that decide and report are float32."""
+    source = tiny_checkpoint("llama", **LOSSY)
+    report = mha_to_gqa(source, tmp_path / "out", GqaOptions(groups=1, fit_precision=precision, **QUICK))
+    assert report["fit"]["precision"] == precision and report["fit"]["layers_fitted"] >= 1
+    assert report["fit"]["heldout_relative_end_mean"] < 0.99 * report["fit"]["heldout_relative_start_mean"]
 
 
 def test_held_out_windows_are_spread_over_the_text():
