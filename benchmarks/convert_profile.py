@@ -4,8 +4,9 @@ Runs one default conversion in this process under cProfile (`mha-to-gqa --groups
 at a shape), then reads the cumulative seconds of the functions that make up each step: the calibration forward
 (the windows advanced through the source's layers, and MLA's first pass), the method's closed form and its parts
 (grouping search, merges, error reports; MLA's latent factorization), the block-wise fit and its parts (the source
-attention's outputs, the steps' forward, backward and update, the errors it measures), writing, and the check. The last column divides
-by one whole-model transformers forward over the calibration tokens (the least any calibrated method must read).
+attention's outputs, the steps' forward, backward and update, the errors it measures), writing, and the check.
+The last column divides by one whole-model transformers forward over the calibration tokens (the least any
+calibrated method must read).
 
     python benchmarks/convert_profile.py runs/smollm2 --method mqa
     python benchmarks/convert_profile.py runs/smollm2 --method mla --mla-shape 256+64 --calibration-tokens 4096
