@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
+from convert_speed import whole_model_seconds  # benchmarks/ is on the path when a script here runs
 from kvshrink.convert.calibration import calibration_windows
-from kvshrink.convert.check import load_causal_lm
 from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.mha_to_gqa import mha_to_gqa
 from kvshrink.convert.mha_to_mla import mha_to_mla
@@ -64,13 +64,7 @@ def cumulative_seconds(stats: pstats.Stats, path: str, function: str) -> float:
 
 def forward_seconds(source: Path, tokens: int) -> float:
     """One whole-model forward of the source over the calibration windows, as transformers runs it."""
-    windows = calibration_windows(source, calibration_text(None), tokens)
-    model = load_causal_lm(source, "cpu")
-    start = time.perf_counter()
-    with torch.no_grad():
-        for window in windows:
-            model.model(input_ids=window[None], use_cache=False)
-    return time.perf_counter() - start
+    return whole_model_seconds(source, calibration_windows(source, calibration_text(None), tokens))
 
 
 def run(args: argparse.Namespace, out: Path) -> tuple[dict, float, pstats.Stats]:

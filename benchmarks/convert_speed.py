@@ -109,7 +109,6 @@ def converter(name: str) -> str:
 def calibration_speed(source: Path, tokens: int) -> tuple[float, float]:
     """(streamed, whole-model) tokens/s of one pass of the source over `tokens` calibration tokens."""
     from kvshrink.convert.calibration import calibration_windows
-    from kvshrink.convert.check import load_causal_lm
     from kvshrink.convert.checkpoint import open_source
     from kvshrink.convert.corpora import calibration_text
     from kvshrink.convert.layers import HeapTrim, LayerStream, StockModel
@@ -123,12 +122,19 @@ def calibration_speed(source: Path, tokens: int) -> tuple[float, float]:
         for index in range(model.num_layers):
             stream.run(model.layer(index), index)
         streamed = count / (time.perf_counter() - start)
+    return streamed, count / whole_model_seconds(source, windows)
+
+
+def whole_model_seconds(source: Path, windows: list[torch.Tensor]) -> float:
+    """Seconds of one whole-model forward of the source over `windows`, as stock transformers runs it."""
+    from kvshrink.convert.check import load_causal_lm
+
     whole_model = load_causal_lm(source, "cpu")
     start = time.perf_counter()
     with torch.no_grad():
         for window in windows:
             whole_model.model(input_ids=window[None], use_cache=False)
-    return streamed, count / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
 def io_mode(args, workdir: Path, source: Path, copy_seconds: float) -> None:

@@ -55,21 +55,21 @@ def attention_module(method: str, hidden: int, heads: int) -> tuple[torch.nn.Mod
     return LlamaAttention(config, 0), LlamaRotaryEmbedding(config)
 
 
-def seconds_per_step(attention, runner, pairs: WindowPairs, precision: str, steps: int) -> float:
-    settings = FitSettings(steps=steps, lr=1e-4, micro_batch_size=2, precision=precision)
+def seconds_per_step(attention, runner, pairs: WindowPairs, precision: str, steps: int, measure: float) -> float:
+    """Seconds of one optimizer step, less the `measure` seconds a window that fit_attention measures before and
+    after its steps."""
     parameters = dict(attention.named_parameters())
-    fit_attention(attention, parameters, runner, pairs, FitSettings(steps=1, lr=1e-4, micro_batch_size=2,
-                                                                    precision=precision),
-                  torch.Generator().manual_seed(0), 0.02)  # warm-up: kernels and allocator
-    start = time.perf_counter()
-    fit_attention(attention, parameters, runner, pairs, settings, torch.Generator().manual_seed(0), 0.02)
-    measuring = 2 * len(pairs)  # fit_attention measures its fitted windows before and after
-    return (time.perf_counter() - start - measuring * seconds_per_measure(attention, runner, pairs)) / steps
+    for timed_steps in (1, steps):  # the first run warms up kernels and the allocator
+        settings = FitSettings(steps=timed_steps, lr=1e-4, micro_batch_size=2, precision=precision)
+        start = time.perf_counter()
+        fit_attention(attention, parameters, runner, pairs, settings, torch.Generator().manual_seed(0), 0.02)
+    return (time.perf_counter() - start - 2 * len(pairs) * measure) / steps
 
 
 @torch.no_grad()
 def seconds_per_measure(attention, runner, pairs: WindowPairs) -> float:
     attention.eval()
+    runner(attention, pairs.inputs[0])  # warm-up: kernels and allocator
     start = time.perf_counter()
     for window in pairs.inputs:
         runner(attention, window)
@@ -96,8 +96,8 @@ def main() -> None:
             torch.manual_seed(0)
             attention, rotary = attention_module(method, hidden, heads)
             runner = AttentionRunner(Tables(rotary), 0)
-            step = {p: seconds_per_step(attention, runner, pairs, p, args.steps) for p in ("fp32", "bf16")}
             measure = seconds_per_measure(attention, runner, pairs)
+            step = {p: seconds_per_step(attention, runner, pairs, p, args.steps, measure) for p in ("fp32", "bf16")}
             layer = DEFAULT_STEPS * step[auto] + (MEASURED_WINDOWS + HELDOUT_MEASURES + CALIBRATION_WINDOWS) * measure
             print(f"{width:8} {method:6} {step['fp32'] * 1e3:12.0f} {step['bf16'] * 1e3:13.0f} "
                   f"{measure * 1e3:18.0f} {layer:27.1f}", flush=True)

@@ -119,11 +119,11 @@ class FittedOptions(ConvertOptions):
                            precision=resolved_precision(self.fit_precision, device))
 
     def fit_report(self, device: torch.device) -> dict[str, Any]:
-        """The fit's settings as the report and model card state them."""
-        return {"steps": self.fit_steps, "lr": self.fit_lr, "micro_batch_size": FIT_MICRO_BATCH, "checks": FIT_CHECKS,
-                "heldout_windows": self.fit_heldout_windows, "scope": self.fit_scope,
-                "precision": resolved_precision(self.fit_precision, device),
-                "text": self.calibration or default_calibration()}
+        """The settings the fit ran with (`fit_settings`) as the report and model card state them."""
+        settings = self.fit_settings(device)
+        return {"steps": settings.steps, "lr": settings.lr, "micro_batch_size": settings.micro_batch_size,
+                "checks": settings.checks, "heldout_windows": self.fit_heldout_windows, "scope": self.fit_scope,
+                "precision": settings.precision, "text": self.calibration or default_calibration()}
 
 
 class GqaOptions(FittedOptions):

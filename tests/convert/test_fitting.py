@@ -159,6 +159,7 @@ def test_held_out_windows_are_spread_over_the_text():
     (["--calibration-tokens", "512"], "leaving none to fit: pass more --calibration-tokens"),
     (["--fit-steps", "0"], "--fit-steps"),
     (["--fit", "sgd"], "'sgd' is not one of 'attention', 'none'"),
+    (["--fit-precision", "fp16"], "'fp16' is not one of 'auto', 'fp32', 'bf16'"),
 ])
 def test_bad_fit_options_get_one_line_and_write_nothing(tiny_checkpoint, tmp_path, flags, message):
     source = tiny_checkpoint("llama", 4, 2, tokenizer=True)
