@@ -17,6 +17,7 @@ COMMANDS = [
     ("convert", ["mha-to-gqa"]),
     ("convert", ["mha-to-mqa"]),
     ("convert", ["mha-to-mla"]),
+    ("convert", ["add-linear-attention"]),
     ("kvshrink", ["example", "smollm2"]),
     ("uptrain", []),
     ("kvshrink", ["eval", "run"]),

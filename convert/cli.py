@@ -10,7 +10,9 @@ import click
 from pydantic import BaseModel
 
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.options import FIXED_OPTIONS, GqaOptions, MlaOptions, SlidingWindowOptions, build_options
+from kvshrink.convert.options import (
+    FIXED_OPTIONS, GqaOptions, LinearAttentionOptions, MlaOptions, SlidingWindowOptions, build_options,
+)
 from kvshrink.convert.staging import break_lock_option, overwrite_option
 
 
@@ -245,11 +247,38 @@ def add_sliding_window_command(source, out, **fields):
                f"({window['layer_choice']})")
     for name, mass in window["mean_mass_beyond_window"].items():
         click.echo(f"  attention mass beyond the window, mean over layers, {name} choice: {mass:.4f}")
-    for context, kv in report["kv_bytes_per_token_at_context"].items():
-        click.echo(f"  KV cache per token at {int(context):,} tokens: {kv['source']:,.0f} -> {kv['target']:,.0f} bytes "
-                   f"({kv['target'] / kv['source']:.1%})")
+    _print_held(report["kv_bytes_per_token_at_context"], "KV cache")
     click.echo(f"  valid in {', '.join(report['valid_engines'])}")
     _print_exclusions(report)
+
+
+@convert_cli.command("add-linear-attention")
+@source_and_out
+@options_from(LinearAttentionOptions)
+def add_linear_attention_command(source, out, **fields):
+    """Make --linear-layers of SRC's layers Mamba-2 mixers (a fixed-size state instead of a KV cache); write OUT.
+
+    Each mixer is initialized from the attention it replaces (C from W_Q, B from W_K, x from W_V, out_proj from
+    W_O), its forgetting rates and output scales calibrated on text, then fitted to that attention's output
+    (--fit). The other layers keep their attention exactly. OUT loads in stock transformers as
+    GraniteMoeHybridForCausalLM; with --linear-layers 0 it reproduces the source's logits. The linear layers are
+    approximate: uptrain the output.
+    """
+    from kvshrink.convert.linear_attention import add_linear_attention
+
+    report = add_linear_attention(source, out, build_options(LinearAttentionOptions, fields, cli=True))
+    _print_summary(report, Path(out).resolve())
+    linear = report["linear_attention"]
+    click.echo(f"  Mamba-2 layers {linear['linear_layers']} ({linear['layer_choice']}); their state "
+               f"{linear['recurrent_state_bytes']:,} bytes per sequence at any length")
+    _print_held(report["bytes_held_per_token_at_context"], "cache + state")
+
+
+def _print_held(by_context: dict[str, dict[str, float]], what: str) -> None:
+    """Bytes held per token at each reported context, source -> output."""
+    for context, held in by_context.items():
+        click.echo(f"  {what} per token at {int(context):,} tokens: {held['source']:,.0f} -> {held['target']:,.0f} "
+                   f"bytes ({held['target'] / held['source']:.1%})")
 
 
 kvshrink_cli.add_command(convert_cli, name="convert")

@@ -27,7 +27,7 @@ from kvshrink.convert.check import compare_perplexity
 from kvshrink.convert.corpora import calibration_text, check_text
 from kvshrink.convert.fitting import LayerFit, fit_converted_attention, fit_summary, require_fit_windows
 from kvshrink.convert.frame import (
-    Conversion, LayerWriter, SplitRows, finish, open_conversion, require_free_space, write_metadata,
+    Conversion, Derived, LayerWriter, finish, open_conversion, require_free_space, write_metadata,
 )
 from kvshrink.convert.layers import StockModel
 from kvshrink.convert.options import ConvertOptions, FittedOptions
@@ -52,7 +52,7 @@ class Plan:
     targets: list[TargetPlan]  # the output first
     calibration: Calibration | None  # windows at layer 0 for the per-layer pass; None: layers need no inputs
     summary: dict[str, Any]  # the method's part of the report
-    split_rows: SplitRows | None = None  # fused source tensors the targets split by rows
+    derived: Derived | None = None  # target tensors made of source rows: split, fused or renamed
     check_window: int | None = None  # tokens a check window holds (None: compare_perplexity's default)
     layer_summaries: list[Any] | None = None  # what calibration left of each layer for the per-layer pass
     scored_refusals: dict[str, str] = field(default_factory=dict)  # models the check would score, refused: why
@@ -122,7 +122,7 @@ def _fit(conversion: Conversion, method: Method, calibration: Calibration, targe
     every = method.fits_every_tensor or options.fit_scope == "attention"
     trainable = list(tensors) if every else conversion.changed_tensors(tensors)
     fitted, report["fit"] = fit_converted_attention(LayerFit(
-        calibration.model, target.model, layer, inputs.inputs, tensors, trainable,
+        calibration.model, target.model, conversion.spec.attention_module, layer, inputs.inputs, tensors, trainable,
         options.fit_settings(conversion.device), options.fit_heldout_windows,
     ))
     return fitted, report
@@ -154,8 +154,8 @@ def _convert_layer(conversion: Conversion, method: Method, plan: Plan, targets: 
 def _write(conversion: Conversion, method: Method, plan: Plan, folders: list[Path]) -> list[_Target]:
     """Every layer of every target converted and written, then each target's remaining tensors and metadata."""
     targets = [
-        _Target(target, folder, conversion.target_model(target.config, plan.split_rows),
-                LayerWriter(conversion, folder, plan.split_rows))
+        _Target(target, folder, conversion.target_model(target.config, plan.derived),
+                LayerWriter(conversion, folder, plan.derived))
         for target, folder in zip(plan.targets, folders, strict=True)
     ]
     steps = "converting" if plan.calibration is not None else "writing"

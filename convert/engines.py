@@ -4,8 +4,9 @@ A DeepseekV3 folder that stock transformers loads is not automatically one vLLM 
 kernels take few cache widths, they rewrite RoPE types, they ignore layout flags and biases. Each rule below names
 the file and commit it was read from (vllm-project/vllm, sgl-project/sglang), so a rule can be re-checked when an
 engine changes. `engine_problems` reads a converted config.json against one engine's rules; `valid_engines` is
-what the report, the printed summary and the model card say. `windowed_engines` says the same for an
-`add-sliding-window` output: which engines run its class with the per-layer windows of `layer_types`.
+what the report, the printed summary and the model card say. `class_engines` says the same for an
+`add-sliding-window` output (which engines run its class with the per-layer windows of `layer_types`) and an
+`add-linear-attention` output (which run its GraniteMoeHybrid layers as written).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ VLLM_REGISTRY = "vllm-project/vllm vllm/model_executor/models/registry.py @0002b
 VLLM_TRANSFORMERS_BACKEND = "vllm-project/vllm vllm/model_executor/models/transformers/base.py @810fb5d66ecb"
 VLLM_ENGINE_ARGS = "vllm-project/vllm vllm/engine/arg_utils.py @99d7eb5d6a51"
 SGLANG_QWEN2 = "sgl-project/sglang python/sglang/srt/models/qwen2.py @36ce1f99e8ea"
+VLLM_GRANITE_HYBRID = "vllm-project/vllm vllm/model_executor/models/granitemoehybrid.py @0195c9ec6ea9"
+SGLANG_GRANITE_HYBRID_CONFIG = "sgl-project/sglang python/sglang/srt/configs/granitemoehybrid.py @7f1ce9b58bf7"
 SGLANG_MODEL = "sgl-project/sglang python/sglang/srt/models/deepseek_v2.py @00114aef19bb"
 SGLANG_DECODE = "sgl-project/sglang python/sglang/srt/layers/attention/triton_ops/decode_attention.py @83ea222010e3"
 
@@ -110,8 +113,9 @@ ENGINE_NAMES = ("vllm", "sglang")
 
 
 @dataclass(frozen=True)
-class WindowedServing:
-    """Whether one engine runs a windowed output's class with its per-layer windows (`layer_types`), as read."""
+class ClassServing:
+    """Whether one engine runs an output's class with its per-layer `layer_types` (windows, Mamba-2 mixers), as
+    read."""
 
     runs: bool
     how: str
@@ -121,9 +125,9 @@ class WindowedServing:
 # Llama and Mistral are no output class: vLLM's Llama model (llama.py @e06c9ba2a6ea, which MistralForCausalLM maps to
 # in the registry read) windows each 'sliding_attention' layer, but transformers 5.23's Llama has no window and its
 # Mistral slides every layer; Ministral is the same layer (no biases) and runs layer_types in both.
-WINDOWED_ENGINES: dict[str, dict[str, WindowedServing]] = {
+CLASS_ENGINES: dict[str, dict[str, ClassServing]] = {
     "ministral": {
-        "vllm": WindowedServing(True, (
+        "vllm": ClassServing(True, (
             f"no native class registers MinistralForCausalLM ({VLLM_REGISTRY}), so with the default --model-impl auto "
             "it falls back to the Transformers backend when transformers has the class and it is backend-compatible "
             f"(transformers 5.23: it is); that backend ({VLLM_TRANSFORMERS_BACKEND}, create_attention_instances) "
@@ -132,30 +136,43 @@ WINDOWED_ENGINES: dict[str, dict[str, WindowedServing]] = {
             "the full layers stay full")),
     },
     "qwen2": {
-        "vllm": WindowedServing(False, (
+        "vllm": ClassServing(False, (
             f"the native Qwen2 model read ({VLLM_QWEN2}) raises 'Sliding window for some but all layers is not "
             "supported' when cache_config.sliding_window is set and the config has max_window_layers (a Qwen2Config "
             "always has), and otherwise builds every layer's Attention with no per-layer window, so every layer "
             "attends to all tokens; --model-impl transformers would run it through the Transformers backend "
             f"({VLLM_TRANSFORMERS_BACKEND}), which reads layer_types per layer (not run here)")),
-        "sglang": WindowedServing(False, (
+        "sglang": ClassServing(False, (
             f"the Qwen2 model read ({SGLANG_QWEN2}) builds every layer's RadixAttention with no sliding window")),
     },
     "qwen3": {
-        "vllm": WindowedServing(False, (
+        "vllm": ClassServing(False, (
             f"the native Qwen3 model read ({VLLM_QWEN3}) builds every layer's Attention with no per-layer window "
             "(its Qwen3Model subclasses qwen2.py's Qwen2Model); --model-impl transformers would run it through the "
             f"Transformers backend ({VLLM_TRANSFORMERS_BACKEND}), which reads layer_types per layer (not run here)")),
     },
 }
+CLASS_ENGINES["granitemoehybrid"] = {
+    "vllm": ClassServing(False, (
+        f"its GraniteMoeHybrid model ({VLLM_GRANITE_HYBRID}) builds these layers (a dense shared_mlp when "
+        "num_local_experts is 0, MambaMixer2 with in/out biases from mamba_proj_bias, attention scaled by "
+        "attention_multiplier) and keys its layer table by the 'attention'/'mamba' spelling written here, but it "
+        "reads layer_types from the config transformers loads, and transformers 5 renames them on load to "
+        "'full_attention'/'linear_attention', which that table lacks; it also takes head_dim as hidden_size // "
+        "num_attention_heads: not run here, so not claimed")),
+    "sglang": ClassServing(False, (
+        f"its GraniteMoeHybridConfig ({SGLANG_GRANITE_HYBRID_CONFIG}) accepts the 'mamba'/'attention' layer_types "
+        "written here, but reads RoPE from top-level rope_theta/rope_scaling, which this output's rope_parameters "
+        "does not set, so it would rotate at its default theta of 10000: not claimed")),
+}
 NOT_READ = "not verified: kvshrink has not read this engine's model code for the class"
 
 
-def windowed_engines(model_type: str) -> tuple[list[str], dict[str, str], list[str]]:
+def class_engines(model_type: str) -> tuple[list[str], dict[str, str], list[str]]:
     """For a windowed `model_type` checkpoint: (engines that run its per-layer windows, transformers first; {other
     engine: why not}; how each listed engine runs them), for the report and the model card."""
     valid, excluded, how = ["transformers"], {}, []
-    read = WINDOWED_ENGINES.get(model_type, {})
+    read = CLASS_ENGINES.get(model_type, {})
     for engine in ENGINE_NAMES:
         serving = read.get(engine)
         if serving and serving.runs:

@@ -13,6 +13,8 @@ calibration windows held out of the fit) and uptrain's attention_transfer stage 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import time
 from collections.abc import Collection, Iterator
@@ -62,8 +64,9 @@ class WindowPairs:
 
 
 class AttentionRunner:
-    """Runs the attention module of decoder layer `index` on unpadded windows of one length, with the rotary
-    embedding and mask that the stock forward of the model `tables` belong to gives that layer."""
+    """Runs the attention module (or the recurrent mixer that stands in for it) of decoder layer `index` on unpadded
+    windows of one length, with the rotary embedding and mask that the stock forward of the model `tables` belong
+    to gives that layer."""
 
     def __init__(self, tables: AttentionTables, index: int):
         self.tables, self.index = tables, index
@@ -72,8 +75,20 @@ class AttentionRunner:
         """[T, hidden] -> [T, hidden], or a batch of windows [B, T, hidden] -> [B, T, hidden]."""
         states = hidden if hidden.dim() == 3 else hidden[None]
         embeddings, mask = self.tables(self.index, states[:1])  # one window's tables broadcast over the batch
-        output = attention(hidden_states=states, position_embeddings=embeddings, attention_mask=mask)[0]
+        rotary = {"position_embeddings": embeddings} if _takes_rotary(attention) else {}
+        output = attention(hidden_states=states, attention_mask=mask, **rotary)
+        output = output[0] if isinstance(output, tuple) else output  # attention: (output, weights); a mixer: output
         return output if hidden.dim() == 3 else output[0]
+
+
+@functools.cache
+def _rotary_parameter(module_class: type) -> bool:
+    return "position_embeddings" in inspect.signature(module_class.forward).parameters
+
+
+def _takes_rotary(module: nn.Module) -> bool:
+    """Attention takes the rotary embedding; a Mamba-2 mixer, which has no positions, does not."""
+    return _rotary_parameter(type(module))
 
 
 def _squared_error(attention: nn.Module, runner: AttentionRunner, hidden: torch.Tensor,
@@ -244,10 +259,13 @@ def attention_module(tensor_name: str, prefix: str) -> str:
 class LayerFit:
     """One converted layer's fit: `inputs` ([windows, T, hidden]) are what the source attention of decoder layer
     `layer` received on the calibration windows; `tensors` the converted attention (full names, float32), of which
-    `trainable` are fitted; every `heldout`-th window decides early stopping instead of being fitted."""
+    `trainable` are fitted; every `heldout`-th window decides early stopping instead of being fitted.
+    `source_module` is the source layer's attention module ('self_attn'), which the converted one (the module
+    holding `tensors`: attention, or a Mamba-2 mixer) is fitted to."""
 
     source: StockModel
     target: StockModel
+    source_module: str
     layer: int
     inputs: torch.Tensor
     tensors: dict[str, torch.Tensor]
@@ -261,9 +279,9 @@ def heldout_indices(windows: int, heldout: int) -> list[int]:
     return sorted({min(windows - 1, int((i + 0.5) * windows / heldout)) for i in range(heldout)})
 
 
-def _source_pairs(fit: LayerFit, module: str) -> WindowPairs:
+def _source_pairs(fit: LayerFit) -> WindowPairs:
     """The windows on the layer's device and what the source attention gave on them."""
-    source_attention = fit.source.layer(fit.layer).get_submodule(module)
+    source_attention = fit.source.layer(fit.layer).get_submodule(fit.source_module)
     runner = AttentionRunner(AttentionTables(fit.source), fit.layer)
     inputs = [window.to(fit.source.device) for window in fit.inputs]
     with torch.no_grad():
@@ -279,7 +297,7 @@ def fit_converted_attention(fit: LayerFit) -> tuple[dict[str, torch.Tensor], dic
     started = time.perf_counter()
     prefix = fit.target.path(fit.target.decoder.layers[fit.layer]) + "."
     module = attention_module(next(iter(fit.tensors)), prefix)
-    fitting, heldout_pairs = _split(_source_pairs(fit, module), fit.heldout_windows)
+    fitting, heldout_pairs = _split(_source_pairs(fit), fit.heldout_windows)
     layer = fit.target.layer(fit.layer, fit.tensors)
     attention, runner = layer.get_submodule(module), AttentionRunner(AttentionTables(fit.target), fit.layer)
     heldout = HeldOut.measured(attention, runner, heldout_pairs)

@@ -17,7 +17,7 @@ import re
 import resource
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,16 @@ from kvshrink.convert.options import ConvertOptions, parse_size
 from kvshrink.convert.outdir import atomic_output_dir, check_output_dir
 from kvshrink.convert.safetensors_io import ShardedSafetensorsWriter
 
-SplitRows = dict[str, dict[str, slice]]  # source tensor -> {target tensor: its rows of the source}
+# target tensor -> the source row ranges it is made of, stacked: a split (Phi-3's fused gate_up_proj for DeepseekV3),
+# a fusion ([gate; up] for GraniteMoeHybrid's input_linear) or a rename
+Derived = dict[str, tuple[tuple[str, slice], ...]]
+ALL_ROWS = slice(None)
+
+
+def derived_tensor(read: Callable[[str], torch.Tensor], parts: tuple[tuple[str, slice], ...]) -> torch.Tensor:
+    """A derived target tensor from its source parts (`read` gives a source tensor by name)."""
+    pieces = [read(name)[rows] for name, rows in parts]
+    return pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces)
 _STALE_BUFFERS = re.compile(r"rotary_emb\.inv_freq$")
 _FREE_SPACE_MARGIN = 64 * 2**20  # headers, config, tokenizer files
 
@@ -80,18 +89,17 @@ class Conversion:
             config = {**config, "attn_implementation": attn_implementation}
         return StockModel(config, self.checkpoint.tensor, set(self.checkpoint.names), self.device, HeapTrim())
 
-    def target_model(self, config: dict[str, Any], split_rows: SplitRows | None = None) -> StockModel:
-        """The output's stock classes under `config`, reading the source's tensors, split by rows where the target
-        splits a fused one (`split_rows`; converted attention tensors are passed to `StockModel.layer`)."""
-        parts = {new: (name, rows) for name, split in (split_rows or {}).items() for new, rows in split.items()}
+    def target_model(self, config: dict[str, Any], derived: Derived | None = None) -> StockModel:
+        """The output's stock classes under `config`, reading the source's tensors, or the `derived` ones made of
+        their rows (converted attention tensors are passed to `StockModel.layer`)."""
+        derived = derived or {}
 
         def read(name: str) -> torch.Tensor:
-            if name in parts:
-                source, rows = parts[name]
-                return self.checkpoint.tensor(source)[rows]
+            if name in derived:
+                return derived_tensor(self.checkpoint.tensor, derived[name])
             return self.checkpoint.tensor(name)
 
-        return StockModel(config, read, set(self.checkpoint.names) | set(parts), self.device, HeapTrim())
+        return StockModel(config, read, set(self.checkpoint.names) | set(derived), self.device, HeapTrim())
 
     def changed_tensors(self, tensors: dict[str, torch.Tensor]) -> list[str]:
         """Names among `tensors` (full names, float32) that the source lacks or holds with other values."""
@@ -193,27 +201,26 @@ def require_free_space(conversion: Conversion, *targets: StockModel) -> None:
 
 
 class LayerWriter:
-    """The converted checkpoint's tensors, written into `folder` as each layer is converted. Tensors named in
-    `split_rows` (source name -> {target name: rows}, e.g. Phi-3's fused gate_up_proj for DeepseekV3) are written
-    as their row ranges instead of copied."""
+    """The converted checkpoint's tensors, written into `folder` as each layer is converted. Source tensors that
+    `derived` tensors are made of (target name -> source row ranges) are written as those instead of copied."""
 
-    def __init__(self, conversion: Conversion, folder: Path, split_rows: SplitRows | None = None):
-        self.checkpoint, self.spec, self.split_rows = conversion.checkpoint, conversion.spec, split_rows or {}
-        self.names = [name for name in self.checkpoint.names if not _STALE_BUFFERS.search(name)]
+    def __init__(self, conversion: Conversion, folder: Path, derived: Derived | None = None):
+        self.checkpoint, self.spec, self.derived = conversion.checkpoint, conversion.spec, derived or {}
+        consumed = {name for parts in self.derived.values() for name, _ in parts}
+        self.names = [name for name in self.checkpoint.names
+                      if not _STALE_BUFFERS.search(name) and name not in consumed]
         self.attention = {name for layer in range(conversion.counts.num_layers)
                           for name in self.spec.attention_tensor_names(layer)}
         self.writer = ShardedSafetensorsWriter(
             folder, parse_size(conversion.options.out_shard_size),
-            header_reserve=2 * header_size_bound(self.names) + 65536
+            header_reserve=2 * header_size_bound(self.names + list(self.derived)) + 65536
         )
         self.changed: list[str] = []
         self.dtype = conversion.written_dtype
 
     def _copy(self, name: str) -> None:
-        if name in self.split_rows:
-            tensor = self.checkpoint.tensor(name)
-            for new_name, rows in self.split_rows[name].items():
-                self.writer.add_tensor(new_name, tensor[rows].contiguous())
+        if name in self.derived:
+            self.writer.add_tensor(name, derived_tensor(self.checkpoint.tensor, self.derived[name]))
         elif self.checkpoint.pickled is None:
             self.writer.add_copy(name, self.checkpoint.entries[name])
         else:
@@ -223,7 +230,7 @@ class LayerWriter:
         """The layer's converted attention `tensors` (full output names, float32; ones equal to the source's are
         copied byte for byte) and every other tensor of the layer, copied."""
         prefix = self.spec.layer_prefix.format(layer=layer)
-        for name in self.names:
+        for name in [*self.names, *self.derived]:
             if name.startswith(prefix) and name not in self.attention:
                 self._copy(name)
         for name, tensor in tensors.items():
@@ -239,7 +246,7 @@ class LayerWriter:
         """Copy the tensors outside the decoder layers, close the shards; returns the names the conversion created
         or changed."""
         prefixes = tuple(self.spec.layer_prefix.format(layer=layer) for layer in range(num_layers))
-        for name in self.names:
+        for name in [*self.names, *self.derived]:
             if not name.startswith(prefixes):
                 self._copy(name)
         self.writer.finish()

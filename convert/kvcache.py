@@ -12,9 +12,29 @@ def cache_dtype_bytes(config: dict[str, Any]) -> int:
     return _DTYPE_BYTES.get(str(dtype).removeprefix("torch."), 4)
 
 
+_RECURRENT = ("mamba", "linear_attention")  # GraniteMoeHybrid's Mamba-2 layers, in either spelling of layer_types
+
+
+def _recurrent_layers(config: dict[str, Any]) -> int:
+    return sum(kind in _RECURRENT for kind in config.get("layer_types") or [])
+
+
+def recurrent_state_bytes(config: dict[str, Any]) -> int:
+    """Bytes a sequence's Mamba-2 layers hold whatever its length: each layer's state (heads x head dim x d_state,
+    float32 in transformers' torch path and vLLM's default) and conv window (the last d_conv inputs of x, B and C,
+    in the model dtype; transformers' DynamicCache keeps d_conv of them)."""
+    if not _recurrent_layers(config):
+        return 0
+    heads, head_dim, state = (int(config[key]) for key in ("mamba_n_heads", "mamba_d_head", "mamba_d_state"))
+    conv_channels = heads * head_dim + 2 * int(config["mamba_n_groups"]) * state
+    per_layer = heads * head_dim * state * 4 + conv_channels * int(config["mamba_d_conv"]) * cache_dtype_bytes(config)
+    return _recurrent_layers(config) * per_layer
+
+
 def kv_values_per_token(config: dict[str, Any]) -> int:
-    """Numbers cached per token over all layers: K and V heads for MHA/GQA, latent + rope key for MLA."""
-    layers = int(config["num_hidden_layers"])
+    """Numbers cached per token over all layers: K and V heads for MHA/GQA, latent + rope key for MLA (recurrent
+    layers cache no tokens)."""
+    layers = int(config["num_hidden_layers"]) - _recurrent_layers(config)
     if "kv_lora_rank" in config:
         return layers * (int(config["kv_lora_rank"]) + int(config["qk_rope_head_dim"]))
     heads = int(config["num_attention_heads"])
@@ -29,11 +49,14 @@ def kv_bytes_per_token(config: dict[str, Any]) -> int:
 
 
 def kv_bytes_at_context(config: dict[str, Any], context: int) -> float:
-    """Bytes of KV cache per token of a `context`-token sequence: a sliding layer (`layer_types`) holds at most
-    window - 1 tokens between steps (the next token completes its window; transformers' DynamicSlidingWindowLayer
-    keeps that many), a full-attention layer every token."""
-    per_layer = kv_bytes_per_token(config) / int(config["num_hidden_layers"])
+    """Bytes of cache and state per token of a `context`-token sequence: a sliding layer (`layer_types`) holds at
+    most window - 1 tokens between steps (the next token completes its window; transformers'
+    DynamicSlidingWindowLayer keeps that many), a full-attention layer every token, a recurrent layer its fixed
+    state (`recurrent_state_bytes`)."""
+    attention_layers = int(config["num_hidden_layers"]) - _recurrent_layers(config)
+    per_layer = kv_bytes_per_token(config) / attention_layers
     window = config.get("sliding_window")
-    kinds = config.get("layer_types") or ["full_attention"] * int(config["num_hidden_layers"])
+    kinds = [kind for kind in config.get("layer_types") or ["full_attention"] * attention_layers
+             if kind not in _RECURRENT]
     held = sum(min(context, int(window) - 1) if kind == "sliding_attention" and window else context for kind in kinds)
-    return per_layer * held / context
+    return (per_layer * held + recurrent_state_bytes(config)) / context

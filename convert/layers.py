@@ -133,7 +133,8 @@ class StockModel:
             return type(self.decoder.rotary_emb)(config=self.config).float()
 
     def attention_kind(self, index: int) -> str:
-        """'full_attention' or 'sliding_attention', as the stock model's forward picks the layer's mask."""
+        """'full_attention', 'sliding_attention' or 'linear_attention' (a recurrent mixer, GraniteMoeHybrid's Mamba-2),
+        as the stock model's forward picks the layer's mask."""
         layer_types = getattr(self.config, "layer_types", None)
         if layer_types:
             return layer_types[index]
@@ -170,6 +171,8 @@ class AttentionTables:
             embeddings = self.rotary(hidden, positions, kind)
         else:
             embeddings = self.rotary(hidden, positions)
+        if kind == "linear_attention":  # a recurrent mixer's mask only zeroes padding, and windows have none
+            return embeddings, None
         build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
         mask = build(config=self.model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
                      position_ids=positions)

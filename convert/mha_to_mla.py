@@ -277,7 +277,7 @@ def _sized_targets(conversion: Conversion, options: MlaOptions, biases: list[Att
     source's biases alone; calibration only chooses which RoPE frequencies the slots carry, so any rope_parameters
     size the skeleton."""
     targets = [options.target] + ([OTHER_TARGET[options.target]] if options.check else [])
-    split_rows = deepseek.split_gate_up(conversion.spec, conversion.checkpoint.config)
+    derived = deepseek.split_gate_up(conversion.spec, conversion.checkpoint.config)
     models, main_shape = [], None
     for target in targets:
         serving = engines.target_rules(target) is not None
@@ -291,7 +291,7 @@ def _sized_targets(conversion: Conversion, options: MlaOptions, biases: list[Att
         main_shape = main_shape or shape
         sizing_rope = {"rope_type": "default", "rope_theta": 10000.0}
         models.append(
-            conversion.target_model(_target_config(conversion, shape, output, sizing_rope, serving), split_rows)
+            conversion.target_model(_target_config(conversion, shape, output, sizing_rope, serving), derived)
         )
     return models
 
@@ -435,7 +435,7 @@ class MlaMethod:
         return Plan(
             method=_method(options), targets=targets, summary=main.summary,
             calibration=Calibration(conversion.source_model(), conversion.spec, calibration.windows),
-            split_rows=deepseek.split_gate_up(conversion.spec, conversion.checkpoint.config),
+            derived=deepseek.split_gate_up(conversion.spec, conversion.checkpoint.config),
             layer_summaries=summaries, scored_refusals=refusals,
         )
 

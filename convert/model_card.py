@@ -23,6 +23,15 @@ def _shape_lines(report: dict[str, Any]) -> list[str]:
             f"(qk_nope_head_dim {mla['qk_nope_head_dim']}, v_head_dim {mla['v_head_dim']})",
             f"- target: `{report['target']}`",
         ]
+    if "linear_attention" in report:
+        linear, bytes_held = report["linear_attention"], report["bytes_held_per_token_at_context"]
+        return [
+            f"- layers made Mamba-2 mixers (GraniteMoeHybrid `mamba`): {linear['linear_layers']} "
+            f"({linear['layer_choice']}), initialized from their attention; the rest keep it exactly",
+            f"- their state: {linear['recurrent_state_bytes']:,} bytes per sequence at any length",
+            *[f"- cache + state per token at {int(n):,} tokens: {held['source']:,.0f} -> {held['target']:,.0f} bytes"
+              for n, held in bytes_held.items()],
+        ]
     heads = report.get("target_heads") or {}
     return [f"- attention: {report['source_heads']['kv']} -> {heads.get('kv', '?')} KV heads "
             f"({heads.get('query', report['source_heads']['query'])} query heads)"]
@@ -34,7 +43,7 @@ def _fit_lines(report: dict[str, Any]) -> list[str]:
         return ["- layers: the closed-form conversion alone (not fitted)"]
     kept = fit["kept_closed_form"]
     return [
-        f"- layers: {fit['layers_fitted']} converted attention layers fitted, one at a time, to the source attention's "
+        f"- layers: {fit['layers_fitted']} converted layers fitted, one at a time, to the source attention's "
         f"output on the calibration text `{fit['text']}` (AdamW, at most {fit['steps']} steps of "
         f"{fit['micro_batch_size']} windows, early-stopped on {fit['heldout_windows']} held-out windows): mean "
         f"held-out relative error {fit.get('heldout_relative_start_mean', 0):.4f} -> "

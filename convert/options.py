@@ -23,7 +23,10 @@ from kvshrink.convert.option_models import OptionsModel, build_options
 from kvshrink.convert.precision import resolved_precision
 from kvshrink.convert.staging import BREAK_LOCK_HELP, OVERWRITE_HELP
 
-__all__ = ["FIXED_OPTIONS", "ConvertOptions", "GqaOptions", "MlaOptions", "SlidingWindowOptions", "build_options"]
+__all__ = [
+    "FIXED_OPTIONS", "ConvertOptions", "GqaOptions", "LinearAttentionOptions", "MlaOptions", "SlidingWindowOptions",
+    "build_options",
+]
 
 GqaMethod = Literal["mean", "grouped", "aligned", "output-aware"]
 # Options a command sets itself: multi-query attention is grouped-query attention with one KV group.
@@ -253,3 +256,43 @@ class SlidingWindowOptions(ConvertOptions):
     )
     sink_tokens: int = Field(4, ge=0, description="First tokens of a text whose dropped attention mass is reported "
                              "apart (attention sinks, which a plain window drops).")
+
+
+class LinearAttentionOptions(FittedOptions):
+    """`convert add-linear-attention`."""
+
+    linear_layers: str = Field(
+        "0.5", description="Layers made linear (Mamba-2): a fraction of them in [0, 1) (with a decimal point, rounded "
+        "to whole layers; 0 keeps every layer's attention; generation needs one attention layer), or their indices, "
+        "e.g. 5 or 1,3,5 (0, alone is layer 0).", json_schema_extra={"metavar": "F|I,J,..."},
+    )
+    layer_choice: Literal["calibrated", "even"] = Field(
+        "calibrated", description="calibrated: linearize the layers whose closed-form mixer changes the residual "
+        "stream least on the calibration text (its output error over the stream's energy after attention); even: "
+        "evenly spaced layers. Ignored for an explicit layer list.",
+    )
+
+    @field_validator("linear_layers")
+    @classmethod
+    def _fraction_or_indices(cls, value: str) -> str:
+        linear_layer_request(value)
+        return value
+
+
+def linear_layer_request(text: str) -> float | list[int]:
+    """--linear-layers: a fraction in [0, 1) when it is 0 or has a decimal point, else distinct layer indices
+    ('5', '1,3,5'; '0,' is layer 0 alone)."""
+    text = text.strip()
+    if text == "0" or "." in text:
+        try:
+            fraction = float(text)
+        except ValueError:
+            raise ValueError(f"--linear-layers {text!r} is neither a fraction nor layer indices: use e.g. 0.5 or 1,3,5")
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"--linear-layers {fraction:g} is outside [0, 1): at least one layer must keep "
+                             "attention (choose e.g. 0.5)")
+        return fraction
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() for part in parts) or len(set(map(int, parts))) != len(parts):
+        raise ValueError(f"--linear-layers {text!r} is not a list of distinct layer indices: use a form like 1,3,5")
+    return sorted(map(int, parts))

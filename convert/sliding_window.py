@@ -21,7 +21,7 @@ from tqdm import tqdm
 from kvshrink.convert.calibration import Calibration, calibration_windows
 from kvshrink.convert.corpora import calibration_text
 from kvshrink.convert.driver import LayerResult, Plan, TargetPlan, convert
-from kvshrink.convert.engines import windowed_engines
+from kvshrink.convert.engines import class_engines
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.families import load_family_specs
 from kvshrink.convert.frame import Conversion
@@ -169,7 +169,7 @@ def _zero_biases(conversion: Conversion, target: StockModel) -> dict[str, torch.
 
 def _summary(conversion: Conversion, options: SlidingWindowOptions, calibration: WindowCalibration,
              choices: dict[str, list[int]], config: dict[str, Any]) -> dict[str, Any]:
-    valid, excluded, how = windowed_engines(config["model_type"])
+    valid, excluded, how = class_engines(config["model_type"])
     return {
         "sliding_window": {
             "window": options.window, "full_layers": choices[options.layer_choice],

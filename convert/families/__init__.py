@@ -17,8 +17,8 @@ A spec names, relative to a layer's prefix, either separate `q_proj`/`k_proj`/`v
 - `embeddings`, `final_norm`, `lm_head`: the stock class's modules outside the layers (Gemma's embedding module
   applies its sqrt(hidden_size) scale itself; Gemma-2's final logit softcapping is config.final_logit_softcapping,
   applied by the causal-LM class after lm_head);
-- `converters`: per converter ("gqa", "mla", "window") a `support` of "exact" (every feature of the family is carried
-  exactly; the KV reduction's own error is always measured and reported), "approximate" (a feature is
+- `converters`: per converter ("gqa", "mla", "window", "linear") a `support` of "exact" (every feature of the family is
+  carried exactly; the KV reduction's own error is always measured and reported), "approximate" (a feature is
   approximated, with its error reported) or "refused", and `why` (the reason, or what is approximated).
 
 Adding a family = adding a JSON file here plus a test against its stock transformers class.
@@ -37,7 +37,8 @@ from kvshrink.convert.errors import KvshrinkError
 _PROJECTION_KEYS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "q_norm", "k_norm")
 _ROPE_LAYOUTS = ("rotate_half",)
 _NORM_SCOPES = ("head", "projection")
-CONVERTERS = {"gqa": "mha-to-gqa / mha-to-mqa", "mla": "mha-to-mla", "window": "add-sliding-window"}
+CONVERTERS = {"gqa": "mha-to-gqa / mha-to-mqa", "mla": "mha-to-mla", "window": "add-sliding-window",
+              "linear": "add-linear-attention"}
 SUPPORT_LEVELS = ("exact", "approximate", "refused")
 
 
@@ -95,6 +96,11 @@ class FamilySpec:
                 f"(families it converts: {', '.join(usable)})"
             )
         return support
+
+    @property
+    def attention_module(self) -> str:
+        """The attention module's path inside a decoder layer ('self_attn')."""
+        return self.attention["o_proj"].rsplit(".", 1)[0]
 
     def tensor_name(self, layer: int, part: str, kind: str = "weight") -> str:
         """Full checkpoint name of a layer's attention tensor, e.g. part='k_proj', kind='bias'."""

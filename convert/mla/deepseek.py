@@ -69,19 +69,19 @@ def geometric_theta(theta: float, step: int, rope_dim: int, head_dim: int) -> fl
     return theta ** (step * rope_dim / head_dim)
 
 
-def split_gate_up(spec: FamilySpec, config: dict[str, Any]) -> dict[str, dict[str, slice]]:
-    """Fused [gate; up] MLP weights (Phi-3) -> the row ranges DeepseekV3's gate_proj and up_proj take (exact):
-    source tensor name -> {target name: rows}. Empty for families with separate gate and up projections."""
+def split_gate_up(spec: FamilySpec, config: dict[str, Any]) -> dict[str, tuple[tuple[str, slice], ...]]:
+    """Fused [gate; up] MLP weights (Phi-3) -> DeepseekV3's gate_proj and up_proj, their row ranges (exact):
+    target tensor name -> its source rows (`frame.Derived`). Empty for families with separate gate and up."""
     if spec.fused_gate_up is None:
         return {}
     width = int(config["intermediate_size"])
-    splits = {}
+    derived = {}
     for layer in range(int(config["num_hidden_layers"])):
         prefix = spec.layer_prefix.format(layer=layer)
-        splits[f"{prefix}{spec.fused_gate_up}.weight"] = {
-            f"{prefix}mlp.gate_proj.weight": slice(0, width), f"{prefix}mlp.up_proj.weight": slice(width, 2 * width)
-        }
-    return splits
+        fused = f"{prefix}{spec.fused_gate_up}.weight"
+        derived[f"{prefix}mlp.gate_proj.weight"] = ((fused, slice(0, width)),)
+        derived[f"{prefix}mlp.up_proj.weight"] = ((fused, slice(width, 2 * width)),)
+    return derived
 
 
 def deepseek_config(

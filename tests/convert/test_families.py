@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.families import load_family_specs
+from kvshrink.convert.families import CONVERTERS, load_family_specs
 from kvshrink.convert.mha_to_gqa import mha_to_gqa
 from kvshrink.convert.mha_to_mla import mha_to_mla
 from kvshrink.convert.options import GqaOptions, MlaOptions
@@ -196,7 +196,7 @@ def test_convert_help_prints_every_family_with_its_support():
     lines = CliRunner().invoke(convert_cli, ["--help"], terminal_width=100).output.splitlines()
     for name, spec in load_family_specs().items():
         row = next(line.split() for line in lines if line.split()[:1] == [name])
-        assert row[1:] == [spec.support(converter).level for converter in ("gqa", "mla", "window")]
+        assert row[1:] == [spec.support(converter).level for converter in CONVERTERS]
 
 
 def test_every_family_names_a_windowed_class_or_refuses_windowing():

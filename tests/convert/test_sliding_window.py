@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from kvshrink.convert.cli import kvshrink_cli
-from kvshrink.convert.engines import NOT_READ, WINDOWED_ENGINES, windowed_engines
+from kvshrink.convert.engines import NOT_READ, CLASS_ENGINES, class_engines
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.kvcache import kv_bytes_at_context
 from kvshrink.convert.mha_to_gqa import mha_to_gqa
@@ -56,11 +56,11 @@ def test_the_report_names_the_engines_that_run_the_windows_as_read(llama, tmp_pa
     report = add_sliding_window(llama, tmp_path / "out", SlidingWindowOptions(window=16, full_layers=0.5, **QUICK))
     assert report["valid_engines"] == ["transformers", "vllm"]
     assert report["excluded_engines"] == {"sglang": NOT_READ}
-    assert report["notes"] == [f"vllm: {WINDOWED_ENGINES['ministral']['vllm'].how}"]
-    valid, excluded, how = windowed_engines("qwen2")
+    assert report["notes"] == [f"vllm: {CLASS_ENGINES['ministral']['vllm'].how}"]
+    valid, excluded, how = class_engines("qwen2")
     assert valid == ["transformers"] and how == [] and "Sliding window for some but all layers" in excluded["vllm"]
     assert "qwen2.py @cb24295ecafd" in excluded["vllm"] and "RadixAttention" in excluded["sglang"]
-    assert windowed_engines("gemma2") == (["transformers"], {"vllm": NOT_READ, "sglang": NOT_READ}, [])
+    assert class_engines("gemma2") == (["transformers"], {"vllm": NOT_READ, "sglang": NOT_READ}, [])
 
 
 def test_windowed_layers_see_only_the_window(llama, tmp_path):

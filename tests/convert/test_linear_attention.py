@@ -1,0 +1,160 @@
+"""`convert add-linear-attention`: Mamba-2 mixers in place of chosen attention layers, in GraniteMoeHybrid."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from tiny_checkpoints import byte_level_tokenizer
+from transformers import AutoModelForCausalLM
+
+from kvshrink.convert.cli import convert_cli
+from kvshrink.convert.corpora import corpus_text
+from kvshrink.convert.kvcache import kv_bytes_at_context, recurrent_state_bytes
+from kvshrink.convert.linear import mamba2
+from kvshrink.convert.linear_attention import add_linear_attention
+from kvshrink.convert.options import LinearAttentionOptions
+
+QUICK = dict(check=False, progress=False, calibration_tokens=2048, fit_steps=24)
+SHARP = dict(tokenizer=True, initializer_range=0.15, max_position_embeddings=512, num_hidden_layers=4)
+IDS = torch.randint(0, 200, (2, 48), generator=torch.Generator().manual_seed(0))
+# held-out text neither calibration nor the fit sees, as the tiny models' byte tokens
+HELD_OUT = torch.tensor(
+    byte_level_tokenizer()(corpus_text("pydoc", "heldout")[:2048])["input_ids"][:1024]
+).reshape(4, 256)
+
+
+def _logits(folder, ids=IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=ids).logits
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return {name: tensor for path in folder.glob("*.safetensors") for name, tensor in load_file(path).items()}
+
+
+@pytest.fixture(scope="module")
+def half_linear(tmp_path_factory):
+    """A 4-layer Llama (4 query / 2 KV heads) with half its layers linearized, fitted, and the same with --fit none."""
+    from tiny_checkpoints import save_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("linear")
+    source = save_tiny_checkpoint(folder / "source", "llama", 4, 2, **SHARP)
+    fitted = add_linear_attention(source, folder / "fitted", LinearAttentionOptions(**QUICK))
+    closed = add_linear_attention(source, folder / "closed", LinearAttentionOptions(**{**QUICK, "fit": "none"}))
+    return source, folder, fitted, closed
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "ministral", "qwen2"])
+def test_with_no_layer_linearized_the_hybrid_class_computes_the_source_logits(tiny_checkpoint, tmp_path, model_type):
+    source = tiny_checkpoint(model_type, 4, 2, **SHARP)
+    report = add_linear_attention(source, tmp_path / "out", LinearAttentionOptions(linear_layers="0", **QUICK))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert type(model).__name__ == "GraniteMoeHybridForCausalLM" and report["linear_attention"]["linear_layers"] == []
+    assert torch.equal(_logits(tmp_path / "out"), _logits(source))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["layer_types"] == ["attention"] * 4 and config["num_local_experts"] == 0
+
+
+def test_half_the_layers_become_mamba2_mixers_that_generate_with_a_fixed_state(half_linear):
+    source, folder, fitted, _ = half_linear
+    linear = fitted["linear_attention"]["linear_layers"]
+    assert len(linear) == 2
+    config = json.loads((folder / "fitted" / "config.json").read_text())
+    assert config["layer_types"] == ["mamba" if i in linear else "attention" for i in range(4)]
+    model = AutoModelForCausalLM.from_pretrained(folder / "fitted", dtype=torch.float32)
+    prompt = IDS[:1, :12]
+    generated = model.generate(prompt, max_new_tokens=6, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True)
+    with torch.no_grad():
+        recomputed = model(input_ids=generated.sequences).logits[0, 11:-1]
+    assert torch.allclose(torch.stack(generated.logits)[:, 0], recomputed, atol=1e-4)
+    held = fitted["bytes_held_per_token_at_context"]["32768"]
+    assert held["target"] < 0.6 * held["source"] and fitted["linear_attention"]["recurrent_state_bytes"] == (
+        recurrent_state_bytes(config))
+
+
+def test_the_mixer_starts_from_the_attention_it_replaces(half_linear):
+    """C = W_Q, B = W_K and x ∝ W_V (repeated over the query heads of each KV head), out_proj = W_O, identity conv."""
+    source, folder, _, closed = half_linear
+    layer = closed["linear_attention"]["linear_layers"][0]
+    written, original = _weights(folder / "closed"), _weights(source)
+    mixer, attention = f"model.layers.{layer}.mamba.", f"model.layers.{layer}.self_attn."
+    width, hidden = original[attention + "q_proj.weight"].shape
+    z, x, b, c, dt = written[mixer + "in_proj.weight"].split([width, width, width, width, 4])
+    k, v = (original[attention + f"{part}_proj.weight"].reshape(2, width // 4, hidden).repeat_interleave(2, 0)
+            .reshape(width, hidden) for part in ("k", "v"))
+    assert torch.equal(c, original[attention + "q_proj.weight"]) and torch.equal(b, k)
+    assert torch.equal(z, torch.zeros_like(z)) and torch.equal(dt, torch.zeros_like(dt))
+    assert torch.allclose(x, v * (x.norm() / v.norm()), atol=1e-6)
+    assert torch.equal(written[mixer + "out_proj.weight"], original[attention + "o_proj.weight"])
+    assert torch.equal(written[mixer + "conv1d.weight"][:, 0], torch.tensor([0.0, 0.0, 0.0, 1.0]).expand(3 * width, 4))
+    assert not any(name.startswith(attention) for name in written)
+
+
+def test_calibrated_choice_linearizes_the_layers_whose_mixer_changes_the_residual_stream_least(half_linear):
+    _, _, fitted, closed = half_linear
+    errors = {int(k): v for k, v in closed["linear_attention"]["closed_form_residual_error"].items()}
+    assert sorted(errors) == [0, 1, 2, 3] and all(error > 0 for error in errors.values())
+    assert closed["linear_attention"]["linear_layers"] == sorted(sorted(errors, key=errors.get)[:2])
+    for entry in closed["layers"]:
+        if entry["mixer"] == "mamba2":
+            assert len(entry["decay_rates"]) == 4 and set(entry["decay_rates"]) <= set(mamba2.DECAY_RATES)
+            # better than no mixer at all (zero output: relative error 1)
+            assert 0 < entry["closed_form_relative_error"] < 1
+
+
+def test_the_fit_brings_each_mixer_closer_to_its_attention_and_the_model_closer_to_the_source(half_linear):
+    source, folder, fitted, _ = half_linear
+    for entry in fitted["layers"]:
+        fit = entry["fit"]
+        if entry["mixer"] == "attention":
+            assert fit["kept_closed_form"] == "already exact"
+        else:
+            assert fit["heldout_relative_end"] < 0.9 * fit["heldout_relative_start"]
+    reference = _logits(source, HELD_OUT)
+    errors = [float((_logits(folder / name, HELD_OUT) - reference).norm() / reference.norm())
+              for name in ("fitted", "closed")]
+    assert errors[0] < errors[1]
+
+
+def test_explicit_layers_and_even_choice(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("llama", 4, 2, **SHARP)
+    explicit = add_linear_attention(source, tmp_path / "explicit",
+                                    LinearAttentionOptions(linear_layers="1,3", **{**QUICK, "fit": "none"}))
+    even = add_linear_attention(source, tmp_path / "even",
+                                LinearAttentionOptions(layer_choice="even", **{**QUICK, "fit": "none"}))
+    assert explicit["linear_attention"]["linear_layers"] == [1, 3]
+    assert explicit["linear_attention"]["layer_choice"] == "explicit"
+    assert even["linear_attention"]["linear_layers"] == [0, 2]
+    assert sorted(even["linear_attention"]["closed_form_residual_error"]) == ["0", "2"]  # only the chosen calibrated
+
+
+def test_bytes_held_at_context_count_the_state_once_and_no_tokens_for_mixers():
+    config = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 32,
+              "head_dim": 8, "dtype": "bfloat16", "layer_types": ["mamba", "attention", "mamba", "attention"],
+              "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_state": 8, "mamba_n_groups": 4, "mamba_d_conv": 4}
+    state = 2 * (4 * 8 * 8 * 4 + (32 + 2 * 32) * 4 * 2)
+    assert recurrent_state_bytes(config) == state
+    per_token = 2 * 2 * 2 * 8 * 2  # two attention layers, K and V, 2 heads of 8, bf16
+    assert kv_bytes_at_context(config, 1000) == pytest.approx(per_token + state / 1000)
+
+
+@pytest.mark.parametrize(("model_type", "flags", "message"), [
+    ("llama", ["--linear-layers", "1.5"], "--linear-layers 1.5 is outside [0, 1)"),
+    ("llama", ["--linear-layers", "1.0"], "--linear-layers 1 is outside [0, 1): at least one layer must keep"),
+    ("llama", ["--linear-layers", "0,1,2,3"], "names every layer, but generation needs one attention layer"),
+    ("llama", ["--linear-layers", "7"], "names layer 7, but the source has layers 0-3"),
+    ("llama", ["--linear-layers", "a,b"], "is not a list of distinct layer indices"),
+    ("qwen3", [], "add-linear-attention cannot convert qwen3: GraniteMoeHybrid's attention has no per-head q/k"),
+    ("mistral", ["--linear-layers", "0.5"], "attends within a sliding window of 64 tokens"),
+])
+def test_bad_input_gets_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, model_type, flags, message):
+    overrides = {"sliding_window": 64} if model_type == "mistral" else {}
+    source = tiny_checkpoint(model_type, 4, 2, **{**SHARP, **overrides})
+    result = CliRunner().invoke(convert_cli, ["add-linear-attention", str(source), str(tmp_path / "out"), *flags])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
