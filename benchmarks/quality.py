@@ -3,7 +3,8 @@
 Rows: the source; every GQA method at MQA (SmolLM2 has 3 KV heads, so 1 KV head = 1/3 of the KV cache is its
 only real GQA budget), the default also without its block-wise fit (--fit none); MLA's default (with and without
 the fit) and its published baseline (MHA2MLA: partial RoPE + weight SVD) at 50% and 25%, and the 256+64 shape vLLM
-serves. Every conversion calibrates on the converters' default text (pydoc and KJV train splits interleaved) and
+serves; with --families linear, half the layers made Mamba-2 mixers (add-linear-attention) by each layer choice.
+Every conversion calibrates on the converters' default text (pydoc and KJV train splits interleaved) and
 is scored on the held-out split of each corpus (--heldout, default pydoc and KJV), which calibration never sees,
 in 512-token windows. Conversion time includes calibration and the fit.
 
@@ -88,6 +89,22 @@ def mla_rows(budgets: list[float]) -> list[Row]:
                 partial(mha_to_mla, options=servable)
             )
         )
+    return rows
+
+
+def linear_rows() -> list[Row]:
+    """Half the layers made Mamba-2 mixers (add-linear-attention): each layer choice, and the default unfitted."""
+    from kvshrink.convert.linear_attention import add_linear_attention
+    from kvshrink.convert.options import LinearAttentionOptions
+
+    default = LinearAttentionOptions.model_fields["layer_choice"].default
+    rows = []
+    for choice in ("calibrated", "even"):
+        options = LinearAttentionOptions(layer_choice=choice, check=False, progress=False)
+        label = f"50% Mamba-2, {choice}" + (" (default)" if choice == default else "")
+        rows.append(Row("linear", label, partial(add_linear_attention, options=options)))
+    closed = LinearAttentionOptions(check=False, progress=False, fit="none")
+    rows.append(Row("linear", f"50% Mamba-2, {default}, --fit none", partial(add_linear_attention, options=closed)))
     return rows
 
 
@@ -201,7 +218,7 @@ def main() -> None:
         help="SmolLM2 folder (kvshrink example smollm2 runs/smollm2)"
     )
     parser.add_argument("--out", type=Path, default=Path("runs/quality"), help="folder for quality.md/png/json")
-    parser.add_argument("--families", default="gqa,mla", help="comma-separated: gqa, mla")
+    parser.add_argument("--families", default="gqa,mla", help="comma-separated: gqa, mla, linear")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per model")
     parser.add_argument("--uptrain-steps", type=int, default=0, help="also score default and baseline after N steps")
     parser.add_argument("--compared-only", action="store_true", help="only the default and baseline rows")
@@ -211,7 +228,8 @@ def main() -> None:
     )
     parser.add_argument("--mla-budgets", default="0.5,0.25", help="comma-separated KV fractions of the MLA rows")
     args = parser.parse_args()
-    families = {"gqa": gqa_rows, "mla": partial(mla_rows, [float(b) for b in args.mla_budgets.split(",")])}
+    families = {"gqa": gqa_rows, "mla": partial(mla_rows, [float(b) for b in args.mla_budgets.split(",")]),
+                "linear": linear_rows}
     rows = [row for family in args.families.split(",") for row in families[family.strip()]()]
     rows = [row for row in rows if row.recipe or not args.compared_only]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from kvshrink.eval.models import ModelFolder, check_model_dirs
 from kvshrink.eval.options import EvalOptions
 
 EXAMPLE_PREFIX = "example:"
-Command = Literal["mha-to-gqa", "mha-to-mqa", "mha-to-mla", "add-sliding-window"]
+Command = Literal["mha-to-gqa", "mha-to-mqa", "mha-to-mla", "add-sliding-window", "add-linear-attention"]
 # Each command's library function and options model (convert/options.py, the one its CLI flags come from), imported
 # only when a pipeline runs or validates that command.
 CONVERTERS: dict[str, tuple[str, str, str]] = {
@@ -35,9 +35,11 @@ CONVERTERS: dict[str, tuple[str, str, str]] = {
     "mha-to-mqa": ("kvshrink.convert.mha_to_gqa", "mha_to_gqa", "GqaOptions"),
     "mha-to-mla": ("kvshrink.convert.mha_to_mla", "mha_to_mla", "MlaOptions"),
     "add-sliding-window": ("kvshrink.convert.sliding_window", "add_sliding_window", "SlidingWindowOptions"),
+    "add-linear-attention": ("kvshrink.convert.linear_attention", "add_linear_attention", "LinearAttentionOptions"),
 }
-# The stock class an MLA output is written in has no sliding window (add-sliding-window refuses it as a source).
-UNWINDOWABLE = {"mha-to-mla": "its DeepseekV3 output has no sliding window"}
+# The stock classes MLA and linear hybrids are written in have no sliding window (add-sliding-window refuses them).
+UNWINDOWABLE = {"mha-to-mla": "its DeepseekV3 output has no sliding window",
+                "add-linear-attention": "its GraniteMoeHybrid output has no sliding window"}
 REPORTED_CONTEXT = 8192  # the report's KV column at this context shows what a sliding window saves
 
 

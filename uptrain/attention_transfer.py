@@ -3,9 +3,10 @@
 The source model runs one decoder layer at a time (convert/layers.py's LayerStream, the stock classes) over the
 first `attention_transfer.sequences` training blocks; at every layer the conversion changed, the attention
 inputs the source layer received and the outputs its o_proj produced become a small training set, and the
-converted layer's own stock attention module (DeepseekV3Attention, LlamaAttention with fewer KV heads, ...)
-is fitted to it by AdamW on the mean squared error (attention transfer, LoLCATs arXiv 2410.10254; layer-wise
-teacher forcing, arXiv 2604.05688) with the same loop the conversions' block-wise fit runs (convert/fitting.py).
+converted layer's own stock attention module (DeepseekV3Attention, LlamaAttention with fewer KV heads, ..., or the
+Mamba-2 mixer of a GraniteMoeHybrid layer that replaced it) is fitted to it by AdamW on the mean squared error
+(attention transfer, LoLCATs arXiv 2410.10254; layer-wise teacher forcing, arXiv 2604.05688) with the same loop
+the conversions' block-wise fit runs (convert/fitting.py).
 Layers the conversion already fitted (or found exact) are skipped unless `attention_transfer.after_fit`.
 Memory is one source layer, one converted attention module and the windows' hidden states.
 
@@ -39,7 +40,8 @@ from kvshrink.convert.optimizer import reference_rms
 from kvshrink.uptrain.recipe import Recipe, transfer_layers
 
 TRANSFER_DIR = "attention_transfer"
-ATTENTION = "self_attn"
+# the student's module that stands in for the source attention, by layer kind (GraniteMoeHybrid: a Mamba-2 mixer)
+STUDENT_MODULES = {"full_attention": "self_attn", "linear_attention": "mamba"}
 ATTENTION_INPUT = "self_attn.q_proj"  # the source attention's first projection reads its normalized input
 ATTENTION_OUTPUT = "self_attn.o_proj"
 HELDOUT_BLOCKS = 4  # validation blocks each layer's held-out error is measured on
@@ -126,12 +128,13 @@ def _fit_layer(recipe: Recipe, student: StockModel, index: int, pairs: tuple[lis
                fitting: int, output: Path) -> None:
     """Fit the converted attention of layer `index` to the source's (inputs -> targets) on the first `fitting`
     pairs, measure it on the rest before and after; write it and its losses."""
-    if student.attention_kind(index) != "full_attention":
+    module = STUDENT_MODULES.get(student.attention_kind(index))
+    if module is None:
         raise KvshrinkError(
             f"layer {index} of {recipe.model} uses sliding-window attention: remove attention_transfer from stages"
         )
     layer = student.layer(index)
-    attention = layer.get_submodule(ATTENTION)
+    attention = layer.get_submodule(module)
     generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + index)
     inputs, targets = pairs
     spec = recipe.attention_transfer
@@ -141,7 +144,7 @@ def _fit_layer(recipe: Recipe, student: StockModel, index: int, pairs: tuple[lis
     losses = fit_attention(attention, dict(attention.named_parameters()), runner,
                            WindowPairs(inputs[:fitting], targets[:fitting]), settings, generator,
                            reference_rms(layer.parameters()), heldout=heldout)
-    prefix = student.path(student.decoder.layers[index].get_submodule(ATTENTION))
+    prefix = student.path(student.decoder.layers[index].get_submodule(module))
     tensors = {f"{prefix}.{name}": t.detach().contiguous() for name, t in attention.state_dict().items()}
     output.mkdir(parents=True, exist_ok=True)
     _layer_file(output, index, ".json").write_text(json.dumps({"layer": index, **losses}), encoding="utf-8")

@@ -23,7 +23,8 @@ from kvshrink.convert.model_card import REPORT_FILE as CONVERSION_REPORT
 from kvshrink.convert.option_models import Naming, OptionsModel, WholeNumber, build
 
 DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
-_ATTENTION_TENSOR = re.compile(r"^model\.layers\.(\d+)\.self_attn\.")
+# a converted attention's tensors, or those of the Mamba-2 mixer (GraniteMoeHybrid) that replaced it
+_ATTENTION_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mamba)\.")
 RECIPE_NAMING = Naming("recipe key", style="dotted")
 
 

@@ -102,6 +102,14 @@ def test_pipeline_runs_every_step_and_resumes(pipeline_file, tmp_path):
             lambda p: p["conversions"][1].update(command="mha-to-mla", options={"kv_budget": 0.5}),
             "cannot window 'mqa-mean' (mha-to-mla)"
         ),
+        (
+            lambda p: p["conversions"][1].update(command="add-linear-attention", options={}),
+            "cannot window 'mqa-mean' (add-linear-attention): its GraniteMoeHybrid output has no sliding window"
+        ),
+        (
+            lambda p: p["conversions"][1].update(command="add-linear-attention", options={"linear_layers": "2.5"}),
+            "--linear-layers 2.5 is outside [0, 1)"
+        ),
     ],
 )
 def test_bad_pipeline_files_are_refused_before_any_work(pipeline_file, tmp_path, change, fragment):

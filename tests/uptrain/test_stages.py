@@ -224,3 +224,25 @@ def test_attention_transfer_fits_only_what_the_conversions_fit_left_unless_asked
     skipped = uptrain(_recipe(write_recipe, mla_source_dir, exact, max_steps=1, output_dir=str(tmp_path / "skipped")))
     assert "already fitted" in skipped["attention_transfer"]["skipped"]
     assert not (tmp_path / "skipped" / TRANSFER_DIR).exists()
+
+
+def test_attention_transfer_fits_the_mamba2_mixers_of_a_linear_hybrid_then_distils(tmp_path, mla_source_dir,
+                                                                                  write_recipe):
+    """The mixers that add-linear-attention wrote (closed form only) are fitted to the source attention, the
+    attention layers it carried exactly are left alone, and the end-to-end stage trains from there."""
+    from kvshrink.convert.linear_attention import add_linear_attention
+    from kvshrink.convert.options import LinearAttentionOptions
+
+    hybrid = tmp_path / "hybrid"
+    converted = add_linear_attention(mla_source_dir, hybrid, LinearAttentionOptions(linear_layers="1,", **QUICK))
+    assert converted["linear_attention"]["linear_layers"] == [1]
+    recipe = _recipe(write_recipe, mla_source_dir, hybrid)
+    report = uptrain(recipe)
+    layers = report["attention_transfer"]["layers"]
+    assert [row["layer"] for row in layers] == [1]
+    assert layers[0]["heldout_relative_end"] < layers[0]["heldout_relative_start"]
+    transferred = {}
+    for path in sorted((Path(recipe.output_dir) / TRANSFER_DIR).glob("layer-*.safetensors")):
+        transferred.update(load_file(path))
+    assert transferred and all(name.startswith("model.layers.1.mamba.") for name in transferred)
+    assert report["steps"] == 2
