@@ -25,7 +25,7 @@ from tqdm import tqdm
 from kvshrink.convert.calibration import AttentionInputs, Calibration, calibration_windows
 from kvshrink.convert.check import compare_perplexity
 from kvshrink.convert.corpora import calibration_text, check_text
-from kvshrink.convert.fitting import LayerFit, fit_converted_attention, fit_summary, require_fit_windows
+from kvshrink.convert.fitting import UNCHANGED, LayerFit, fit_converted_attention, fit_summary, require_fit_windows
 from kvshrink.convert.frame import (
     Conversion, Derived, LayerWriter, finish, open_conversion, require_free_space, write_metadata,
 )
@@ -128,6 +128,12 @@ def _fit(conversion: Conversion, method: Method, calibration: Calibration, targe
     return fitted, report
 
 
+def _approximate(conversion: Conversion, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether a converted layer differs from the source: a changed tensor, or a new one that is not all zero (a
+    linear hybrid's kept attention layer only gains the zero biases its class needs)."""
+    return any(bool(tensors[name].abs().max() > 0) for name in conversion.changed_tensors(tensors))
+
+
 def _convert_layer(conversion: Conversion, method: Method, plan: Plan, targets: list[_Target], layer: int) -> None:
     """Layer `layer` converted (and fitted) for every target and written; the windows advance past it, through the
     output's converted layer with error feedback. Its inputs and tensors die here, before the next layer runs."""
@@ -135,8 +141,10 @@ def _convert_layer(conversion: Conversion, method: Method, plan: Plan, targets: 
     inputs = calibration.attention_inputs(layer) if calibration is not None else None
     feedback = None
     for target, result in zip(targets, method.convert_layer(conversion, plan, layer, inputs), strict=True):
-        if inputs is not None and _fitting(conversion.options):
+        if inputs is not None and _fitting(conversion.options) and _approximate(conversion, result[0]):
             result = _fit(conversion, method, calibration, target, layer, inputs, result)
+        elif inputs is not None and _fitting(conversion.options):
+            result = (result[0], {**result[1], "fit": {"kept_closed_form": UNCHANGED}})
         tensors, report = result
         target.writer.write_layer(layer, tensors)
         target.layers.append(report)

@@ -169,8 +169,9 @@ NOT_READ = "not verified: kvshrink has not read this engine's model code for the
 
 
 def class_engines(model_type: str) -> tuple[list[str], dict[str, str], list[str]]:
-    """For a windowed `model_type` checkpoint: (engines that run its per-layer windows, transformers first; {other
-    engine: why not}; how each listed engine runs them), for the report and the model card."""
+    """For a `model_type` checkpoint with per-layer `layer_types` (windows, Mamba-2 mixers): (engines that run it as
+    written, transformers first; {other engine: why not}; how each listed engine runs it), for the report and the
+    model card."""
     valid, excluded, how = ["transformers"], {}, []
     read = CLASS_ENGINES.get(model_type, {})
     for engine in ENGINE_NAMES:

@@ -34,6 +34,9 @@ from kvshrink.convert.precision import Precision
 MEASURED_WINDOWS = 16
 EXACT = 1e-6  # held-out relative error of a closed form that already reproduces the source: nothing to fit
 MIN_GAIN = 0.01  # least relative drop of the held-out error for a fit to replace the closed form
+# a layer whose tensors are the source's (new ones all zero, e.g. a bias the output class needs): nothing to fit,
+# and left out of the fit's summary (a linear hybrid's kept attention layers)
+UNCHANGED = "unchanged from the source"
 
 
 @dataclass(frozen=True)
@@ -343,7 +346,8 @@ def fit_summary(settings: dict[str, Any], layers: list[dict[str, Any]]) -> dict[
     """The report's summary of every layer's fit (`layers`: per-layer report entries, with a "fit" where one was
     tried) beside the `settings` it ran with: the mean held-out error before and after (closed-form layers count
     with their own error), the layers that kept their closed form and why, seconds."""
-    fits = {entry["layer"]: entry["fit"] for entry in layers if "fit" in entry}
+    fits = {entry["layer"]: entry["fit"] for entry in layers
+            if "fit" in entry and entry["fit"].get("kept_closed_form") != UNCHANGED}
     kept = {str(layer): fit["kept_closed_form"] for layer, fit in fits.items() if "kept_closed_form" in fit}
     summary = {**settings, "layers_fitted": len(fits) - len(kept), "kept_closed_form": kept,
                "seconds": round(sum(fit.get("seconds", 0.0) for fit in fits.values()), 1)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvshrink.convert.errors import KvshrinkError
+
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
@@ -21,10 +23,13 @@ def _recurrent_layers(config: dict[str, Any]) -> int:
 
 def recurrent_state_bytes(config: dict[str, Any]) -> int:
     """Bytes a sequence's Mamba-2 layers hold whatever its length: each layer's state (heads x head dim x d_state,
-    float32 in transformers' torch path and vLLM's default) and conv window (the last d_conv inputs of x, B and C,
-    in the model dtype; transformers' DynamicCache keeps d_conv of them)."""
+    float32 in transformers' torch path) and conv window (the last d_conv inputs of x, B and C, in the model dtype;
+    transformers' DynamicCache keeps d_conv of them)."""
     if not _recurrent_layers(config):
         return 0
+    if "mamba_n_heads" not in config:
+        raise KvshrinkError(f"the recurrent layers of {config.get('model_type')!r} are not Mamba-2 mixers, whose state "
+                            "kvshrink can size: only GraniteMoeHybrid's are")
     heads, head_dim, state = (int(config[key]) for key in ("mamba_n_heads", "mamba_d_head", "mamba_d_state"))
     conv_channels = heads * head_dim + 2 * int(config["mamba_n_groups"]) * state
     per_layer = heads * head_dim * state * 4 + conv_channels * int(config["mamba_d_conv"]) * cache_dtype_bytes(config)

@@ -18,6 +18,7 @@ logits multipliers of 1 are Llama's identities. Tests check the logits with no l
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -72,7 +73,8 @@ def _refuse(conversion: Conversion, options: LinearAttentionOptions) -> None:
     _requested(conversion, options)
     window = config.get("sliding_window")
     window_used = config.get(spec.sliding_window_switch, False) if spec.sliding_window_switch else True
-    if window and window_used and int(window) < int(config.get("max_position_embeddings") or 0):
+    context = config.get("max_position_embeddings")
+    if window and window_used and (context is None or int(window) < int(context)):
         raise KvshrinkError(
             f"the source attends within a sliding window of {window} tokens, which GraniteMoeHybrid's attention "
             "cannot: convert a model with full attention (add-sliding-window after, on the output, is refused too)"
@@ -100,7 +102,7 @@ def _hybrid_config(conversion: Conversion, linear: list[int]) -> dict[str, Any]:
     from transformers import GraniteMoeHybridConfig
 
     source, counts = conversion.checkpoint.config, conversion.counts
-    carried = {key: source[key] for key in _CARRIED if source.get(key) is not None}
+    carried = {key: copy.deepcopy(source[key]) for key in _CARRIED if source.get(key) is not None}
     has_bias = any(name.endswith(".bias") and ".self_attn." in name for name in conversion.checkpoint.names)
     config = GraniteMoeHybridConfig(
         **carried, num_local_experts=0, shared_intermediate_size=int(source["intermediate_size"]),
@@ -109,6 +111,8 @@ def _hybrid_config(conversion: Conversion, linear: list[int]) -> dict[str, Any]:
         logits_scaling=1.0, attention_bias=has_bias, layer_types=_layer_types(counts.num_layers, linear),
         **mamba2.mamba_config(counts.num_heads, counts.head_dim, counts.hidden_size),
     ).to_dict()
+    # the source's special tokens as they are (None included: GraniteMoeHybridConfig would fill in Granite's ids)
+    config.update({key: source.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")})
     config.update(head_dim=counts.head_dim, layer_types=_layer_types(counts.num_layers, linear),
                   architectures=["GraniteMoeHybridForCausalLM"],
                   dtype=source.get("dtype") or source.get("torch_dtype") or "float32")
@@ -224,14 +228,18 @@ def _candidates(conversion: Conversion, options: LinearAttentionOptions, request
     return _choose(conversion, options, None, request)
 
 
+def _choice_name(options: LinearAttentionOptions) -> str:
+    """How the linear layers were chosen: --layer-choice, or 'explicit' for an index list."""
+    return options.layer_choice if isinstance(linear_layer_request(options.linear_layers), float) else "explicit"
+
+
 def _summary(conversion: Conversion, options: LinearAttentionOptions, calibration: LinearCalibration | None,
              linear: list[int], config: dict[str, Any]) -> dict[str, Any]:
     source = conversion.checkpoint.config
     valid, excluded, how = class_engines(config["model_type"])
     return {
         "linear_attention": {
-            "linear_layers": linear, "layer_choice": options.layer_choice if isinstance(
-                linear_layer_request(options.linear_layers), float) else "explicit",
+            "linear_layers": linear, "layer_choice": _choice_name(options),
             "mixer": "mamba2", "recurrent_state_bytes": recurrent_state_bytes(config),
             "closed_form_residual_error": {str(layer): round(init.residual_error, 6)
                                            for layer, init in (calibration.inits.items() if calibration else [])},
@@ -279,7 +287,7 @@ class LinearAttentionMethod:
         biases = _zero_biases(conversion, conversion.target_model(config, derived))
         windows = calibration_inputs(conversion, self.options) if linear else None
         return Plan(
-            method=f"linear/mamba2/{self.options.layer_choice}", targets=[TargetPlan("converted", config, biases)],
+            method=f"linear/mamba2/{_choice_name(self.options)}", targets=[TargetPlan("converted", config, biases)],
             calibration=Calibration(conversion.source_model(), conversion.spec, windows) if linear else None,
             summary=_summary(conversion, self.options, calibration, linear, config), derived=derived,
             layer_summaries=[calibration.inits.get(layer) if layer in linear else None

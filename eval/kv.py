@@ -39,13 +39,16 @@ def default_contexts(device: str) -> tuple[int, ...]:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by every key/value tensor of a transformers Cache."""
-    return sum(
-        tensor.numel() * tensor.element_size()
-        for layer in cache.layers
-        for tensor in (layer.keys, layer.values)
-        if tensor is not None
-    )
+    """Bytes held by a transformers Cache: every attention layer's keys and values, and every recurrent layer's conv
+    and state tensors (a GraniteMoeHybrid Mamba-2 layer's LinearAttentionLayer keeps them by state index)."""
+    import torch
+
+    tensors = []
+    for layer in cache.layers:
+        tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        for states in (getattr(layer, "conv_states", None), getattr(layer, "recurrent_states", None)):
+            tensors += list((states or {}).values())
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors if isinstance(tensor, torch.Tensor))
 
 
 def _synchronize(device: str) -> None:

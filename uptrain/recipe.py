@@ -19,6 +19,7 @@ from pydantic import Field, StrictBool, field_validator, model_validator
 
 from kvshrink.convert.corpora import CORPORA
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.fitting import UNCHANGED
 from kvshrink.convert.model_card import REPORT_FILE as CONVERSION_REPORT
 from kvshrink.convert.option_models import Naming, OptionsModel, WholeNumber, build
 
@@ -358,13 +359,14 @@ def transfer_layers(recipe: Recipe) -> list[int]:
 
 
 def fitted_layers(model_dir: str | Path) -> set[int]:
-    """Layers the conversion's block-wise fit fitted, or found already exact (from its kvshrink_report.json)."""
+    """Layers the conversion's block-wise fit fitted, found already exact, or left alone as unchanged from the source
+    (from its kvshrink_report.json)."""
     report = Path(model_dir) / CONVERSION_REPORT
     if not report.is_file():
         return set()
     entries = json.loads(report.read_text(encoding="utf-8")).get("layers") or []
     return {entry["layer"] for entry in entries
-            if "fit" in entry and entry["fit"].get("kept_closed_form") in (None, "already exact")}
+            if "fit" in entry and entry["fit"].get("kept_closed_form") in (None, "already exact", UNCHANGED)}
 
 
 def changed_attention_layers(model_dir: str | Path, needed_by: str) -> list[int]:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from kvshrink.convert.calibration import AttentionInputs, Calibration
 from kvshrink.convert.driver import LayerResult, Plan, TargetPlan, calibration_inputs, convert
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.fitting import UNCHANGED
 from kvshrink.convert.frame import Conversion
 from kvshrink.convert.layers import StockModel
 from kvshrink.convert.options import FittedOptions
@@ -64,7 +65,7 @@ def test_a_method_that_changes_nothing_gives_back_the_source(tiny_checkpoint, tm
     layers = report["layers"]
     assert [entry["layer"] for entry in layers] == list(range(len(layers)))
     assert all(entry["inputs"] == [3, 512, 64] for entry in layers)  # 1,536 tokens: three 512-token windows
-    assert all(entry["fit"]["kept_closed_form"] == "already exact" for entry in layers)  # nothing to fit: already exact
+    assert all(entry["fit"]["kept_closed_form"] == UNCHANGED for entry in layers)  # nothing to fit, nothing measured
     check = report["check"]
     assert check["scored"] == ["converted_perplexity", "copy_perplexity", "source_perplexity"]
     assert check["converted_perplexity"] == pytest.approx(check["source_perplexity"], rel=1e-6)

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from kvshrink.convert.cli import convert_cli
 from kvshrink.convert.corpora import corpus_text
+from kvshrink.convert.fitting import UNCHANGED
 from kvshrink.convert.kvcache import kv_bytes_at_context, recurrent_state_bytes
 from kvshrink.convert.linear import mamba2
 from kvshrink.convert.linear_attention import add_linear_attention
@@ -112,7 +113,7 @@ def test_the_fit_brings_each_mixer_closer_to_its_attention_and_the_model_closer_
     for entry in fitted["layers"]:
         fit = entry["fit"]
         if entry["mixer"] == "attention":
-            assert fit["kept_closed_form"] == "already exact"
+            assert fit["kept_closed_form"] == UNCHANGED
         else:
             assert fit["heldout_relative_end"] < 0.9 * fit["heldout_relative_start"]
     reference = _logits(source, HELD_OUT)
@@ -158,3 +159,11 @@ def test_bad_input_gets_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, m
     result = CliRunner().invoke(convert_cli, ["add-linear-attention", str(source), str(tmp_path / "out"), *flags])
     assert result.exit_code != 0 and message in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_eval_kv_measures_the_cache_and_the_mixers_state_as_the_config_says(half_linear):
+    from kvshrink.eval.kv import measure_kv
+
+    _, folder, _, _ = half_linear
+    for measured in measure_kv([folder / "closed"], [12, 120], decode_tokens=1, device="cpu"):
+        assert measured.kv_bytes_per_token == pytest.approx(measured.kv_bytes_per_token_from_config)
