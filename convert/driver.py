@@ -115,12 +115,13 @@ def _fitting(options: ConvertOptions) -> bool:
 
 
 def _fit(conversion: Conversion, method: Method, calibration: Calibration, target: _Target, layer: int,
-         inputs: AttentionInputs, result: LayerResult) -> LayerResult:
-    """The layer's converted attention fitted to the source attention's output on its calibration inputs."""
+         inputs: AttentionInputs, result: LayerResult, changed: list[str]) -> LayerResult:
+    """The layer's converted attention fitted to the source attention's output on its calibration inputs (`changed`:
+    the names among its tensors that differ from the source's)."""
     tensors, report = result
     options = conversion.options
     every = method.fits_every_tensor or options.fit_scope == "attention"
-    trainable = list(tensors) if every else conversion.changed_tensors(tensors)
+    trainable = list(tensors) if every else changed
     fitted, report["fit"] = fit_converted_attention(LayerFit(
         calibration.model, target.model, conversion.spec.attention_module, layer, inputs.inputs, tensors, trainable,
         options.fit_settings(conversion.device), options.fit_heldout_windows,
@@ -128,10 +129,10 @@ def _fit(conversion: Conversion, method: Method, calibration: Calibration, targe
     return fitted, report
 
 
-def _approximate(conversion: Conversion, tensors: dict[str, torch.Tensor]) -> bool:
-    """Whether a converted layer differs from the source: a changed tensor, or a new one that is not all zero (a
-    linear hybrid's kept attention layer only gains the zero biases its class needs)."""
-    return any(bool(tensors[name].abs().max() > 0) for name in conversion.changed_tensors(tensors))
+def _approximate(tensors: dict[str, torch.Tensor], changed: list[str]) -> bool:
+    """Whether a converted layer differs from the source: a `changed` tensor that is not all zero (a linear hybrid's
+    kept attention layer only gains the zero biases its class needs)."""
+    return any(bool(tensors[name].abs().max() > 0) for name in changed)
 
 
 def _convert_layer(conversion: Conversion, method: Method, plan: Plan, targets: list[_Target], layer: int) -> None:
@@ -141,10 +142,12 @@ def _convert_layer(conversion: Conversion, method: Method, plan: Plan, targets: 
     inputs = calibration.attention_inputs(layer) if calibration is not None else None
     feedback = None
     for target, result in zip(targets, method.convert_layer(conversion, plan, layer, inputs), strict=True):
-        if inputs is not None and _fitting(conversion.options) and _approximate(conversion, result[0]):
-            result = _fit(conversion, method, calibration, target, layer, inputs, result)
-        elif inputs is not None and _fitting(conversion.options):
-            result = (result[0], {**result[1], "fit": {"kept_closed_form": UNCHANGED}})
+        if inputs is not None and _fitting(conversion.options):
+            changed = conversion.changed_tensors(result[0])
+            if _approximate(result[0], changed):
+                result = _fit(conversion, method, calibration, target, layer, inputs, result, changed)
+            else:
+                result = (result[0], {**result[1], "fit": {"kept_closed_form": UNCHANGED}})
         tensors, report = result
         target.writer.write_layer(layer, tensors)
         target.layers.append(report)

@@ -78,20 +78,16 @@ class AttentionRunner:
         """[T, hidden] -> [T, hidden], or a batch of windows [B, T, hidden] -> [B, T, hidden]."""
         states = hidden if hidden.dim() == 3 else hidden[None]
         embeddings, mask = self.tables(self.index, states[:1])  # one window's tables broadcast over the batch
-        rotary = {"position_embeddings": embeddings} if _takes_rotary(attention) else {}
+        rotary = {"position_embeddings": embeddings} if _takes_rotary(type(attention)) else {}
         output = attention(hidden_states=states, attention_mask=mask, **rotary)
         output = output[0] if isinstance(output, tuple) else output  # attention: (output, weights); a mixer: output
         return output if hidden.dim() == 3 else output[0]
 
 
 @functools.cache
-def _rotary_parameter(module_class: type) -> bool:
-    return "position_embeddings" in inspect.signature(module_class.forward).parameters
-
-
-def _takes_rotary(module: nn.Module) -> bool:
+def _takes_rotary(module_class: type) -> bool:
     """Attention takes the rotary embedding; a Mamba-2 mixer, which has no positions, does not."""
-    return _rotary_parameter(type(module))
+    return "position_embeddings" in inspect.signature(module_class.forward).parameters
 
 
 def _squared_error(attention: nn.Module, runner: AttentionRunner, hidden: torch.Tensor,

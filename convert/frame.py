@@ -17,7 +17,7 @@ import re
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,8 @@ def derived_tensor(read: Callable[[str], torch.Tensor], parts: tuple[tuple[str, 
     """A derived target tensor from its source parts (`read` gives a source tensor by name)."""
     pieces = [read(name)[rows] for name, rows in parts]
     return pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces)
+
+
 _STALE_BUFFERS = re.compile(r"rotary_emb\.inv_freq$")
 _FREE_SPACE_MARGIN = 64 * 2**20  # headers, config, tokenizer files
 
@@ -198,6 +200,34 @@ def require_free_space(conversion: Conversion, *targets: StockModel) -> None:
             f"{conversion.staging.parent} has {free / 1e9:.2f} GB free but the output needs about "
             f"{needed / 1e9:.2f} GB: free some space or choose an output folder on another disk"
         )
+
+
+def zero_attention_biases(conversion: Conversion, target: StockModel, verbs: tuple[str, str],
+                          supplied: Collection[str] = (), consumed: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """Tensors the stock `target` needs that the source lacks: only attention biases, which are zero (adding
+    nothing, so the layer computes what the source's does), besides the `supplied` ones the method writes itself.
+    Anything else, or a source tensor the class would drop (besides the `consumed` ones its tensors are made of), is
+    refused, saying the family cannot be `verbs[0]` ('windowed') there and what `verbs[1]` ('windowing') would drop."""
+    needed = set(target.skeleton.state_dict())
+    missing = set(target.missing_tensors()) - set(supplied)
+    attention = {
+        name for layer in range(conversion.counts.num_layers) for name in conversion.spec.attention_tensor_names(layer)
+    }
+    architecture = target.config.architectures[0]
+    if missing - attention or any(not name.endswith(".bias") for name in missing):
+        raise KvshrinkError(
+            f"the stock class {architecture} needs {sorted(missing)[0]}, which the source cannot supply exactly: this "
+            f"family cannot be {verbs[0]} in that class"
+        )
+    dropped = sorted(name for name in conversion.checkpoint.names
+                     if name not in needed and name not in consumed and "rotary_emb" not in name)
+    if dropped:
+        raise KvshrinkError(
+            f"the stock class {architecture} has no place for the source's {dropped[0]} (and {len(dropped) - 1} more): "
+            f"{verbs[1]} it there would silently drop them"
+        )
+    shapes = target.skeleton.state_dict()
+    return {name: torch.zeros(shapes[name].shape) for name in sorted(missing)}
 
 
 class LayerWriter:

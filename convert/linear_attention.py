@@ -32,7 +32,7 @@ from kvshrink.convert.driver import LayerResult, Plan, TargetPlan, calibration_i
 from kvshrink.convert.engines import class_engines
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.fitting import AttentionRunner
-from kvshrink.convert.frame import ALL_ROWS, Conversion, Derived
+from kvshrink.convert.frame import ALL_ROWS, Conversion, Derived, zero_attention_biases
 from kvshrink.convert.kvcache import kv_bytes_at_context, recurrent_state_bytes
 from kvshrink.convert.layers import AttentionTables, StockModel
 from kvshrink.convert.linear import mamba2
@@ -70,7 +70,7 @@ def _refuse(conversion: Conversion, options: LinearAttentionOptions) -> None:
     """Refuse what GraniteMoeHybrid cannot hold exactly, before anything is read or written."""
     config, counts, spec = conversion.checkpoint.config, conversion.counts, conversion.spec
     spec.require("linear")
-    _requested(conversion, options)
+    request = _requested(conversion, options)
     window = config.get("sliding_window")
     window_used = config.get(spec.sliding_window_switch, False) if spec.sliding_window_switch else True
     context = config.get("max_position_embeddings")
@@ -88,7 +88,7 @@ def _refuse(conversion: Conversion, options: LinearAttentionOptions) -> None:
     if config.get("mlp_bias") or conversion.rope.fraction != 1.0:
         raise KvshrinkError("the source's MLP has biases or its RoPE covers part of each head, which GraniteMoeHybrid "
                             "cannot hold: convert a Llama-layout model")
-    if _linear_count(conversion, _requested(conversion, options)):
+    if _linear_count(conversion, request):
         conversion.require_tokenizer("the linear layers are calibrated on text", "--linear-layers 0")
 
 
@@ -135,23 +135,15 @@ def _mlp_derived(conversion: Conversion) -> Derived:
     return derived
 
 
-def _zero_biases(conversion: Conversion, model: StockModel) -> dict[str, torch.Tensor]:
-    """Attention biases the class needs where the source has none (Qwen2's o_proj): zero, which adds nothing.
-    Anything else the class needs, or a source tensor it would drop, is refused."""
-    shapes = model.skeleton.state_dict()
-    missing = [name for name in model.missing_tensors() if f".{MIXER}." not in name]
-    if any(not (name.endswith(".bias") and ".self_attn." in name) for name in missing):
-        raise KvshrinkError(f"GraniteMoeHybrid needs {missing[0]}, which the source cannot supply: this family "
-                            "cannot be linearized")
-    consumed = {name for parts in _mlp_derived(conversion).values() for name, _ in parts}
+def _zero_biases(conversion: Conversion, model: StockModel, derived: Derived) -> dict[str, torch.Tensor]:
+    """Attention biases the class needs where the source has none (Qwen2's o_proj): zero, which adds nothing
+    (`frame.zero_attention_biases`); the mixers are written by the conversion, and the source's MLP and attention
+    tensors become the class's MLP and (in linear layers) the mixers."""
+    mixers = {name for name in model.skeleton.state_dict() if f".{MIXER}." in name}
+    consumed = {name for parts in derived.values() for name, _ in parts}
     consumed |= {name for layer in range(conversion.counts.num_layers)
-                 for name in conversion.spec.attention_tensor_names(layer)}  # a linear layer's become its mixer
-    dropped = [name for name in conversion.checkpoint.names
-               if name not in shapes and name not in consumed and "rotary_emb" not in name]
-    if dropped:
-        raise KvshrinkError(f"GraniteMoeHybrid has no place for the source's {dropped[0]}: linearizing it there would "
-                            "silently drop it")
-    return {name: torch.zeros(shapes[name].shape) for name in missing}
+                 for name in conversion.spec.attention_tensor_names(layer)}
+    return zero_attention_biases(conversion, model, ("linearized", "linearizing"), mixers, consumed)
 
 
 @dataclass
@@ -271,8 +263,9 @@ class LinearAttentionMethod:
         """Every layer has one shape, so any choice of as many linear layers has the output's size; a source tensor
         the class would drop is refused here, before any calibration."""
         count = _linear_count(conversion, _requested(conversion, self.options))
-        model = conversion.target_model(_hybrid_config(conversion, list(range(count))), _mlp_derived(conversion))
-        _zero_biases(conversion, model)
+        derived = _mlp_derived(conversion)
+        model = conversion.target_model(_hybrid_config(conversion, list(range(count))), derived)
+        _zero_biases(conversion, model, derived)
         return [model]
 
     def calibrate(self, conversion: Conversion) -> LinearCalibration | None:
@@ -284,7 +277,7 @@ class LinearAttentionMethod:
         linear = _choose(conversion, self.options, calibration, _requested(conversion, self.options))
         config = _hybrid_config(conversion, linear)
         derived = _mlp_derived(conversion)
-        biases = _zero_biases(conversion, conversion.target_model(config, derived))
+        biases = _zero_biases(conversion, conversion.target_model(config, derived), derived)
         windows = calibration_inputs(conversion, self.options) if linear else None
         return Plan(
             method=f"linear/mamba2/{_choice_name(self.options)}", targets=[TargetPlan("converted", config, biases)],

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from tqdm import tqdm
 
 from kvshrink.convert.calibration import Calibration, calibration_windows
@@ -24,7 +23,7 @@ from kvshrink.convert.driver import LayerResult, Plan, TargetPlan, convert
 from kvshrink.convert.engines import class_engines
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.families import load_family_specs
-from kvshrink.convert.frame import Conversion
+from kvshrink.convert.frame import Conversion, zero_attention_biases
 from kvshrink.convert.kvcache import kv_bytes_at_context
 from kvshrink.convert.layers import StockModel
 from kvshrink.convert.options import SlidingWindowOptions
@@ -32,6 +31,7 @@ from kvshrink.convert.window_reach import LayerReach, evenly_spaced, mean_droppe
 
 DEFAULT_CALIBRATION_LENGTH = 4096
 REPORTED_CONTEXTS = (2048, 8192, 32768)
+WINDOWING = ("windowed", "windowing")  # what a class that cannot hold the source refuses
 
 
 def _context(config: dict[str, Any]) -> int:
@@ -143,30 +143,6 @@ def _target_config(conversion: Conversion, options: SlidingWindowOptions, full: 
     return config
 
 
-def _zero_biases(conversion: Conversion, target: StockModel) -> dict[str, torch.Tensor]:
-    """Tensors the target class needs that the source lacks: only attention biases, which are zero (adding
-    nothing, so the layer computes what the source's does). Anything else, or a source tensor the target class
-    would drop, is refused."""
-    needed = set(target.skeleton.state_dict())
-    missing = set(target.missing_tensors())
-    attention = {
-        name for layer in range(conversion.counts.num_layers) for name in conversion.spec.attention_tensor_names(layer)
-    }
-    if missing - attention or any(not name.endswith(".bias") for name in missing):
-        raise KvshrinkError(
-            f"the stock class {target.config.architectures[0]} needs {sorted(missing)[0]}, which the source cannot "
-            "supply exactly: this family cannot be windowed in that class"
-        )
-    dropped = sorted(name for name in conversion.checkpoint.names if name not in needed and "rotary_emb" not in name)
-    if dropped:
-        raise KvshrinkError(
-            f"the stock class {target.config.architectures[0]} has no place for the source's {dropped[0]} (and "
-            f"{len(dropped) - 1} more): windowing it there would silently drop them"
-        )
-    shapes = target.skeleton.state_dict()
-    return {name: torch.zeros(shapes[name].shape) for name in sorted(missing)}
-
-
 def _summary(conversion: Conversion, options: SlidingWindowOptions, calibration: WindowCalibration,
              choices: dict[str, list[int]], config: dict[str, Any]) -> dict[str, Any]:
     valid, excluded, how = class_engines(config["model_type"])
@@ -205,7 +181,7 @@ class SlidingWindowMethod:
         """Which layers keep full attention changes no tensor's size; a target class that cannot hold the source's
         tensors exactly is refused here, before any calibration."""
         target = conversion.target_model(_target_config(conversion, self.options, []))
-        _zero_biases(conversion, target)
+        zero_attention_biases(conversion, target, WINDOWING)
         return [target]
 
     def calibrate(self, conversion: Conversion) -> WindowCalibration:
@@ -219,7 +195,7 @@ class SlidingWindowMethod:
         choices = {"calibrated": most_reaching(calibration.reaches, keep, candidates),
                    "even": evenly_spaced(layers, keep, candidates)}
         config = _target_config(conversion, options, choices[options.layer_choice])
-        biases = _zero_biases(conversion, conversion.target_model(config))
+        biases = zero_attention_biases(conversion, conversion.target_model(config), WINDOWING)
         return Plan(
             method=f"window/{options.layer_choice}", targets=[TargetPlan("converted", config, biases)],
             calibration=None, summary=_summary(conversion, options, calibration, choices, config),
