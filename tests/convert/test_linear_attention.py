@@ -152,9 +152,12 @@ def test_bytes_held_at_context_count_the_state_once_and_no_tokens_for_mixers():
     ("llama", ["--linear-layers", "a,b"], "is not a list of distinct layer indices"),
     ("qwen3", [], "add-linear-attention cannot convert qwen3: GraniteMoeHybrid's attention has no per-head q/k"),
     ("mistral", ["--linear-layers", "0.5"], "attends within a sliding window of 64 tokens"),
+    ("llama", ["--linear-layers", "0.5"], "4 heads x 12 dims is not a whole multiple of hidden size 64"),
+    ("llama", ["--linear-layers", "0.5"], "the source's MLP has biases or its RoPE covers part of each head"),
 ])
 def test_bad_input_gets_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, model_type, flags, message):
-    overrides = {"sliding_window": 64} if model_type == "mistral" else {}
+    overrides = {"sliding_window": 64} if model_type == "mistral" else {"head_dim": 12} if "12 dims" in message else (
+        {"mlp_bias": True} if "MLP has biases" in message else {})
     source = tiny_checkpoint(model_type, 4, 2, **{**SHARP, **overrides})
     result = CliRunner().invoke(convert_cli, ["add-linear-attention", str(source), str(tmp_path / "out"), *flags])
     assert result.exit_code != 0 and message in result.output, result.output
