@@ -6,6 +6,9 @@ from typing import Any
 
 from kvshrink.convert.errors import KvshrinkError
 
+# Where reports compare what models hold: a window or a recurrent state pays off with length, so a per-token KV size
+# alone misranks them against MQA or MLA.
+LONG_CONTEXTS = (8192, 32768)
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
@@ -65,3 +68,8 @@ def kv_bytes_at_context(config: dict[str, Any], context: int) -> float:
              if kind not in _RECURRENT]
     held = sum(min(context, int(window) - 1) if kind == "sliding_attention" and window else context for kind in kinds)
     return (per_layer * held + recurrent_state_bytes(config)) / context
+
+
+def bytes_held_per_token(config: dict[str, Any]) -> dict[str, float]:
+    """`kv_bytes_at_context` at each of LONG_CONTEXTS, keyed by the context as text (the JSON reports' keys)."""
+    return {str(context): kv_bytes_at_context(config, context) for context in LONG_CONTEXTS}

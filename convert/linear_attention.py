@@ -33,14 +33,13 @@ from kvshrink.convert.engines import class_engines
 from kvshrink.convert.errors import KvshrinkError
 from kvshrink.convert.fitting import AttentionRunner
 from kvshrink.convert.frame import ALL_ROWS, Conversion, Derived, zero_attention_biases
-from kvshrink.convert.kvcache import kv_bytes_at_context, recurrent_state_bytes
+from kvshrink.convert.kvcache import LONG_CONTEXTS, kv_bytes_at_context, recurrent_state_bytes
 from kvshrink.convert.layers import AttentionTables, StockModel
 from kvshrink.convert.linear import mamba2
 from kvshrink.convert.linear.mamba2 import LayerSample, MixerInit
 from kvshrink.convert.options import LinearAttentionOptions, linear_layer_request
 
 CLOSED_FORM_WINDOWS = 8  # calibration windows the closed form is chosen and measured on
-REPORTED_CONTEXTS = (8192, 32768)
 MIXER = "mamba"
 _CARRIED = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -243,7 +242,7 @@ def _summary(conversion: Conversion, options: LinearAttentionOptions, calibratio
         "bytes_held_per_token_at_context": {
             str(context): {"source": kv_bytes_at_context(source, context),
                            "target": kv_bytes_at_context(config, context)}
-            for context in REPORTED_CONTEXTS
+            for context in LONG_CONTEXTS
         },
     }
 

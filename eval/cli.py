@@ -53,7 +53,8 @@ def run_command(models, out, overwrite, break_lock, **fields):
 @overwrite_option
 @break_lock_option
 def compare_command(result_dirs, out, overwrite, break_lock):
-    """Compare RESULT_DIRS written by `eval run` (the first model is the base): tables and a quality-vs-KV plot."""
+    """Compare RESULT_DIRS written by `eval run` (the first model is the base): tables and a plot of quality
+    against bytes held per token at 32K tokens of context."""
     from kvshrink.eval.compare import compare_results
 
     comparison = compare_results(result_dirs, out, overwrite=overwrite, break_lock=break_lock)
@@ -64,12 +65,14 @@ def compare_command(result_dirs, out, overwrite, break_lock):
 @eval_cli.command("kv")
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--contexts", callback=lambda _c, _p, v: _int_list(v),
-              help="Comma-separated context lengths  [default: 512,2048 on cpu, 512,2048,8192 on a GPU]")
+              help="Comma-separated context lengths  [default: 512,2048 on cpu, 2048,8192,32768 on a GPU; "
+                   "those every model's max_position_embeddings allows]")
 @click.option("--decode-tokens", default=32, show_default=True, type=click.IntRange(min=1),
               help="Timed decode steps per context length.")
 @click.option("--device", help="torch device, e.g. cpu or cuda:0  [default: cuda if available, else cpu]")
 def kv_command(models, contexts, decode_tokens, device):
-    """Measure MODELS' KV cache bytes per token from the real cache, and decode speed, vs the first model."""
+    """Measure the bytes MODELS hold per token (KV cache + recurrent state) from the real cache object, and decode
+    speed, vs the first model."""
     from kvshrink.eval.kv import kv_table, measure_kv
 
     click.echo(kv_table(measure_kv(models, contexts, decode_tokens=decode_tokens, device=device)))

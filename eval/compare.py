@@ -1,8 +1,9 @@
 """`eval compare`: side-by-side scores of evaluated models against the first (base) one, with their KV cost.
 
 Reads what `eval run` wrote (lm-eval's results.json + kvshrink.json per model) and writes, under OUT:
-    comparison.md    one table per task: score ± stderr, Δ vs base, retention %, KV bytes/token, reduction ×
-    comparison.png   quality vs KV bytes per token, one labelled point per model, one panel per task
+    comparison.md    one table per task: score ± stderr, Δ vs base, retention %, bytes held per token at 32K tokens of
+                     context (KV cache + recurrent state), reduction ×
+    comparison.png   quality vs bytes held per token at 32K, one labelled point per model, one panel per task
     comparison.json  the same numbers for scripts
 Retention is score/base for higher-is-better metrics and base/score for lower-is-better ones (perplexity,
 bits per byte), so it is below 100% whenever a model is worse than the base.
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvshrink.convert.errors import KvshrinkError
+from kvshrink.convert.kvcache import LONG_CONTEXTS
 from kvshrink.convert.outdir import atomic_output_dir, check_output_dir
 from kvshrink.eval.offline_suite import OFFLINE_TASKS
 from kvshrink.eval.run import METADATA_FILE, RESULTS_FILE, RUN_FILE
@@ -25,6 +27,8 @@ from kvshrink.eval.run import METADATA_FILE, RESULTS_FILE, RUN_FILE
 # Which metric a task is compared on when it reports several: accuracy first, then text-modelling metrics.
 PREFERRED_METRICS = ("acc", "acc_norm", "exact_match", "f1", "bits_per_byte", "word_perplexity", "perplexity")
 _NOT_METRICS = {"alias", "name", "sample_len", "samples"}
+# MQA, MLA, sliding-window and linear hybrids are placed on one axis by what they hold for a sequence this long
+COMPARED_CONTEXT = LONG_CONTEXTS[-1]
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,8 @@ class Row:
     stderr: float | None
     delta: float
     retention_percent: float
-    kv_bytes_per_token: int
-    kv_reduction: float
+    bytes_held_per_token: float  # at COMPARED_CONTEXT tokens of context
+    reduction: float
     items: int | None
 
 
@@ -145,12 +149,20 @@ def _primary_metric(task: str, metrics: dict[str, tuple[float, float | None]]) -
     return next((name for name in PREFERRED_METRICS if name in metrics), next(iter(metrics)))
 
 
+def _bytes_held(model: EvaluatedModel) -> float:
+    held = model.metadata.get("bytes_held_per_token_at_context") or {}
+    if str(COMPARED_CONTEXT) not in held:
+        raise KvshrinkError(f"{model.label}'s results predate bytes held at {COMPARED_CONTEXT:,} tokens of context: "
+                            "rerun `kvshrink eval run` on it")
+    return held[str(COMPARED_CONTEXT)]
+
+
 def _task_table(task: str, models: list[EvaluatedModel]) -> TaskTable:
     base_metrics = _metrics(models[0].results["results"][task])
     metric = _primary_metric(task, base_metrics)
     higher_is_better = bool(models[0].results.get("higher_is_better", {}).get(task, {}).get(metric, True))
     base_score = base_metrics[metric][0]
-    base_kv = models[0].metadata["kv_bytes_per_token"]
+    base_bytes = _bytes_held(models[0])
     rows = []
     for model in models:
         metrics = _metrics(model.results["results"][task])
@@ -169,8 +181,8 @@ def _task_table(task: str, models: list[EvaluatedModel]) -> TaskTable:
                 stderr=stderr,
                 delta=score - base_score,
                 retention_percent=retention,
-                kv_bytes_per_token=model.metadata["kv_bytes_per_token"],
-                kv_reduction=base_kv / model.metadata["kv_bytes_per_token"],
+                bytes_held_per_token=_bytes_held(model),
+                reduction=base_bytes / _bytes_held(model),
                 items=samples.get("effective"),
             )
         )
@@ -185,15 +197,16 @@ def _task_table(task: str, models: list[EvaluatedModel]) -> TaskTable:
 def render_table(table: TaskTable, markdown: bool = False) -> str:
     """One task's comparison as a markdown table or as aligned text for a terminal."""
     direction = "higher is better" if table.higher_is_better else "lower is better"
-    header = ["model", table.metric, "Δ vs base", "retention", "KV bytes/token", "KV reduction", "items"]
+    header = ["model", table.metric, "Δ vs base", "retention", f"bytes held/token at {COMPARED_CONTEXT // 1024}K",
+              "reduction", "items"]
     lines = [
         [
             row.model,
             f"{row.score:.4f}" + (f" ± {row.stderr:.4f}" if row.stderr is not None else ""),
             f"{row.delta:+.4f}",
             f"{row.retention_percent:.1f}%",
-            f"{row.kv_bytes_per_token:,}",
-            f"{row.kv_reduction:.2f}×",
+            f"{row.bytes_held_per_token:,.0f}",
+            f"{row.reduction:.2f}×",
             "" if row.items is None else str(row.items),
         ]
         for row in table.rows
@@ -218,17 +231,17 @@ def _plot(tables: list[TaskTable], path: Path) -> None:
     rows = math.ceil(len(tables) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False)
     for axis, table in zip(axes.flat, tables):
-        kv = [row.kv_bytes_per_token for row in table.rows]
+        held = [row.bytes_held_per_token for row in table.rows]
         scores = [row.score for row in table.rows]
         errors = [row.stderr or 0.0 for row in table.rows]
-        axis.errorbar(kv, scores, yerr=errors, fmt="o", capsize=3)
+        axis.errorbar(held, scores, yerr=errors, fmt="o", capsize=3)
         for row in table.rows:
-            axis.annotate(row.model, (row.kv_bytes_per_token, row.score), textcoords="offset points", xytext=(5, 5))
+            axis.annotate(row.model, (row.bytes_held_per_token, row.score), textcoords="offset points", xytext=(5, 5))
         arrow = "↑" if table.higher_is_better else "↓"
         axis.set_title(f"{table.task}")
-        axis.set_xlabel("KV cache bytes per token")
+        axis.set_xlabel(f"bytes held per token at {COMPARED_CONTEXT:,} tokens (KV cache + recurrent state)")
         axis.set_ylabel(f"{table.metric} {arrow}")
-        axis.set_xlim(0, max(kv) * 1.15)
+        axis.set_xlim(0, max(held) * 1.15)
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(tables) :]:
         axis.set_visible(False)

@@ -1,9 +1,10 @@
-"""`eval kv`: KV cache bytes per token measured from the real cache object, and decode speed, per context length.
+"""`eval kv`: bytes held per token measured from the real cache object, and decode speed, per context length.
 
 For each model and context length: prefill a deterministic random prompt in chunks into a DynamicCache, add
 up the bytes of every tensor the cache holds (so what is measured is what the stock class really stores —
 K and V heads for MHA/GQA, the compressed latent and shared rope key for DeepseekV3 MLA, only the window for
-sliding-window layers), then time greedy one-token decode steps on top of that cache.
+sliding-window layers, a Mamba-2 layer's conv and recurrent state whatever the length), divide by the context, then
+time greedy one-token decode steps on top of that cache.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.kvcache import kv_bytes_at_context
+from kvshrink.convert.kvcache import LONG_CONTEXTS, kv_bytes_at_context
 from kvshrink.eval.models import ModelFolder, check_model_dirs, default_device, load_model
 
-GPU_CONTEXTS = (512, 2048, 8192)
-CPU_CONTEXTS = (512, 2048)
+GPU_CONTEXTS = (2048, *LONG_CONTEXTS)  # the lengths the other reports compare bytes held at
+CPU_CONTEXTS = (512, 2048)  # a CPU prefills 32K tokens in minutes per model
 PREFILL_CHUNK = 512
 WARMUP_STEPS = 2
 
@@ -29,13 +30,19 @@ WARMUP_STEPS = 2
 class KvMeasurement:
     model: str
     context: int
-    kv_bytes_per_token: float
-    kv_bytes_per_token_from_config: float  # what the config says the cache holds at this context
+    bytes_held_per_token: float  # the cache object's tensors (KV cache + recurrent state) over the context
+    bytes_held_per_token_from_config: float  # what the config says the cache holds at this context
     decode_tokens_per_second: float
 
 
-def default_contexts(device: str) -> tuple[int, ...]:
-    return CPU_CONTEXTS if device == "cpu" else GPU_CONTEXTS
+def default_contexts(device: str, folders: Sequence[ModelFolder], decode_tokens: int) -> tuple[int, ...]:
+    """The device's default lengths that every model's max_position_embeddings allows (the shortest always)."""
+    defaults = CPU_CONTEXTS if device == "cpu" else GPU_CONTEXTS
+    limits = [int(folder.config.get("max_position_embeddings") or 0) for folder in folders]
+    if not any(limits):
+        return defaults
+    room = min(limit for limit in limits if limit) - WARMUP_STEPS - decode_tokens
+    return tuple(context for context in defaults if context <= room) or defaults[:1]
 
 
 def cache_bytes(cache) -> int:
@@ -88,10 +95,11 @@ def measure_kv(
     decode_tokens: int = 32,
     device: str | None = None,
 ) -> list[KvMeasurement]:
-    """Measured KV bytes per token and decode tokens/s for every model at every context length."""
+    """Measured bytes held per token and decode tokens/s for every model at every context length (by default the
+    device's lengths that fit every model's max_position_embeddings)."""
     folders = check_model_dirs(list(models))
     device = device or default_device()
-    contexts = tuple(contexts) if contexts else default_contexts(device)
+    contexts = tuple(contexts) if contexts else default_contexts(device, folders, decode_tokens)
     if any(context < 1 for context in contexts) or decode_tokens < 1:
         raise KvshrinkError("context lengths and --decode-tokens must be positive integers")
     for folder in folders:
@@ -115,14 +123,14 @@ def measure_kv(
 def kv_table(measurements: list[KvMeasurement]) -> str:
     """Aligned text table, ratios against the first model at the same context length."""
     base = {m.context: m for m in measurements if m.model == measurements[0].model}
-    header = ["model", "context", "KV bytes/token", "from config", "vs base", "decode tok/s", "vs base"]
+    header = ["model", "context", "bytes held/token", "from config", "vs base", "decode tok/s", "vs base"]
     lines = [
         [
             m.model,
             str(m.context),
-            f"{m.kv_bytes_per_token:,.0f}",
-            f"{m.kv_bytes_per_token_from_config:,.0f}",
-            f"{m.kv_bytes_per_token / base[m.context].kv_bytes_per_token:.3f}×",
+            f"{m.bytes_held_per_token:,.0f}",
+            f"{m.bytes_held_per_token_from_config:,.0f}",
+            f"{m.bytes_held_per_token / base[m.context].bytes_held_per_token:.3f}×",
             f"{m.decode_tokens_per_second:.1f}",
             f"{m.decode_tokens_per_second / base[m.context].decode_tokens_per_second:.2f}×",
         ]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.kvcache import kv_bytes_per_token
+from kvshrink.convert.kvcache import bytes_held_per_token
 from kvshrink.convert.model_card import REPORT_FILE
 
 REPORT_FILES = {"conversion_report": REPORT_FILE, "uptrain_report": "uptrain_report.json"}
@@ -68,12 +68,14 @@ def load_tokenizer(folder: ModelFolder):
 
 
 def model_metadata(folder: ModelFolder) -> dict[str, Any]:
-    """What a comparison needs besides scores: identity, architecture, KV cost, and kvshrink's own reports."""
+    """What a comparison needs besides scores: identity, architecture, bytes held at long context and kvshrink's
+    own reports."""
     metadata = {
         "model": str(folder.path),
         "label": folder.label,
         "architecture": (folder.config.get("architectures") or [folder.config.get("model_type", "unknown")])[0],
-        "kv_bytes_per_token": kv_bytes_per_token(folder.config),
+        # KV cache plus recurrent state per token of a sequence this long (a window or a state pays off with length)
+        "bytes_held_per_token_at_context": bytes_held_per_token(folder.config),
     }
     for key, filename in REPORT_FILES.items():
         report = folder.path / filename

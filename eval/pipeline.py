@@ -40,7 +40,6 @@ CONVERTERS: dict[str, tuple[str, str, str]] = {
 # The stock classes MLA and linear hybrids are written in have no sliding window (add-sliding-window refuses them).
 UNWINDOWABLE = {"mha-to-mla": "its DeepseekV3 output has no sliding window",
                 "add-linear-attention": "its GraniteMoeHybrid output has no sliding window"}
-REPORTED_CONTEXT = 8192  # the report's KV column at this context shows what a sliding window saves
 
 
 class ConversionStep(OptionsModel):
@@ -224,30 +223,29 @@ def _uptrain(step: Uptraining, model: Path, teacher: Path, out: Path, resume: bo
 
 
 def _models_table(models: list[ModelFolder]) -> str:
-    from kvshrink.convert.kvcache import kv_bytes_at_context, kv_bytes_per_token
+    from kvshrink.convert.kvcache import LONG_CONTEXTS, bytes_held_per_token
 
+    held_columns = " | ".join(f"bytes held/token at {context // 1024}K" for context in LONG_CONTEXTS)
     lines = [
-        f"| model | method | KV bytes/token | KV reduction | KV bytes/token at {REPORTED_CONTEXT:,} tokens (sliding "
-        "windows counted) | check perplexity (source → converted) | uptrain val. perplexity (start → end) |",
-        "|---|---|---:|---:|---:|---|---|",
+        f"| model | method | {held_columns} | reduction at {LONG_CONTEXTS[-1] // 1024}K | check perplexity "
+        "(source → converted) | uptrain val. perplexity (start → end) |",
+        "|---|---|" + "---:|" * (len(LONG_CONTEXTS) + 1) + "---|---|",
     ]
-    base_bytes = None
+    base_held = None
     for model in models:
-        label, folder = model.label, model.path
-        kv = kv_bytes_per_token(model.config)
-        base_bytes = base_bytes or kv
-        at_context = kv_bytes_at_context(model.config, REPORTED_CONTEXT)
-        conversion = _read_optional(folder / REPORT_FILE)
-        uptrained = _read_optional(folder / "uptrain_report.json")
+        held = list(bytes_held_per_token(model.config).values())
+        base_held = base_held or held[-1]
+        conversion = _read_optional(model.path / REPORT_FILE)
+        uptrained = _read_optional(model.path / "uptrain_report.json")
         check = conversion.get("check", {})
         check_text = f"{check['source_perplexity']:.2f} → {check['converted_perplexity']:.2f}" if check else ""
         up_text = ""
         if uptrained:
             up_text = f"{uptrained['val_perplexity_start']:.2f} → {uptrained['val_perplexity_end']:.2f}"
         method = conversion.get("method", "source") + (" + uptrain" if uptrained else "")
-        lines.append(
-            f"| {label} | {method} | {kv:,} | {base_bytes / kv:.2f}× | {at_context:,.0f} | {check_text} | {up_text} |"
-        )
+        held_text = " | ".join(f"{value:,.0f}" for value in held)
+        lines.append(f"| {model.label} | {method} | {held_text} | {base_held / held[-1]:.2f}× | {check_text} "
+                     f"| {up_text} |")
     return "\n".join(lines)
 
 

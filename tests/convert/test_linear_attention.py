@@ -169,4 +169,4 @@ def test_eval_kv_measures_the_cache_and_the_mixers_state_as_the_config_says(half
 
     _, folder, _, _ = half_linear
     for measured in measure_kv([folder / "closed"], [12, 120], decode_tokens=1, device="cpu"):
-        assert measured.kv_bytes_per_token == pytest.approx(measured.kv_bytes_per_token_from_config)
+        assert measured.bytes_held_per_token == pytest.approx(measured.bytes_held_per_token_from_config)

@@ -133,12 +133,12 @@ def test_composes_with_mqa_and_the_cache_keeps_only_the_window(llama, tmp_path):
     measured = measure_kv([tmp_path / "mqa", tmp_path / "out"], [12, 120], decode_tokens=1, device="cpu")
     for m in measured:
         folder = tmp_path / ("mqa" if m.model.endswith("mqa") else "out")
-        assert m.kv_bytes_per_token == pytest.approx(m.kv_bytes_per_token_from_config)
+        assert m.bytes_held_per_token == pytest.approx(m.bytes_held_per_token_from_config)
         assert (
-            m.kv_bytes_per_token_from_config
+            m.bytes_held_per_token_from_config
             == kv_bytes_at_context(json.loads((folder / "config.json").read_text()), m.context)
         )
-    by = {(m.model.endswith("mqa"), m.context): m.kv_bytes_per_token for m in measured}
+    by = {(m.model.endswith("mqa"), m.context): m.bytes_held_per_token for m in measured}
     assert by[(False, 12)] == by[(True, 12)]  # shorter than the window: the same cache
     # 120 tokens: 1 full layer keeps 120, 3 windowed layers keep 15 each
     assert by[(False, 120)] == pytest.approx(by[(True, 120)] * (120 + 3 * 15) / (4 * 120))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from kvshrink.convert.cli import kvshrink_cli
 from kvshrink.convert.kvcache import kv_bytes_per_token
-from kvshrink.eval.kv import measure_kv
+from kvshrink.eval.kv import CPU_CONTEXTS, GPU_CONTEXTS, default_contexts, measure_kv
+from kvshrink.eval.models import check_model_dirs
 
 
 def test_measured_kv_bytes_equal_theory_for_mha_gqa_and_mla(tiny_models):
@@ -21,9 +23,9 @@ def test_measured_kv_bytes_equal_theory_for_mha_gqa_and_mla(tiny_models):
     ]
     for m in measurements:
         config = json.loads((tiny_models[m.model] / "config.json").read_text())
-        assert m.kv_bytes_per_token == m.kv_bytes_per_token_from_config == kv_bytes_per_token(config)
+        assert m.bytes_held_per_token == m.bytes_held_per_token_from_config == kv_bytes_per_token(config)
         assert m.decode_tokens_per_second > 0
-    per_model = {m.model: m.kv_bytes_per_token for m in measurements}
+    per_model = {m.model: m.bytes_held_per_token for m in measurements}
     # 2 layers x float32: MHA 4 heads x 8 dims for K and V; GQA 2 heads; MLA latent 16 + rope key 8.
     assert per_model == {"mha": 2 * 4 * 2 * 4 * 8, "gqa": 2 * 4 * 2 * 2 * 8, "mla": 2 * 4 * (16 + 8)}
 
@@ -57,3 +59,11 @@ def test_kv_command_rejects_bad_context_lists(tiny_models, contexts):
 def test_kv_refuses_contexts_beyond_the_model_window(tiny_models):
     result = CliRunner().invoke(kvshrink_cli, ["eval", "kv", str(tiny_models["mha"]), "--contexts", "4096"])
     assert result.exit_code == 1 and "max_position_embeddings 1024" in result.output
+
+
+def test_default_contexts_stop_at_every_model_s_position_limit(tiny_models):
+    folders = check_model_dirs([tiny_models["mha"], tiny_models["gqa"]])  # max_position_embeddings 1024
+    assert default_contexts("cpu", folders, decode_tokens=2) == (512,)
+    unlimited = [replace(folder, config={}) for folder in folders]
+    assert default_contexts("cpu", unlimited, decode_tokens=2) == CPU_CONTEXTS
+    assert default_contexts("cuda", unlimited, decode_tokens=2) == GPU_CONTEXTS

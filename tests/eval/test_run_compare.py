@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from kvshrink.convert.cli import kvshrink_cli
-from kvshrink.convert.kvcache import kv_bytes_per_token
+from kvshrink.convert.kvcache import LONG_CONTEXTS, kv_bytes_per_token
 from kvshrink.eval.offline_suite import OFFLINE_TASKS
 
 LIMIT = 3
@@ -44,7 +44,9 @@ def test_run_writes_lm_eval_results_and_kvshrink_metadata(run_dir, tiny_models):
         config = json.loads((tiny_models[name] / "config.json").read_text())
         assert metadata["model"] == str(tiny_models[name].resolve())
         assert metadata["architecture"] == "LlamaForCausalLM"
-        assert metadata["kv_bytes_per_token"] == kv_bytes_per_token(config)
+        # no window, no state: what a sequence holds per token is the same at every length
+        held = {str(context): kv_bytes_per_token(config) for context in LONG_CONTEXTS}
+        assert metadata["bytes_held_per_token_at_context"] == held
         assert metadata["conversion_report"] is None and metadata["limit"] == LIMIT
 
 
@@ -76,6 +78,17 @@ def test_compare_refuses_results_over_different_tasks(run_dir, tmp_path):
     assert result.exit_code == 1
     assert "different tasks" in result.output and "gqa lacks kvshrink_kjv_cloze" in result.output
     assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_refuses_results_written_without_bytes_held(run_dir, tmp_path):
+    other = tmp_path / "gqa"
+    shutil.copytree(run_dir / "gqa", other)
+    metadata = json.loads((other / "kvshrink.json").read_text())
+    del metadata["bytes_held_per_token_at_context"]  # as an older `eval run` wrote it
+    (other / "kvshrink.json").write_text(json.dumps(metadata))
+    result = invoke("compare", run_dir / "mha", other, "--out", tmp_path / "cmp")
+    assert result.exit_code == 1 and not (tmp_path / "cmp").exists()
+    assert "predate bytes held at 32,768 tokens of context: rerun `kvshrink eval run`" in result.output
 
 
 def test_compare_refuses_results_over_different_numbers_of_items(run_dir, tmp_path):
