@@ -46,7 +46,6 @@ _CARRIED = (
     "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
     "hidden_act", "initializer_range", "attention_dropout", "rope_parameters", "rope_theta", "rope_scaling",
 )
-_MLP = {"input_linear": ("mlp.gate_proj", "mlp.up_proj"), "output_linear": ("mlp.down_proj",)}
 
 
 def _requested(conversion: Conversion, options: LinearAttentionOptions) -> float | list[int]:
@@ -119,18 +118,30 @@ def _hybrid_config(conversion: Conversion, linear: list[int]) -> dict[str, Any]:
     return config
 
 
-def _mlp_derived(conversion: Conversion) -> Derived:
-    """GraniteMoeHybrid's dense MLP from the source's: input_linear = [gate_proj; up_proj], output_linear =
-    down_proj (exact)."""
-    derived = {}
-    for layer in range(conversion.counts.num_layers):
-        prefix = conversion.spec.layer_prefix.format(layer=layer)
-        for target, parts in _MLP.items():
+def _derived(conversion: Conversion, linear: list[int]) -> Derived:
+    """GraniteMoeHybrid's tensors made of the source's rows, exactly: the dense MLP's input_linear = [gate_proj;
+    up_proj] (Phi-3's gate_up_proj as it is, [gate; up] too), output_linear = down_proj; and in the layers that keep
+    attention, the class's separate q/k/v projections from a fused qkv_proj's row blocks (Phi-3)."""
+    spec, counts, derived = conversion.spec, conversion.counts, {}
+    mlp = {"input_linear": (spec.fused_gate_up,) if spec.fused_gate_up else ("mlp.gate_proj", "mlp.up_proj"),
+           "output_linear": ("mlp.down_proj",)}
+    query, key = counts.num_heads * counts.head_dim, counts.num_kv_heads * counts.head_dim
+    rows = {"q_proj": slice(0, query), "k_proj": slice(query, query + key), "v_proj": slice(query + key, None)}
+    for layer in range(counts.num_layers):
+        prefix = spec.layer_prefix.format(layer=layer)
+        for target, parts in mlp.items():
             derived[f"{prefix}shared_mlp.{target}.weight"] = tuple((f"{prefix}{p}.weight", ALL_ROWS) for p in parts)
+        if not spec.fused_qkv or layer in linear:
+            continue
+        for kind in ("weight", "bias"):
+            name = spec.tensor_name(layer, "qkv_proj", kind)
+            if name in conversion.checkpoint:
+                derived |= {f"{prefix}self_attn.{part}.{kind}": ((name, block),) for part, block in rows.items()}
     missing = [name for parts in derived.values() for name, _ in parts if name not in conversion.checkpoint]
     if missing:
         raise KvshrinkError(f"the source lacks {missing[0]}: GraniteMoeHybrid's MLP is made from a Llama-layout "
-                            "gate_proj/up_proj/down_proj MLP, which this source does not have")
+                            "gate_proj/up_proj (or fused gate_up_proj) and down_proj MLP, which this source does not "
+                            "have")
     return derived
 
 
@@ -185,7 +196,7 @@ def _calibrate(conversion: Conversion, options: LinearAttentionOptions, candidat
     """Pass 1: the source reads the calibration windows one layer at a time; each candidate layer's mixer is
     calibrated on what its attention received there."""
     calibration = Calibration(conversion.source_model(), conversion.spec, calibration_inputs(conversion, options))
-    probe = conversion.target_model(_hybrid_config(conversion, candidates), _mlp_derived(conversion))
+    probe = conversion.target_model(_hybrid_config(conversion, candidates), _derived(conversion, candidates))
     tables, inits = AttentionTables(probe), {}
     for layer in tqdm(range(conversion.counts.num_layers), desc="calibrating", unit="layer",
                       disable=not options.progress):
@@ -261,9 +272,9 @@ class LinearAttentionMethod:
     def sized_targets(self, conversion: Conversion) -> list[StockModel]:
         """Every layer has one shape, so any choice of as many linear layers has the output's size; a source tensor
         the class would drop is refused here, before any calibration."""
-        count = _linear_count(conversion, _requested(conversion, self.options))
-        derived = _mlp_derived(conversion)
-        model = conversion.target_model(_hybrid_config(conversion, list(range(count))), derived)
+        linear = list(range(_linear_count(conversion, _requested(conversion, self.options))))
+        derived = _derived(conversion, linear)
+        model = conversion.target_model(_hybrid_config(conversion, linear), derived)
         _zero_biases(conversion, model, derived)
         return [model]
 
@@ -275,7 +286,7 @@ class LinearAttentionMethod:
     def plan(self, conversion: Conversion, calibration: LinearCalibration | None) -> Plan:
         linear = _choose(conversion, self.options, calibration, _requested(conversion, self.options))
         config = _hybrid_config(conversion, linear)
-        derived = _mlp_derived(conversion)
+        derived = _derived(conversion, linear)
         biases = _zero_biases(conversion, conversion.target_model(config, derived), derived)
         windows = calibration_inputs(conversion, self.options) if linear else None
         return Plan(
@@ -294,7 +305,10 @@ class LinearAttentionMethod:
         init = plan.layer_summaries[layer] if plan.layer_summaries else None
         if init is None:
             names = conversion.spec.attention_tensor_names(layer)
-            tensors = attention_tensors(attention, conversion.spec, layer)
+            # a fused qkv_proj reaches the class as the q/k/v projections the plan derives from its rows
+            fused = {name for parts in plan.derived.values() for name, _ in parts}
+            tensors = {name: tensor for name, tensor in attention_tensors(attention, conversion.spec, layer).items()
+                       if name not in fused}
             tensors |= {name: bias for name, bias in plan.output.layout.items() if name in names}
             return [(tensors, {"layer": layer, "mixer": "attention"})]
         prefix = f"{conversion.spec.layer_prefix.format(layer=layer)}{MIXER}."

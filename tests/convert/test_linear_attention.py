@@ -49,13 +49,22 @@ def half_linear(tmp_path_factory):
     return source, folder, fitted, closed
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "ministral", "qwen2"])
-def test_with_no_layer_linearized_the_hybrid_class_computes_the_source_logits(tiny_checkpoint, tmp_path, model_type):
-    source = tiny_checkpoint(model_type, 4, 2, **SHARP)
+# Phi-3's 128k variants: longrope, whose long factors apply past original_max_position_embeddings
+LONGROPE = {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8,
+                             "long_factor": [1.5 + i / 8 for i in range(8)], "original_max_position_embeddings": 128}}
+PAST_ORIGINAL = torch.randint(0, 200, (1, 300), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(("model_type", "overrides"), [("llama", {}), ("mistral", {}), ("ministral", {}),
+                                                       ("qwen2", {}), ("phi3", {}), ("phi3", LONGROPE)])
+def test_with_no_layer_linearized_the_hybrid_class_computes_the_source_logits(tiny_checkpoint, tmp_path, model_type,
+                                                                              overrides):
+    source = tiny_checkpoint(model_type, 4, 2, **SHARP, **overrides)
     report = add_linear_attention(source, tmp_path / "out", LinearAttentionOptions(linear_layers="0", **QUICK))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert type(model).__name__ == "GraniteMoeHybridForCausalLM" and report["linear_attention"]["linear_layers"] == []
-    assert torch.equal(_logits(tmp_path / "out"), _logits(source))
+    ids = PAST_ORIGINAL if overrides else IDS
+    assert torch.equal(_logits(tmp_path / "out", ids), _logits(source, ids))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["layer_types"] == ["attention"] * 4 and config["num_local_experts"] == 0
 
@@ -120,6 +129,26 @@ def test_the_fit_brings_each_mixer_closer_to_its_attention_and_the_model_closer_
     errors = [float((_logits(folder / name, HELD_OUT) - reference).norm() / reference.norm())
               for name in ("fitted", "closed")]
     assert errors[0] < errors[1]
+
+
+def test_phi3_fused_projections_become_the_kept_layers_q_k_v_and_the_mixers(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("phi3", 4, 2, **SHARP)
+    options = LinearAttentionOptions(linear_layers="1,3", **{**QUICK, "fit": "none"})
+    report = add_linear_attention(source, tmp_path / "out", options)
+    written, original = _weights(tmp_path / "out"), _weights(source)
+    for layer in (0, 2):  # attention kept: q/k/v are the row blocks of qkv_proj (4 query, 2 KV heads of 16)
+        qkv = original[f"model.layers.{layer}.self_attn.qkv_proj.weight"]
+        for part, rows in (("q_proj", slice(0, 64)), ("k_proj", slice(64, 96)), ("v_proj", slice(96, 128))):
+            assert torch.equal(written[f"model.layers.{layer}.self_attn.{part}.weight"], qkv[rows])
+        assert report["layers"][layer]["mixer"] == "attention"
+    assert [report["layers"][layer]["mixer"] for layer in (1, 3)] == ["mamba2", "mamba2"]
+    for layer in range(4):
+        gate_up = original[f"model.layers.{layer}.mlp.gate_up_proj.weight"]
+        assert torch.equal(written[f"model.layers.{layer}.shared_mlp.input_linear.weight"], gate_up)
+    assert not any("qkv_proj" in name or "gate_up_proj" in name for name in written)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    generated = model.generate(IDS[:1, :12], max_new_tokens=6, do_sample=False)
+    assert torch.equal(generated[:, :12], IDS[:1, :12]) and generated.shape == (1, 18)
 
 
 def test_explicit_layers_and_even_choice(tiny_checkpoint, tmp_path):
