@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from kvshrink.convert.errors import KvshrinkError
@@ -56,6 +57,24 @@ def kv_bytes_per_token(config: dict[str, Any]) -> int:
     return kv_values_per_token(config) * cache_dtype_bytes(config)
 
 
+def _layer_kinds(config: dict[str, Any]) -> tuple[list[str], int | None]:
+    """Each layer's kind and the window, as transformers' cache sees them: `layer_types` where the config has them,
+    else as its config class derives them (Gemma 2 alternates; Qwen2 windows only with use_sliding_window), else
+    every layer windowed when a window is set (DynamicCache does so for Mistral-7B-v0.1 and Phi-3's 4k models)."""
+    kinds, window = config.get("layer_types"), config.get("sliding_window")
+    if not kinds and config.get("model_type"):
+        from transformers import AutoConfig
+
+        try:
+            loaded = AutoConfig.for_model(**copy.deepcopy(config))
+        except (KeyError, ValueError, TypeError):  # a model type this transformers does not know: the config as is
+            loaded = None
+        kinds = getattr(loaded, "layer_types", None)
+        window = getattr(loaded, "sliding_window", window) if loaded is not None else window
+    layers = int(config["num_hidden_layers"])
+    return list(kinds or ["sliding_attention" if window else "full_attention"] * layers), window
+
+
 def kv_bytes_at_context(config: dict[str, Any], context: int) -> float:
     """Bytes of cache and state per token of a `context`-token sequence: a sliding layer (`layer_types`) holds at
     most window - 1 tokens between steps (the next token completes its window; transformers'
@@ -63,9 +82,8 @@ def kv_bytes_at_context(config: dict[str, Any], context: int) -> float:
     state (`recurrent_state_bytes`)."""
     attention_layers = int(config["num_hidden_layers"]) - _recurrent_layers(config)
     per_layer = kv_bytes_per_token(config) / attention_layers
-    window = config.get("sliding_window")
-    kinds = [kind for kind in config.get("layer_types") or ["full_attention"] * attention_layers
-             if kind not in _RECURRENT]
+    kinds, window = _layer_kinds(config)
+    kinds = [kind for kind in kinds if kind not in _RECURRENT]
     held = sum(min(context, int(window) - 1) if kind == "sliding_attention" and window else context for kind in kinds)
     return (per_layer * held + recurrent_state_bytes(config)) / context
 

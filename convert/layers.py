@@ -66,7 +66,7 @@ class StockModel:
                  device: torch.device, heap_trim: HeapTrim | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        self.config = AutoConfig.for_model(**config)
+        self.config = AutoConfig.for_model(**copy.deepcopy(config))  # transformers edits nested rope dicts in place
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
         self.read, self.names, self.device, self.heap_trim = read, names, device, heap_trim

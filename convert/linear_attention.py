@@ -37,6 +37,7 @@ from kvshrink.convert.kvcache import LONG_CONTEXTS, kv_bytes_at_context, recurre
 from kvshrink.convert.layers import AttentionTables, StockModel
 from kvshrink.convert.linear import mamba2
 from kvshrink.convert.linear.mamba2 import LayerSample, MixerInit
+from kvshrink.convert.maths import standardized_rope_parameters
 from kvshrink.convert.options import LinearAttentionOptions, linear_layer_request
 
 CLOSED_FORM_WINDOWS = 8  # calibration windows the closed form is chosen and measured on
@@ -44,7 +45,7 @@ MIXER = "mamba"
 _CARRIED = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
-    "hidden_act", "initializer_range", "attention_dropout", "rope_parameters", "rope_theta", "rope_scaling",
+    "hidden_act", "initializer_range", "attention_dropout",
 )
 
 
@@ -103,7 +104,7 @@ def _hybrid_config(conversion: Conversion, linear: list[int]) -> dict[str, Any]:
     carried = {key: copy.deepcopy(source[key]) for key in _CARRIED if source.get(key) is not None}
     has_bias = any(name.endswith(".bias") and ".self_attn." in name for name in conversion.checkpoint.names)
     config = GraniteMoeHybridConfig(
-        **carried, num_local_experts=0, shared_intermediate_size=int(source["intermediate_size"]),
+        **carried, rope_parameters=standardized_rope_parameters(source), num_local_experts=0, shared_intermediate_size=int(source["intermediate_size"]),
         intermediate_size=int(source["intermediate_size"]), position_embedding_type="rope",
         attention_multiplier=counts.head_dim**-0.5, embedding_multiplier=1.0, residual_multiplier=1.0,
         logits_scaling=1.0, attention_bias=has_bias, layer_types=_layer_types(counts.num_layers, linear),
@@ -126,7 +127,8 @@ def _derived(conversion: Conversion, linear: list[int]) -> Derived:
     mlp = {"input_linear": (spec.fused_gate_up,) if spec.fused_gate_up else ("mlp.gate_proj", "mlp.up_proj"),
            "output_linear": ("mlp.down_proj",)}
     query, key = counts.num_heads * counts.head_dim, counts.num_kv_heads * counts.head_dim
-    rows = {"q_proj": slice(0, query), "k_proj": slice(query, query + key), "v_proj": slice(query + key, None)}
+    rows = {"q_proj": slice(0, query), "k_proj": slice(query, query + key),
+            "v_proj": slice(query + key, query + 2 * key)}
     for layer in range(counts.num_layers):
         prefix = spec.layer_prefix.format(layer=layer)
         for target, parts in mlp.items():

@@ -9,6 +9,7 @@ mixing of heads, complex gains) a complex matrix product.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,6 +187,16 @@ class SourceRope:
     attention_scaling: float  # transformers multiplies cos and sin by this
 
 
+def standardized_rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """The source's RoPE as transformers' own class reads it: rope_parameters with what older configs keep elsewhere
+    (rope_scaling, top-level rope_theta, Phi-3's top-level original_max_position_embeddings) moved inside, for a
+    class of another family to carry (its own defaults would fill in other values)."""
+    from transformers import AutoConfig
+
+    # a copy: transformers standardizes the nested rope dict in place
+    return copy.deepcopy(dict(AutoConfig.for_model(**copy.deepcopy(config)).rope_parameters))
+
+
 def read_source_rope(config: dict[str, Any], head_dim: int) -> SourceRope:
     """The RoPE of a source config (config.json as a dict). Each setting is read from rope_parameters (older
     configs: rope_scaling), then from the top level of the config, then transformers' default."""
@@ -203,5 +214,6 @@ def read_source_rope(config: dict[str, Any], head_dim: int) -> SourceRope:
         return SourceRope(rope_type, theta, fraction, inv_freq, 1.0)
     if rope_type not in ROPE_INIT_FUNCTIONS:
         return SourceRope(rope_type, theta, fraction, None, 1.0)
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](AutoConfig.for_model(**config), "cpu")
+    # a copy: transformers standardizes the nested rope dict in place, which would change the source's config
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](AutoConfig.for_model(**copy.deepcopy(config)), "cpu")
     return SourceRope(rope_type, theta, fraction, inv_freq.double(), float(scaling))

@@ -66,7 +66,7 @@ def compare_command(result_dirs, out, overwrite, break_lock):
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--contexts", callback=lambda _c, _p, v: _int_list(v),
               help="Comma-separated context lengths  [default: 512,2048 on cpu, 2048,8192,32768 on a GPU; "
-                   "those every model's max_position_embeddings allows]")
+                   "each cut to what every model's max_position_embeddings leaves for the decode steps]")
 @click.option("--decode-tokens", default=32, show_default=True, type=click.IntRange(min=1),
               help="Timed decode steps per context length.")
 @click.option("--device", help="torch device, e.g. cpu or cuda:0  [default: cuda if available, else cpu]")

@@ -1,4 +1,4 @@
-"""`eval compare`: side-by-side scores of evaluated models against the first (base) one, with their KV cost.
+"""`eval compare`: side-by-side scores of evaluated models against the first (base) one, with the bytes they hold.
 
 Reads what `eval run` wrote (lm-eval's results.json + kvshrink.json per model) and writes, under OUT:
     comparison.md    one table per task: score ± stderr, Δ vs base, retention %, bytes held per token at 32K tokens of
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvshrink.convert.errors import KvshrinkError
-from kvshrink.convert.kvcache import LONG_CONTEXTS
+from kvshrink.convert.kvcache import LONG_CONTEXTS, kv_bytes_at_context
 from kvshrink.convert.outdir import atomic_output_dir, check_output_dir
 from kvshrink.eval.offline_suite import OFFLINE_TASKS
 from kvshrink.eval.run import METADATA_FILE, RESULTS_FILE, RUN_FILE
@@ -150,11 +150,16 @@ def _primary_metric(task: str, metrics: dict[str, tuple[float, float | None]]) -
 
 
 def _bytes_held(model: EvaluatedModel) -> float:
+    """Bytes held per token at COMPARED_CONTEXT; results of an older `eval run` lack them, so they come from the
+    model's config.json where it is still there."""
     held = model.metadata.get("bytes_held_per_token_at_context") or {}
-    if str(COMPARED_CONTEXT) not in held:
-        raise KvshrinkError(f"{model.label}'s results predate bytes held at {COMPARED_CONTEXT:,} tokens of context: "
-                            "rerun `kvshrink eval run` on it")
-    return held[str(COMPARED_CONTEXT)]
+    if str(COMPARED_CONTEXT) in held:
+        return held[str(COMPARED_CONTEXT)]
+    config = Path(model.metadata.get("model") or "") / "config.json"
+    if not config.is_file():
+        raise KvshrinkError(f"{model.label}'s results predate bytes held at {COMPARED_CONTEXT:,} tokens of context and "
+                            f"its model folder is gone: rerun `kvshrink eval run` on it")
+    return kv_bytes_at_context(_read_json(config), COMPARED_CONTEXT)
 
 
 def _task_table(task: str, models: list[EvaluatedModel]) -> TaskTable:

@@ -36,13 +36,14 @@ class KvMeasurement:
 
 
 def default_contexts(device: str, folders: Sequence[ModelFolder], decode_tokens: int) -> tuple[int, ...]:
-    """The device's default lengths that every model's max_position_embeddings allows (the shortest always)."""
+    """The device's default lengths, each cut to what every model's max_position_embeddings leaves room for after
+    the decode steps (SmolLM2's 8,192 positions: 8,158 with 32 decode steps), duplicates dropped."""
     defaults = CPU_CONTEXTS if device == "cpu" else GPU_CONTEXTS
     limits = [int(folder.config.get("max_position_embeddings") or 0) for folder in folders]
     if not any(limits):
         return defaults
     room = min(limit for limit in limits if limit) - WARMUP_STEPS - decode_tokens
-    return tuple(context for context in defaults if context <= room) or defaults[:1]
+    return tuple(sorted({min(context, room) for context in defaults})) if room > 0 else defaults
 
 
 def cache_bytes(cache) -> int:

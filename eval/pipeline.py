@@ -298,7 +298,7 @@ def _run_steps(pipeline: Pipeline, layout: _Layout, resume: bool, break_lock: bo
     report = (
         f"# kvshrink pipeline report\n\nSource: `{pipeline.source}`. Output folder: `{layout.root}`. "
         f"Wall time {time.perf_counter() - started:.0f} s.\n\n## Models\n\n{_models_table(labelled)}\n\n"
-        f"## Quality vs KV cache\n\n![quality vs KV cache](compare/comparison.png)\n\n"
+        f"## Quality vs bytes held at 32K tokens of context\n\n![quality vs bytes held](compare/comparison.png)\n\n"
         + comparison.markdown_path.read_text().split("\n", 2)[2]
     )
     layout.report.write_text(report)

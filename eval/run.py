@@ -7,7 +7,8 @@ writes lm-eval's results JSON next to kvshrink's metadata for `eval compare`.
 Output layout (written whole or not at all):
     OUT/run.json               {"models": [label, ...], "tasks": [...]} in the order given (first = base)
     OUT/<label>/results.json   lm-eval's results, as `simple_evaluate` returns them (no per-sample logs)
-    OUT/<label>/kvshrink.json  model path, architecture, KV bytes per token, conversion/uptrain reports
+    OUT/<label>/kvshrink.json  model path, architecture, bytes held per token at 8K and 32K tokens of context,
+                               conversion/uptrain reports
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def _evaluate(folders: list[ModelFolder], task_names: list[str], out: Path, opti
     _check_known(task_names, task_manager.all_tasks)
     device = options.device or default_device()
 
+    # described before any scoring, so a config kvshrink cannot size stops the run before lm-eval's hours
+    described = {folder.label: model_metadata(folder) for folder in folders}
     with atomic_output_dir(out, overwrite=overwrite, break_lock=break_lock) as staging:
         for folder in tqdm(folders, desc="models", unit="model"):
             model = load_model(folder, device)
@@ -124,7 +127,7 @@ def _evaluate(folders: list[ModelFolder], task_names: list[str], out: Path, opti
             target.mkdir()
             (target / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=handle_non_serializable))
             metadata = {
-                **model_metadata(folder),
+                **described[folder.label],
                 "tasks": task_names,
                 "limit": options.limit,
                 "device": device,

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from kvshrink.convert.cli import kvshrink_cli
-from kvshrink.convert.kvcache import kv_bytes_per_token
+from kvshrink.convert.kvcache import kv_bytes_at_context, kv_bytes_per_token
 from kvshrink.eval.kv import CPU_CONTEXTS, GPU_CONTEXTS, default_contexts, measure_kv
 from kvshrink.eval.models import check_model_dirs
 
@@ -61,9 +61,27 @@ def test_kv_refuses_contexts_beyond_the_model_window(tiny_models):
     assert result.exit_code == 1 and "max_position_embeddings 1024" in result.output
 
 
-def test_default_contexts_stop_at_every_model_s_position_limit(tiny_models):
+def test_default_contexts_are_cut_to_every_model_s_position_limit(tiny_models):
     folders = check_model_dirs([tiny_models["mha"], tiny_models["gqa"]])  # max_position_embeddings 1024
-    assert default_contexts("cpu", folders, decode_tokens=2) == (512,)
+    assert default_contexts("cpu", folders, decode_tokens=2) == (512, 1020)  # 2,048 cut to what 1,024 leaves
+    assert default_contexts("cuda", folders, decode_tokens=32) == (990,)
     unlimited = [replace(folder, config={}) for folder in folders]
     assert default_contexts("cpu", unlimited, decode_tokens=2) == CPU_CONTEXTS
     assert default_contexts("cuda", unlimited, decode_tokens=2) == GPU_CONTEXTS
+
+
+def test_a_window_without_layer_types_is_counted_as_transformers_caches_it(tiny_checkpoint):
+    # Mistral-7B-v0.1's config.json: a sliding_window and no layer_types; DynamicCache windows every layer
+    source = tiny_checkpoint("mistral", 4, 2, sliding_window=16)
+    config = json.loads((source / "config.json").read_text())
+    config.pop("layer_types", None)
+    (source / "config.json").write_text(json.dumps(config))
+    (measured,) = measure_kv([source], [40], decode_tokens=2)
+    assert measured.bytes_held_per_token == measured.bytes_held_per_token_from_config
+    assert measured.bytes_held_per_token == pytest.approx(kv_bytes_per_token(config) * 15 / 40)
+    # Qwen2 windows only with use_sliding_window; Gemma 2's config class alternates windowed and full layers
+    base = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64,
+            "head_dim": 16, "sliding_window": 100}
+    full = kv_bytes_per_token(base)
+    assert kv_bytes_at_context({**base, "model_type": "qwen2", "use_sliding_window": False}, 1000) == full
+    assert kv_bytes_at_context({**base, "model_type": "gemma2"}, 1000) == pytest.approx(full * (1000 + 99) / 2000)

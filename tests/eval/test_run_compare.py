@@ -80,15 +80,20 @@ def test_compare_refuses_results_over_different_tasks(run_dir, tmp_path):
     assert not (tmp_path / "cmp").exists()
 
 
-def test_compare_refuses_results_written_without_bytes_held(run_dir, tmp_path):
+def test_results_written_without_bytes_held_take_them_from_the_model_or_are_refused(run_dir, tmp_path):
     other = tmp_path / "gqa"
     shutil.copytree(run_dir / "gqa", other)
     metadata = json.loads((other / "kvshrink.json").read_text())
     del metadata["bytes_held_per_token_at_context"]  # as an older `eval run` wrote it
     (other / "kvshrink.json").write_text(json.dumps(metadata))
     result = invoke("compare", run_dir / "mha", other, "--out", tmp_path / "cmp")
-    assert result.exit_code == 1 and not (tmp_path / "cmp").exists()
-    assert "predate bytes held at 32,768 tokens of context: rerun `kvshrink eval run`" in result.output
+    assert result.exit_code == 0, result.output  # from the model folder's config.json, still there
+    gqa_rows = [line for line in (tmp_path / "cmp" / "comparison.md").read_text().splitlines() if "| gqa |" in line]
+    assert gqa_rows and all("2.00×" in row for row in gqa_rows)
+    (other / "kvshrink.json").write_text(json.dumps({**metadata, "model": str(tmp_path / "gone")}))
+    result = invoke("compare", run_dir / "mha", other, "--out", tmp_path / "cmp2")
+    assert result.exit_code == 1 and not (tmp_path / "cmp2").exists()
+    assert "predate bytes held at 32,768 tokens of context and its model folder is gone: rerun" in result.output
 
 
 def test_compare_refuses_results_over_different_numbers_of_items(run_dir, tmp_path):
