@@ -104,7 +104,8 @@ def _hybrid_config(conversion: Conversion, linear: list[int]) -> dict[str, Any]:
     carried = {key: copy.deepcopy(source[key]) for key in _CARRIED if source.get(key) is not None}
     has_bias = any(name.endswith(".bias") and ".self_attn." in name for name in conversion.checkpoint.names)
     config = GraniteMoeHybridConfig(
-        **carried, rope_parameters=standardized_rope_parameters(source), num_local_experts=0, shared_intermediate_size=int(source["intermediate_size"]),
+        **carried, rope_parameters=standardized_rope_parameters(source), num_local_experts=0,
+        shared_intermediate_size=int(source["intermediate_size"]),
         intermediate_size=int(source["intermediate_size"]), position_embedding_type="rope",
         attention_multiplier=counts.head_dim**-0.5, embedding_multiplier=1.0, residual_multiplier=1.0,
         logits_scaling=1.0, attention_bias=has_bias, layer_types=_layer_types(counts.num_layers, linear),
