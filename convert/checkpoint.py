@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import contextlib
 import json
 import re
@@ -75,6 +77,14 @@ class SourceCheckpoint:
     def side_files(self) -> list[Path]:
         found = {path for pattern in SIDE_FILE_PATTERNS for path in self.folder.glob(pattern) if path.is_file()}
         return sorted(found)
+
+
+def stock_config(config: dict[str, Any]):
+    """The transformers config class `config` (a config.json as a dict) describes, built from a copy: transformers
+    standardizes nested RoPE dicts in place, which would silently edit the caller's config."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**copy.deepcopy(config))
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
+from kvshrink.convert.checkpoint import stock_config
 from kvshrink.convert.errors import KvshrinkError
 
 # Where reports compare what models hold: a window or a recurrent state pays off with length, so a per-token KV size
@@ -63,10 +63,8 @@ def _layer_kinds(config: dict[str, Any]) -> tuple[list[str], int | None]:
     every layer windowed when a window is set (DynamicCache does so for Mistral-7B-v0.1 and Phi-3's 4k models)."""
     kinds, window = config.get("layer_types"), config.get("sliding_window")
     if not kinds and config.get("model_type"):
-        from transformers import AutoConfig
-
         try:
-            loaded = AutoConfig.for_model(**copy.deepcopy(config))
+            loaded = stock_config(config)
         except (KeyError, ValueError, TypeError):  # a model type this transformers does not know: the config as is
             loaded = None
         kinds = getattr(loaded, "layer_types", None)

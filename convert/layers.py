@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvshrink.convert.checkpoint import stock_config
 from kvshrink.convert.errors import KvshrinkError
 
 # LM-head rows turned into logits at once: bounds the [tokens, rows] logits of the chunked loss.
@@ -64,9 +65,9 @@ class StockModel:
 
     def __init__(self, config: dict[str, Any], read: Callable[[str], torch.Tensor], names: set[str],
                  device: torch.device, heap_trim: HeapTrim | None = None):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        self.config = AutoConfig.for_model(**copy.deepcopy(config))  # transformers edits nested rope dicts in place
+        self.config = stock_config(config)
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
         self.read, self.names, self.device, self.heap_trim = read, names, device, heap_trim

@@ -9,11 +9,12 @@ mixing of heads, complex gains) a complex matrix product.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from kvshrink.convert.checkpoint import stock_config
 
 # rope_type of a source whose layer types each have their own RoPE (Gemma-3): no one table for the whole model.
 PER_LAYER_TYPE = "per-layer-type"
@@ -191,16 +192,12 @@ def standardized_rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     """The source's RoPE as transformers' own class reads it: rope_parameters with what older configs keep elsewhere
     (rope_scaling, top-level rope_theta, Phi-3's top-level original_max_position_embeddings) moved inside, for a
     class of another family to carry (its own defaults would fill in other values)."""
-    from transformers import AutoConfig
-
-    # a copy: transformers standardizes the nested rope dict in place
-    return copy.deepcopy(dict(AutoConfig.for_model(**copy.deepcopy(config)).rope_parameters))
+    return dict(stock_config(config).rope_parameters)
 
 
 def read_source_rope(config: dict[str, Any], head_dim: int) -> SourceRope:
     """The RoPE of a source config (config.json as a dict). Each setting is read from rope_parameters (older
     configs: rope_scaling), then from the top level of the config, then transformers' default."""
-    from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
@@ -214,6 +211,5 @@ def read_source_rope(config: dict[str, Any], head_dim: int) -> SourceRope:
         return SourceRope(rope_type, theta, fraction, inv_freq, 1.0)
     if rope_type not in ROPE_INIT_FUNCTIONS:
         return SourceRope(rope_type, theta, fraction, None, 1.0)
-    # a copy: transformers standardizes the nested rope dict in place, which would change the source's config
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](AutoConfig.for_model(**copy.deepcopy(config)), "cpu")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](stock_config(config), "cpu")
     return SourceRope(rope_type, theta, fraction, inv_freq.double(), float(scaling))
