@@ -135,3 +135,21 @@ def test_missing_model_folder_is_named(tmp_path):
 def test_compare_needs_eval_run_output(tmp_path):
     result = invoke("compare", tmp_path, "--out", tmp_path / "cmp")
     assert result.exit_code == 1 and "holds no results.json or run.json" in result.output
+
+
+def test_run_refuses_a_model_it_cannot_size_before_scoring_anything(tiny_models, tmp_path, monkeypatch):
+    import lm_eval
+
+    def never(**_):
+        raise AssertionError("lm-eval scored a model before every model was sized")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", never)
+    model = tmp_path / "recurrent"
+    shutil.copytree(tiny_models["gqa"], model)
+    config = json.loads((model / "config.json").read_text())
+    # recurrent layers that are not GraniteMoeHybrid's Mamba-2 mixers: no state size kvshrink knows
+    config["layer_types"] = ["linear_attention"] + ["full_attention"] * (config["num_hidden_layers"] - 1)
+    (model / "config.json").write_text(json.dumps(config))
+    result = invoke("run", tiny_models["mha"], model, "--tasks", "offline", "--limit", LIMIT, "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "are not Mamba-2 mixers, whose state kvshrink can size" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
